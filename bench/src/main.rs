@@ -1,0 +1,2 @@
+//! idemq benchmark (see README).
+fn main() {}

@@ -1,0 +1,2 @@
+//! idemq operator.
+fn main() {}

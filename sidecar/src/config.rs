@@ -1,0 +1,573 @@
+//! The sidecar's configuration: one YAML document, read at start-up.
+//!
+//! The operator renders this type into a ConfigMap, so it is the contract between
+//! the control plane and the data plane. Secrets never live here: the Redis and
+//! broker URLs (which carry passwords) come from the environment, which the
+//! operator fills from Kubernetes Secret references (see [`SecretEnv`]).
+//!
+//! Every field has a default where one makes sense; [`Config::validate`] returns
+//! every problem at once, each named by its field path.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables the sidecar reads secrets from. A variable named
+/// `<NAME>_FILE` is read as a path to a file holding the value instead.
+pub struct SecretEnv;
+
+impl SecretEnv {
+    /// Redis URL, `redis://` or `rediss://`, possibly with a password.
+    pub const REDIS_URL: &'static str = "IDEMQ_REDIS_URL";
+    /// Redis password, when it is not in the URL.
+    pub const REDIS_PASSWORD: &'static str = "IDEMQ_REDIS_PASSWORD";
+    /// Broker URL, `amqp://` or `amqps://`, with credentials.
+    pub const BROKER_URL: &'static str = "IDEMQ_BROKER_URL";
+}
+
+/// The whole sidecar configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Name of the consumer; it scopes keys in the store and labels metrics.
+    pub consumer: String,
+    /// How the application receives messages.
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub dedup: DedupConfig,
+    /// The broker to consume from (pipeline mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerConfig>,
+    /// Where messages are delivered (pipeline mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryConfig>,
+    #[serde(default)]
+    pub gate: GateConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// How long in-flight deliveries may take to finish after SIGTERM.
+    #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub shutdown_grace: Duration,
+}
+
+/// `pipeline`: the sidecar consumes the broker and POSTs each message to the app.
+/// `gate`: the app consumes the broker itself and asks the sidecar's claim API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    #[default]
+    Pipeline,
+    Gate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `redis` (production) or `memory` (embedded, one process only, lost on restart).
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Redis URL without secrets; overridden by `IDEMQ_REDIS_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Timeout of every store call.
+    #[serde(default = "defaults::store_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// What to do while the store does not answer.
+    #[serde(default)]
+    pub unavailable: UnavailablePolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreKind {
+    Redis,
+    #[default]
+    Memory,
+}
+
+/// `failClosed` stops consumption until the store is back (nothing is processed
+/// unchecked); `passThrough` delivers without deduplication and counts it loudly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum UnavailablePolicy {
+    #[default]
+    FailClosed,
+    PassThrough,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DedupConfig {
+    #[serde(default)]
+    pub key: KeySource,
+    /// What happens to a message that carries no key.
+    #[serde(default)]
+    pub missing_key: MissingKeyPolicy,
+    /// Whether a payload fingerprint is kept to detect a key reused for another body.
+    #[serde(default = "defaults::yes")]
+    pub fingerprint: bool,
+    /// How long a claim is held before another holder may take it over.
+    #[serde(default = "defaults::lease", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub lease: Duration,
+    /// How long a completed key is remembered.
+    #[serde(default = "defaults::retention", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub retention: Duration,
+    /// Delivery attempts before a message is dead-lettered.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// Where the idempotency key of a message comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", tag = "from", deny_unknown_fields)]
+pub enum KeySource {
+    /// The AMQP `message_id` property.
+    #[default]
+    MessageId,
+    /// A message header.
+    Header { name: String },
+    /// A JSON pointer (RFC 6901) into a JSON body, e.g. `/order/id`.
+    JsonPointer { pointer: String },
+    /// A SHA-256 digest of the body.
+    BodyHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MissingKeyPolicy {
+    /// Dead-letter the message with reason `missing_key`.
+    #[default]
+    DeadLetter,
+    /// Use a digest of the body as the key.
+    HashBody,
+    /// Deliver without deduplication.
+    PassThrough,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub rabbitmq: RabbitMqConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// Broker URL without secrets; overridden by `IDEMQ_BROKER_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub queue: String,
+    /// Unacknowledged messages the broker may push; also the delivery concurrency.
+    #[serde(default = "defaults::prefetch")]
+    pub prefetch: u16,
+    /// Exchange that receives dead-lettered messages.
+    #[serde(default = "defaults::dead_letter_exchange")]
+    pub dead_letter_exchange: String,
+    /// Routing key for dead letters; the original queue name when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_routing_key: Option<String>,
+    /// Exchange that receives a copy of each dropped duplicate, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_exchange: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// The application's endpoint, on the loopback interface.
+    pub url: String,
+    #[serde(default = "defaults::delivery_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// First retry delay; doubled after each failure up to `maxBackoff`.
+    #[serde(default = "defaults::initial_backoff", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub initial_backoff: Duration,
+    #[serde(default = "defaults::max_backoff", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GateConfig {
+    /// Address of the claim API; loopback only, since it has no authentication.
+    #[serde(default = "defaults::gate_listen")]
+    #[schemars(with = "String")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of `/healthz`, `/readyz` and `/metrics`; reachable by the kubelet.
+    #[serde(default = "defaults::admin_listen")]
+    #[schemars(with = "String")]
+    pub listen: SocketAddr,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(25)
+    }
+    pub fn store_timeout() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn lease() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn retention() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn max_attempts() -> u32 {
+        5
+    }
+    pub fn prefetch() -> u16 {
+        100
+    }
+    pub fn dead_letter_exchange() -> String {
+        "idemq.dlx".to_string()
+    }
+    pub fn delivery_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn initial_backoff() -> Duration {
+        Duration::from_millis(200)
+    }
+    pub fn max_backoff() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn gate_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 7071))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 9090))
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::default(),
+            url: None,
+            timeout: defaults::store_timeout(),
+            unavailable: UnavailablePolicy::default(),
+        }
+    }
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            key: KeySource::default(),
+            missing_key: MissingKeyPolicy::default(),
+            fingerprint: true,
+            lease: defaults::lease(),
+            retention: defaults::retention(),
+            max_attempts: defaults::max_attempts(),
+        }
+    }
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::gate_listen(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+        }
+    }
+}
+
+/// One problem in a configuration, named by its field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parse config: {0}")]
+    Parse(#[from] serde_yaml::Error),
+    #[error("invalid config:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl Config {
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_yaml::from_str(text)?;
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a YAML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Renders the configuration as YAML (used by the operator).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("the config type always serializes")
+    }
+
+    /// Returns every problem of the configuration, each with its field path.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, field: &str, message: &str| {
+            if !ok {
+                problems.push(Problem {
+                    field: field.to_string(),
+                    message: message.to_string(),
+                });
+            }
+        };
+        check(
+            is_dns_label(&self.consumer),
+            "consumer",
+            "must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit",
+        );
+        check(
+            !self.store.timeout.is_zero(),
+            "store.timeout",
+            "must be greater than zero",
+        );
+        let dedup = &self.dedup;
+        check(
+            dedup.lease >= Duration::from_millis(100),
+            "dedup.lease",
+            "must be at least 100ms",
+        );
+        check(
+            dedup.retention >= Duration::from_secs(1),
+            "dedup.retention",
+            "must be at least 1s",
+        );
+        check(
+            dedup.retention >= dedup.lease,
+            "dedup.retention",
+            "must be at least as long as dedup.lease",
+        );
+        check(
+            dedup.max_attempts >= 1,
+            "dedup.maxAttempts",
+            "must be at least 1",
+        );
+        match &dedup.key {
+            KeySource::Header { name } => check(
+                !name.trim().is_empty(),
+                "dedup.key.name",
+                "must name a header",
+            ),
+            KeySource::JsonPointer { pointer } => check(
+                pointer.starts_with('/'),
+                "dedup.key.pointer",
+                "must be a JSON pointer starting with '/', e.g. /order/id",
+            ),
+            KeySource::MessageId | KeySource::BodyHash => {}
+        }
+        if self.mode == Mode::Pipeline {
+            check(
+                self.broker.is_some(),
+                "broker",
+                "is required in pipeline mode",
+            );
+            check(
+                self.delivery.is_some(),
+                "delivery",
+                "is required in pipeline mode",
+            );
+        }
+        if let Some(broker) = &self.broker {
+            let rabbit = &broker.rabbitmq;
+            check(
+                !rabbit.queue.is_empty(),
+                "broker.rabbitmq.queue",
+                "must not be empty",
+            );
+            check(
+                rabbit.prefetch >= 1,
+                "broker.rabbitmq.prefetch",
+                "must be at least 1",
+            );
+            if let Some(url) = &rabbit.url {
+                check(
+                    url.starts_with("amqp://") || url.starts_with("amqps://"),
+                    "broker.rabbitmq.url",
+                    "must start with amqp:// or amqps://",
+                );
+            }
+        }
+        if let Some(delivery) = &self.delivery {
+            check(
+                delivery.url.starts_with("http://"),
+                "delivery.url",
+                "must be an http:// URL on the loopback interface",
+            );
+            check(
+                !delivery.timeout.is_zero(),
+                "delivery.timeout",
+                "must be greater than zero",
+            );
+            check(
+                delivery.initial_backoff <= delivery.max_backoff,
+                "delivery.initialBackoff",
+                "must not exceed delivery.maxBackoff",
+            );
+        }
+        if let Some(url) = &self.store.url {
+            check(
+                url.starts_with("redis://") || url.starts_with("rediss://"),
+                "store.url",
+                "must start with redis:// or rediss://",
+            );
+        }
+        check(
+            self.gate.listen.ip().is_loopback(),
+            "gate.listen",
+            "must be a loopback address: the claim API has no authentication",
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !s.is_empty()
+        && s.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIPELINE: &str = r#"
+consumer: orders
+store:
+  kind: redis
+  url: redis://127.0.0.1:6379
+dedup:
+  key:
+    from: jsonPointer
+    pointer: /order/id
+  retention: 24h
+  lease: 30s
+broker:
+  rabbitmq:
+    queue: orders
+    prefetch: 200
+delivery:
+  url: http://127.0.0.1:8080/messages
+"#;
+
+    #[test]
+    fn pipeline_config_parses_with_defaults() {
+        let config = Config::from_yaml(PIPELINE).expect("valid");
+        assert_eq!(config.mode, Mode::Pipeline);
+        assert_eq!(config.store.kind, StoreKind::Redis);
+        assert_eq!(
+            config.dedup.key,
+            KeySource::JsonPointer {
+                pointer: "/order/id".into()
+            }
+        );
+        assert_eq!(config.dedup.retention, Duration::from_secs(86400));
+        assert_eq!(config.dedup.missing_key, MissingKeyPolicy::DeadLetter);
+        assert_eq!(config.broker.as_ref().map(|b| b.rabbitmq.prefetch), Some(200));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let config = Config::from_yaml(PIPELINE).expect("valid");
+        assert_eq!(Config::from_yaml(&config.to_yaml()).expect("valid"), config);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let text = r#"
+consumer: Orders
+mode: pipeline
+dedup:
+  maxAttempts: 0
+  key:
+    from: header
+    name: ""
+gate:
+  listen: 0.0.0.0:7071
+"#;
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(text) else {
+            panic!("expected invalid config");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "consumer",
+                "dedup.maxAttempts",
+                "dedup.key.name",
+                "broker",
+                "delivery",
+                "gate.listen"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_by_name() {
+        let err = Config::from_yaml("consumer: a\nmode: gate\nretension: 1h\n").unwrap_err();
+        assert!(err.to_string().contains("retension"), "{err}");
+    }
+
+    #[test]
+    fn gate_mode_needs_no_broker() {
+        let config = Config::from_yaml("consumer: a\nmode: gate\n").expect("valid");
+        assert_eq!(config.store.kind, StoreKind::Memory);
+    }
+}

@@ -1,0 +1,2 @@
+//! idemq-sidecar binary (to be written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! In-memory key store (to be written).

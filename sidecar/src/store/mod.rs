@@ -1,0 +1,87 @@
+//! The key store: where the dedup state of every idempotency key lives.
+//!
+//! Each key moves through one state machine, and every transition is atomic:
+//!
+//! ```text
+//! absent ──claim──▶ in_progress{token, lease, fingerprint} ──complete──▶ completed{fingerprint}
+//!    ▲                      │  (lease expires, or release)                   │ (retention elapses)
+//!    └──────────────────────┴────────────────────────────────────────────────┘
+//! ```
+//!
+//! A holder proves itself with the token it got from `claim` (fencing): once its
+//! lease has expired and another holder has claimed the key, its `complete` and
+//! `release` are refused as [`Transition::Stale`].
+//!
+//! Two implementations: [`redis::RedisStore`] for production (shared by every
+//! replica of a consumer) and [`memory::MemoryStore`], the embedded default for
+//! local runs. Both pass the same behavioural test suite.
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+/// Proof of holding a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Token(pub String);
+
+/// What a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller now holds the key until the lease expires.
+    Acquired { token: Token },
+    /// The key was already processed within the retention window.
+    Completed,
+    /// Another holder has the key; try again after `retry_after`.
+    InFlight { retry_after: Duration },
+    /// The key is known with a different payload fingerprint.
+    Conflict,
+}
+
+/// Result of `complete` or `release`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Done,
+    /// The token no longer holds the key (lease expired and someone else claimed it).
+    Stale,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store call {op} timed out after {timeout:?}")]
+    Timeout { op: &'static str, timeout: Duration },
+    #[error("store call {op} failed: {source}")]
+    Redis {
+        op: &'static str,
+        #[source]
+        source: ::redis::RedisError,
+    },
+    #[error("store answered {op} unexpectedly: {detail}")]
+    Protocol { op: &'static str, detail: String },
+}
+
+/// The dedup state of idempotency keys.
+///
+/// `key` is the idempotency key as extracted from the message; stores digest it
+/// to a fixed size. `fingerprint` is an optional digest of the payload.
+#[async_trait::async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: Option<&str>,
+        lease: Duration,
+    ) -> Result<Claim, StoreError>;
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &Token,
+        retention: Duration,
+    ) -> Result<Transition, StoreError>;
+
+    async fn release(&self, key: &str, token: &Token) -> Result<Transition, StoreError>;
+
+    /// Whether the store answers; drives readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,1 @@
+//! Redis key store (to be written).
