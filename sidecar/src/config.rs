@@ -57,7 +57,9 @@ pub struct Config {
 
 /// `pipeline`: the sidecar consumes the broker and POSTs each message to the app.
 /// `gate`: the app consumes the broker itself and asks the sidecar's claim API.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Mode {
     #[default]
@@ -83,7 +85,9 @@ pub struct StoreConfig {
     pub unavailable: UnavailablePolicy,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum StoreKind {
     Redis,
@@ -93,7 +97,9 @@ pub enum StoreKind {
 
 /// `failClosed` stops consumption until the store is back (nothing is processed
 /// unchecked); `passThrough` delivers without deduplication and counts it loudly.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum UnavailablePolicy {
     #[default]
@@ -140,7 +146,9 @@ pub enum KeySource {
     BodyHash,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum MissingKeyPolicy {
     /// Dead-letter the message with reason `missing_key`.
@@ -519,7 +527,10 @@ delivery:
         );
         assert_eq!(config.dedup.retention, Duration::from_secs(86400));
         assert_eq!(config.dedup.missing_key, MissingKeyPolicy::DeadLetter);
-        assert_eq!(config.broker.as_ref().map(|b| b.rabbitmq.prefetch), Some(200));
+        assert_eq!(
+            config.broker.as_ref().map(|b| b.rabbitmq.prefetch),
+            Some(200)
+        );
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
     }
 

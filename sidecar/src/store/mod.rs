@@ -64,6 +64,8 @@ pub enum StoreError {
 ///
 /// `key` is the idempotency key as extracted from the message; stores digest it
 /// to a fixed size. `fingerprint` is an optional digest of the payload.
+/// `retention` is how long completed keys are remembered: a claim looks back
+/// that far, and `complete` keeps the key that long.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
     async fn claim(
@@ -71,6 +73,7 @@ pub trait KeyStore: Send + Sync + 'static {
         key: &str,
         fingerprint: Option<&str>,
         lease: Duration,
+        retention: Duration,
     ) -> Result<Claim, StoreError>;
 
     async fn complete(

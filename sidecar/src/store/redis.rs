@@ -1,1 +1,260 @@
-//! Redis key store (to be written).
+//! Redis key store: the production store, shared by every replica of a consumer.
+//!
+//! Layout, for a consumer `orders` (the `{…}` hash tag keeps all of one
+//! consumer's keys in one Redis Cluster slot, so multi-key scripts stay legal):
+//!
+//! - `idemq:{orders}:p:<digest>`: a claim in progress; value `fingerprint ‖ token`,
+//!   TTL = the lease, so an expired lease frees the key by itself.
+//! - `idemq:{orders}:c:<width>:<window>:<shard>`: a hash of completed keys,
+//!   field = digest, value = fingerprint, bucketed by completion window and by
+//!   shard. A plain key with a TTL costs ~160 bytes in Redis; a hash field costs
+//!   a few dozen, which is what keeps a retained key under 100 bytes.
+//!
+//! `<digest>` is the first 16 bytes of SHA-256 of the idempotency key, so key
+//! size is fixed whatever the application sends. Every transition is one Lua
+//! script (see the `.lua` files beside this one), run by SHA.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script};
+use sha2::{Digest, Sha256};
+
+use super::{Claim, KeyStore, StoreError, Token, Transition};
+
+/// Completed keys are spread over 2^16 hashes per window, so that each stays
+/// small enough for Redis's compact listpack encoding up to millions of keys.
+const SHARD_BYTES: usize = 2;
+/// Windows alive at once, roughly: a window is `retention / WINDOWS_PER_RETENTION`.
+const WINDOWS_PER_RETENTION: u32 = 4;
+const TOKEN_LEN: usize = 32;
+
+/// Where and how to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://` or `rediss://` URL, possibly with credentials.
+    pub url: String,
+    /// Password, when it is not in the URL.
+    pub password: Option<String>,
+    /// Scope of the keys: the consumer's name.
+    pub namespace: String,
+    /// Timeout of every call.
+    pub timeout: Duration,
+}
+
+/// The Redis store. Cheap to clone; clones share one multiplexed connection,
+/// on which concurrent calls are pipelined.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+}
+
+fn scripts() -> &'static [Script; 3] {
+    static SCRIPTS: std::sync::OnceLock<[Script; 3]> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        [
+            Script::new(include_str!("claim.lua")),
+            Script::new(include_str!("complete.lua")),
+            Script::new(include_str!("release.lua")),
+        ]
+    })
+}
+
+impl RedisStore {
+    /// Creates the store. It connects lazily and reconnects by itself, so it can
+    /// be built while Redis is down; `ping` tells when it answers.
+    pub fn new(options: RedisOptions) -> Result<Self, StoreError> {
+        let redis_err = |source| StoreError::Redis {
+            op: "connect",
+            source,
+        };
+        let mut info = options
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(redis_err)?;
+        if let Some(password) = &options.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            // rustls needs one process-wide crypto provider; a second install
+            // attempt only reports that one is already there.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(info).map_err(redis_err)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.timeout))
+            .set_response_timeout(Some(options.timeout))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_err)?;
+        Ok(Self {
+            conn,
+            prefix: format!("idemq:{{{}}}:", options.namespace),
+            timeout: options.timeout,
+        })
+    }
+
+    /// The prefix of every key this store writes.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+/// The parts of a key's digest the scripts need.
+struct Digest16 {
+    in_progress: Vec<u8>,
+    shard: String,
+    field: Vec<u8>,
+}
+
+impl RedisStore {
+    fn digest(&self, key: &str) -> Digest16 {
+        let hash = Sha256::digest(key.as_bytes());
+        let digest = &hash[..16];
+        let mut in_progress = Vec::with_capacity(self.prefix.len() + 2 + digest.len());
+        in_progress.extend_from_slice(self.prefix.as_bytes());
+        in_progress.extend_from_slice(b"p:");
+        in_progress.extend_from_slice(digest);
+        let shard = u16::from_be_bytes([digest[0], digest[1]]).to_string();
+        Digest16 {
+            in_progress,
+            shard,
+            field: digest[SHARD_BYTES..].to_vec(),
+        }
+    }
+
+    fn buckets(&self, retention: Duration) -> (String, u64) {
+        let width = window_width(retention);
+        (format!("{}c:{}:", self.prefix, width), width)
+    }
+}
+
+/// Width of a completion window in ms: a quarter of the retention, at least 1s.
+fn window_width(retention: Duration) -> u64 {
+    (retention.as_millis() as u64 / u64::from(WINDOWS_PER_RETENTION)).max(1000)
+}
+
+/// Fingerprints are kept as 8 bytes of their SHA-256: enough to tell two
+/// payloads apart, small enough to keep a retained key cheap.
+fn short_fingerprint(fingerprint: Option<&str>) -> Vec<u8> {
+    fingerprint
+        .map(|f| Sha256::digest(f.as_bytes())[..8].to_vec())
+        .unwrap_or_default()
+}
+
+fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+#[async_trait::async_trait]
+impl KeyStore for RedisStore {
+    async fn claim(
+        &self,
+        key: &str,
+        fingerprint: Option<&str>,
+        lease: Duration,
+        retention: Duration,
+    ) -> Result<Claim, StoreError> {
+        let d = self.digest(key);
+        let (buckets, width) = self.buckets(retention);
+        let token = Token(uuid::Uuid::new_v4().simple().to_string());
+        let mut invocation = scripts()[0].prepare_invoke();
+        invocation
+            .key(&d.in_progress)
+            .key(&buckets)
+            .arg(&d.field)
+            .arg(&d.shard)
+            .arg(short_fingerprint(fingerprint))
+            .arg(&token.0)
+            .arg(millis(lease))
+            .arg(millis(retention))
+            .arg(width);
+        let (status, pttl): (String, i64) = self.call("claim", invocation).await?;
+        match status.as_str() {
+            "A" => Ok(Claim::Acquired { token }),
+            "C" => Ok(Claim::Completed),
+            "X" => Ok(Claim::Conflict),
+            "I" => Ok(Claim::InFlight {
+                retry_after: Duration::from_millis(pttl.max(1) as u64),
+            }),
+            other => Err(StoreError::Protocol {
+                op: "claim",
+                detail: format!("unknown claim status {other:?}"),
+            }),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &Token,
+        retention: Duration,
+    ) -> Result<Transition, StoreError> {
+        if token.0.len() != TOKEN_LEN {
+            return Ok(Transition::Stale);
+        }
+        let d = self.digest(key);
+        let (buckets, width) = self.buckets(retention);
+        let mut invocation = scripts()[1].prepare_invoke();
+        invocation
+            .key(&d.in_progress)
+            .key(&buckets)
+            .arg(&d.field)
+            .arg(&d.shard)
+            .arg(&token.0)
+            .arg(millis(retention))
+            .arg(width);
+        let done: i64 = self.call("complete", invocation).await?;
+        Ok(if done == 1 {
+            Transition::Done
+        } else {
+            Transition::Stale
+        })
+    }
+
+    async fn release(&self, key: &str, token: &Token) -> Result<Transition, StoreError> {
+        if token.0.len() != TOKEN_LEN {
+            return Ok(Transition::Stale);
+        }
+        let d = self.digest(key);
+        let mut invocation = scripts()[2].prepare_invoke();
+        invocation.key(&d.in_progress).arg(&token.0);
+        let done: i64 = self.call("release", invocation).await?;
+        Ok(if done == 1 {
+            Transition::Done
+        } else {
+            Transition::Stale
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(StoreError::Redis { op: "ping", source }),
+            Err(_) => Err(StoreError::Timeout {
+                op: "ping",
+                timeout: self.timeout,
+            }),
+        }
+    }
+}

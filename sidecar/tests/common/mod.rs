@@ -1,0 +1,13 @@
+//! Helpers shared by the sidecar's integration tests: real servers on loopback,
+//! names unique to each test, and cleanup of only what a test created.
+#![allow(dead_code)]
+
+pub mod redis;
+
+/// A name no other test (or earlier run) uses: `<base>-<random>`.
+pub fn unique(base: &str) -> String {
+    format!(
+        "{base}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}

@@ -1,0 +1,373 @@
+//! The key store's behaviour, as one suite run against both stores: the real
+//! Redis on loopback and the in-memory twin.
+
+mod common;
+
+use std::time::Duration;
+
+use idemq_sidecar::store::{Claim, KeyStore, Token, Transition};
+
+const LEASE: Duration = Duration::from_secs(30);
+const RETENTION: Duration = Duration::from_secs(3600);
+
+/// Runs each behaviour below once per store, as tests named `<store>::<behaviour>`.
+macro_rules! for_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(&idemq_sidecar::store::memory::MemoryStore::new()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = crate::common::redis::store(stringify!($name)).await;
+                    super::$name(&store).await;
+                    crate::common::redis::cleanup(store.prefix()).await;
+                }
+            )*
+        }
+    };
+}
+
+for_both_stores!(
+    absent_key_is_acquired,
+    held_key_is_in_flight_until_its_lease_ends,
+    completed_key_is_reported_completed,
+    released_key_can_be_claimed_again,
+    wrong_token_cannot_complete_or_release,
+    expired_lease_lets_another_holder_in_and_fences_the_first,
+    expired_lease_without_takeover_still_completes,
+    completed_key_is_forgotten_after_retention,
+    other_fingerprint_is_a_conflict_while_in_flight,
+    other_fingerprint_is_a_conflict_after_completion,
+    missing_fingerprint_never_conflicts,
+    concurrent_claims_of_one_key_have_exactly_one_winner,
+    keys_are_independent,
+    store_answers_ping,
+);
+
+async fn acquire<S: KeyStore>(
+    store: &S,
+    key: &str,
+    fingerprint: Option<&str>,
+    lease: Duration,
+) -> Token {
+    match store
+        .claim(key, fingerprint, lease, RETENTION)
+        .await
+        .expect("claim")
+    {
+        Claim::Acquired { token } => token,
+        other => panic!("expected to acquire {key}, got {other:?}"),
+    }
+}
+
+async fn claim<S: KeyStore>(store: &S, key: &str, fingerprint: Option<&str>) -> Claim {
+    store
+        .claim(key, fingerprint, LEASE, RETENTION)
+        .await
+        .expect("claim")
+}
+
+async fn absent_key_is_acquired<S: KeyStore>(store: &S) {
+    let token = acquire(store, "order-1", Some("fp"), LEASE).await;
+    assert!(!token.0.is_empty());
+}
+
+async fn held_key_is_in_flight_until_its_lease_ends<S: KeyStore>(store: &S) {
+    acquire(store, "order-1", None, LEASE).await;
+    match claim(store, "order-1", None).await {
+        Claim::InFlight { retry_after } => {
+            assert!(
+                retry_after <= LEASE,
+                "retry_after {retry_after:?} beyond the lease"
+            );
+            assert!(
+                retry_after > LEASE - Duration::from_secs(5),
+                "retry_after {retry_after:?}"
+            );
+        }
+        other => panic!("expected in flight, got {other:?}"),
+    }
+}
+
+async fn completed_key_is_reported_completed<S: KeyStore>(store: &S) {
+    let token = acquire(store, "order-1", Some("fp"), LEASE).await;
+    assert_eq!(
+        store
+            .complete("order-1", &token, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Done
+    );
+    assert_eq!(claim(store, "order-1", Some("fp")).await, Claim::Completed);
+    // Completing twice is refused: the claim is no longer held.
+    assert_eq!(
+        store
+            .complete("order-1", &token, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Stale
+    );
+    assert_eq!(claim(store, "order-1", Some("fp")).await, Claim::Completed);
+}
+
+async fn released_key_can_be_claimed_again<S: KeyStore>(store: &S) {
+    let first = acquire(store, "order-1", None, LEASE).await;
+    assert_eq!(
+        store.release("order-1", &first).await.expect("release"),
+        Transition::Done
+    );
+    let second = acquire(store, "order-1", None, LEASE).await;
+    assert_ne!(first, second, "each claim gets its own token");
+    // The first token no longer holds anything.
+    assert_eq!(
+        store.release("order-1", &first).await.expect("release"),
+        Transition::Stale
+    );
+}
+
+async fn wrong_token_cannot_complete_or_release<S: KeyStore>(store: &S) {
+    let token = acquire(store, "order-1", None, LEASE).await;
+    let forged = Token("0123456789abcdef0123456789abcdef".into());
+    let short = Token("nope".into());
+    for wrong in [&forged, &short] {
+        assert_eq!(
+            store
+                .complete("order-1", wrong, RETENTION)
+                .await
+                .expect("complete"),
+            Transition::Stale
+        );
+        assert_eq!(
+            store.release("order-1", wrong).await.expect("release"),
+            Transition::Stale
+        );
+    }
+    assert!(matches!(
+        claim(store, "order-1", None).await,
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(
+        store
+            .complete("order-1", &token, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Done
+    );
+}
+
+async fn expired_lease_lets_another_holder_in_and_fences_the_first<S: KeyStore>(store: &S) {
+    let short = Duration::from_millis(300);
+    let a = acquire(store, "order-1", None, short).await;
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    let b = acquire(store, "order-1", None, LEASE).await;
+    assert_eq!(
+        store
+            .complete("order-1", &a, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Stale
+    );
+    assert_eq!(
+        store.release("order-1", &a).await.expect("release"),
+        Transition::Stale
+    );
+    assert!(
+        matches!(claim(store, "order-1", None).await, Claim::InFlight { .. }),
+        "B still holds the key"
+    );
+    assert_eq!(
+        store
+            .complete("order-1", &b, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Done
+    );
+    assert_eq!(claim(store, "order-1", None).await, Claim::Completed);
+    // A late completion by the fenced holder changes nothing.
+    assert_eq!(
+        store
+            .complete("order-1", &a, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Stale
+    );
+}
+
+async fn expired_lease_without_takeover_still_completes<S: KeyStore>(store: &S) {
+    let short = Duration::from_millis(200);
+    let a = acquire(store, "order-1", Some("fp"), short).await;
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    assert_eq!(
+        store
+            .complete("order-1", &a, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Done
+    );
+    assert_eq!(claim(store, "order-1", None).await, Claim::Completed);
+}
+
+async fn completed_key_is_forgotten_after_retention<S: KeyStore>(store: &S) {
+    let retention = Duration::from_secs(1);
+    let token = acquire(store, "order-1", None, LEASE).await;
+    assert_eq!(
+        store
+            .complete("order-1", &token, retention)
+            .await
+            .expect("complete"),
+        Transition::Done
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let early = store
+        .claim("order-1", None, LEASE, retention)
+        .await
+        .expect("claim");
+    assert_eq!(
+        early,
+        Claim::Completed,
+        "remembered for the whole retention"
+    );
+    // Stores may keep a key up to one window (a quarter of the retention, at
+    // least 1s) past its retention.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let late = store
+        .claim("order-1", None, LEASE, retention)
+        .await
+        .expect("claim");
+    assert!(
+        matches!(late, Claim::Acquired { .. }),
+        "forgotten after retention, got {late:?}"
+    );
+}
+
+async fn other_fingerprint_is_a_conflict_while_in_flight<S: KeyStore>(store: &S) {
+    acquire(store, "order-1", Some("body-a"), LEASE).await;
+    assert_eq!(
+        claim(store, "order-1", Some("body-b")).await,
+        Claim::Conflict
+    );
+    assert!(matches!(
+        claim(store, "order-1", Some("body-a")).await,
+        Claim::InFlight { .. }
+    ));
+}
+
+async fn other_fingerprint_is_a_conflict_after_completion<S: KeyStore>(store: &S) {
+    let token = acquire(store, "order-1", Some("body-a"), LEASE).await;
+    store
+        .complete("order-1", &token, RETENTION)
+        .await
+        .expect("complete");
+    assert_eq!(
+        claim(store, "order-1", Some("body-b")).await,
+        Claim::Conflict
+    );
+    assert_eq!(
+        claim(store, "order-1", Some("body-a")).await,
+        Claim::Completed
+    );
+}
+
+async fn missing_fingerprint_never_conflicts<S: KeyStore>(store: &S) {
+    let token = acquire(store, "order-1", None, LEASE).await;
+    assert!(matches!(
+        claim(store, "order-1", Some("body-b")).await,
+        Claim::InFlight { .. }
+    ));
+    store
+        .complete("order-1", &token, RETENTION)
+        .await
+        .expect("complete");
+    assert_eq!(
+        claim(store, "order-1", Some("body-b")).await,
+        Claim::Completed
+    );
+    let token = acquire(store, "order-2", Some("body-a"), LEASE).await;
+    store
+        .complete("order-2", &token, RETENTION)
+        .await
+        .expect("complete");
+    assert_eq!(claim(store, "order-2", None).await, Claim::Completed);
+}
+
+async fn concurrent_claims_of_one_key_have_exactly_one_winner<S: KeyStore + Clone>(store: &S) {
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim("order-1", Some("fp"), LEASE, RETENTION).await })
+        })
+        .collect();
+    let mut acquired = 0;
+    let mut in_flight = 0;
+    for task in tasks {
+        match task.await.expect("task").expect("claim") {
+            Claim::Acquired { .. } => acquired += 1,
+            Claim::InFlight { .. } => in_flight += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((acquired, in_flight), (1, 63));
+}
+
+async fn keys_are_independent<S: KeyStore>(store: &S) {
+    let a = acquire(store, "order-1", None, LEASE).await;
+    acquire(store, "order-2", None, LEASE).await;
+    store
+        .complete("order-1", &a, RETENTION)
+        .await
+        .expect("complete");
+    assert_eq!(claim(store, "order-1", None).await, Claim::Completed);
+    assert!(matches!(
+        claim(store, "order-2", None).await,
+        Claim::InFlight { .. }
+    ));
+    acquire(store, "order-3", None, LEASE).await;
+}
+
+async fn store_answers_ping<S: KeyStore>(store: &S) {
+    store.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn redis_keeps_one_hash_field_per_completed_key_and_no_claim_behind() {
+    let store = common::redis::store("layout").await;
+    for i in 0..50 {
+        let key = format!("order-{i}");
+        let token = acquire(&store, &key, Some("fp"), LEASE).await;
+        store
+            .complete(&key, &token, RETENTION)
+            .await
+            .expect("complete");
+    }
+    let in_progress = common::redis::count(&format!("{}p:", store.prefix())).await;
+    let buckets = common::redis::count(&format!("{}c:", store.prefix())).await;
+    assert_eq!(in_progress, 0, "completing removes the in-progress key");
+    assert!((1..=50).contains(&buckets), "{buckets} buckets");
+    common::redis::cleanup(store.prefix()).await;
+    assert_eq!(common::redis::count(store.prefix()).await, 0);
+}
+
+#[tokio::test]
+async fn redis_down_is_an_error_not_a_verdict() {
+    use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+    // Nothing listens on port 1.
+    let store = RedisStore::new(RedisOptions {
+        url: "redis://127.0.0.1:1".into(),
+        password: None,
+        namespace: common::unique("down"),
+        timeout: Duration::from_millis(300),
+    })
+    .expect("options");
+    assert!(store.ping().await.is_err());
+    assert!(store
+        .claim("order-1", None, LEASE, RETENTION)
+        .await
+        .is_err());
+}
