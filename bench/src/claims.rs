@@ -1,0 +1,162 @@
+//! Claim throughput of one Redis store with many concurrent callers, next to
+//! `redis-benchmark` doing plain SETs with as many clients, in the same run.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+use idemq_sidecar::store::{Claim, KeyStore};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    callers: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+}
+
+const RETENTION: Duration = Duration::from_secs(3600);
+const LEASE: Duration = Duration::from_secs(30);
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let namespace = format!(
+        "bench-claims-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let store = Arc::new(RedisStore::new(RedisOptions {
+        url: args.redis.clone(),
+        password: None,
+        namespace,
+        timeout: Duration::from_secs(5),
+    })?);
+    store.ping().await?;
+    let duration = Duration::from_secs(args.seconds);
+
+    let claims = measure(&store, args.callers, duration, false).await?;
+    let cycles = measure(&store, args.callers, duration, true).await?;
+    let mut admin = connection(&args.redis).await?;
+    crate::claims::delete_prefix(&mut admin, store.prefix()).await?;
+
+    let set = redis_benchmark_set(&args, &mut admin).await?;
+    println!("callers:                          {}", args.callers);
+    println!("idemq claims/s (claim only):      {claims:.0}");
+    println!(
+        "idemq claim+complete cycles/s:    {cycles:.0}  ({:.0} store calls/s)",
+        cycles * 2.0
+    );
+    println!("redis-benchmark SET/s ({} clients): {set:.0}", args.callers);
+    println!("ratio claims/SET:                 {:.2}", claims / set);
+    Ok(())
+}
+
+/// Runs `callers` loops for `duration`, each claiming fresh keys (and
+/// completing them when `complete`), and returns operations per second.
+async fn measure(
+    store: &Arc<RedisStore>,
+    callers: usize,
+    duration: Duration,
+    complete: bool,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let store = store.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while started.elapsed() < duration {
+                    let key = format!("{complete}-{caller}-{i}");
+                    i += 1;
+                    let Claim::Acquired { token } =
+                        store.claim(&key, None, LEASE, RETENTION).await?
+                    else {
+                        anyhow::bail!("fresh key {key} was not acquired");
+                    };
+                    if complete {
+                        store.complete(&key, &token, RETENTION).await?;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `redis-benchmark` SET on keys under a prefix of our own, then deletes them.
+async fn redis_benchmark_set(
+    args: &Args,
+    admin: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<f64> {
+    let url = url::Url::parse(&args.redis)?;
+    let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+    let port = url.port().unwrap_or(6379).to_string();
+    let prefix = format!(
+        "bench-set-{}:",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let requests = (args.seconds * 80_000).to_string();
+    let output = Command::new("redis-benchmark")
+        .args(["-h", &host, "-p", &port, "-c", &args.callers.to_string()])
+        .args(["-n", &requests, "-r", "1000000", "-q", "--csv"])
+        .args(["SET", &format!("{prefix}__rand_int__"), "x"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("run redis-benchmark (apt-get install redis-tools): {e}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "redis-benchmark failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let csv = String::from_utf8_lossy(&output.stdout);
+    delete_prefix(admin, &prefix).await?;
+    // CSV rows: "test","rps",...; the data row is the last.
+    csv.lines()
+        .last()
+        .and_then(|row| row.split(',').nth(1))
+        .and_then(|rps| rps.trim_matches('"').parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unexpected redis-benchmark output: {csv}"))
+}
+
+pub async fn connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// Deletes the keys under `prefix` (and only those); returns how many.
+pub async fn delete_prefix(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> anyhow::Result<u64> {
+    let mut cursor = 0u64;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}

@@ -1,0 +1,78 @@
+//! Redis memory per retained key: completes N keys through the real store
+//! scripts and divides the growth of `used_memory` by N.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+use idemq_sidecar::store::{Claim, KeyStore};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Keys to complete.
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Concurrent store calls.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+const LEASE: Duration = Duration::from_secs(30);
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let namespace = format!(
+        "bench-mem-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let store = Arc::new(RedisStore::new(RedisOptions {
+        url: args.redis.clone(),
+        password: None,
+        namespace,
+        timeout: Duration::from_secs(5),
+    })?);
+    let mut admin = crate::claims::connection(&args.redis).await?;
+    let before = used_memory(&mut admin).await?;
+    let started = Instant::now();
+    futures::stream::iter(0..args.keys)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let key = format!("order-{i:010}");
+                match store.claim(&key, Some("body"), LEASE, RETENTION).await? {
+                    Claim::Acquired { token } => {
+                        store.complete(&key, &token, RETENTION).await?;
+                        Ok(())
+                    }
+                    other => anyhow::bail!("fresh key {key} was {other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect::<Vec<anyhow::Result<()>>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()?;
+    let elapsed = started.elapsed();
+    let after = used_memory(&mut admin).await?;
+    let deleted = crate::claims::delete_prefix(&mut admin, store.prefix()).await?;
+    let per_key = (after.saturating_sub(before)) as f64 / args.keys as f64;
+    println!("keys completed:        {}", args.keys);
+    println!("time:                  {:.1} s", elapsed.as_secs_f64());
+    println!("used_memory before:    {before} B");
+    println!("used_memory after:     {after} B");
+    println!("bytes per retained key: {per_key:.1}");
+    println!("cleaned up {deleted} redis keys under {}", store.prefix());
+    Ok(())
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("INFO memory has no used_memory"))
+}
