@@ -4,13 +4,23 @@
 //! consumes the broker, claims each message's idempotency key in the [`store`],
 //! delivers the message to the application over HTTP on loopback and acks only
 //! once the outcome is settled. In gate mode the application consumes the broker
-//! itself and asks the claim API.
+//! itself and asks the claim API ([`api`]).
 //!
 //! Module map:
-//! - [`config`]: the YAML configuration (rendered by the operator).
+//! - [`config`]: the YAML configuration (rendered by the operator); [`secrets`]:
+//!   the URLs and passwords that come from the environment instead.
 //! - [`store`]: the key store trait and its Redis and in-memory implementations.
+//! - [`api`]: the claim API; [`admin`]: probes and metrics; [`metrics`], [`health`].
+//! - [`run`]: wires it all and drains on shutdown.
 
+pub mod admin;
+pub mod api;
 pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod pipeline;
+pub mod run;
+pub mod secrets;
 pub mod store;
 
 pub use config::Config;

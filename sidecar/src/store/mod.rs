@@ -16,6 +16,7 @@
 //! replica of a consumer) and [`memory::MemoryStore`], the embedded default for
 //! local runs. Both pass the same behavioural test suite.
 
+pub mod instrumented;
 pub mod memory;
 pub mod redis;
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod sidecar;
 
 /// A name no other test (or earlier run) uses: `<base>-<random>`.
 pub fn unique(base: &str) -> String {

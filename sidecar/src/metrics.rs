@@ -1,0 +1,204 @@
+//! Every metric the sidecar exposes, registered in one place.
+//!
+//! Labels are bounded sets of words (outcomes, operations, reasons), never keys
+//! or names, so the series count stays fixed however many messages flow. One
+//! sidecar serves one consumer, so the consumer is not a label: Prometheus's
+//! pod labels already say which one it is. Each metric is listed in README's
+//! metrics reference.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreErrorLabels {
+    pub op: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100µs .. ~13s: loopback store calls sit at the low end, slow apps at the top.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// The sidecar's metrics. Cheap to share behind an `Arc`; every field is
+/// internally synchronised.
+pub struct Metrics {
+    registry: Registry,
+    /// Claims by outcome: acquired, completed, in_flight, conflict.
+    pub claims: Family<OutcomeLabel, Counter>,
+    /// Store call latency by operation: claim, complete, release, ping.
+    pub store_duration: Family<OpLabel, Histogram>,
+    /// Failed store calls by operation and kind: timeout, error.
+    pub store_errors: Family<StoreErrorLabels, Counter>,
+    /// 1 while the store answers.
+    pub store_connected: Gauge,
+    /// 1 while the broker connection is up.
+    pub broker_connected: Gauge,
+    /// Messages by outcome: delivered, duplicate, in_flight_requeued,
+    /// dead_lettered, retried, passed_through.
+    pub messages: Family<OutcomeLabel, Counter>,
+    /// Dead letters by reason: missing_key, poison, max_attempts, conflict.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Messages taken from the broker and not yet settled.
+    pub in_flight: Gauge,
+    /// From the broker handing a message over to its settlement.
+    pub end_to_end_duration: Histogram,
+    /// The application's answer time.
+    pub app_duration: Histogram,
+    /// Messages delivered unchecked because the store was unavailable and the
+    /// policy is passThrough. Alert on any increase.
+    pub passthrough: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("idemq");
+        let metrics = Self {
+            claims: Family::default(),
+            store_duration: Family::new_with_constructor(latency_histogram),
+            store_errors: Family::default(),
+            store_connected: Gauge::default(),
+            broker_connected: Gauge::default(),
+            messages: Family::default(),
+            dead_letters: Family::default(),
+            in_flight: Gauge::default(),
+            end_to_end_duration: latency_histogram(),
+            app_duration: latency_histogram(),
+            passthrough: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("claims", "Claims by outcome", metrics.claims.clone());
+        registry.register(
+            "store_request_duration_seconds",
+            "Key store call latency by operation",
+            metrics.store_duration.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Failed key store calls by operation and kind",
+            metrics.store_errors.clone(),
+        );
+        registry.register(
+            "store_connected",
+            "1 while the key store answers",
+            metrics.store_connected.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while the broker connection is up",
+            metrics.broker_connected.clone(),
+        );
+        registry.register("messages", "Messages by outcome", metrics.messages.clone());
+        registry.register(
+            "dead_letters",
+            "Dead-lettered messages by reason",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Messages taken from the broker and not yet settled",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "end_to_end_duration_seconds",
+            "Time from receiving a message to settling it",
+            metrics.end_to_end_duration.clone(),
+        );
+        registry.register(
+            "app_request_duration_seconds",
+            "Time the application took to answer a delivery",
+            metrics.app_duration.clone(),
+        );
+        registry.register(
+            "store_unavailable_passthrough",
+            "Messages delivered without deduplication because the store was unavailable",
+            metrics.passthrough.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn message(&self, outcome: &'static str) {
+        self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn dead_letter(&self, reason: &'static str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        self.message("dead_lettered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_exposed_with_the_idemq_prefix() {
+        let metrics = Metrics::new();
+        metrics
+            .claims
+            .get_or_create(&OutcomeLabel {
+                outcome: "acquired",
+            })
+            .inc();
+        metrics.dead_letter("poison");
+        let text = metrics.encode();
+        assert!(
+            text.contains("idemq_claims_total{outcome=\"acquired\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("idemq_dead_letters_total{reason=\"poison\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("idemq_messages_total{outcome=\"dead_lettered\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE idemq_store_request_duration_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("idemq_store_unavailable_passthrough_total 0"),
+            "{text}"
+        );
+    }
+}

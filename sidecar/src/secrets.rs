@@ -1,0 +1,177 @@
+//! Secrets reach the sidecar through the environment, never through its config
+//! file: the operator fills these variables from Kubernetes Secret references.
+//! A variable `<NAME>_FILE` names a file holding the value instead (for Secrets
+//! mounted as volumes).
+//!
+//! The environment is read through [`Env`] so tests pass a map instead of
+//! changing the process environment.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, SecretEnv, StoreKind};
+
+/// Where variables come from.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("read {var} from {path}: {source}")]
+    File {
+        var: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Missing(String),
+}
+
+/// The secrets the sidecar needs, resolved from the environment and the config.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    pub redis_url: Option<String>,
+    pub redis_password: Option<String>,
+    pub broker_url: Option<String>,
+}
+
+// Secrets must never reach a log line through a derived Debug.
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("redis_url", &self.redis_url.as_deref().map(redact))
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "***"),
+            )
+            .field("broker_url", &self.broker_url.as_deref().map(redact))
+            .finish()
+    }
+}
+
+/// Reads `name`, or the file named by `name_FILE`.
+fn read(env: &dyn Env, name: &str) -> Result<Option<String>, SecretError> {
+    if let Some(value) = env.var(name).filter(|v| !v.is_empty()) {
+        return Ok(Some(value));
+    }
+    let file_var = format!("{name}_FILE");
+    match env.var(&file_var).filter(|v| !v.is_empty()) {
+        Some(path) => std::fs::read_to_string(&path)
+            .map(|v| Some(v.trim_end_matches(['\r', '\n']).to_string()))
+            .map_err(|source| SecretError::File {
+                var: file_var,
+                path,
+                source,
+            }),
+        None => Ok(None),
+    }
+}
+
+impl Secrets {
+    /// Resolves the secrets: environment first, then the config's URLs.
+    pub fn resolve(config: &Config, env: &dyn Env) -> Result<Self, SecretError> {
+        let secrets = Self {
+            redis_url: read(env, SecretEnv::REDIS_URL)?.or_else(|| config.store.url.clone()),
+            redis_password: read(env, SecretEnv::REDIS_PASSWORD)?,
+            broker_url: read(env, SecretEnv::BROKER_URL)?
+                .or_else(|| config.broker.as_ref().and_then(|b| b.rabbitmq.url.clone())),
+        };
+        if config.store.kind == StoreKind::Redis && secrets.redis_url.is_none() {
+            return Err(SecretError::Missing(format!(
+                "store.kind is redis but neither store.url nor {} is set",
+                SecretEnv::REDIS_URL
+            )));
+        }
+        if config.broker.is_some() && secrets.broker_url.is_none() {
+            return Err(SecretError::Missing(format!(
+                "a broker is configured but neither broker.rabbitmq.url nor {} is set",
+                SecretEnv::BROKER_URL
+            )));
+        }
+        Ok(secrets)
+    }
+}
+
+/// A URL fit for logs: scheme, host and port, without credentials or path.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or("?"),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "<unparsable url>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_yaml(yaml).expect("valid")
+    }
+
+    #[test]
+    fn environment_overrides_config_and_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("idemq-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let file = dir.join("password");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let env: HashMap<String, String> = [
+            ("IDEMQ_REDIS_URL", "redis://redis.example:6380"),
+            ("IDEMQ_REDIS_PASSWORD_FILE", file.to_str().expect("utf-8")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = config(
+            "consumer: a\nmode: gate\nstore:\n  kind: redis\n  url: redis://127.0.0.1:6379\n",
+        );
+        let secrets = Secrets::resolve(&c, &env).expect("resolves");
+        assert_eq!(
+            secrets.redis_url.as_deref(),
+            Some("redis://redis.example:6380")
+        );
+        assert_eq!(secrets.redis_password.as_deref(), Some("s3cret"));
+        assert!(!format!("{secrets:?}").contains("s3cret"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn redis_store_without_url_is_an_error_naming_both_sources() {
+        let c = config("consumer: a\nmode: gate\nstore:\n  kind: redis\n");
+        let err = Secrets::resolve(&c, &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.url") && err.contains("IDEMQ_REDIS_URL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn redacted_urls_keep_no_credentials() {
+        assert_eq!(
+            redact("amqp://user:pw@rabbit:5672/vhost"),
+            "amqp://rabbit:5672"
+        );
+        assert_eq!(redact("rediss://:pw@redis"), "rediss://redis");
+    }
+}
