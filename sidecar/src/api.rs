@@ -59,12 +59,21 @@ struct TokenRequest {
     token: String,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+/// A refused request: its status and a sentence saying why.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
 }
 
 /// Parses a JSON body; serde's message names the missing or wrong field.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -73,7 +82,7 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
     })
 }
 
-fn check_key(key: &str) -> Result<(), Response> {
+fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "key must not be empty"));
     }
@@ -92,15 +101,16 @@ fn unavailable(e: crate::store::StoreError) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         "the key store is unavailable; retry later",
     )
+    .into_response()
 }
 
 async fn claim(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
     let request: ClaimRequest = match parse(&body) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
-    if let Err(response) = check_key(&request.key) {
-        return response;
+    if let Err(refused) = check_key(&request.key) {
+        return refused.into_response();
     }
     let lease = match request.lease_ms.map(Duration::from_millis) {
         None => state.lease,
@@ -114,6 +124,7 @@ async fn claim(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
                     MAX_LEASE.as_millis()
                 ),
             )
+            .into_response()
         }
     };
     let claimed = state
@@ -167,10 +178,10 @@ async fn complete(
 ) -> Response {
     let request: TokenRequest = match parse(&body) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
-    if let Err(response) = check_key(&key) {
-        return response;
+    if let Err(refused) = check_key(&key) {
+        return refused.into_response();
     }
     let token = Token(request.token);
     transition(state.store.complete(&key, &token, state.retention).await)
@@ -183,10 +194,10 @@ async fn release(
 ) -> Response {
     let request: TokenRequest = match parse(&body) {
         Ok(r) => r,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
-    if let Err(response) = check_key(&key) {
-        return response;
+    if let Err(refused) = check_key(&key) {
+        return refused.into_response();
     }
     transition(state.store.release(&key, &Token(request.token)).await)
 }

@@ -7,9 +7,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+type Flags = Vec<(&'static str, Arc<AtomicBool>)>;
+
 #[derive(Clone, Default)]
 pub struct Health {
-    components: Arc<Mutex<Vec<(&'static str, Arc<AtomicBool>)>>>,
+    components: Arc<Mutex<Flags>>,
 }
 
 /// One component's flag; starts down.

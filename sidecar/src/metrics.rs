@@ -179,6 +179,10 @@ mod tests {
             })
             .inc();
         metrics.dead_letter("poison");
+        metrics
+            .store_duration
+            .get_or_create(&OpLabel { op: "claim" })
+            .observe(0.001);
         let text = metrics.encode();
         assert!(
             text.contains("idemq_claims_total{outcome=\"acquired\"} 1"),
