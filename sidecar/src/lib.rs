@@ -10,17 +10,24 @@
 //! - [`config`]: the YAML configuration (rendered by the operator); [`secrets`]:
 //!   the URLs and passwords that come from the environment instead.
 //! - [`store`]: the key store trait and its Redis and in-memory implementations.
+//! - [`key`]: idempotency-key extraction; [`engine`]: the claim → deliver →
+//!   complete decision; [`deliver`]: HTTP delivery to the app; [`source`]: the
+//!   brokers (RabbitMQ); [`pipeline`]: wires them.
 //! - [`api`]: the claim API; [`admin`]: probes and metrics; [`metrics`], [`health`].
 //! - [`run`]: wires it all and drains on shutdown.
 
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod deliver;
+pub mod engine;
 pub mod health;
+pub mod key;
 pub mod metrics;
 pub mod pipeline;
 pub mod run;
 pub mod secrets;
+pub mod source;
 pub mod store;
 
 pub use config::Config;

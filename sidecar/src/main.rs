@@ -92,7 +92,13 @@ async fn serve(config: Config, secrets: Secrets) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
     tracing::info!(consumer = %config.consumer, mode = ?config.mode, "idemq sidecar starting");
     let shutdown = CancellationToken::new();
-    let mut sidecar = tokio::spawn(run::run(config, store, listeners, shutdown.clone()));
+    let mut sidecar = tokio::spawn(run::run(
+        config,
+        secrets,
+        store,
+        listeners,
+        shutdown.clone(),
+    ));
     tokio::select! {
         finished = &mut sidecar => return finished?,
         _ = terminated() => {}

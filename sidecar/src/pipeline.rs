@@ -1,21 +1,51 @@
-//! Pipeline mode (placeholder until the RabbitMQ pipeline lands).
+//! Pipeline mode: consume the broker, deduplicate, deliver to the application,
+//! settle with the broker. This module only wires the parts together.
+
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::deliver::Deliverer;
+use crate::engine::Engine;
 use crate::health::Component;
 use crate::metrics::Metrics;
+use crate::source::rabbitmq::Source;
 use crate::store::KeyStore;
 
 /// Everything the pipeline shares.
 pub struct Context {
     pub config: Arc<Config>,
+    /// The broker URL, with its credentials (from the environment).
+    pub broker_url: String,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
 }
 
-pub async fn run(_ctx: Context, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    anyhow::bail!("pipeline mode is not available in this build")
+/// Runs until `shutdown` fires and in-flight messages are settled.
+pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let delivery = ctx
+        .config
+        .delivery
+        .as_ref()
+        .context("pipeline mode needs delivery (validated)")?;
+    let deliverer = Deliverer::new(delivery).context("build the HTTP client")?;
+    let engine = Arc::new(Engine::new(
+        ctx.config.clone(),
+        ctx.store.clone(),
+        deliverer,
+        ctx.metrics.clone(),
+    ));
+    let source = Source {
+        config: ctx.config,
+        url: ctx.broker_url,
+        engine,
+        store: ctx.store,
+        metrics: ctx.metrics,
+        health: ctx.broker_health,
+    };
+    source.run(shutdown).await;
+    Ok(())
 }

@@ -70,6 +70,7 @@ pub fn open_store(config: &Config, secrets: &Secrets) -> Result<Arc<dyn KeyStore
 /// Runs the sidecar until `shutdown` fires and in-flight work has drained.
 pub async fn run(
     config: Config,
+    secrets: Secrets,
     store: Arc<dyn KeyStore>,
     listeners: Listeners,
     shutdown: CancellationToken,
@@ -120,6 +121,9 @@ pub async fn run(
             crate::pipeline::run(
                 crate::pipeline::Context {
                     config: Arc::new(config),
+                    broker_url: secrets
+                        .broker_url
+                        .ok_or_else(|| anyhow::anyhow!("pipeline mode needs a broker URL"))?,
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,

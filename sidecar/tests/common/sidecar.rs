@@ -34,6 +34,15 @@ impl Running {
 
 /// Starts the sidecar with `config` (its listen addresses are ignored) and `store`.
 pub async fn start(config: Config, store: Arc<dyn KeyStore>) -> Running {
+    start_with(config, Default::default(), store).await
+}
+
+/// Starts the sidecar with explicit secrets (the broker URL in pipeline mode).
+pub async fn start_with(
+    config: Config,
+    secrets: idemq_sidecar::secrets::Secrets,
+    store: Arc<dyn KeyStore>,
+) -> Running {
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
     let gate = TcpListener::bind("127.0.0.1:0").await.expect("bind gate");
     let (admin_addr, gate_addr) = (
@@ -44,6 +53,7 @@ pub async fn start(config: Config, store: Arc<dyn KeyStore>) -> Running {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run::run(
         config,
+        secrets,
         store,
         Listeners {
             admin,

@@ -1,0 +1,129 @@
+//! Delivery to the application: an HTTP POST of the message body to a URL on
+//! loopback, over a keep-alive connection pool.
+//!
+//! The application sees `Idempotency-Key` (absent for pass-through messages),
+//! `Idemq-Delivery-Attempt`, the original content type, and the message's
+//! headers as HTTP headers (W3C `traceparent` included, so traces continue).
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+
+use crate::config::DeliveryConfig;
+use crate::source::Envelope;
+
+/// How the application answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: processed.
+    Success,
+    /// 5xx, 408, 429, a timeout or a refused connection: worth another try.
+    Retry(String),
+    /// Any other 4xx: the message itself is bad; retrying cannot help.
+    Poison(u16),
+}
+
+/// Headers a message must not set: they belong to the HTTP exchange itself or
+/// to idemq.
+const RESERVED: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "connection",
+    "transfer-encoding",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "idempotency-key",
+    "idemq-delivery-attempt",
+];
+
+pub struct Deliverer {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Deliverer {
+    pub fn new(config: &DeliveryConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(2)))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(Self {
+            client,
+            url: config.url.clone(),
+        })
+    }
+
+    /// POSTs `message` to the application; returns its verdict and how long it took.
+    pub async fn deliver(
+        &self,
+        message: &Envelope,
+        key: Option<&str>,
+        attempt: u32,
+    ) -> (Outcome, Duration) {
+        let started = Instant::now();
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header("idemq-delivery-attempt", attempt.to_string())
+            .body(message.body.clone());
+        if let Some(key) = key.and_then(|k| HeaderValue::from_str(k).ok()) {
+            request = request.header("idempotency-key", key);
+        }
+        if let Some(ct) = message.content_type.as_deref() {
+            request = request.header(CONTENT_TYPE, ct);
+        }
+        for (name, value) in &message.headers {
+            let lower = name.to_ascii_lowercase();
+            if RESERVED.contains(&lower.as_str()) {
+                continue;
+            }
+            // Headers that are not valid HTTP are left out rather than failing
+            // the delivery.
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(lower.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                request = request.header(n, v);
+            }
+        }
+        let outcome = match request.send().await {
+            Ok(response) => classify(response.status().as_u16()),
+            Err(e) if e.is_timeout() => Outcome::Retry("timeout".into()),
+            Err(e) if e.is_connect() => Outcome::Retry(format!("connect: {e}")),
+            Err(e) => Outcome::Retry(e.to_string()),
+        };
+        (outcome, started.elapsed())
+    }
+}
+
+fn classify(status: u16) -> Outcome {
+    match status {
+        200..=299 => Outcome::Success,
+        408 | 429 | 500..=599 => Outcome::Retry(format!("status {status}")),
+        400..=499 => Outcome::Poison(status),
+        // 1xx and 3xx: the app did not say it processed the message.
+        other => Outcome::Retry(format!("status {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_as_the_contract_says() {
+        assert_eq!(classify(200), Outcome::Success);
+        assert_eq!(classify(204), Outcome::Success);
+        assert!(matches!(classify(500), Outcome::Retry(_)));
+        assert!(matches!(classify(503), Outcome::Retry(_)));
+        assert!(matches!(classify(408), Outcome::Retry(_)));
+        assert!(matches!(classify(429), Outcome::Retry(_)));
+        assert_eq!(classify(400), Outcome::Poison(400));
+        assert_eq!(classify(422), Outcome::Poison(422));
+        assert!(matches!(classify(302), Outcome::Retry(_)));
+    }
+}

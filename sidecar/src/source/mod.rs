@@ -1,0 +1,74 @@
+//! Broker sources: where messages come from and how their fate is settled.
+//!
+//! The [`engine`](crate::engine) looks at an [`Envelope`] and returns a
+//! [`Verdict`]; a source turns verdicts into the broker's own operations. Adding
+//! a broker (Kafka, NATS JetStream, Pub/Sub) means writing a source that yields
+//! envelopes and applies verdicts; the engine does not change.
+
+pub mod rabbitmq;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// A message as the engine sees it, whatever broker it came from.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    pub message_id: Option<String>,
+    /// Headers whose values are text (or numbers, rendered as text).
+    pub headers: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    /// The broker says it delivered this message before.
+    pub redelivered: bool,
+}
+
+impl Envelope {
+    /// A header's value; header names compare case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a message was dead-lettered; sent in the `x-idemq-reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    MissingKey,
+    Poison,
+    MaxAttempts,
+    Conflict,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_key",
+            Self::Poison => "poison",
+            Self::MaxAttempts => "max_attempts",
+            Self::Conflict => "conflict",
+        }
+    }
+}
+
+/// What must happen to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handled (or already handled before): acknowledge it.
+    Ack,
+    /// A duplicate of a completed key: acknowledge it, and copy it to the
+    /// audit exchange when one is configured.
+    Duplicate,
+    /// Give it back to the broker after `delay`, to be delivered again.
+    Requeue { delay: Duration },
+    /// Publish it to the dead-letter exchange, then acknowledge it.
+    DeadLetter {
+        reason: DeadLetterReason,
+        attempts: u32,
+    },
+    /// The key store did not answer: give the message back and stop
+    /// consuming until the store answers again.
+    StoreUnavailable,
+}

@@ -1,0 +1,499 @@
+//! RabbitMQ source: consumes one queue with manual acks and settles every
+//! message by the engine's verdict.
+//!
+//! A *session* is one connection with a consuming channel and a publishing
+//! channel (in confirm mode, for dead letters and audit copies). A session ends
+//! on shutdown, when the key store stops answering (fail closed), or when the
+//! broker drops the connection; the run loop then waits (for the store, or a
+//! back-off) and starts a new one. Messages not yet acknowledged when a session
+//! ends go back to the queue: the broker redelivers them and the dedup rules
+//! decide again, so nothing is lost and nothing completed is processed twice.
+//!
+//! Acks are batched: a settled message is acknowledged with `multiple` once
+//! every message before it on the channel is settled too. Nacks and dead
+//! letters are sent one by one, always before the batched ack that passes them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{Envelope, Verdict};
+use crate::config::{Config, RabbitMqConfig, UnavailablePolicy};
+use crate::engine::Engine;
+use crate::health::Component;
+use crate::metrics::Metrics;
+use crate::store::KeyStore;
+
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+const STORE_POLL: Duration = Duration::from_millis(500);
+
+/// Everything a RabbitMQ source needs.
+pub struct Source {
+    pub config: Arc<Config>,
+    pub url: String,
+    pub engine: Arc<Engine>,
+    pub store: Arc<dyn KeyStore>,
+    pub metrics: Arc<Metrics>,
+    pub health: Component,
+}
+
+enum SessionEnd {
+    Shutdown,
+    StoreDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the consumer was cancelled by the broker")]
+    ConsumerEnded,
+}
+
+impl Source {
+    fn rabbit(&self) -> &RabbitMqConfig {
+        &self
+            .config
+            .broker
+            .as_ref()
+            .expect("pipeline mode has a broker (validated)")
+            .rabbitmq
+    }
+
+    /// Consumes until `shutdown` fires, reconnecting as needed.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if self.config.store.unavailable == UnavailablePolicy::FailClosed
+                && !self.wait_for_store(&shutdown).await
+            {
+                return;
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.session(&shutdown).await {
+                Ok(SessionEnd::Shutdown) => return,
+                Ok(SessionEnd::StoreDown) => {
+                    tracing::warn!("key store unavailable: consumption paused until it answers");
+                    delay = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "broker session ended");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                }
+            }
+        }
+    }
+
+    /// Waits until the store answers; false when shutdown came first.
+    async fn wait_for_store(&self, shutdown: &CancellationToken) -> bool {
+        loop {
+            if self.store.ping().await.is_ok() {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(STORE_POLL) => {}
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, SourceError> {
+        let rabbit = self.rabbit();
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("idemq-sidecar {}", self.config.consumer),
+        ));
+        let conn = Connection::connect(&self.url, properties).await?;
+        let consuming = conn.create_channel().await?;
+        consuming
+            .basic_qos(rabbit.prefetch, BasicQosOptions::default())
+            .await?;
+        let publishing = conn.create_channel().await?;
+        publishing
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        // A missing dead-letter exchange would close the channel at the first
+        // dead letter; find out now, and say which exchange.
+        publishing
+            .exchange_declare(
+                rabbit.dead_letter_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .inspect_err(|_| {
+                tracing::error!(
+                    exchange = %rabbit.dead_letter_exchange,
+                    "the dead-letter exchange does not exist; declare it (the operator does)"
+                )
+            })?;
+        let tag = format!("idemq-{}", uuid::Uuid::new_v4().simple());
+        let mut consumer = consuming
+            .basic_consume(
+                rabbit.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(queue = %rabbit.queue, prefetch = rabbit.prefetch, "consuming");
+        self.health.set(true);
+        self.metrics.broker_connected.set(1);
+
+        let settle = Arc::new(Settler {
+            consuming: consuming.clone(),
+            publishing,
+            tracker: Mutex::new(AckTracker::default()),
+            settled: Notify::new(),
+            store_down: CancellationToken::new(),
+            rabbit: rabbit.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let mut tasks = JoinSet::new();
+        let outcome = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
+                _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
+                _ = settle.settled.notified() => {
+                    if let Err(e) = settle.flush().await {
+                        break Err(e.into());
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        settle.received(delivery.delivery_tag);
+                        tasks.spawn(handle(delivery, self.engine.clone(), settle.clone(), shutdown.clone()));
+                    }
+                    Some(Err(e)) => break Err(e.into()),
+                    None => break Err(SourceError::ConsumerEnded),
+                },
+            }
+        };
+        self.health.set(false);
+        self.metrics.broker_connected.set(0);
+
+        // Stop the flow, let what is in flight finish, ack what is settled;
+        // closing the channels then returns every unacked message to the queue.
+        let _ = consuming
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let grace = self.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while tasks.join_next().await.is_some() {
+                let _ = settle.flush().await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?grace, left = tasks.len(), "in-flight deliveries did not finish in time; they go back to the queue");
+            tasks.abort_all();
+        }
+        let _ = settle.flush().await;
+        let _ = consuming.close(200, "idemq: session over".into()).await;
+        let _ = settle
+            .publishing
+            .close(200, "idemq: session over".into())
+            .await;
+        let _ = conn.close(200, "idemq: session over".into()).await;
+        outcome
+    }
+}
+
+/// Handles one delivery: the engine decides, the settler applies.
+async fn handle(
+    delivery: Delivery,
+    engine: Arc<Engine>,
+    settle: Arc<Settler>,
+    shutdown: CancellationToken,
+) {
+    let started = Instant::now();
+    settle.metrics.in_flight.inc();
+    let envelope = envelope(&delivery);
+    let verdict = engine.handle(&envelope, &shutdown).await;
+    settle.apply(&delivery, verdict, &shutdown).await;
+    settle.metrics.in_flight.dec();
+    settle
+        .metrics
+        .end_to_end_duration
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Applies verdicts on one session's channels.
+struct Settler {
+    consuming: Channel,
+    publishing: Channel,
+    tracker: Mutex<AckTracker>,
+    settled: Notify,
+    store_down: CancellationToken,
+    rabbit: RabbitMqConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Settler {
+    fn received(&self, tag: u64) {
+        self.lock().received(tag);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn settled(&self, tag: u64, ack: bool) {
+        self.lock().settle(tag, ack);
+        self.settled.notify_one();
+    }
+
+    /// Acks, with `multiple`, every message settled so far in channel order.
+    /// Only the session loop calls this, so batched acks never cross.
+    async fn flush(&self) -> Result<(), lapin::Error> {
+        let ackable = self.lock().take_ackable();
+        if let Some(tag) = ackable {
+            self.consuming
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, delivery: &Delivery, verdict: Verdict, shutdown: &CancellationToken) {
+        let tag = delivery.delivery_tag;
+        match verdict {
+            Verdict::Ack => {
+                self.metrics.message("delivered");
+                self.settled(tag, true);
+            }
+            Verdict::Duplicate => {
+                self.metrics.message("duplicate");
+                if let Some(exchange) = &self.rabbit.audit_exchange {
+                    let mut headers = FieldTable::default();
+                    headers.insert("x-idemq-reason".into(), text("duplicate"));
+                    // An audit copy is best effort: the duplicate is acked anyway.
+                    if let Err(e) = self.publish(exchange, delivery, headers).await {
+                        tracing::warn!(error = %e, "audit copy of a duplicate was not confirmed");
+                    }
+                }
+                self.settled(tag, true);
+            }
+            Verdict::Requeue { delay } => {
+                if !delay.is_zero() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    self.metrics.message("in_flight_requeued");
+                }
+                self.requeue(tag).await;
+            }
+            Verdict::StoreUnavailable => {
+                self.requeue(tag).await;
+                self.store_down.cancel();
+            }
+            Verdict::DeadLetter { reason, attempts } => {
+                let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+                headers.insert("x-idemq-reason".into(), text(reason.as_str()));
+                headers.insert(
+                    "x-idemq-attempts".into(),
+                    AMQPValue::LongLongInt(i64::from(attempts)),
+                );
+                headers.insert("x-idemq-original-queue".into(), text(&self.rabbit.queue));
+                let exchange = self.rabbit.dead_letter_exchange.clone();
+                match self.publish(&exchange, delivery, headers).await {
+                    Ok(()) => {
+                        tracing::info!(reason = reason.as_str(), attempts, "dead-lettered");
+                        self.metrics.dead_letter(reason.as_str());
+                        self.settled(tag, true);
+                    }
+                    Err(e) => {
+                        // Never ack a message whose dead letter is not confirmed.
+                        tracing::warn!(error = %e, "dead letter not confirmed: message goes back to the queue");
+                        self.requeue(tag).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives a message back to the queue. The nack goes out before the
+    /// message counts as settled, so no batched ack can cover it first.
+    async fn requeue(&self, tag: u64) {
+        let nack = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        if let Err(e) = self.consuming.basic_nack(tag, nack).await {
+            // The channel is gone: the broker requeues the message itself.
+            tracing::debug!(error = %e, "nack failed");
+        }
+        self.settled(tag, false);
+    }
+
+    /// Publishes a copy of `delivery` with `headers` and waits for the confirm.
+    async fn publish(
+        &self,
+        exchange: &str,
+        delivery: &Delivery,
+        headers: FieldTable,
+    ) -> Result<(), String> {
+        let routing_key = self
+            .rabbit
+            .dead_letter_routing_key
+            .clone()
+            .unwrap_or_else(|| self.rabbit.queue.clone());
+        let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+        let confirm = self
+            .publishing
+            .basic_publish(
+                ShortString::from(exchange),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err("the broker nacked the publish".into())
+        }
+    }
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Which delivered messages are settled, in channel order.
+#[derive(Default)]
+struct AckTracker {
+    /// Outstanding deliveries: tag → settled (Some(true) ack, Some(false) nacked).
+    pending: BTreeMap<u64, Option<bool>>,
+}
+
+impl AckTracker {
+    fn received(&mut self, tag: u64) {
+        self.pending.insert(tag, None);
+    }
+
+    fn settle(&mut self, tag: u64, ack: bool) {
+        if let Some(state) = self.pending.get_mut(&tag) {
+            *state = Some(ack);
+        }
+    }
+
+    /// Removes the settled prefix and returns the highest acked tag in it:
+    /// acking it with `multiple` acks exactly the acked messages of the prefix
+    /// (nacked ones are no longer outstanding at the broker).
+    fn take_ackable(&mut self) -> Option<u64> {
+        let mut highest = None;
+        while let Some(entry) = self.pending.first_entry() {
+            match *entry.get() {
+                None => break,
+                Some(ack) => {
+                    if ack {
+                        highest = Some(*entry.key());
+                    }
+                    entry.remove();
+                }
+            }
+        }
+        highest
+    }
+}
+
+/// The broker-neutral view of a delivery.
+fn envelope(delivery: &Delivery) -> Envelope {
+    let p = &delivery.properties;
+    let headers = p
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| header_text(v).map(|v| (k.as_str().to_string(), v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Envelope {
+        message_id: p.message_id().as_ref().map(|s| s.as_str().to_string()),
+        headers,
+        content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()),
+        body: delivery.data.clone().into(),
+        redelivered: delivery.redelivered,
+    }
+}
+
+/// Text form of a header value; tables, arrays and binary are left out.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_tracker_acks_only_the_settled_prefix() {
+        let mut t = AckTracker::default();
+        for tag in 1..=5 {
+            t.received(tag);
+        }
+        t.settle(2, true);
+        assert_eq!(t.take_ackable(), None, "tag 1 is not settled yet");
+        t.settle(1, true);
+        t.settle(3, false);
+        assert_eq!(t.take_ackable(), Some(2), "3 was nacked: ack up to 2");
+        t.settle(5, true);
+        assert_eq!(t.take_ackable(), None, "4 is pending");
+        t.settle(4, false);
+        assert_eq!(t.take_ackable(), Some(5));
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn a_nacked_prefix_gives_nothing_to_ack() {
+        let mut t = AckTracker::default();
+        t.received(1);
+        t.settle(1, false);
+        assert_eq!(t.take_ackable(), None);
+        assert!(t.pending.is_empty());
+    }
+}
