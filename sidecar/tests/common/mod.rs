@@ -2,6 +2,8 @@
 //! names unique to each test, and cleanup of only what a test created.
 #![allow(dead_code)]
 
+pub mod app;
+pub mod rabbitmq;
 pub mod redis;
 pub mod sidecar;
 

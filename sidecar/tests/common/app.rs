@@ -1,0 +1,162 @@
+//! A test application: an HTTP server on loopback that counts what it is sent
+//! and answers as the test scripts it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+
+/// Decides the answer to a delivery from its key (or body when it has no key)
+/// and how many times this key was seen before (0 the first time).
+pub type Script = Arc<dyn Fn(&str, u32) -> StatusCode + Send + Sync>;
+
+#[derive(Default)]
+struct Seen {
+    /// Per key: deliveries that the app answered with 2xx (processed).
+    processed: HashMap<String, u32>,
+    /// Per key: every delivery, whatever the answer.
+    attempts: HashMap<String, u32>,
+    /// `Idemq-Delivery-Attempt` values received.
+    attempt_headers: Vec<u32>,
+    /// Headers of the last delivery.
+    last_headers: HeaderMap,
+}
+
+#[derive(Clone)]
+pub struct App {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+}
+
+struct AppState {
+    seen: Arc<Mutex<Seen>>,
+    script: Script,
+    delay: Duration,
+}
+
+pub async fn start(script: Script) -> App {
+    start_slow(script, Duration::ZERO).await
+}
+
+/// An app that takes `delay` to answer each delivery.
+pub async fn start_slow(script: Script, delay: Duration) -> App {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let state = Arc::new(AppState {
+        seen: seen.clone(),
+        script,
+        delay,
+    });
+    let router = Router::new()
+        .route("/messages", post(receive))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    App { addr, seen }
+}
+
+pub fn always_ok() -> Script {
+    Arc::new(|_, _| StatusCode::OK)
+}
+
+async fn receive(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    if !state.delay.is_zero() {
+        tokio::time::sleep(state.delay).await;
+    }
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("body:{}", String::from_utf8_lossy(&body)));
+    let mut seen = state.seen.lock().expect("lock");
+    let before = seen.attempts.get(&key).copied().unwrap_or(0);
+    *seen.attempts.entry(key.clone()).or_default() += 1;
+    if let Some(a) = headers
+        .get("idemq-delivery-attempt")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        seen.attempt_headers.push(a);
+    }
+    seen.last_headers = headers;
+    let status = (state.script)(&key, before);
+    if status.is_success() {
+        *seen.processed.entry(key).or_default() += 1;
+    }
+    status
+}
+
+impl App {
+    pub fn url(&self) -> String {
+        format!("http://{}/messages", self.addr)
+    }
+
+    /// Keys processed (answered 2xx) at least once.
+    pub fn distinct(&self) -> usize {
+        self.seen.lock().expect("lock").processed.len()
+    }
+
+    /// Total 2xx answers.
+    pub fn processed(&self) -> u32 {
+        self.seen.lock().expect("lock").processed.values().sum()
+    }
+
+    /// Keys processed more than once.
+    pub fn processed_twice(&self) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .processed
+            .values()
+            .filter(|n| **n > 1)
+            .count()
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.seen.lock().expect("lock").attempts.values().sum()
+    }
+
+    pub fn max_attempt_header(&self) -> u32 {
+        self.seen
+            .lock()
+            .expect("lock")
+            .attempt_headers
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .last_headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// Waits until `done` holds, up to `timeout`; false if it never did.
+    pub async fn wait_until(&self, timeout: Duration, done: impl Fn(&App) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if done(self) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        done(self)
+    }
+}
