@@ -337,3 +337,232 @@ async fn graceful_shutdown_under_load_loses_nothing_and_processes_nothing_twice(
     store.cleanup().await;
     t.delete().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A redis-server of the test's own, on its own port, so it can be stopped.
+fn own_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server (apt-get install redis-server)")
+}
+
+async fn wait_port(port: u16) {
+    let open = wait_for(Duration::from_secs(10), async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(open, "nothing listens on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_pauses_delivery_and_loses_nothing() {
+    let port = free_port();
+    let mut redis = own_redis(port);
+    wait_port(port).await;
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::new(RedisOptions {
+            url: format!("redis://127.0.0.1:{port}"),
+            password: None,
+            namespace: common::unique("outage"),
+            timeout: Duration::from_millis(300),
+        })
+        .expect("options"),
+    );
+    let t = rabbitmq::topology("outage").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(10)).await;
+    let n = 400;
+    t.publish_batch((0..n).map(|i| (Some(format!("m-{i}")), body(i))))
+        .await;
+    let sidecar = start(config(&t, &app, "outage", ""), store).await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 100).await);
+
+    redis.kill().expect("stop redis");
+    redis.wait().expect("reap redis");
+    // What was already past its claim may still finish; then nothing moves.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = app.attempts();
+    let not_ready = reqwest::get(sidecar.admin_url("/readyz"))
+        .await
+        .expect("readyz")
+        .status();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after_wait = app.attempts();
+
+    let mut redis = own_redis(port);
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    sidecar.stop().await.expect("clean stop");
+    redis.kill().ok();
+    redis.wait().ok();
+    println!(
+        "store outage: {n} messages, {during} deliveries when the store went down, {} delivered while it was down, {} processed in all ({} twice)",
+        after_wait - during,
+        app.processed(),
+        app.processed_twice()
+    );
+    assert_eq!(
+        not_ready,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while the store is down"
+    );
+    assert_eq!(
+        after_wait, during,
+        "nothing is delivered while the store is down"
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert_eq!(app.processed_twice(), 0);
+    assert_eq!(t.ready(&t.queue).await, 0);
+    assert!(t.dead_letters().await.is_empty());
+    t.delete().await;
+}
+
+/// The broker-side process id of the connection named after `consumer`.
+fn connection_pid(consumer: &str) -> Option<String> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("run rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!("idemq-sidecar {consumer}")))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connection_loss_reconnects_and_processes_once() {
+    let t = rabbitmq::topology("connloss").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(100)).await;
+    let store = Store::new("connloss").await;
+    let consumer = common::unique("connloss");
+    let n = 1000;
+    t.publish_batch((0..n).map(|i| (Some(format!("m-{i}")), body(i))))
+        .await;
+    let sidecar = start(config(&t, &app, &consumer, ""), store.dyn_store()).await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 150).await);
+    let before = connection_pid(&consumer).expect("the sidecar's connection is listed");
+    let closed = Command::new("rabbitmqctl")
+        .args(["close_connection", &before, "test closes the connection"])
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        closed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&closed.stderr)
+    );
+    let at_close = app.processed();
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let after = connection_pid(&consumer);
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "broker connection loss: {n} messages, {at_close} processed when the connection was closed, {} in all, {} twice, reconnected: {}",
+        app.processed(),
+        app.processed_twice(),
+        after.as_ref().is_some_and(|a| *a != before)
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert!(
+        after.is_some_and(|a| a != before),
+        "a new connection replaced the closed one"
+    );
+    assert_eq!(app.processed_twice(), 0);
+    assert_eq!(app.processed(), n as u32);
+    assert_eq!(t.ready(&t.queue).await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+/// The sidecar binary with a config file, as a child process.
+fn spawn_sidecar(config_path: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_idemq-sidecar"))
+        .arg("--config")
+        .arg(config_path)
+        .env("IDEMQ_BROKER_URL", rabbitmq::URL)
+        .env("IDEMQ_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the sidecar")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loses_nothing_and_reprocesses_at_most_prefetch() {
+    let t = rabbitmq::topology("crash").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(5)).await;
+    let consumer = common::unique("crash");
+    let prefetch = 20;
+    let yaml = format!(
+        "consumer: {consumer}\nstore:\n  kind: redis\n  url: redis://127.0.0.1:6379\ndedup:\n  lease: 2s\nbroker:\n  rabbitmq:\n    queue: {}\n    prefetch: {prefetch}\n    deadLetterExchange: {}\ndelivery:\n  url: {}\nadmin:\n  listen: 127.0.0.1:{}\n",
+        t.queue,
+        t.dlx,
+        app.url(),
+        free_port()
+    );
+    let dir = std::env::temp_dir().join(&consumer);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let path = dir.join("sidecar.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+
+    let n = 600;
+    t.publish_batch((0..n).map(|i| (Some(format!("m-{i}")), body(i))))
+        .await;
+    let mut first = spawn_sidecar(&path);
+    assert!(
+        app.wait_until(WAIT, |a| a.distinct() >= 150).await,
+        "the first sidecar processed {}",
+        app.distinct()
+    );
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    let at_kill = app.processed();
+    let mut second = spawn_sidecar(&path);
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    // Let redeliveries of anything finished twice show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exit = second.wait().expect("reap");
+    println!(
+        "crash: {n} messages, {at_kill} processed before SIGKILL, {} in all, {} processed twice (bound: prefetch {prefetch})",
+        app.processed(),
+        app.processed_twice()
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert!(
+        app.processed_twice() <= prefetch,
+        "{} processed twice",
+        app.processed_twice()
+    );
+    assert_eq!(exit.code(), Some(0));
+    assert_eq!(t.ready(&t.queue).await, 0, "nothing left behind");
+    assert!(t.dead_letters().await.is_empty());
+    common::redis::cleanup(&format!("idemq:{{{consumer}}}:")).await;
+    std::fs::remove_dir_all(dir).ok();
+    t.delete().await;
+}
