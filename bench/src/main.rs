@@ -3,17 +3,22 @@
 
 mod claims;
 mod key_memory;
+mod pipeline;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "idemq-bench",
-    about = "Measures what idemq's deduplication costs"
+    about = "Measures what idemq's deduplication costs",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Without a subcommand: the pipeline benchmark (raw, idemq, naive, idemq-memory).
+    #[command(flatten)]
+    pipeline: pipeline::Args,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -26,8 +31,10 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Claims(args) => claims::run(args).await,
-        Command::KeyMemory(args) => key_memory::run(args).await,
+    let cli = Cli::parse();
+    match cli.command {
+        None => pipeline::run(cli.pipeline).await,
+        Some(Command::Claims(args)) => claims::run(args).await,
+        Some(Command::KeyMemory(args)) => key_memory::run(args).await,
     }
 }

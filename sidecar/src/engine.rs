@@ -22,8 +22,8 @@ use crate::source::{DeadLetterReason, Envelope, Verdict};
 use crate::store::{Claim, KeyStore, Token, Transition};
 
 /// An in-flight duplicate is requeued after at most this long, so the broker
-/// retries it soon after the first holder settles.
-const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(1);
+/// retries it soon after the first holder settles, without spinning.
+const MAX_REQUEUE_DELAY: Duration = Duration::from_millis(250);
 /// Attempts to record a completion before giving up on recording it.
 const COMPLETE_TRIES: u32 = 3;
 

@@ -5,6 +5,7 @@
 //! a broker (Kafka, NATS JetStream, Pub/Sub) means writing a source that yields
 //! envelopes and applies verdicts; the engine does not change.
 
+pub mod acks;
 pub mod rabbitmq;
 
 use std::time::Duration;

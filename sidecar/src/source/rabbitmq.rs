@@ -13,7 +13,6 @@
 //! every message before it on the channel is settled too. Nacks and dead
 //! letters are sent one by one, always before the batched ack that passes them.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::acks::AckTracker;
 use super::{Envelope, Verdict};
 use crate::config::{Config, RabbitMqConfig, UnavailablePolicy};
 use crate::engine::Engine;
@@ -38,6 +38,8 @@ use crate::store::KeyStore;
 
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 const STORE_POLL: Duration = Duration::from_millis(500);
+/// Settled messages behind one pending this long are acked one by one.
+const STUCK_AFTER: Duration = Duration::from_millis(20);
 
 /// Everything a RabbitMQ source needs.
 pub struct Source {
@@ -171,8 +173,17 @@ impl Source {
             metrics: self.metrics.clone(),
         });
         let mut tasks = JoinSet::new();
+        // Wakes the loop to ack messages stuck behind a slow one even when
+        // nothing else settles.
+        let mut stuck_check = tokio::time::interval(STUCK_AFTER);
+        stuck_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             tokio::select! {
+                _ = stuck_check.tick() => {
+                    if let Err(e) = settle.flush().await {
+                        break Err(e.into());
+                    }
+                }
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
                 _ = settle.settled.notified() => {
@@ -253,7 +264,7 @@ struct Settler {
 
 impl Settler {
     fn received(&self, tag: u64) {
-        self.lock().received(tag);
+        self.lock().received(tag, Instant::now());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AckTracker> {
@@ -265,13 +276,19 @@ impl Settler {
         self.settled.notify_one();
     }
 
-    /// Acks, with `multiple`, every message settled so far in channel order.
-    /// Only the session loop calls this, so batched acks never cross.
+    /// Acks what is settled: the prefix with one `multiple` ack, and alone
+    /// those stuck behind a slow message. Only the session loop calls this,
+    /// so acks never cross.
     async fn flush(&self) -> Result<(), lapin::Error> {
-        let ackable = self.lock().take_ackable();
-        if let Some(tag) = ackable {
+        let acks = self.lock().take(Instant::now(), STUCK_AFTER);
+        if let Some(tag) = acks.multiple {
             self.consuming
                 .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        for tag in acks.single {
+            self.consuming
+                .basic_ack(tag, BasicAckOptions { multiple: false })
                 .await?;
         }
         Ok(())
@@ -387,44 +404,6 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// Which delivered messages are settled, in channel order.
-#[derive(Default)]
-struct AckTracker {
-    /// Outstanding deliveries: tag → settled (Some(true) ack, Some(false) nacked).
-    pending: BTreeMap<u64, Option<bool>>,
-}
-
-impl AckTracker {
-    fn received(&mut self, tag: u64) {
-        self.pending.insert(tag, None);
-    }
-
-    fn settle(&mut self, tag: u64, ack: bool) {
-        if let Some(state) = self.pending.get_mut(&tag) {
-            *state = Some(ack);
-        }
-    }
-
-    /// Removes the settled prefix and returns the highest acked tag in it:
-    /// acking it with `multiple` acks exactly the acked messages of the prefix
-    /// (nacked ones are no longer outstanding at the broker).
-    fn take_ackable(&mut self) -> Option<u64> {
-        let mut highest = None;
-        while let Some(entry) = self.pending.first_entry() {
-            match *entry.get() {
-                None => break,
-                Some(ack) => {
-                    if ack {
-                        highest = Some(*entry.key());
-                    }
-                    entry.remove();
-                }
-            }
-        }
-        highest
-    }
-}
-
 /// The broker-neutral view of a delivery.
 fn envelope(delivery: &Delivery) -> Envelope {
     let p = &delivery.properties;
@@ -464,36 +443,4 @@ fn header_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::Timestamp(n) => n.to_string(),
         _ => return None,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ack_tracker_acks_only_the_settled_prefix() {
-        let mut t = AckTracker::default();
-        for tag in 1..=5 {
-            t.received(tag);
-        }
-        t.settle(2, true);
-        assert_eq!(t.take_ackable(), None, "tag 1 is not settled yet");
-        t.settle(1, true);
-        t.settle(3, false);
-        assert_eq!(t.take_ackable(), Some(2), "3 was nacked: ack up to 2");
-        t.settle(5, true);
-        assert_eq!(t.take_ackable(), None, "4 is pending");
-        t.settle(4, false);
-        assert_eq!(t.take_ackable(), Some(5));
-        assert!(t.pending.is_empty());
-    }
-
-    #[test]
-    fn a_nacked_prefix_gives_nothing_to_ack() {
-        let mut t = AckTracker::default();
-        t.received(1);
-        t.settle(1, false);
-        assert_eq!(t.take_ackable(), None);
-        assert!(t.pending.is_empty());
-    }
 }

@@ -8,7 +8,8 @@
 //! - `idemq:{orders}:c:<width>:<window>:<shard>`: a hash of completed keys,
 //!   field = digest, value = fingerprint, bucketed by completion window and by
 //!   shard. A plain key with a TTL costs ~160 bytes in Redis; a hash field costs
-//!   a few dozen, which is what keeps a retained key under 100 bytes.
+//!   a few dozen, which is what keeps a retained key under 100 bytes. The field
+//!   is the digest past its first two bytes; the shard is its first 12 bits.
 //!
 //! `<digest>` is the first 16 bytes of SHA-256 of the idempotency key, so key
 //! size is fixed whatever the application sends. Every transition is one Lua
@@ -22,8 +23,10 @@ use sha2::{Digest, Sha256};
 
 use super::{Claim, KeyStore, StoreError, Token, Transition};
 
-/// Completed keys are spread over 2^16 hashes per window, so that each stays
-/// small enough for Redis's compact listpack encoding up to millions of keys.
+/// Completed keys are spread over 4096 hashes per window (the first 12 bits of
+/// the digest), so that each stays small enough for Redis's compact listpack
+/// encoding at millions of keys, while a moderate volume still shares hashes.
+const SHARD_BITS: u32 = 12;
 const SHARD_BYTES: usize = 2;
 /// Windows alive at once, roughly: a window is `retention / WINDOWS_PER_RETENTION`.
 const WINDOWS_PER_RETENTION: u32 = 4;
@@ -133,7 +136,7 @@ impl RedisStore {
         in_progress.extend_from_slice(self.prefix.as_bytes());
         in_progress.extend_from_slice(b"p:");
         in_progress.extend_from_slice(digest);
-        let shard = u16::from_be_bytes([digest[0], digest[1]]).to_string();
+        let shard = (u16::from_be_bytes([digest[0], digest[1]]) >> (16 - SHARD_BITS)).to_string();
         Digest16 {
             in_progress,
             shard,

@@ -1,0 +1,783 @@
+//! The pipeline benchmark: what deduplication costs next to what users would
+//! do without idemq, on the same messages, in one run.
+//!
+//! Scenarios, each on its own fresh queue:
+//! - `raw`: a lapin consumer → HTTP POST → ack, no dedup, with idemq's prefetch,
+//!   concurrency and batched `multiple` acks (the honest baseline);
+//! - `idemq`: the sidecar binary with the Redis store;
+//! - `naive`: the tutorial consumer: prefetch 1, `SET key 1 NX EX`, POST, ack;
+//! - `idemq-memory`: the sidecar binary with the in-memory store.
+//!
+//! Throughput is measured draining a backlog (all messages published first).
+//! Latency is measured separately on a paced stream (a fixed publish rate well
+//! below capacity), since on a backlog it would only measure queueing.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use idemq_sidecar::source::acks::AckTracker;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const REDIS: &str = "redis://127.0.0.1:6379";
+const SENT_HEADER: &str = "x-bench-sent-us";
+
+#[derive(clap::Args, Clone)]
+pub struct Args {
+    /// Messages in the backlog (throughput) phase.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Prefetch (and delivery concurrency) of raw and idemq.
+    #[arg(long, default_value_t = 200)]
+    pub prefetch: u16,
+    #[arg(long, default_value_t = 256)]
+    pub body_bytes: usize,
+    /// Share of messages that repeat an earlier message_id.
+    #[arg(long, default_value_t = 0.2)]
+    pub dup_ratio: f64,
+    /// The naive consumer runs at most this many messages (it is slow).
+    #[arg(long, default_value_t = 10_000)]
+    pub naive_messages: usize,
+    /// Publish rate of the latency phase, messages per second.
+    #[arg(long, default_value_t = 2_000)]
+    pub paced_rate: u64,
+    /// Duration of the latency phase per scenario, seconds.
+    #[arg(long, default_value_t = 5)]
+    pub paced_seconds: u64,
+    /// Scenarios to run, comma-separated.
+    #[arg(
+        long,
+        default_value = "raw,idemq,naive,idemq-memory",
+        value_delimiter = ','
+    )]
+    pub scenarios: Vec<String>,
+    /// The sidecar binary (default: next to this one).
+    #[arg(long)]
+    pub sidecar_bin: Option<PathBuf>,
+}
+
+/// What a scenario measured.
+#[derive(Default, Clone)]
+struct Figures {
+    consumed: usize,
+    delivered: usize,
+    duplicates: usize,
+    elapsed: Duration,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    rss_kib: Option<u64>,
+    cpu_s_per_100k: Option<f64>,
+    redis_bytes_per_key: Option<f64>,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        self.consumed as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let mut results: Vec<(String, Figures)> = Vec::new();
+    for scenario in &args.scenarios {
+        let n = if scenario == "naive" {
+            args.naive_messages.min(args.messages)
+        } else {
+            args.messages
+        };
+        eprintln!("== {scenario}: {n} messages");
+        let figures = scenario_run(&args, &app, scenario, n, &run_id)
+            .await
+            .with_context(|| format!("scenario {scenario}"))?;
+        results.push((scenario.clone(), figures));
+    }
+    print_table(&args, &results);
+    Ok(())
+}
+
+/// The ids of `n` messages of which `dup_ratio` repeat an earlier id.
+fn message_ids(n: usize, dup_ratio: f64) -> Vec<String> {
+    let every = if dup_ratio > 0.0 {
+        (1.0 / dup_ratio).round() as usize
+    } else {
+        usize::MAX
+    };
+    let mut distinct = 0;
+    (0..n)
+        .map(|i| {
+            if every != usize::MAX && i % every == every - 1 && distinct > 0 {
+                // A duplicate of an earlier message, spread over all of them
+                // (a producer retry or a redelivery, from just now to long ago).
+                format!("m-{}", (i * 7919) % distinct)
+            } else {
+                distinct += 1;
+                format!("m-{}", distinct - 1)
+            }
+        })
+        .collect()
+}
+
+async fn scenario_run(
+    args: &Args,
+    app: &App,
+    scenario: &str,
+    n: usize,
+    run_id: &str,
+) -> anyhow::Result<Figures> {
+    let broker = Broker::connect().await?;
+    let queue = format!("bench-{run_id}-{scenario}");
+    let dlx = format!("{queue}.dlx");
+    broker.declare(&queue, &dlx).await?;
+    let ids = message_ids(n, args.dup_ratio);
+    let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
+    let body = vec![b'x'; args.body_bytes];
+
+    // Throughput: drain a backlog.
+    broker.publish_all(&queue, &ids, &body, None).await?;
+    app.reset();
+    let mut redis_admin = crate::claims::connection(REDIS).await?;
+    let memory_before = used_memory(&mut redis_admin).await?;
+    let consumer = Consumer::start(args, scenario, &queue, &dlx, app, run_id)?;
+    let expected_app = if scenario == "raw" { n } else { distinct };
+    wait(Duration::from_secs(600), || app.count() >= expected_app).await?;
+    broker.wait_empty(&queue).await?;
+    // From the first delivery: a consumer's start-up is not its throughput.
+    let elapsed = app.since_first();
+    let mut figures = Figures {
+        consumed: n,
+        delivered: app.count(),
+        duplicates: n - app.count(),
+        elapsed,
+        ..Default::default()
+    };
+    if scenario == "idemq" {
+        let memory_after = used_memory(&mut redis_admin).await?;
+        figures.redis_bytes_per_key =
+            Some(memory_after.saturating_sub(memory_before) as f64 / distinct as f64);
+    }
+    if let Consumer::Sidecar(child) = &consumer {
+        let (rss, cpu) = process_usage(child.id())?;
+        figures.rss_kib = Some(rss);
+        figures.cpu_s_per_100k = Some(cpu / n as f64 * 100_000.0);
+    }
+    if scenario != "raw" && app.max_per_key() > 1 {
+        bail!("{scenario} delivered a message twice: exactly-once broken");
+    }
+
+    // Latency: a paced stream while the same consumer runs.
+    {
+        app.reset();
+        let paced = (args.paced_rate * args.paced_seconds) as usize;
+        let paced_ids: Vec<String> = message_ids(paced, args.dup_ratio)
+            .into_iter()
+            .map(|id| format!("p{id}"))
+            .collect();
+        broker
+            .publish_all(&queue, &paced_ids, &body, Some(args.paced_rate))
+            .await?;
+        let paced_distinct = paced_ids
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        let expected = if scenario == "raw" {
+            paced
+        } else {
+            paced_distinct
+        };
+        wait(Duration::from_secs(120), || app.count() >= expected).await?;
+        let h = app.latencies();
+        figures.p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0;
+        figures.p99_ms = h.value_at_quantile(0.99) as f64 / 1000.0;
+        figures.p999_ms = h.value_at_quantile(0.999) as f64 / 1000.0;
+    }
+    consumer.stop().await;
+    broker.delete(&queue, &dlx).await;
+    crate::claims::delete_prefix(
+        &mut redis_admin,
+        &format!("idemq:{{bench-{run_id}-{scenario}}}:"),
+    )
+    .await?;
+    crate::claims::delete_prefix(&mut redis_admin, &format!("naive:{run_id}:")).await?;
+    Ok(figures)
+}
+
+fn print_table(args: &Args, results: &[(String, Figures)]) {
+    println!();
+    println!(
+        "idemq pipeline benchmark: {} messages ({}% duplicates by message_id, {}-byte bodies), prefetch {}",
+        args.messages,
+        (args.dup_ratio * 100.0).round(),
+        args.body_bytes,
+        args.prefetch
+    );
+    println!("throughput drains a backlog; latency is end to end (publish → app) on a paced stream of {} msg/s", args.paced_rate);
+    println!(
+        "{:<14} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>9} {:>10} {:>12}",
+        "scenario",
+        "messages",
+        "msg/s",
+        "delivered",
+        "duplicates",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "RSS MiB",
+        "CPU s/100k"
+    );
+    for (name, f) in results {
+        println!(
+            "{:<14} {:>9} {:>10.0} {:>10} {:>11} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>12}",
+            name,
+            f.consumed,
+            f.rate(),
+            f.delivered,
+            f.duplicates,
+            f.p50_ms,
+            f.p99_ms,
+            f.p999_ms,
+            f.rss_kib
+                .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                .unwrap_or_else(|| "-".into()),
+            f.cpu_s_per_100k
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    let get = |name: &str| results.iter().find(|(n, _)| n == name).map(|(_, f)| f);
+    if let Some(idemq) = get("idemq") {
+        if let Some(b) = idemq.redis_bytes_per_key {
+            println!("redis bytes per retained key (idemq): {b:.1}");
+        }
+        if let Some(naive) = get("naive") {
+            println!(
+                "ratio idemq/naive throughput: {:.2}",
+                idemq.rate() / naive.rate()
+            );
+        }
+        if let Some(mem) = get("idemq-memory") {
+            println!(
+                "ratio idemq/idemq-memory throughput: {:.2}",
+                idemq.rate() / mem.rate()
+            );
+        }
+        if let Some(raw) = get("raw") {
+            println!(
+                "added p99 latency idemq vs raw: {:.2} ms",
+                idemq.p99_ms - raw.p99_ms
+            );
+            println!(
+                "ratio idemq/raw throughput: {:.2}",
+                idemq.rate() / raw.rate()
+            );
+        }
+    }
+}
+
+async fn wait(timeout: Duration, done: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO memory has no used_memory")
+}
+
+/// Peak RSS (KiB) and CPU seconds of a process, from /proc.
+fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok((rss, ticks as f64 / 100.0))
+}
+
+/// The application: answers 200 and records end-to-end latency and counts.
+#[derive(Clone)]
+struct App {
+    addr: std::net::SocketAddr,
+    state: Arc<AppState>,
+}
+
+struct AppState {
+    count: AtomicU64,
+    /// When the first delivery of the current phase arrived (µs since the epoch).
+    first_us: AtomicU64,
+    per_key: Mutex<HashMap<String, u32>>,
+    latencies: Mutex<Histogram<u64>>,
+}
+
+impl App {
+    async fn start() -> anyhow::Result<Self> {
+        use axum::http::HeaderMap;
+        let state = Arc::new(AppState {
+            count: AtomicU64::new(0),
+            first_us: AtomicU64::new(0),
+            per_key: Mutex::new(HashMap::new()),
+            latencies: Mutex::new(Histogram::new(3)?),
+        });
+        let s = state.clone();
+        let router = axum::Router::new().route(
+            "/messages",
+            axum::routing::post(move |headers: HeaderMap| {
+                let s = s.clone();
+                async move {
+                    let now = now_us();
+                    if let Some(sent) = headers
+                        .get(SENT_HEADER)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    {
+                        let _ = s
+                            .latencies
+                            .lock()
+                            .expect("lock")
+                            .record(now.saturating_sub(sent).max(1));
+                    }
+                    if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+                    {
+                        *s.per_key
+                            .lock()
+                            .expect("lock")
+                            .entry(key.to_string())
+                            .or_default() += 1;
+                    }
+                    let _ =
+                        s.first_us
+                            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                    s.count.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Ok(Self { addr, state })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/messages", self.addr)
+    }
+
+    fn reset(&self) {
+        self.state.count.store(0, Ordering::Relaxed);
+        self.state.first_us.store(0, Ordering::Relaxed);
+        self.state.per_key.lock().expect("lock").clear();
+        self.state.latencies.lock().expect("lock").reset();
+    }
+
+    /// Time since the first delivery of this phase.
+    fn since_first(&self) -> Duration {
+        Duration::from_micros(now_us().saturating_sub(self.state.first_us.load(Ordering::Relaxed)))
+    }
+
+    fn count(&self) -> usize {
+        self.state.count.load(Ordering::Relaxed) as usize
+    }
+
+    fn max_per_key(&self) -> u32 {
+        self.state
+            .per_key
+            .lock()
+            .expect("lock")
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn latencies(&self) -> Histogram<u64> {
+        self.state.latencies.lock().expect("lock").clone()
+    }
+}
+
+struct Broker {
+    channel: Channel,
+    _conn: Connection,
+}
+
+impl Broker {
+    async fn connect() -> anyhow::Result<Self> {
+        let conn = Connection::connect(AMQP, ConnectionProperties::default())
+            .await
+            .context("RabbitMQ on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            _conn: conn,
+        })
+    }
+
+    async fn declare(&self, queue: &str, dlx: &str) -> anyhow::Result<()> {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.channel
+            .exchange_declare(
+                dlx.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes every id, confirmed; at `rate` messages per second when given.
+    async fn publish_all(
+        &self,
+        queue: &str,
+        ids: &[String],
+        body: &[u8],
+        rate: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut confirms = Vec::with_capacity(1000);
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(rate) = rate {
+                let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let mut headers = FieldTable::default();
+            headers.insert(
+                SENT_HEADER.into(),
+                AMQPValue::LongString(LongString::from(now_us().to_string())),
+            );
+            let properties = BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_headers(headers);
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        properties,
+                    )
+                    .await?,
+            );
+            if confirms.len() >= 1000 {
+                for c in confirms.drain(..) {
+                    c.await?;
+                }
+            }
+        }
+        for c in confirms {
+            c.await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_empty(&self, queue: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let q = self
+                .channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            if q.message_count() == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("queue {queue} still has {} messages", q.message_count());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn delete(&self, queue: &str, dlx: &str) {
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .channel
+            .exchange_delete(dlx.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+/// A running consumer of one scenario.
+enum Consumer {
+    InProcess(
+        tokio::task::JoinHandle<()>,
+        tokio_util::sync::CancellationToken,
+    ),
+    Sidecar(Child),
+}
+
+impl Consumer {
+    fn start(
+        args: &Args,
+        scenario: &str,
+        queue: &str,
+        dlx: &str,
+        app: &App,
+        run_id: &str,
+    ) -> anyhow::Result<Self> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        Ok(match scenario {
+            "raw" => Self::InProcess(
+                tokio::spawn(raw(
+                    queue.to_string(),
+                    args.prefetch,
+                    app.url(),
+                    stop.clone(),
+                )),
+                stop,
+            ),
+            "naive" => Self::InProcess(
+                tokio::spawn(naive(
+                    queue.to_string(),
+                    app.url(),
+                    format!("naive:{run_id}:"),
+                    stop.clone(),
+                )),
+                stop,
+            ),
+            "idemq" | "idemq-memory" => {
+                Self::Sidecar(sidecar(args, scenario, queue, dlx, app, run_id)?)
+            }
+            other => bail!("unknown scenario {other}"),
+        })
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::InProcess(task, stop) => {
+                stop.cancel();
+                let _ = task.await;
+            }
+            Self::Sidecar(mut child) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn sidecar(
+    args: &Args,
+    scenario: &str,
+    queue: &str,
+    dlx: &str,
+    app: &App,
+    run_id: &str,
+) -> anyhow::Result<Child> {
+    let bin = match &args.sidecar_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("idemq-sidecar"),
+    };
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it with `cargo build --release -p idemq-sidecar`",
+        bin.display()
+    );
+    let store = if scenario == "idemq" {
+        "redis"
+    } else {
+        "memory"
+    };
+    let config = format!(
+        "consumer: bench-{run_id}-{scenario}\nstore:\n  kind: {store}\nbroker:\n  rabbitmq:\n    queue: {queue}\n    prefetch: {}\n    deadLetterExchange: {dlx}\ndelivery:\n  url: {}\nadmin:\n  listen: 127.0.0.1:0\n",
+        args.prefetch,
+        app.url()
+    );
+    let path = std::env::temp_dir().join(format!("idemq-bench-{run_id}-{scenario}.yaml"));
+    std::fs::write(&path, config)?;
+    Ok(Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .env("IDEMQ_BROKER_URL", AMQP)
+        .env("IDEMQ_REDIS_URL", REDIS)
+        .env(
+            "IDEMQ_LOG",
+            std::env::var("IDEMQ_BENCH_SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stderr(Stdio::inherit())
+        .spawn()?)
+}
+
+/// HTTP headers the app needs from a delivery.
+fn sent_header(delivery: &lapin::message::Delivery) -> Option<String> {
+    match delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(SENT_HEADER)?
+    {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// The raw baseline: idemq's prefetch, concurrency and batched acks, no dedup.
+async fn raw(queue: String, prefetch: u16, url: String, stop: tokio_util::sync::CancellationToken) {
+    let result: anyhow::Result<()> = async {
+        let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(queue.as_str().into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        let http = reqwest::Client::new();
+        let tracker = Arc::new(Mutex::new(AckTracker::default()));
+        let settled = Arc::new(tokio::sync::Notify::new());
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = settled.notified() => {
+                    // The same ack strategy as idemq's source.
+                    let acks = tracker.lock().expect("lock").take(Instant::now(), Duration::from_millis(20));
+                    if let Some(tag) = acks.multiple {
+                        channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+                    }
+                    for tag in acks.single {
+                        channel.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
+                    }
+                }
+                next = consumer.next() => {
+                    let Some(delivery) = next else { break };
+                    let delivery = delivery?;
+                    tracker.lock().expect("lock").received(delivery.delivery_tag, Instant::now());
+                    let (http, url, tracker, settled) = (http.clone(), url.clone(), tracker.clone(), settled.clone());
+                    tokio::spawn(async move {
+                        let mut request = http.post(&url).body(delivery.data.clone());
+                        if let Some(sent) = sent_header(&delivery) {
+                            request = request.header(SENT_HEADER, sent);
+                        }
+                        let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
+                        tracker.lock().expect("lock").settle(delivery.delivery_tag, ok);
+                        settled.notify_one();
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("raw consumer failed: {e:#}");
+    }
+}
+
+/// The tutorial consumer: one message at a time, SET NX EX, POST, ack.
+async fn naive(
+    queue: String,
+    url: String,
+    prefix: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let result: anyhow::Result<()> = async {
+        let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel.basic_qos(1, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "naive".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut redis = crate::claims::connection(REDIS).await?;
+        let http = reqwest::Client::new();
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            let Some(delivery) = next else { break };
+            let delivery = delivery?;
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default();
+            let fresh: Option<String> = redis::cmd("SET")
+                .arg(format!("{prefix}{id}"))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(86400)
+                .query_async(&mut redis)
+                .await?;
+            if fresh.is_some() {
+                let mut request = http
+                    .post(&url)
+                    .header("idempotency-key", &id)
+                    .body(delivery.data.clone());
+                if let Some(sent) = sent_header(&delivery) {
+                    request = request.header(SENT_HEADER, sent);
+                }
+                request.send().await?;
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("naive consumer failed: {e:#}");
+    }
+}
