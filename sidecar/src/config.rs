@@ -30,7 +30,8 @@ impl SecretEnv {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
-    /// Name of the consumer; it scopes keys in the store and labels metrics.
+    /// Name of the consumer; it scopes keys in the store. The operator uses
+    /// `<namespace>.<resource name>`, unique in a cluster.
     pub consumer: String,
     /// How the application receives messages.
     #[serde(default)]
@@ -368,9 +369,9 @@ impl Config {
             }
         };
         check(
-            is_dns_label(&self.consumer),
+            self.consumer.len() <= 253 && self.consumer.split('.').all(is_dns_label),
             "consumer",
-            "must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit",
+            "must be a DNS subdomain: lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit",
         );
         check(
             !self.store.timeout.is_zero(),

@@ -1,0 +1,305 @@
+//! The `IdempotentConsumer` custom resource: one dedup policy for one workload.
+//!
+//! The schema carries the validation the API server can do by itself (required
+//! fields, enums, patterns, minimums, and CEL rules where a rule spans fields),
+//! so that most bad input is refused at `kubectl apply` time.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Durations as Go and Kubernetes write them (`500ms`, `30s`, `24h`, `1h30m`),
+/// so CEL's `duration()` can compare them.
+const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
+
+// Each printcolumn repeats `type_`, which clippy mistakes for a duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "idemq.dev",
+    version = "v1alpha1",
+    kind = "IdempotentConsumer",
+    namespaced,
+    shortname = "ic",
+    status = "IdempotentConsumerStatus",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.target.name"),
+    printcolumn(
+        name = "Queue",
+        type_ = "string",
+        json_path = ".spec.broker.rabbitmq.queue"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.retention) || !has(self.lease) || duration(self.retention) >= duration(self.lease)"
+).message("retention must be at least as long as lease"))]
+#[serde(rename_all = "camelCase")]
+pub struct IdempotentConsumerSpec {
+    /// The workload whose pods get the sidecar.
+    pub target: Target,
+    /// Where messages come from.
+    pub broker: Broker,
+    /// Where each message's idempotency key comes from.
+    #[serde(default)]
+    pub key: KeySpec,
+    /// Keep a payload fingerprint to detect a key reused for another body (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<bool>,
+    /// How long a completed key is remembered (default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub retention: Option<String>,
+    /// How long a claim is held before another delivery may take it (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub lease: Option<String>,
+    /// Deliveries before a message is dead-lettered (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: Option<u32>,
+    /// How the application receives messages.
+    pub delivery: Delivery,
+    /// The key store.
+    #[serde(default)]
+    pub store: StoreSpec,
+    /// Overrides for the injected sidecar.
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum TargetKind {
+    Deployment,
+    StatefulSet,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    pub kind: TargetKind,
+    /// Name of the workload, in the resource's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Broker {
+    pub rabbitmq: RabbitMqBinding,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitMqBinding {
+    /// Secret holding the AMQP URL (with credentials).
+    pub connection_secret_ref: SecretKeyRef,
+    /// The queue to consume; declared durable if absent.
+    #[schemars(length(min = 1, max = 255))]
+    pub queue: String,
+    /// An exchange to bind the queue to, with `routingKeys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routing_keys: Vec<String>,
+    /// Unacknowledged messages per sidecar, and so deliveries in flight (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub prefetch: Option<u16>,
+    /// Exchange for dead letters (default `idemq.dlx`), declared with a queue
+    /// `<queue>.dead` bound to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_exchange: Option<String>,
+    /// Delete the queues on deletion of this resource (default false: messages are kept).
+    #[serde(default)]
+    pub delete_on_cleanup: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's data (default `url`).
+    #[serde(default = "default_url_key")]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".to_string()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyFrom {
+    #[default]
+    MessageId,
+    Header,
+    JsonPointer,
+    BodyHash,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MissingKey {
+    #[default]
+    DeadLetter,
+    HashBody,
+    PassThrough,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.from != 'header' || has(self.name)").message("key.name is required when key.from is header"))]
+#[x_kube(validation = kube::core::Rule::new("self.from != 'jsonPointer' || has(self.pointer)").message("key.pointer is required when key.from is jsonPointer"))]
+pub struct KeySpec {
+    #[serde(default)]
+    pub from: KeyFrom,
+    /// Header name, with `from: header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// JSON pointer into the body, with `from: jsonPointer` (e.g. `/order/id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub pointer: Option<String>,
+    /// What happens to a message without a key.
+    #[serde(default)]
+    pub missing_key: MissingKey,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DeliveryMode {
+    /// The sidecar consumes the broker and POSTs each message to the app.
+    #[default]
+    Http,
+    /// The app consumes the broker itself and asks the sidecar's claim API.
+    Gate,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.mode != 'http' || has(self.port)").message("delivery.port is required in http mode"))]
+pub struct Delivery {
+    #[serde(default)]
+    pub mode: DeliveryMode,
+    /// The app's HTTP port (on 127.0.0.1 in the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// The app's path (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub path: Option<String>,
+    /// Timeout per delivery (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub timeout: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreMode {
+    /// The operator runs a Redis for this consumer.
+    #[default]
+    Managed,
+    /// A Redis of yours, its URL in a Secret.
+    External,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Unavailable {
+    #[default]
+    FailClosed,
+    PassThrough,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.mode != 'external' || has(self.external)").message("store.external is required when store.mode is external"))]
+pub struct StoreSpec {
+    #[serde(default)]
+    pub mode: StoreMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalStore>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedStore>,
+    /// What the sidecar does while the store does not answer.
+    #[serde(default)]
+    pub unavailable: Unavailable,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalStore {
+    /// Secret holding the Redis URL (`redis://` or `rediss://`, with its password).
+    pub secret_ref: SecretKeyRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedStore {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Log filter of the sidecar (default `info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(error|warn|info|debug|trace)$"))]
+    pub log_level: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdempotentConsumerStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// StoreReady, BrokerBound, SidecarInjected and Ready.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Hash of the sidecar configuration now injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+}
+
+/// Condition types and reasons, as they appear in status and Events.
+pub mod conditions {
+    pub const STORE_READY: &str = "StoreReady";
+    pub const BROKER_BOUND: &str = "BrokerBound";
+    pub const SIDECAR_INJECTED: &str = "SidecarInjected";
+    pub const READY: &str = "Ready";
+
+    pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const INJECTED: &str = "Injected";
+    pub const BOUND: &str = "Bound";
+    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
+    pub const QUEUE_MISMATCH: &str = "QueueArgumentsMismatch";
+    pub const REDIS_READY: &str = "RedisReady";
+    pub const REDIS_NOT_READY: &str = "RedisNotReady";
+    pub const EXTERNAL_SECRET_FOUND: &str = "ExternalSecretFound";
+    pub const ALL_READY: &str = "AllReady";
+    pub const NOT_READY: &str = "NotReady";
+}

@@ -1,0 +1,66 @@
+//! Every name, label and annotation the operator writes, in one place.
+
+use std::collections::BTreeMap;
+
+use crate::crd::IdempotentConsumer;
+use kube::ResourceExt;
+
+/// The field manager of every server-side apply, and the managed-by label.
+pub const MANAGER: &str = "idemq-operator";
+pub const FINALIZER: &str = "idemq.dev/cleanup";
+/// Pod-template annotation: changes with the sidecar config, so pods roll.
+pub const CONFIG_HASH: &str = "idemq.dev/config-hash";
+pub const CONSUMER_LABEL: &str = "idemq.dev/consumer";
+pub const SIDECAR_CONTAINER: &str = "idemq-sidecar";
+pub const CONFIG_VOLUME: &str = "idemq-config";
+pub const CONFIG_KEY: &str = "sidecar.yaml";
+pub const CONFIG_MOUNT: &str = "/etc/idemq";
+pub const REDIS_PASSWORD_KEY: &str = "password";
+pub const ADMIN_PORT: u16 = 9090;
+pub const GATE_PORT: u16 = 7071;
+pub const REDIS_PORT: u16 = 6379;
+pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/idemq/idemq-sidecar:0.1.0";
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.2-alpine";
+
+/// The sidecar's consumer name: unique in the cluster, so consumers sharing an
+/// external Redis never share keys.
+pub fn consumer(ic: &IdempotentConsumer) -> String {
+    format!("{}.{}", ic.namespace().unwrap_or_default(), ic.name_any())
+}
+
+pub fn config_map(ic: &IdempotentConsumer) -> String {
+    format!("{}-idemq", ic.name_any())
+}
+
+/// Name of the managed Redis Deployment, Service and password Secret.
+pub fn redis(ic: &IdempotentConsumer) -> String {
+    format!("{}-idemq-redis", ic.name_any())
+}
+
+/// Labels of every object owned by `ic`.
+pub fn owned(ic: &IdempotentConsumer, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "idemq".to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            component.to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+        (CONSUMER_LABEL.to_string(), ic.name_any()),
+    ])
+}
+
+/// Labels that select the managed Redis pods.
+pub fn redis_selector(ic: &IdempotentConsumer) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "idemq".to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "redis".to_string(),
+        ),
+        (CONSUMER_LABEL.to_string(), ic.name_any()),
+    ])
+}

@@ -1,0 +1,13 @@
+//! idemq operator: reconciles `IdempotentConsumer` resources.
+//!
+//! Module map:
+//! - [`crd`]: the resource's types and schema.
+//! - [`labels`]: every name, label and annotation the operator writes.
+//! - [`render`]: pure functions from a resource to the objects it implies
+//!   (the sidecar's config, the pod-template patch, the managed Redis).
+//! - [`inject`]: the offline `inject` command, on the same rendering code.
+
+pub mod crd;
+pub mod inject;
+pub mod labels;
+pub mod render;

@@ -1,0 +1,58 @@
+//! Pure functions from an `IdempotentConsumer` (and plain inputs) to the
+//! objects it implies. No client here: rendering is unit-tested without any API
+//! server, and the controller and `inject` share it.
+
+pub mod config;
+pub mod redis;
+pub mod sidecar;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use crate::crd::IdempotentConsumer;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("spec.{field}: {value:?} is not a duration (use e.g. 500ms, 30s, 24h)")]
+    Duration { field: &'static str, value: String },
+    #[error("the sidecar configuration is invalid: {0}")]
+    Config(String),
+    #[error("the resource has no {0}; it must come from the API server")]
+    Metadata(&'static str),
+}
+
+/// Metadata of an object owned by `ic`: its namespace, labels and a
+/// controller owner reference, so deleting `ic` garbage-collects it.
+pub fn owned_meta(
+    ic: &IdempotentConsumer,
+    name: String,
+    component: &str,
+) -> Result<ObjectMeta, RenderError> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: ic.namespace(),
+        labels: Some(crate::labels::owned(ic, component)),
+        owner_references: Some(vec![owner(ic)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+fn owner(ic: &IdempotentConsumer) -> Result<OwnerReference, RenderError> {
+    ic.controller_owner_ref(&())
+        .ok_or(RenderError::Metadata("uid"))
+}
+
+/// Test resources: the sample policy as the API server would return it.
+#[cfg(test)]
+pub(crate) mod sample {
+    use crate::crd::IdempotentConsumer;
+
+    pub fn policy() -> IdempotentConsumer {
+        let mut ic: IdempotentConsumer =
+            serde_yaml::from_str(include_str!("../../tests/data/policy.yaml"))
+                .expect("sample policy");
+        ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".to_string());
+        ic.metadata.generation = Some(1);
+        ic
+    }
+}

@@ -1,0 +1,344 @@
+//! The sidecar as injected into the target's pod template.
+//!
+//! The patch holds only the fields idemq owns (one init container, one volume,
+//! one annotation), for server-side apply under the `idemq-operator` field
+//! manager: the application's own fields stay the application owner's, and
+//! applying an empty patch later withdraws exactly what idemq added. Lists
+//! merge by `name`, so the app's containers and volumes are untouched.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use serde_json::{json, Value};
+
+use idemq_sidecar::config::SecretEnv;
+
+use crate::crd::{DeliveryMode, IdempotentConsumer, StoreMode, TargetKind};
+use crate::labels;
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("idemq-admin".to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// Non-root, read-only, no privilege, no capabilities.
+pub fn restricted_security_context(user: i64) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(user),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("50m".to_string())),
+            ("memory".to_string(), Quantity("32Mi".to_string())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("128Mi".to_string()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The sidecar container: a native sidecar (an init container that keeps
+/// running), so it starts before the app and stops after it.
+pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
+    let spec = &ic.spec;
+    let mut env = vec![
+        plain_env(
+            "IDEMQ_CONFIG",
+            &format!("{}/{}", labels::CONFIG_MOUNT, labels::CONFIG_KEY),
+        ),
+        plain_env(
+            "IDEMQ_LOG",
+            spec.sidecar.log_level.as_deref().unwrap_or("info"),
+        ),
+    ];
+    match spec.store.mode {
+        StoreMode::Managed => {
+            let redis = labels::redis(ic);
+            env.push(plain_env(
+                SecretEnv::REDIS_URL,
+                &format!("redis://{redis}:{}", labels::REDIS_PORT),
+            ));
+            env.push(secret_env(
+                SecretEnv::REDIS_PASSWORD,
+                &redis,
+                labels::REDIS_PASSWORD_KEY,
+            ));
+        }
+        StoreMode::External => {
+            if let Some(external) = &spec.store.external {
+                env.push(secret_env(
+                    SecretEnv::REDIS_URL,
+                    &external.secret_ref.name,
+                    &external.secret_ref.key,
+                ));
+            }
+        }
+    }
+    let mut ports = vec![ContainerPort {
+        name: Some("idemq-admin".to_string()),
+        container_port: i32::from(labels::ADMIN_PORT),
+        ..ContainerPort::default()
+    }];
+    if spec.delivery.mode == DeliveryMode::Http {
+        let broker = &spec.broker.rabbitmq.connection_secret_ref;
+        env.push(secret_env(SecretEnv::BROKER_URL, &broker.name, &broker.key));
+    } else {
+        ports.push(ContainerPort {
+            name: Some("idemq-gate".to_string()),
+            container_port: i32::from(labels::GATE_PORT),
+            ..ContainerPort::default()
+        });
+    }
+    Container {
+        name: labels::SIDECAR_CONTAINER.to_string(),
+        image: Some(
+            spec.sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| default_image.to_string()),
+        ),
+        restart_policy: Some("Always".to_string()),
+        env: Some(env),
+        ports: Some(ports),
+        readiness_probe: Some(probe("/readyz")),
+        liveness_probe: Some(probe("/healthz")),
+        resources: Some(
+            spec.sidecar
+                .resources
+                .clone()
+                .unwrap_or_else(default_resources),
+        ),
+        security_context: Some(restricted_security_context(65532)),
+        volume_mounts: Some(vec![VolumeMount {
+            name: labels::CONFIG_VOLUME.to_string(),
+            mount_path: labels::CONFIG_MOUNT.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    }
+}
+
+pub fn config_volume(ic: &IdempotentConsumer) -> Volume {
+    Volume {
+        name: labels::CONFIG_VOLUME.to_string(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: labels::config_map(ic),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn api_version_kind(kind: &TargetKind) -> (&'static str, &'static str) {
+    match kind {
+        TargetKind::Deployment => ("apps/v1", "Deployment"),
+        TargetKind::StatefulSet => ("apps/v1", "StatefulSet"),
+    }
+}
+
+/// The server-side-apply patch that injects the sidecar into the target.
+pub fn workload_patch(ic: &IdempotentConsumer, config_hash: &str, default_image: &str) -> Value {
+    let (api_version, kind) = api_version_kind(&ic.spec.target.kind);
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": { "name": ic.spec.target.name, "namespace": ic.namespace() },
+        "spec": { "template": {
+            "metadata": { "annotations": { labels::CONFIG_HASH: config_hash } },
+            "spec": {
+                "initContainers": [container(ic, default_image)],
+                "volumes": [config_volume(ic)],
+            }
+        }}
+    })
+}
+
+/// The patch that withdraws everything idemq added: applying it under the
+/// same field manager releases idemq's fields, and the API server removes
+/// those nobody else owns.
+pub fn withdrawal_patch(ic: &IdempotentConsumer) -> Value {
+    let (api_version, kind) = api_version_kind(&ic.spec.target.kind);
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": { "name": ic.spec.target.name, "namespace": ic.namespace() },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ExternalStore, SecretKeyRef};
+    use crate::render::sample;
+
+    fn env_of(c: &Container, name: &str) -> EnvVar {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no env {name}"))
+    }
+
+    #[test]
+    fn sidecar_is_native_probed_and_locked_down() {
+        let c = container(&sample::policy(), "img:1");
+        assert_eq!(c.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        let ready = c
+            .readiness_probe
+            .and_then(|p| p.http_get)
+            .expect("readiness");
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(
+            c.liveness_probe
+                .and_then(|p| p.http_get)
+                .and_then(|h| h.path)
+                .as_deref(),
+            Some("/healthz")
+        );
+        let sc = c.security_context.expect("security context");
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.map(|s| s.type_).as_deref(),
+            Some("RuntimeDefault")
+        );
+    }
+
+    #[test]
+    fn secrets_reach_the_sidecar_only_as_secret_references() {
+        let mut ic = sample::policy();
+        let c = container(&ic, "img");
+        let broker = env_of(&c, "IDEMQ_BROKER_URL")
+            .value_from
+            .and_then(|v| v.secret_key_ref)
+            .expect("secret ref");
+        assert_eq!(
+            (broker.name.as_str(), broker.key.as_str()),
+            ("rabbitmq-orders", "url")
+        );
+        let password = env_of(&c, "IDEMQ_REDIS_PASSWORD")
+            .value_from
+            .and_then(|v| v.secret_key_ref)
+            .expect("ref");
+        assert_eq!(password.name, "orders-idemq-redis");
+        assert_eq!(
+            env_of(&c, "IDEMQ_REDIS_URL").value.as_deref(),
+            Some("redis://orders-idemq-redis:6379")
+        );
+
+        ic.spec.store.mode = StoreMode::External;
+        ic.spec.store.external = Some(ExternalStore {
+            secret_ref: SecretKeyRef {
+                name: "shared-redis".into(),
+                key: "uri".into(),
+            },
+        });
+        let c = container(&ic, "img");
+        let url = env_of(&c, "IDEMQ_REDIS_URL")
+            .value_from
+            .and_then(|v| v.secret_key_ref)
+            .expect("ref");
+        assert_eq!(
+            (url.name.as_str(), url.key.as_str()),
+            ("shared-redis", "uri")
+        );
+        assert!(c
+            .env
+            .iter()
+            .flatten()
+            .all(|e| e.name != "IDEMQ_REDIS_PASSWORD"));
+    }
+
+    #[test]
+    fn gate_mode_exposes_the_claim_port_and_needs_no_broker_secret() {
+        let mut ic = sample::policy();
+        ic.spec.delivery.mode = DeliveryMode::Gate;
+        let c = container(&ic, "img");
+        assert!(c.env.iter().flatten().all(|e| e.name != "IDEMQ_BROKER_URL"));
+        assert!(c.ports.iter().flatten().any(|p| p.container_port == 7071));
+    }
+
+    #[test]
+    fn patch_holds_only_idemqs_fields() {
+        let patch = workload_patch(&sample::policy(), "abc", "img");
+        assert_eq!(patch["kind"], "Deployment");
+        assert_eq!(patch["metadata"]["name"], "orders-worker");
+        assert_eq!(
+            patch["spec"]["template"]["metadata"]["annotations"]["idemq.dev/config-hash"],
+            "abc"
+        );
+        let pod = &patch["spec"]["template"]["spec"];
+        assert_eq!(
+            pod.as_object().map(|o| o.len()),
+            Some(2),
+            "initContainers and volumes only"
+        );
+        assert_eq!(pod["initContainers"][0]["name"], "idemq-sidecar");
+        assert_eq!(pod["volumes"][0]["configMap"]["name"], "orders-idemq");
+        assert!(
+            patch["spec"].get("replicas").is_none(),
+            "the app owner keeps replicas"
+        );
+        assert_eq!(withdrawal_patch(&sample::policy()).get("spec"), None);
+    }
+}

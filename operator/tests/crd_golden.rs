@@ -1,0 +1,52 @@
+//! The committed CRD YAML is exactly what the Rust types generate.
+
+use idemq_operator::crd::IdempotentConsumer;
+use kube::CustomResourceExt;
+
+#[test]
+fn committed_crd_matches_the_types() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/idempotentconsumers.idemq.dev.yaml"
+    );
+    let committed = std::fs::read_to_string(path).expect("crds/ holds the CRD");
+    let generated = serde_yaml::to_string(&IdempotentConsumer::crd()).expect("serialize");
+    assert!(
+        committed == generated,
+        "crds/idempotentconsumers.idemq.dev.yaml is stale; regenerate it with:\n  \
+         cargo run -p idemq-operator -- crd > crds/idempotentconsumers.idemq.dev.yaml"
+    );
+}
+
+#[test]
+fn crd_has_the_names_columns_and_status_users_rely_on() {
+    let crd = IdempotentConsumer::crd();
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("idempotentconsumers.idemq.dev")
+    );
+    assert_eq!(crd.spec.scope, "Namespaced");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["ic".to_string()]));
+    let version = &crd.spec.versions[0];
+    assert_eq!(version.name, "v1alpha1");
+    assert!(version
+        .subresources
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .is_some());
+    let columns: Vec<_> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(columns, ["Target", "Queue", "Ready", "Age"]);
+    let schema = serde_json::to_string(&version.schema).expect("schema");
+    for rule in [
+        "self.mode != 'external' || has(self.external)",
+        "self.mode != 'http' || has(self.port)",
+        "duration(self.retention) >= duration(self.lease)",
+    ] {
+        assert!(schema.contains(rule), "missing CEL rule {rule}");
+    }
+}
