@@ -7,7 +7,11 @@
 //!   (the sidecar's config, the pod-template patch, the managed Redis).
 //! - [`inject`]: the offline `inject` command, on the same rendering code.
 
+pub mod broker;
+pub mod controller;
 pub mod crd;
 pub mod inject;
 pub mod labels;
+pub mod leader;
+pub mod metrics;
 pub mod render;

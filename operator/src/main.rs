@@ -1,4 +1,4 @@
-//! `idemq-operator`: print the CRD, or inject the sidecar offline.
+//! `idemq-operator`: run the controller, print the CRD, or inject the sidecar offline.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -22,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller.
+    Run(run::Args),
     /// Print the IdempotentConsumer CRD as YAML.
     Crd,
     /// Print a workload with the sidecar injected, and the objects the policy implies.
@@ -38,8 +40,11 @@ enum Command {
     },
 }
 
+mod run;
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => run::main(args),
         Command::Crd => {
             print!("{}", crd_yaml());
             Ok(())

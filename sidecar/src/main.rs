@@ -87,6 +87,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, secrets: Secrets) -> anyhow::Result<()> {
+    // Several crates link rustls with different crypto backends (amqps://,
+    // rediss://); pick one for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let store = run::open_store(&config, &secrets)?;
     let listeners = Listeners::bind(&config).await?;
     let grace = config.shutdown_grace;

@@ -83,8 +83,8 @@ impl RedisStore {
             info = info.set_redis_settings(settings);
         }
         if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-            // rustls needs one process-wide crypto provider; a second install
-            // attempt only reports that one is already there.
+            // rustls needs one process-wide crypto provider (the binary installs
+            // it too); a second install only reports that one is there.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client = redis::Client::open(info).map_err(redis_err)?;

@@ -1,0 +1,162 @@
+//! Broker bindings: the queue, its exchange bindings and the dead-letter
+//! exchange and queue, declared with the credentials from the connection
+//! Secret.
+//!
+//! Declarations are idempotent. An existing queue declared with other
+//! arguments makes the broker refuse (PRECONDITION_FAILED); that is reported
+//! to the user, not fought: redeclaring would mean deleting their messages.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+use crate::crd::IdempotentConsumer;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to declare for one consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub queue: String,
+    pub exchange: Option<String>,
+    pub routing_keys: Vec<String>,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+impl Plan {
+    pub fn of(ic: &IdempotentConsumer) -> Self {
+        let rabbit = &ic.spec.broker.rabbitmq;
+        Self {
+            queue: rabbit.queue.clone(),
+            exchange: rabbit.exchange.clone(),
+            routing_keys: rabbit.routing_keys.clone(),
+            dead_letter_exchange: crate::render::config::dead_letter_exchange(ic),
+            dead_letter_queue: format!("{}.dead", rabbit.queue),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BindError {
+    #[error("the broker is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the broker refused a declaration: {0}")]
+    Refused(String),
+}
+
+/// Declares and removes bindings; a trait so controller tests can substitute it.
+#[async_trait::async_trait]
+pub trait Binder: Send + Sync {
+    async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError>;
+    async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError>;
+}
+
+/// The real binder, over AMQP.
+pub struct Amqp;
+
+async fn connect(url: &str) -> Result<Connection, BindError> {
+    match tokio::time::timeout(
+        TIMEOUT,
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Ok(conn),
+        // The error text of a failed connect carries no credentials.
+        Ok(Err(e)) => Err(BindError::Unreachable(e.to_string())),
+        Err(_) => Err(BindError::Unreachable(format!(
+            "no answer within {TIMEOUT:?}"
+        ))),
+    }
+}
+
+fn refused(e: lapin::Error) -> BindError {
+    BindError::Refused(e.to_string())
+}
+
+#[async_trait::async_trait]
+impl Binder for Amqp {
+    async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
+        let conn = connect(url).await?;
+        let result = async {
+            let ch = conn.create_channel().await.map_err(refused)?;
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            // Dead letters are routed by the original queue's name, so consumers
+            // can share one dead-letter exchange without seeing each other's.
+            ch.exchange_declare(
+                plan.dead_letter_exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused)?;
+            ch.queue_declare(
+                plan.dead_letter_queue.as_str().into(),
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused)?;
+            ch.queue_bind(
+                plan.dead_letter_queue.as_str().into(),
+                plan.dead_letter_exchange.as_str().into(),
+                plan.queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused)?;
+            ch.queue_declare(plan.queue.as_str().into(), durable, FieldTable::default())
+                .await
+                .map_err(refused)?;
+            if let Some(exchange) = &plan.exchange {
+                for key in &plan.routing_keys {
+                    ch.queue_bind(
+                        plan.queue.as_str().into(),
+                        exchange.as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(refused)?;
+                }
+            }
+            // Closing the channel first keeps the connection close quiet.
+            let _ = ch.close(200, "idemq-operator: bound".into()).await;
+            Ok(())
+        }
+        .await;
+        let _ = conn.close(200, "idemq-operator: bound".into()).await;
+        result
+    }
+
+    async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
+        let conn = connect(url).await?;
+        let result = async {
+            let ch = conn.create_channel().await.map_err(refused)?;
+            for queue in [&plan.queue, &plan.dead_letter_queue] {
+                ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map_err(refused)?;
+            }
+            let _ = ch.close(200, "idemq-operator: cleaned up".into()).await;
+            Ok(())
+        }
+        .await;
+        let _ = conn.close(200, "idemq-operator: cleaned up".into()).await;
+        result
+    }
+}

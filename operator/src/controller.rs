@@ -1,0 +1,641 @@
+//! The controller: reconciles each `IdempotentConsumer` into its ConfigMap, its
+//! key store, its broker bindings and the sidecar in its target workload.
+//!
+//! Reconcile is level-based: it renders the desired objects (pure, see
+//! [`crate::render`]), applies them with server-side apply under the
+//! `idemq-operator` field manager, reads back what it cannot decide alone
+//! (the target's existence, Secrets, the Redis rollout), and writes status
+//! conditions. Nothing is remembered between reconciles but the per-object
+//! back-off. A finalizer withdraws the sidecar and deletes what the resource
+//! owns when it is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::broker::{BindError, Binder, Plan};
+use crate::crd::conditions::*;
+use crate::crd::{IdempotentConsumer, IdempotentConsumerStatus, StoreMode, TargetKind};
+use crate::labels::{self, FINALIZER, MANAGER};
+use crate::metrics::Metrics;
+use crate::render::{self, RenderError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] RenderError),
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub binder: Arc<dyn Binder>,
+    pub sidecar_image: String,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive not-ready reconciles per object, for exponential back-off.
+    failures: Mutex<HashMap<ObjectRef<IdempotentConsumer>, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        binder: Arc<dyn Binder>,
+        sidecar_image: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            recorder,
+            binder,
+            sidecar_image,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The next requeue of `ic`: a back-off that doubles with each
+    /// consecutive failure (5s up to 5min) and resets on success.
+    fn requeue(&self, ic: &IdempotentConsumer, ready: bool) -> Action {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let key = ObjectRef::from(ic);
+        if ready {
+            failures.remove(&key);
+            return Action::requeue(Duration::from_secs(300));
+        }
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        Action::requeue(backoff(*n))
+    }
+}
+
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << failures.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+/// One condition's verdict before it becomes a `Condition`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub type_: &'static str,
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn verdict(
+    type_: &'static str,
+    ok: bool,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> Verdict {
+    Verdict {
+        type_,
+        ok,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Turns verdicts into conditions, keeping `lastTransitionTime` of those
+/// whose status did not change (so it tells when something last changed).
+pub fn conditions(
+    verdicts: &[Verdict],
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    verdicts
+        .iter()
+        .map(|v| {
+            let status = if v.ok { "True" } else { "False" }.to_string();
+            let since = previous
+                .iter()
+                .find(|c| c.type_ == v.type_ && c.status == status)
+                .map(|c| c.last_transition_time.clone())
+                .unwrap_or_else(|| now.clone());
+            Condition {
+                type_: v.type_.to_string(),
+                status,
+                reason: v.reason.to_string(),
+                message: v.message.clone(),
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
+
+pub async fn reconcile(ic: Arc<IdempotentConsumer>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let ns = ic.namespace().unwrap_or_default();
+    let api: Api<IdempotentConsumer> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, ic, |event| async {
+        match event {
+            Finalizer::Apply(ic) => apply(&ic, &ctx).await,
+            Finalizer::Cleanup(ic) => cleanup(&ic, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(&result, started.elapsed());
+    result
+}
+
+/// Invalid specs wait for a change (retrying cannot fix them); other errors
+/// back off per object.
+pub fn error_policy(ic: Arc<IdempotentConsumer>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %ic.name_any(), namespace = ?ic.namespace(), error = %error, "reconcile failed");
+    if let Error::Finalizer(inner) = error {
+        if let kube::runtime::finalizer::Error::ApplyFailed(Error::InvalidSpec(_)) = inner.as_ref()
+        {
+            return Action::await_change();
+        }
+    }
+    ctx.requeue(&ic, false)
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+async fn publish(
+    ctx: &Context,
+    ic: &IdempotentConsumer,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ic.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Reads `key` of Secret `name`: Ok(None) when the Secret is absent, Err(message) when the key is.
+async fn secret_value(api: &Api<Secret>, name: &str, key: &str) -> Result<Option<String>, Verdict> {
+    match api.get_opt(name).await {
+        Ok(None) => Ok(None),
+        Ok(Some(secret)) => match secret.data.as_ref().and_then(|d| d.get(key)) {
+            Some(value) => Ok(Some(String::from_utf8_lossy(&value.0).into_owned())),
+            None => Err(verdict(
+                "",
+                false,
+                SECRET_KEY_MISSING,
+                format!("Secret {name} has no key {key:?}"),
+            )),
+        },
+        Err(e) => Err(verdict(
+            "",
+            false,
+            SECRET_NOT_FOUND,
+            format!("cannot read Secret {name}: {e}"),
+        )),
+    }
+}
+
+async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> {
+    let ns = ic.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    let params = apply_params();
+
+    let (config_map, hash) = match render::config::config_map(ic) {
+        Ok(rendered) => rendered,
+        Err(e) => {
+            let message = e.to_string();
+            write_status(
+                ic,
+                ctx,
+                &[verdict(READY, false, INVALID_SPEC, message.clone())],
+                None,
+            )
+            .await?;
+            publish(ctx, ic, EventType::Warning, INVALID_SPEC, message).await;
+            return Err(e.into());
+        }
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.patch(&labels::config_map(ic), &params, &Patch::Apply(&config_map))
+        .await?;
+
+    let store = ensure_store(ic, ctx, &ns).await?;
+    let broker = bind_broker(ic, ctx, &ns).await;
+    let injected = inject(ic, ctx, &ns, &hash).await?;
+
+    let all_ok = store.ok && broker.ok && injected.ok;
+    let ready = if all_ok {
+        verdict(
+            READY,
+            true,
+            ALL_READY,
+            "the sidecar is injected, the store is ready and the broker is bound",
+        )
+    } else {
+        let waiting: Vec<_> = [&store, &broker, &injected]
+            .iter()
+            .filter(|v| !v.ok)
+            .map(|v| v.type_)
+            .collect();
+        verdict(
+            READY,
+            false,
+            NOT_READY,
+            format!("waiting for {}", waiting.join(", ")),
+        )
+    };
+    let previous_hash = ic.status.as_ref().and_then(|s| s.config_hash.clone());
+    let verdicts = [store, broker, injected.clone(), ready];
+    let changed = write_status(ic, ctx, &verdicts, injected.ok.then(|| hash.clone())).await?;
+    if injected.ok && previous_hash.as_deref() != Some(hash.as_str()) {
+        publish(
+            ctx,
+            ic,
+            EventType::Normal,
+            INJECTED,
+            format!(
+                "sidecar injected into {} {} (config {hash})",
+                kind_name(&ic.spec.target.kind),
+                ic.spec.target.name
+            ),
+        )
+        .await;
+    }
+    if changed {
+        for v in verdicts.iter().filter(|v| !v.ok && v.reason != NOT_READY) {
+            publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
+        }
+    }
+    Ok(ctx.requeue(ic, all_ok))
+}
+
+fn kind_name(kind: &TargetKind) -> &'static str {
+    match kind {
+        TargetKind::Deployment => "Deployment",
+        TargetKind::StatefulSet => "StatefulSet",
+    }
+}
+
+async fn ensure_store(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<Verdict, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match ic.spec.store.mode {
+        StoreMode::External => {
+            let Some(external) = &ic.spec.store.external else {
+                return Ok(verdict(
+                    STORE_READY,
+                    false,
+                    INVALID_SPEC,
+                    "store.external is required in external mode",
+                ));
+            };
+            let r = &external.secret_ref;
+            Ok(match secret_value(&secrets, &r.name, &r.key).await {
+                Ok(Some(_)) => verdict(
+                    STORE_READY,
+                    true,
+                    EXTERNAL_SECRET_FOUND,
+                    format!("Secret {} holds the Redis URL", r.name),
+                ),
+                Ok(None) => verdict(
+                    STORE_READY,
+                    false,
+                    SECRET_NOT_FOUND,
+                    format!("Secret {} does not exist", r.name),
+                ),
+                Err(v) => Verdict {
+                    type_: STORE_READY,
+                    ..v
+                },
+            })
+        }
+        StoreMode::Managed => {
+            let name = labels::redis(ic);
+            let params = apply_params();
+            // The password is generated once and then read back: a new one
+            // would lock every sidecar out of its store.
+            let password = match secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY).await {
+                Ok(Some(password)) => password,
+                _ => render::redis::generate_password(),
+            };
+            secrets
+                .patch(
+                    &name,
+                    &params,
+                    &Patch::Apply(&render::redis::secret(ic, &password)?),
+                )
+                .await?;
+            let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+            services
+                .patch(&name, &params, &Patch::Apply(&render::redis::service(ic)?))
+                .await?;
+            let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+            let applied = deployments
+                .patch(
+                    &name,
+                    &params,
+                    &Patch::Apply(&render::redis::deployment(ic)?),
+                )
+                .await?;
+            let available = applied
+                .status
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0);
+            Ok(if available > 0 {
+                verdict(
+                    STORE_READY,
+                    true,
+                    REDIS_READY,
+                    format!("Redis {name} is available"),
+                )
+            } else {
+                verdict(
+                    STORE_READY,
+                    false,
+                    REDIS_NOT_READY,
+                    format!("Redis {name} has no available replica yet"),
+                )
+            })
+        }
+    }
+}
+
+async fn bind_broker(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Verdict {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let r = &ic.spec.broker.rabbitmq.connection_secret_ref;
+    let url = match secret_value(&secrets, &r.name, &r.key).await {
+        Ok(Some(url)) => url,
+        Ok(None) => {
+            return verdict(
+                BROKER_BOUND,
+                false,
+                SECRET_NOT_FOUND,
+                format!("Secret {} does not exist", r.name),
+            )
+        }
+        Err(v) => {
+            return Verdict {
+                type_: BROKER_BOUND,
+                ..v
+            }
+        }
+    };
+    let plan = Plan::of(ic);
+    match ctx.binder.bind(&url, &plan).await {
+        Ok(()) => verdict(
+            BROKER_BOUND,
+            true,
+            BOUND,
+            format!(
+                "queue {} and dead-letter queue {} are declared",
+                plan.queue, plan.dead_letter_queue
+            ),
+        ),
+        Err(BindError::Unreachable(e)) => verdict(BROKER_BOUND, false, BROKER_UNREACHABLE, e),
+        Err(BindError::Refused(e)) => verdict(BROKER_BOUND, false, QUEUE_MISMATCH, e),
+    }
+}
+
+/// The target workload's API and whether it exists.
+async fn target_exists(
+    ic: &IdempotentConsumer,
+    client: &Client,
+    ns: &str,
+) -> Result<bool, kube::Error> {
+    let name = &ic.spec.target.name;
+    Ok(match ic.spec.target.kind {
+        TargetKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .is_some(),
+        TargetKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .is_some(),
+    })
+}
+
+async fn patch_target(
+    ic: &IdempotentConsumer,
+    client: &Client,
+    ns: &str,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    let name = &ic.spec.target.name;
+    let params = apply_params();
+    match ic.spec.target.kind {
+        TargetKind::Deployment => {
+            Api::<Deployment>::namespaced(client.clone(), ns)
+                .patch(name, &params, &Patch::Apply(patch))
+                .await?;
+        }
+        TargetKind::StatefulSet => {
+            Api::<StatefulSet>::namespaced(client.clone(), ns)
+                .patch(name, &params, &Patch::Apply(patch))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn inject(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+    hash: &str,
+) -> Result<Verdict, Error> {
+    let target = format!(
+        "{} {}",
+        kind_name(&ic.spec.target.kind),
+        ic.spec.target.name
+    );
+    if !target_exists(ic, &ctx.client, ns).await? {
+        return Ok(verdict(
+            SIDECAR_INJECTED,
+            false,
+            TARGET_NOT_FOUND,
+            format!("{target} does not exist in namespace {ns}"),
+        ));
+    }
+    let patch = render::sidecar::workload_patch(ic, hash, &ctx.sidecar_image);
+    patch_target(ic, &ctx.client, ns, &patch).await?;
+    Ok(verdict(
+        SIDECAR_INJECTED,
+        true,
+        INJECTED,
+        format!("sidecar injected into {target}"),
+    ))
+}
+
+/// Writes status when it differs from what is there; returns whether it did.
+async fn write_status(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    verdicts: &[Verdict],
+    hash: Option<String>,
+) -> Result<bool, Error> {
+    let previous = ic.status.clone().unwrap_or_default();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let status = IdempotentConsumerStatus {
+        observed_generation: ic.metadata.generation,
+        conditions: conditions(verdicts, &previous.conditions, ic.metadata.generation, &now),
+        config_hash: hash.or(previous.config_hash.clone()),
+    };
+    if status == previous {
+        return Ok(false);
+    }
+    let api: Api<IdempotentConsumer> =
+        Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
+    api.patch_status(
+        &ic.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(true)
+}
+
+async fn cleanup(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> {
+    let ns = ic.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    // Applying a patch with none of idemq's fields makes the API server drop
+    // the fields only idemq owned: the sidecar, its volume, the annotation.
+    if target_exists(ic, client, &ns).await? {
+        patch_target(ic, client, &ns, &render::sidecar::withdrawal_patch(ic)).await?;
+    }
+    let dp = DeleteParams::background();
+    let gone = |r: Result<_, kube::Error>| match r {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    };
+    gone(
+        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .delete(&labels::config_map(ic), &dp)
+            .await
+            .map(|_| ()),
+    )?;
+    let redis = labels::redis(ic);
+    gone(
+        Api::<Deployment>::namespaced(client.clone(), &ns)
+            .delete(&redis, &dp)
+            .await
+            .map(|_| ()),
+    )?;
+    gone(
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .delete(&redis, &dp)
+            .await
+            .map(|_| ()),
+    )?;
+    gone(
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .delete(&redis, &dp)
+            .await
+            .map(|_| ()),
+    )?;
+    if ic.spec.broker.rabbitmq.delete_on_cleanup {
+        let r = &ic.spec.broker.rabbitmq.connection_secret_ref;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        if let Ok(Some(url)) = secret_value(&secrets, &r.name, &r.key).await {
+            if let Err(e) = ctx.binder.delete_queues(&url, &Plan::of(ic)).await {
+                publish(
+                    ctx,
+                    ic,
+                    EventType::Warning,
+                    "QueueDeleteFailed",
+                    e.to_string(),
+                )
+                .await;
+            }
+        }
+    }
+    publish(
+        ctx,
+        ic,
+        EventType::Normal,
+        "CleanedUp",
+        "sidecar withdrawn and owned objects deleted".to_string(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("time"))
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_minutes() {
+        let delays: Vec<_> = (1..=8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_does() {
+        let first = conditions(
+            &[verdict(READY, false, NOT_READY, "waiting")],
+            &[],
+            Some(1),
+            &t(100),
+        );
+        let same = conditions(
+            &[verdict(READY, false, NOT_READY, "still waiting")],
+            &first,
+            Some(2),
+            &t(200),
+        );
+        assert_eq!(same[0].last_transition_time, t(100));
+        assert_eq!(same[0].observed_generation, Some(2));
+        let flipped = conditions(
+            &[verdict(READY, true, ALL_READY, "ok")],
+            &same,
+            Some(2),
+            &t(300),
+        );
+        assert_eq!(
+            (
+                flipped[0].status.as_str(),
+                flipped[0].last_transition_time.clone()
+            ),
+            ("True", t(300))
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! `idemq-operator run`: the controller process. An admin listener
+//! (`/healthz`, `/readyz`, `/metrics`) separate from the work, leader election,
+//! JSON logs, and a graceful shutdown on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use idemq_operator::broker::Amqp;
+use idemq_operator::controller::{self, Context};
+use idemq_operator::crd::{IdempotentConsumer, TargetKind};
+use idemq_operator::labels;
+use idemq_operator::leader::Elector;
+use idemq_operator::metrics::Metrics;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "IDEMQ_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Sidecar image for policies that name none.
+    #[arg(long, env = "IDEMQ_SIDECAR_IMAGE", default_value = labels::DEFAULT_SIDECAR_IMAGE)]
+    sidecar_image: String,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "IDEMQ_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Namespace of the leader Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = "IDEMQ_LEASE_NAME", default_value = "idemq-operator")]
+    lease_name: String,
+    /// Run without leader election (a single replica).
+    #[arg(long)]
+    no_leader_election: bool,
+}
+
+pub fn main(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Runtime::new()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Several crates link rustls with different crypto backends; pick one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = Client::try_default()
+        .await
+        .context("build the Kubernetes client")?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(admin(args.admin_addr, metrics.clone(), ready.clone()));
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            terminated().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    });
+
+    if !args.no_leader_election {
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| format!("idemq-operator-{}", std::process::id()));
+        let elector = Arc::new(Elector {
+            api: Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
+            name: args.lease_name.clone(),
+            identity,
+            duration: Duration::from_secs(15),
+        });
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                acquired = elector.try_acquire() => match acquired {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "leader election failed"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        tracing::info!(lease = %args.lease_name, "leading");
+        metrics.leader.set(1);
+        tokio::spawn(keep_leading(elector, shutdown.clone(), metrics.clone()));
+    }
+
+    let ics: Api<IdempotentConsumer> = namespaced_or_all(&client, &args.watch_namespace);
+    let owned = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
+    let controller = Controller::new(ics, watcher::Config::default());
+    let store = controller.store();
+    let reporter = Reporter {
+        controller: labels::MANAGER.to_string(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        Arc::new(Amqp),
+        args.sidecar_image.clone(),
+        metrics.clone(),
+    ));
+    // Ready once the API server answers a list of the resource: the client
+    // works, the CRD is installed and RBAC lets us watch it.
+    tokio::spawn({
+        let ics: Api<IdempotentConsumer> = namespaced_or_all(&client, &args.watch_namespace);
+        let ready = ready.clone();
+        async move {
+            loop {
+                match ics.list(&kube::api::ListParams::default().limit(1)).await {
+                    Ok(_) => return ready.store(true, Ordering::Relaxed),
+                    Err(e) => tracing::warn!(error = %e, "cannot list IdempotentConsumers yet"),
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    });
+    let (deployments_store, statefulsets_store) = (store.clone(), store.clone());
+    controller
+        .owns(
+            namespaced_or_all::<ConfigMap>(&client, &args.watch_namespace),
+            owned.clone(),
+        )
+        .owns(
+            namespaced_or_all::<Service>(&client, &args.watch_namespace),
+            owned.clone(),
+        )
+        .owns(
+            namespaced_or_all::<Secret>(&client, &args.watch_namespace),
+            owned.clone(),
+        )
+        .owns(
+            namespaced_or_all::<Deployment>(&client, &args.watch_namespace),
+            owned,
+        )
+        // A target created or changed after its policy: reconcile the policy.
+        .watches(
+            namespaced_or_all::<Deployment>(&client, &args.watch_namespace),
+            watcher::Config::default(),
+            move |d| {
+                targeting(
+                    &deployments_store,
+                    TargetKind::Deployment,
+                    &d.namespace().unwrap_or_default(),
+                    &d.name_any(),
+                )
+            },
+        )
+        .watches(
+            namespaced_or_all::<StatefulSet>(&client, &args.watch_namespace),
+            watcher::Config::default(),
+            move |s| {
+                targeting(
+                    &statefulsets_store,
+                    TargetKind::StatefulSet,
+                    &s.namespace().unwrap_or_default(),
+                    &s.name_any(),
+                )
+            },
+        )
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(name = %object.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn namespaced_or_all<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The policies that target the workload `kind` `namespace`/`name`.
+fn targeting(
+    store: &Store<IdempotentConsumer>,
+    kind: TargetKind,
+    namespace: &str,
+    name: &str,
+) -> Vec<ObjectRef<IdempotentConsumer>> {
+    store
+        .state()
+        .iter()
+        .filter(|ic| {
+            ic.namespace().as_deref() == Some(namespace)
+                && ic.spec.target.kind == kind
+                && ic.spec.target.name == name
+        })
+        .map(|ic| ObjectRef::from(ic.as_ref()))
+        .collect()
+}
+
+/// Renews the lease; on losing it, stops the process so that it restarts as a candidate.
+async fn keep_leading(elector: Arc<Elector>, shutdown: CancellationToken, metrics: Arc<Metrics>) {
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        match elector.try_acquire().await {
+            Ok(true) => failures = 0,
+            Ok(false) => {
+                tracing::error!("lost the leader lease: stopping");
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "renewing the leader lease failed");
+                if failures >= 2 {
+                    tracing::error!("could not renew the leader lease in time: stopping");
+                    break;
+                }
+            }
+        }
+    }
+    metrics.leader.set(0);
+    shutdown.cancel();
+}
+
+async fn admin(addr: SocketAddr, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "cannot list IdempotentConsumers yet\n",
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move { text }
+            }),
+        );
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, %addr, "cannot bind the admin listener"),
+    }
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
