@@ -166,7 +166,14 @@ pub async fn reconcile(ic: Arc<IdempotentConsumer>, ctx: Arc<Context>) -> Result
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .or_else(|e| match e {
+        // A queued reconcile of an object whose finalizer is already gone:
+        // the object no longer exists, so there is nothing left to do.
+        kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.is_not_found() => {
+            Ok(Action::await_change())
+        }
+        e => Err(Error::Finalizer(Box::new(e))),
+    });
     ctx.metrics.reconciled(&result, started.elapsed());
     result
 }

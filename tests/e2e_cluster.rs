@@ -1,0 +1,315 @@
+//! The operator against a real Kubernetes API server.
+//!
+//! Runs only when `IDEMQ_E2E_KUBECONFIG` names a kubeconfig; otherwise each
+//! test prints that it was skipped. It installs the CRD, runs the operator
+//! binary (watching only a temporary namespace, with its own leader Lease),
+//! and checks what a user would: the injected sidecar, the owned objects, the
+//! status conditions and Events, a policy change rolling the pods, and the
+//! cleanup on deletion. The broker Secret points at the RabbitMQ on this
+//! machine (the operator runs here too). Without a kubelet, pods stay Pending,
+//! so the managed Redis is never available: StoreReady must then say so.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use idemq_operator::crd::IdempotentConsumer;
+use idemq_tests::{client, e2e_kubeconfig, eventually, unique, workspace_binary};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = IdempotentConsumer::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("idemq-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    eventually(WAIT, "the CRD to be established", || async {
+        let crd = crds.get(&name).await?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        Ok(established.then_some(()))
+    })
+    .await
+}
+
+fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<Operator> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(workspace_binary("idemq-operator")?)
+        .args([
+            "run",
+            "--watch-namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+        ])
+        .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+        // The child gets the e2e kubeconfig explicitly, and only it.
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    Ok(Operator(child))
+}
+
+fn deployment(name: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [{ "name": "app", "image": "example/worker:1", "ports": [{ "containerPort": 8080 }] }] }
+            }
+        }
+    }))
+    .expect("a valid Deployment")
+}
+
+fn policy(name: &str, target: &str, queue: &str) -> IdempotentConsumer {
+    serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "target": { "kind": "Deployment", "name": target },
+            "broker": { "rabbitmq": { "connectionSecretRef": { "name": "rabbitmq" }, "queue": queue, "deleteOnCleanup": true } },
+            "key": { "from": "messageId" },
+            "delivery": { "port": 8080, "path": "/messages" }
+        }
+    }))
+    .expect("a valid IdempotentConsumer")
+}
+
+fn condition(ic: &IdempotentConsumer, type_: &str) -> Option<(String, String)> {
+    ic.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+#[tokio::test]
+async fn operator_injects_reports_rolls_and_cleans_up() -> anyhow::Result<()> {
+    let Some(kubeconfig) = e2e_kubeconfig("operator_injects_reports_rolls_and_cleans_up") else {
+        return Ok(());
+    };
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let ns = unique("idemq-e2e");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let result = scenario(&client, &kubeconfig, &ns).await;
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    result
+}
+
+async fn scenario(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> anyhow::Result<()> {
+    let queue = unique("e2e-orders");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "rabbitmq" }, "stringData": { "url": AMQP } }),
+            )?,
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("worker"))
+        .await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
+    ics.create(&PostParams::default(), &policy("orders", "worker", &queue))
+        .await?;
+    let _operator = start_operator(kubeconfig, ns)?;
+
+    // Injected and bound; the store's readiness is reported as it is.
+    let ic = eventually(WAIT, "SidecarInjected and BrokerBound", || async {
+        let ic = ics.get("orders").await?;
+        let injected = condition(&ic, "SidecarInjected").is_some_and(|c| c.0 == "True");
+        let bound = condition(&ic, "BrokerBound").is_some_and(|c| c.0 == "True");
+        Ok((injected && bound).then_some(ic))
+    })
+    .await?;
+    let status = ic.status.clone().expect("status");
+    assert_eq!(status.observed_generation, ic.metadata.generation);
+    assert!(status
+        .conditions
+        .iter()
+        .all(|c| c.observed_generation == ic.metadata.generation));
+    let store = condition(&ic, "StoreReady").expect("StoreReady");
+    let ready = condition(&ic, "Ready").expect("Ready");
+    match store.0.as_str() {
+        "True" => assert_eq!(ready, ("True".into(), "AllReady".into())),
+        _ => {
+            assert_eq!(
+                store.1, "RedisNotReady",
+                "no kubelet: Redis cannot be available"
+            );
+            assert_eq!(ready, ("False".into(), "NotReady".into()));
+        }
+    }
+
+    let worker = deployments.get("worker").await?;
+    let template = worker.spec.expect("spec").template;
+    let pod = template.spec.expect("pod spec");
+    assert_eq!(pod.containers.len(), 1, "the app container is untouched");
+    let sidecar = pod
+        .init_containers
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "idemq-sidecar")
+        .expect("sidecar");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    let hash = template
+        .metadata
+        .and_then(|m| m.annotations)
+        .and_then(|a| a.get("idemq.dev/config-hash").cloned());
+    assert_eq!(
+        hash, status.config_hash,
+        "the pod template carries the config hash"
+    );
+
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("orders-idemq")
+        .await?;
+    let config = idemq_sidecar::Config::from_yaml(&cm.data.expect("data")["sidecar.yaml"])?;
+    assert_eq!(config.consumer, format!("{ns}.orders"));
+    for owned in [
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .get("orders-idemq-redis")
+            .await?
+            .metadata,
+        Api::<Service>::namespaced(client.clone(), ns)
+            .get("orders-idemq-redis")
+            .await?
+            .metadata,
+        secrets.get("orders-idemq-redis").await?.metadata,
+    ] {
+        let owner = &owned.owner_references.expect("owned")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("IdempotentConsumer", "orders")
+        );
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    eventually(WAIT, "an Injected event", || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Injected"))
+            .then_some(()))
+    })
+    .await?;
+
+    // A policy change rolls the pods through a new config hash.
+    ics.patch(
+        "orders",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "maxAttempts": 9 } })),
+    )
+    .await?;
+    let old_hash = status.config_hash.clone();
+    eventually(WAIT, "a new config hash on the pod template", || async {
+        let d = deployments.get("worker").await?;
+        let hash = d
+            .spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get("idemq.dev/config-hash").cloned());
+        Ok((hash.is_some() && hash != old_hash).then_some(()))
+    })
+    .await?;
+
+    // A policy whose target is missing says so, and does not crash anything.
+    ics.create(
+        &PostParams::default(),
+        &policy("ghost", "no-such-worker", &unique("e2e-ghost")),
+    )
+    .await?;
+    eventually(WAIT, "TargetNotFound", || async {
+        let ic = ics.get("ghost").await?;
+        Ok(
+            (condition(&ic, "SidecarInjected") == Some(("False".into(), "TargetNotFound".into())))
+                .then_some(()),
+        )
+    })
+    .await?;
+
+    // Deletion withdraws the sidecar and removes what the policy owned.
+    for name in ["orders", "ghost"] {
+        ics.delete(name, &DeleteParams::default()).await?;
+    }
+    eventually(WAIT, "the policies to be gone (finalizer done)", || async {
+        Ok(ics
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    let worker = deployments.get("worker").await?;
+    let pod = worker.spec.expect("spec").template;
+    assert!(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_none_or(|c| c.is_empty()),
+        "sidecar withdrawn"
+    );
+    assert!(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .is_none_or(|v| v.is_empty()),
+        "volume withdrawn"
+    );
+    assert!(pod
+        .metadata
+        .and_then(|m| m.annotations)
+        .is_none_or(|a| !a.contains_key("idemq.dev/config-hash")));
+    assert!(Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt("orders-idemq")
+        .await?
+        .is_none());
+    assert!(secrets.get_opt("orders-idemq-redis").await?.is_none());
+    println!("e2e: injected, reported (StoreReady={}), rolled on change, TargetNotFound reported, cleaned up", store.0);
+    Ok(())
+}
