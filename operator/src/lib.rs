@@ -10,6 +10,8 @@
 pub mod broker;
 pub mod controller;
 pub mod crd;
+#[cfg(test)]
+pub mod fixtures;
 pub mod inject;
 pub mod labels;
 pub mod leader;

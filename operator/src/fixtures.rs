@@ -1,0 +1,179 @@
+//! Test fixtures: a mocked API server that verifies the exact requests a
+//! reconcile sends, in order, and answers each with a realistic object
+//! (the kube-rs controller-rs convention, on `tower_test::mock::pair`).
+//!
+//! A missing request shows as a timeout; an unexpected one as a mismatch
+//! naming what was expected; an extra one as the reconcile failing on a closed
+//! service.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use serde_json::{json, Value};
+
+use crate::broker::{BindError, Binder, Plan};
+use crate::controller::Context;
+use crate::crd::IdempotentConsumer;
+use crate::metrics::Metrics;
+
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// A binder that succeeds without a broker.
+pub struct NoBroker;
+
+#[async_trait::async_trait]
+impl Binder for NoBroker {
+    async fn bind(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+        Ok(())
+    }
+    async fn delete_queues(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+        Ok(())
+    }
+}
+
+/// A context whose client talks to the returned mock API server.
+pub fn context() -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "shop");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "idemq-operator".into(),
+            instance: None,
+        },
+    );
+    let ctx = Context::new(
+        client,
+        recorder,
+        Arc::new(NoBroker),
+        "img:test".into(),
+        Arc::new(Metrics::new()),
+    );
+    (Arc::new(ctx), handle)
+}
+
+/// A check on a request's JSON body.
+pub type BodyCheck = Box<dyn Fn(&Value) + Send>;
+
+/// One expected request and the answer to give.
+pub struct Expect {
+    pub method: Method,
+    pub path: String,
+    /// Query parameters that must be present with these values.
+    pub query: Vec<(&'static str, &'static str)>,
+    /// Checks on the request body (parsed JSON).
+    pub body: Option<BodyCheck>,
+    pub status: StatusCode,
+    pub answer: Value,
+}
+
+impl Expect {
+    pub fn new(method: Method, path: &str, status: StatusCode, answer: Value) -> Self {
+        Self {
+            method,
+            path: path.to_string(),
+            query: Vec::new(),
+            body: None,
+            status,
+            answer,
+        }
+    }
+
+    /// A server-side apply by idemq's field manager; answers with the applied object.
+    pub fn apply(path: &str) -> Self {
+        let mut e = Self::new(Method::PATCH, path, StatusCode::OK, Value::Null);
+        e.query = vec![("fieldManager", "idemq-operator"), ("force", "true")];
+        e
+    }
+
+    pub fn get(path: &str, status: StatusCode, answer: Value) -> Self {
+        Self::new(Method::GET, path, status, answer)
+    }
+
+    pub fn with_body(mut self, check: impl Fn(&Value) + Send + 'static) -> Self {
+        self.body = Some(Box::new(check));
+        self
+    }
+
+    pub fn answering(mut self, answer: Value) -> Self {
+        self.answer = answer;
+        self
+    }
+}
+
+pub fn not_found() -> Value {
+    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found" })
+}
+
+/// Serves `expected` in order, then checks that no other request comes.
+pub async fn serve(mut handle: Handle, expected: Vec<Expect>) {
+    for (i, e) in expected.into_iter().enumerate() {
+        let (request, send) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), handle.next_request())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("request #{i} never came: expected {} {}", e.method, e.path)
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the reconcile ended before request #{i}: {} {}",
+                        e.method, e.path
+                    )
+                });
+        let (parts, body) = request.into_parts();
+        assert_eq!(
+            (&parts.method, parts.uri.path()),
+            (&e.method, e.path.as_str()),
+            "request #{i}"
+        );
+        let query: HashMap<String, String> = parts
+            .uri
+            .query()
+            .map(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (k, v) in &e.query {
+            assert_eq!(
+                query.get(*k).map(String::as_str),
+                Some(*v),
+                "request #{i} {}: query {k}",
+                e.path
+            );
+        }
+        let bytes = body.collect_bytes().await.expect("request body");
+        let sent: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON body")
+        };
+        if let Some(check) = &e.body {
+            check(&sent);
+        }
+        // An apply without a prepared answer echoes the applied object back.
+        let answer = if e.answer.is_null() { sent } else { e.answer };
+        let response = Response::builder()
+            .status(e.status)
+            .body(Body::from(serde_json::to_vec(&answer).expect("JSON")))
+            .expect("response");
+        send.send_response(response);
+    }
+}
+
+/// The sample policy as the API server returns it, with a finalizer.
+pub fn policy() -> IdempotentConsumer {
+    let mut ic: IdempotentConsumer =
+        serde_yaml::from_str(include_str!("../tests/data/policy.yaml")).expect("sample");
+    ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".into());
+    ic.metadata.generation = Some(1);
+    ic.metadata.resource_version = Some("100".into());
+    ic.metadata.finalizers = Some(vec![crate::labels::FINALIZER.into()]);
+    ic
+}
