@@ -1,0 +1,201 @@
+//! Broker bindings against the real RabbitMQ on 127.0.0.1:5672. Each test
+//! declares queues with unique names and deletes only those.
+
+use idemq_operator::broker::{Amqp, BindError, Binder, Plan};
+use lapin::options::{
+    BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn unique(base: &str) -> String {
+    format!(
+        "{base}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+fn plan(queue: &str, exchange: Option<&str>) -> Plan {
+    Plan {
+        queue: queue.to_string(),
+        exchange: exchange.map(str::to_string),
+        routing_keys: vec!["order.created".into(), "order.paid".into()],
+        dead_letter_exchange: format!("{queue}.dlx"),
+        dead_letter_queue: format!("{queue}.dead"),
+    }
+}
+
+async fn channel() -> (Connection, lapin::Channel) {
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ does not answer on {URL} ({e}); start it with: rabbitmq-server -detached"
+            )
+        });
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+async fn ready(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("the queue exists")
+    .message_count()
+}
+
+async fn cleanup(ch: &lapin::Channel, p: &Plan, exchange: Option<&str>) {
+    for q in [&p.queue, &p.dead_letter_queue] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for x in [Some(p.dead_letter_exchange.as_str()), exchange]
+        .into_iter()
+        .flatten()
+    {
+        let _ = ch
+            .exchange_delete(x.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn bindings_are_declared_idempotently_and_route() {
+    let queue = unique("op-bind");
+    let exchange = format!("{queue}.events");
+    let (_conn, ch) = channel().await;
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the app's exchange");
+    let p = plan(&queue, Some(&exchange));
+    Amqp.bind(URL, &p).await.expect("first bind");
+    Amqp.bind(URL, &p)
+        .await
+        .expect("binding again changes nothing");
+
+    let publish = |x: String, key: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                x.as_str().into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        }
+    };
+    publish(exchange.clone(), "order.paid").await;
+    publish(exchange.clone(), "order.shipped").await;
+    // Dead letters are routed by the queue's name to its own dead-letter queue.
+    publish(p.dead_letter_exchange.clone(), "someone-else").await;
+    publish(p.dead_letter_exchange.clone(), "").await;
+    let queue_for_dlx = queue.clone();
+    ch.basic_publish(
+        p.dead_letter_exchange.as_str().into(),
+        queue_for_dlx.as_str().into(),
+        BasicPublishOptions::default(),
+        b"{}",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        ready(&ch, &queue).await,
+        1,
+        "only the bound routing key reaches the queue"
+    );
+    assert_eq!(
+        ready(&ch, &p.dead_letter_queue).await,
+        1,
+        "only this queue's dead letters"
+    );
+    cleanup(&ch, &p, Some(&exchange)).await;
+}
+
+#[tokio::test]
+async fn an_existing_queue_with_other_arguments_is_reported_not_fought() {
+    let queue = unique("op-mismatch");
+    let (_conn, ch) = channel().await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(10));
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare the user's queue");
+    let p = plan(&queue, None);
+    match Amqp.bind(URL, &p).await {
+        Err(BindError::Refused(message)) => assert!(
+            message.contains("PRECONDITION_FAILED") || message.contains("inequivalent"),
+            "{message}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The user's queue is untouched.
+    let (_conn2, ch2) = channel().await;
+    ready(&ch2, &queue).await;
+    cleanup(&ch2, &p, None).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_reported() {
+    let p = plan(&unique("op-down"), None);
+    match Amqp.bind("amqp://guest:guest@127.0.0.1:1/%2f", &p).await {
+        Err(BindError::Unreachable(message)) => assert!(
+            !message.contains("guest:guest"),
+            "no credentials in {message}"
+        ),
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn delete_on_cleanup_removes_both_queues() {
+    let queue = unique("op-delete");
+    let p = plan(&queue, None);
+    Amqp.bind(URL, &p).await.expect("bind");
+    Amqp.delete_queues(URL, &p).await.expect("delete");
+    let (_conn, ch) = channel().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    assert!(
+        ch.queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_err(),
+        "queue deleted"
+    );
+    let (_conn, ch) = channel().await;
+    let _ = ch
+        .exchange_delete(
+            p.dead_letter_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
