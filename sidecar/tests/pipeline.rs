@@ -540,8 +540,18 @@ async fn crash_loses_nothing_and_reprocesses_at_most_prefetch() {
     let at_kill = app.processed();
     let mut second = spawn_sidecar(&path);
     let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
-    // Let redeliveries of anything finished twice show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Claims orphaned by the kill keep their redeliveries cycling (requeued as
+    // in flight) until their lease ends; wait until the queue stays empty for
+    // longer than the lease before counting.
+    let drained = wait_for(WAIT, async || {
+        if t.ready(&t.queue).await != 0 {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        t.ready(&t.queue).await == 0
+    })
+    .await;
+    assert!(drained, "the queue drains after the restart");
     let killed = Command::new("kill")
         .args(["-TERM", &second.id().to_string()])
         .status()
