@@ -313,3 +313,54 @@ async fn scenario(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> an
     println!("e2e: injected, reported (StoreReady={}), rolled on change, TargetNotFound reported, cleaned up", store.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn only_one_replica_leads_and_an_expired_lease_is_taken_over() -> anyhow::Result<()> {
+    use idemq_operator::leader::Elector;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let Some(kubeconfig) =
+        e2e_kubeconfig("only_one_replica_leads_and_an_expired_lease_is_taken_over")
+    else {
+        return Ok(());
+    };
+    let client = client(&kubeconfig).await?;
+    let ns = unique("idemq-e2e-lease");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let elector = |identity: &str| Elector {
+        api: Api::<Lease>::namespaced(client.clone(), &ns),
+        name: "idemq-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(1),
+    };
+    let (a, b) = (elector("replica-a"), elector("replica-b"));
+    let result = async {
+        assert!(
+            a.try_acquire().await?,
+            "the first candidate takes the lease"
+        );
+        assert!(
+            !b.try_acquire().await?,
+            "the second does not while it is held"
+        );
+        assert!(a.try_acquire().await?, "the holder renews");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(b.try_acquire().await?, "an expired lease is taken over");
+        assert!(!a.try_acquire().await?, "the old holder has lost it");
+        let lease = Api::<Lease>::namespaced(client.clone(), &ns)
+            .get("idemq-operator")
+            .await?;
+        let spec = lease.spec.expect("spec");
+        assert_eq!(spec.holder_identity.as_deref(), Some("replica-b"));
+        assert_eq!(spec.lease_transitions, Some(1));
+        anyhow::Ok(())
+    }
+    .await;
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    result
+}
