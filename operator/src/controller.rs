@@ -873,6 +873,43 @@ mod scenarios {
     }
 
     #[tokio::test]
+    async fn an_invalid_spec_gets_a_condition_and_an_event_then_waits_for_a_change() {
+        // Passes the schema's pattern, but the sidecar needs a lease of at least 100ms.
+        let mut ic = fixtures::policy();
+        ic.spec.lease = Some("5ms".into());
+        let status = Arc::new(Mutex::new(None));
+        let expected = vec![
+            status_patch(status.clone()),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+                assert_eq!(e["reason"], "InvalidSpec");
+                assert_eq!(e["type"], "Warning");
+                assert!(
+                    e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("dedup.lease")),
+                    "{e}"
+                );
+            }),
+        ];
+        let (ctx, handle) = fixtures::context();
+        let server = tokio::spawn(fixtures::serve(handle, expected));
+        let ic = Arc::new(ic);
+        let error = reconcile(ic.clone(), ctx.clone())
+            .await
+            .expect_err("an invalid spec is an error");
+        server.await.expect("every expected request came");
+        assert_eq!(
+            conditions(&status),
+            [("Ready".into(), "False".into(), "InvalidSpec".into())]
+        );
+        assert_eq!(
+            super::error_policy(ic, &error, ctx),
+            kube::runtime::controller::Action::await_change(),
+            "retrying cannot fix it"
+        );
+    }
+
+    #[tokio::test]
     async fn deletion_withdraws_the_sidecar_deletes_owned_objects_and_drops_the_finalizer() {
         let mut ic = fixtures::policy();
         ic.metadata.deletion_timestamp =
