@@ -27,6 +27,14 @@ enum Command {
     Claims(claims::Args),
     /// Redis memory per retained (completed) key.
     KeyMemory(key_memory::Args),
+    /// Local demo: publishes messages with duplicates and shows each delivered once.
+    Demo {
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        /// The sidecar binary (default: next to this one).
+        #[arg(long)]
+        sidecar_bin: Option<std::path::PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -36,5 +44,9 @@ async fn main() -> anyhow::Result<()> {
         None => pipeline::run(cli.pipeline).await,
         Some(Command::Claims(args)) => claims::run(args).await,
         Some(Command::KeyMemory(args)) => key_memory::run(args).await,
+        Some(Command::Demo {
+            messages,
+            sidecar_bin,
+        }) => pipeline::demo(messages, sidecar_bin).await,
     }
 }

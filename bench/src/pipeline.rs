@@ -212,6 +212,57 @@ async fn scenario_run(
     Ok(figures)
 }
 
+/// The local demo: the sidecar binary with the in-memory store between the
+/// local RabbitMQ and a tiny app; prints what was published and delivered.
+pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Result<()> {
+    let args = Args {
+        messages,
+        prefetch: 50,
+        body_bytes: 64,
+        dup_ratio: 0.2,
+        naive_messages: 0,
+        paced_rate: 0,
+        paced_seconds: 0,
+        scenarios: vec![],
+        sidecar_bin,
+    };
+    let app = App::start().await?;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let broker = Broker::connect().await?;
+    let queue = format!("idemq-demo-{run_id}");
+    let dlx = format!("{queue}.dlx");
+    broker.declare(&queue, &dlx).await?;
+    let ids = message_ids(messages, args.dup_ratio);
+    let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
+    broker
+        .publish_all(&queue, &ids, b"{\"order\":\"demo\"}", None)
+        .await?;
+    println!(
+        "published {messages} messages to queue {queue} ({} repeat an earlier message_id)",
+        messages - distinct
+    );
+    let consumer = Consumer::start(&args, "idemq-memory", &queue, &dlx, &app, &run_id)?;
+    let settled = async {
+        wait(Duration::from_secs(60), || app.count() >= distinct).await?;
+        broker.wait_empty(&queue).await
+    }
+    .await;
+    let delivered = app.count();
+    consumer.stop().await;
+    broker.delete(&queue, &dlx).await;
+    settled?;
+    println!(
+        "the app received {delivered} messages, each once (most deliveries of one key: {}); idemq dropped {} duplicates",
+        app.max_per_key(),
+        messages - delivered
+    );
+    anyhow::ensure!(
+        app.max_per_key() == 1 && delivered == distinct,
+        "deduplication failed"
+    );
+    Ok(())
+}
+
 fn print_table(args: &Args, results: &[(String, Figures)]) {
     println!();
     println!(
