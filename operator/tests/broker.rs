@@ -175,6 +175,18 @@ async fn an_unreachable_broker_is_reported() {
 }
 
 #[tokio::test]
+async fn a_malformed_url_is_reported_without_its_password() {
+    let p = plan(&unique("op-badurl"), None);
+    match Amqp
+        .bind("amqp://guest:s3cret@rabbit:notaport/%2f", &p)
+        .await
+    {
+        Err(BindError::Unreachable(message)) => assert!(!message.contains("s3cret"), "{message}"),
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn delete_on_cleanup_removes_both_queues() {
     let queue = unique("op-delete");
     let p = plan(&queue, None);

@@ -38,9 +38,10 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         deliverer,
         ctx.metrics.clone(),
     ));
+    let uri = crate::source::rabbitmq::parse_url(&ctx.broker_url).map_err(anyhow::Error::msg)?;
     let source = Source {
         config: ctx.config,
-        url: ctx.broker_url,
+        uri,
         engine,
         store: ctx.store,
         metrics: ctx.metrics,

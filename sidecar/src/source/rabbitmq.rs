@@ -23,6 +23,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -44,7 +45,8 @@ const STUCK_AFTER: Duration = Duration::from_millis(20);
 /// Everything a RabbitMQ source needs.
 pub struct Source {
     pub config: Arc<Config>,
-    pub url: String,
+    /// Parsed once: the parser's error messages quote the URL, password included.
+    pub uri: AMQPUri,
     pub engine: Arc<Engine>,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
@@ -62,6 +64,16 @@ pub enum SourceError {
     Broker(#[from] lapin::Error),
     #[error("the consumer was cancelled by the broker")]
     ConsumerEnded,
+}
+
+/// Parses a broker URL; the error names the URL without its credentials.
+pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
+    url.parse::<AMQPUri>().map_err(|_| {
+        format!(
+            "the broker URL {} is not a valid AMQP URL",
+            crate::secrets::redact(url)
+        )
+    })
 }
 
 impl Source {
@@ -122,7 +134,7 @@ impl Source {
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("idemq-sidecar {}", self.config.consumer),
         ));
-        let conn = Connection::connect(&self.url, properties).await?;
+        let conn = Connection::connect_uri(self.uri.clone(), properties).await?;
         let consuming = conn.create_channel().await?;
         consuming
             .basic_qos(rabbit.prefetch, BasicQosOptions::default())
@@ -443,4 +455,14 @@ fn header_text(value: &AMQPValue) -> Option<String> {
         AMQPValue::Timestamp(n) => n.to_string(),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bad_broker_url_is_reported_without_its_password() {
+        let err = super::parse_url("amqp://user:s3cret@rabbit:notaport/vhost").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(super::parse_url("amqp://user:s3cret@rabbit:5672/%2f").is_ok());
+    }
 }
