@@ -91,15 +91,16 @@ pub fn deployment(ic: &IdempotentConsumer) -> Result<Deployment, RenderError> {
                 .unwrap_or_else(|| labels::DEFAULT_REDIS_IMAGE.to_string()),
         ),
         // Dedup keys must never be evicted: a full store refuses writes
-        // (the sidecar then fails closed) instead of forgetting keys.
+        // (the sidecar then fails closed) instead of forgetting keys. No
+        // snapshots (`--save ""`); append-only is off by default. Arguments
+        // avoid bare words like `no`, which YAML 1.1 readers (kubectl) turn
+        // into booleans when they read `inject` output.
         args: Some(
             [
                 "--requirepass",
                 "$(REDIS_PASSWORD)",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
                 "--maxmemory-policy",
                 "noeviction",
             ]
@@ -189,6 +190,12 @@ mod tests {
         assert!(args
             .windows(2)
             .any(|w| w == ["--maxmemory-policy", "noeviction"]));
+        for word in ["no", "yes", "on", "off", "y", "n"] {
+            assert!(
+                !args.iter().any(|a| a.eq_ignore_ascii_case(word)),
+                "{word:?} reads as a boolean in YAML 1.1"
+            );
+        }
         assert!(redis.readiness_probe.is_some());
         assert!(redis
             .resources

