@@ -26,9 +26,14 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Watch only this namespace (default: all).
-    #[arg(long, env = "IDEMQ_WATCH_NAMESPACE")]
-    watch_namespace: Option<String>,
+    /// Watch only these namespaces (repeat the flag or separate with commas;
+    /// default: all namespaces).
+    #[arg(
+        long = "watch-namespace",
+        env = "IDEMQ_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
     /// Sidecar image for policies that name none.
     #[arg(long, env = "IDEMQ_SIDECAR_IMAGE", default_value = labels::DEFAULT_SIDECAR_IMAGE)]
     sidecar_image: String,
@@ -103,11 +108,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(keep_leading(elector, shutdown.clone(), metrics.clone()));
     }
 
-    let ics: Api<IdempotentConsumer> = namespaced_or_all(&client, &args.watch_namespace);
-    let owned = watcher::Config::default()
-        .labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
-    let controller = Controller::new(ics, watcher::Config::default());
-    let store = controller.store();
+    // One controller per watched namespace (or one for the whole cluster):
+    // each needs only the permissions of its own namespace.
+    let scopes: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespaces.iter().cloned().map(Some).collect()
+    };
     let reporter = Reporter {
         controller: labels::MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -119,42 +126,59 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.sidecar_image.clone(),
         metrics.clone(),
     ));
-    // Ready once the API server answers a list of the resource: the client
-    // works, the CRD is installed and RBAC lets us watch it.
-    tokio::spawn({
-        let ics: Api<IdempotentConsumer> = namespaced_or_all(&client, &args.watch_namespace);
-        let ready = ready.clone();
-        async move {
-            loop {
-                match ics.list(&kube::api::ListParams::default().limit(1)).await {
-                    Ok(_) => return ready.store(true, Ordering::Relaxed),
-                    Err(e) => tracing::warn!(error = %e, "cannot list IdempotentConsumers yet"),
+    tokio::spawn(become_ready(client.clone(), scopes.clone(), ready));
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|scope| control(client.clone(), scope, ctx.clone(), shutdown.clone())),
+    )
+    .await;
+    Ok(())
+}
+
+/// Ready once the API server answers a list of the resource in every watched
+/// scope: the client works, the CRD is installed and RBAC lets us watch it.
+async fn become_ready(client: Client, scopes: Vec<Option<String>>, ready: Arc<AtomicBool>) {
+    for scope in &scopes {
+        let ics: Api<IdempotentConsumer> = namespaced_or_all(&client, scope);
+        loop {
+            match ics.list(&kube::api::ListParams::default().limit(1)).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, namespace = ?scope, "cannot list IdempotentConsumers yet")
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-    });
-    let (deployments_store, statefulsets_store) = (store.clone(), store.clone());
+    }
+    ready.store(true, Ordering::Relaxed);
+}
+
+/// Runs the controller for one namespace (`None`: all) until shutdown.
+async fn control(
+    client: Client,
+    scope: Option<String>,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
+    let owned = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
+    let controller = Controller::new(
+        namespaced_or_all::<IdempotentConsumer>(&client, &scope),
+        watcher::Config::default(),
+    );
+    let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
     controller
         .owns(
-            namespaced_or_all::<ConfigMap>(&client, &args.watch_namespace),
+            namespaced_or_all::<ConfigMap>(&client, &scope),
             owned.clone(),
         )
-        .owns(
-            namespaced_or_all::<Service>(&client, &args.watch_namespace),
-            owned.clone(),
-        )
-        .owns(
-            namespaced_or_all::<Secret>(&client, &args.watch_namespace),
-            owned.clone(),
-        )
-        .owns(
-            namespaced_or_all::<Deployment>(&client, &args.watch_namespace),
-            owned,
-        )
+        .owns(namespaced_or_all::<Service>(&client, &scope), owned.clone())
+        .owns(namespaced_or_all::<Secret>(&client, &scope), owned.clone())
+        .owns(namespaced_or_all::<Deployment>(&client, &scope), owned)
         // A target created or changed after its policy: reconcile the policy.
         .watches(
-            namespaced_or_all::<Deployment>(&client, &args.watch_namespace),
+            namespaced_or_all::<Deployment>(&client, &scope),
             watcher::Config::default(),
             move |d| {
                 targeting(
@@ -166,7 +190,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
         )
         .watches(
-            namespaced_or_all::<StatefulSet>(&client, &args.watch_namespace),
+            namespaced_or_all::<StatefulSet>(&client, &scope),
             watcher::Config::default(),
             move |s| {
                 targeting(
@@ -177,7 +201,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 )
             },
         )
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -186,7 +210,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         })
         .await;
-    Ok(())
 }
 
 fn namespaced_or_all<K>(client: &Client, namespace: &Option<String>) -> Api<K>

@@ -1,21 +1,27 @@
-//! The committed CRD YAML is exactly what the Rust types generate.
+//! The committed CRD YAML (in `crds/` and in the chart) is exactly what the
+//! Rust types generate.
 
 use idemq_operator::crd::IdempotentConsumer;
 use kube::CustomResourceExt;
 
+/// The committed CRD: `crds/` for kubectl users and the chart's copy, which
+/// `templates/crds.yaml` renders so that `helm upgrade` upgrades it.
+const COMMITTED: [&str; 2] = [
+    "crds/idempotentconsumers.idemq.dev.yaml",
+    "charts/idemq/files/crds/idempotentconsumers.idemq.dev.yaml",
+];
+
 #[test]
-fn committed_crd_matches_the_types() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/idempotentconsumers.idemq.dev.yaml"
-    );
-    let committed = std::fs::read_to_string(path).expect("crds/ holds the CRD");
+fn committed_crds_match_the_types() {
     let generated = serde_yaml::to_string(&IdempotentConsumer::crd()).expect("serialize");
-    assert!(
-        committed == generated,
-        "crds/idempotentconsumers.idemq.dev.yaml is stale; regenerate it with:\n  \
-         cargo run -p idemq-operator -- crd > crds/idempotentconsumers.idemq.dev.yaml"
-    );
+    for path in COMMITTED {
+        let full = format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"));
+        let committed = std::fs::read_to_string(&full).expect("the CRD is committed");
+        assert!(
+            committed == generated,
+            "{path} is stale; regenerate it with `make crds`"
+        );
+    }
 }
 
 #[test]

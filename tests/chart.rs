@@ -1,0 +1,186 @@
+//! The Helm chart, rendered by a real `helm` binary: its CRDs are exactly
+//! `crds/`, `crds.install=false` renders none, and the watch scope decides
+//! between a ClusterRole and per-namespace Roles.
+//!
+//! helm comes from `bash .ci/tools.sh` (into `.tools/bin`) or `IDEMQ_HELM`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn helm() -> PathBuf {
+    let path = std::env::var_os("IDEMQ_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".tools/bin/helm"));
+    assert!(
+        path.exists(),
+        "helm not found at {}: run `bash .ci/tools.sh` once (or set IDEMQ_HELM)",
+        path.display()
+    );
+    path
+}
+
+/// `helm template` of the chart with `args`, as its YAML documents.
+fn render(args: &[&str]) -> Vec<Value> {
+    let output = Command::new(helm())
+        .args([
+            "template",
+            "idemq",
+            "charts/idemq",
+            "--namespace",
+            "idemq-system",
+        ])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run helm");
+    assert!(
+        output.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    documents(&String::from_utf8(output.stdout).expect("utf-8"))
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `v` with every number as a float: Helm re-encodes the CRD through Go's
+/// YAML, which writes `65535.0` as `65535`; both are the same JSON number.
+fn numbers_as_floats(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => Value::from(n.as_f64().expect("a number")),
+        Value::Sequence(items) => Value::Sequence(items.iter().map(numbers_as_floats).collect()),
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .map(|(k, v)| (k.clone(), numbers_as_floats(v)))
+                .collect(),
+        ),
+        Value::Tagged(t) => numbers_as_floats(&t.value),
+        other => other.clone(),
+    }
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn chart_crds_are_exactly_the_committed_crds_and_are_kept_on_uninstall() {
+    let docs = render(&[]);
+    let rendered = of_kind(&docs, "CustomResourceDefinition");
+    let committed: Vec<Value> = std::fs::read_dir(root().join("crds"))
+        .expect("crds/")
+        .map(|entry| {
+            let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+            serde_yaml::from_str(&text).expect("CRD YAML")
+        })
+        .collect();
+    assert_eq!(
+        rendered.len(),
+        committed.len(),
+        "one rendered CRD per file in crds/"
+    );
+    for crd in rendered {
+        let mut crd = crd.clone();
+        let annotations = crd["metadata"]
+            .as_mapping_mut()
+            .and_then(|m| m.remove("annotations"))
+            .expect("the chart annotates its CRDs");
+        assert_eq!(annotations["helm.sh/resource-policy"], "keep");
+        let name = &crd["metadata"]["name"];
+        let same = committed
+            .iter()
+            .find(|c| &c["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{name:?} is not in crds/"));
+        assert!(
+            numbers_as_floats(&crd) == numbers_as_floats(same),
+            "the chart's CRD {name:?} differs from crds/: copy crds/*.yaml to charts/idemq/files/crds/"
+        );
+    }
+}
+
+#[test]
+fn crds_install_false_renders_no_crd_but_the_operator() {
+    let docs = render(&["--set", "crds.install=false"]);
+    assert!(of_kind(&docs, "CustomResourceDefinition").is_empty());
+    assert_eq!(of_kind(&docs, "Deployment").len(), 1);
+}
+
+#[test]
+fn cluster_wide_by_default_and_namespaced_roles_when_namespaces_are_listed() {
+    let docs = render(&[]);
+    assert_eq!(of_kind(&docs, "ClusterRole").len(), 1);
+    assert_eq!(of_kind(&docs, "ClusterRoleBinding").len(), 1);
+    // Only the leader-election Role, in the release namespace.
+    let roles = of_kind(&docs, "Role");
+    assert_eq!(roles.len(), 1);
+    assert_eq!(roles[0]["metadata"]["namespace"], "idemq-system");
+
+    let docs = render(&["--set", "watchNamespaces={payments,orders}"]);
+    assert!(of_kind(&docs, "ClusterRole").is_empty());
+    assert!(of_kind(&docs, "ClusterRoleBinding").is_empty());
+    let mut bound: Vec<_> = of_kind(&docs, "RoleBinding")
+        .iter()
+        .map(|b| {
+            b["metadata"]["namespace"]
+                .as_str()
+                .expect("namespace")
+                .to_string()
+        })
+        .collect();
+    bound.sort();
+    assert_eq!(bound, ["idemq-system", "orders", "payments"]);
+    let deployment = of_kind(&docs, "Deployment")[0];
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    for ns in ["payments", "orders"] {
+        assert!(
+            args.as_sequence()
+                .expect("args")
+                .contains(&Value::from(format!("--watch-namespace={ns}"))),
+            "the operator is told to watch {ns}: {args:?}"
+        );
+    }
+}
+
+#[test]
+fn the_operator_runs_non_root_on_a_read_only_root_filesystem() {
+    let docs = render(&[]);
+    let pod = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0]["securityContext"];
+    assert_eq!(container["readOnlyRootFilesystem"], true);
+    assert_eq!(container["allowPrivilegeEscalation"], false);
+    assert_eq!(container["capabilities"]["drop"][0], "ALL");
+}
+
+#[test]
+fn a_wrong_value_fails_with_a_message_naming_it() {
+    let output = Command::new(helm())
+        .args([
+            "template",
+            "idemq",
+            "charts/idemq",
+            "--set",
+            "crds.install=yes",
+        ])
+        .current_dir(root())
+        .output()
+        .expect("run helm");
+    assert!(!output.status.success(), "crds.install=yes was accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("crds") && stderr.contains("install"),
+        "{stderr}"
+    );
+}
