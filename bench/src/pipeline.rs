@@ -78,6 +78,11 @@ struct Figures {
     rss_kib: Option<u64>,
     cpu_s_per_100k: Option<f64>,
     redis_bytes_per_key: Option<f64>,
+    /// CPU seconds per 100k messages while draining the backlog: the whole
+    /// machine, RabbitMQ and Redis (where the cost of a scenario lands).
+    host_cpu_per_100k: f64,
+    rabbitmq_cpu_per_100k: f64,
+    redis_cpu_per_100k: f64,
 }
 
 impl Figures {
@@ -148,17 +153,23 @@ async fn scenario_run(
     app.reset();
     let mut redis_admin = crate::claims::connection(REDIS).await?;
     let memory_before = used_memory(&mut redis_admin).await?;
+    let cpu_before = CpuSample::take(&mut redis_admin).await?;
     let consumer = Consumer::start(args, scenario, &queue, &dlx, app, run_id)?;
     let expected_app = if scenario == "raw" { n } else { distinct };
     wait(Duration::from_secs(600), || app.count() >= expected_app).await?;
     broker.wait_empty(&queue).await?;
     // From the first delivery: a consumer's start-up is not its throughput.
     let elapsed = app.since_first();
+    let cpu = CpuSample::take(&mut redis_admin).await?.since(&cpu_before);
+    let per_100k = |seconds: f64| seconds / n as f64 * 100_000.0;
     let mut figures = Figures {
         consumed: n,
         delivered: app.count(),
         duplicates: n - app.count(),
         elapsed,
+        host_cpu_per_100k: per_100k(cpu.host),
+        rabbitmq_cpu_per_100k: per_100k(cpu.rabbitmq),
+        redis_cpu_per_100k: per_100k(cpu.redis),
         ..Default::default()
     };
     if scenario == "idemq" {
@@ -305,6 +316,23 @@ fn print_table(args: &Args, results: &[(String, Figures)]) {
                 .unwrap_or_else(|| "-".into()),
         );
     }
+    println!("CPU seconds per 100k messages while draining the backlog (where the cost lands):");
+    println!(
+        "{:<14} {:>9} {:>9} {:>9} {:>9}",
+        "scenario", "machine", "rabbitmq", "redis", "sidecar"
+    );
+    for (name, f) in results {
+        println!(
+            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9}",
+            name,
+            f.host_cpu_per_100k,
+            f.rabbitmq_cpu_per_100k,
+            f.redis_cpu_per_100k,
+            f.cpu_s_per_100k
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
     let get = |name: &str| results.iter().find(|(n, _)| n == name).map(|(_, f)| f);
     if let Some(idemq) = get("idemq") {
         if let Some(b) = idemq.redis_bytes_per_key {
@@ -359,6 +387,62 @@ async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Re
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .context("INFO memory has no used_memory")
+}
+
+/// CPU seconds used so far: by the whole machine (busy time of all cores),
+/// by RabbitMQ (the `beam.smp` processes) and by Redis (its own INFO).
+#[derive(Default)]
+struct CpuSample {
+    host: f64,
+    rabbitmq: f64,
+    redis: f64,
+}
+
+impl CpuSample {
+    async fn take(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let busy: u64 = stat
+            .lines()
+            .next()
+            .context("/proc/stat is empty")?
+            .split_whitespace()
+            .skip(1)
+            .enumerate()
+            // user nice system idle iowait irq softirq steal: all but idle and iowait.
+            .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+            .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
+            .sum();
+        let mut rabbitmq = 0.0;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "beam.smp" {
+                rabbitmq += process_usage(pid).map(|(_, cpu)| cpu).unwrap_or(0.0);
+            }
+        }
+        let info: String = redis::cmd("INFO").arg("cpu").query_async(redis).await?;
+        let field = |name: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        Ok(Self {
+            host: busy as f64 / 100.0,
+            rabbitmq,
+            redis: field("used_cpu_sys:") + field("used_cpu_user:"),
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            host: self.host - before.host,
+            rabbitmq: self.rabbitmq - before.rabbitmq,
+            redis: self.redis - before.redis,
+        }
+    }
 }
 
 /// Peak RSS (KiB) and CPU seconds of a process, from /proc.

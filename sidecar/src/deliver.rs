@@ -41,11 +41,20 @@ const RESERVED: &[&str] = &[
 
 pub struct Deliverer {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing it for every message shows in profiles.
+    url: reqwest::Url,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DelivererError {
+    #[error("delivery.url is not a valid URL: {0}")]
+    Url(#[from] url::ParseError),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
 }
 
 impl Deliverer {
-    pub fn new(config: &DeliveryConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &DeliveryConfig) -> Result<Self, DelivererError> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(2)))
@@ -53,7 +62,7 @@ impl Deliverer {
             .build()?;
         Ok(Self {
             client,
-            url: config.url.clone(),
+            url: reqwest::Url::parse(&config.url)?,
         })
     }
 
@@ -67,7 +76,7 @@ impl Deliverer {
         let started = Instant::now();
         let mut request = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("idemq-delivery-attempt", attempt.to_string())
             .body(message.body.clone());
         if let Some(key) = key.and_then(|k| HeaderValue::from_str(k).ok()) {

@@ -31,7 +31,7 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         .delivery
         .as_ref()
         .context("pipeline mode needs delivery (validated)")?;
-    let deliverer = Deliverer::new(delivery).context("build the HTTP client")?;
+    let deliverer = Deliverer::new(delivery)?;
     let engine = Arc::new(Engine::new(
         ctx.config.clone(),
         ctx.store.clone(),

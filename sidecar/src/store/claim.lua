@@ -1,50 +1,65 @@
--- claim: take an idempotency key, or say why not.
+-- claim: take idempotency keys, or say why not. One call claims a batch of
+-- keys, one after the other, atomically.
 --
--- KEYS[1]  in-progress key of this digest   (<prefix>p:<digest>)
--- KEYS[2]  prefix of the completed buckets   (<prefix>c:<windowMs>:)
--- ARGV[1]  field: the digest without its shard bytes
--- ARGV[2]  shard number (string)
--- ARGV[3]  fingerprint (8 bytes) or ''
--- ARGV[4]  token (32 hex chars)
--- ARGV[5]  lease in ms
--- ARGV[6]  retention in ms
--- ARGV[7]  window width in ms
+-- KEYS[i]  in-progress key of item i             (<prefix>p:<digest>)
+-- ARGV[1]  the consumer's key prefix             (idemq:{<consumer>}:)
+-- then 7 arguments per item i, from ARGV[2 + 7 * (i - 1)]:
+--   field     the digest without its shard bytes
+--   shard     shard number (string)
+--   fp        fingerprint (8 bytes) or ''
+--   token     token (32 hex chars)
+--   lease     lease in ms
+--   retention retention in ms
+--   width     window width in ms
 --
--- Returns {'A', 0} acquired, {'C', 0} completed, {'I', pttl} in flight,
--- {'X', 0} conflict (same key, other fingerprint).
+-- Returns one {status, pttl} per item: {'A', 0} acquired; {'C', 0} completed;
+-- {'I', pttl} in flight; {'X', 0} conflict (same key, other fingerprint).
 --
 -- The in-progress value is fingerprint .. token; the key's TTL is the lease.
--- Completed keys are fields of hashes bucketed by completion window, so a
--- claim looks at every window still alive. Time comes from the server so
--- that every replica of a consumer agrees on the windows.
+-- Completed keys are fields of hashes bucketed by completion window
+-- (<prefix>c:<width>:<window>:<shard>), so a claim looks at every window still
+-- alive. Time comes from the server so that every replica of a consumer
+-- agrees on the windows.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local fp = ARGV[3]
+local prefix = ARGV[1]
 
-local function differs(stored)
-  return stored ~= '' and fp ~= '' and stored ~= fp
-end
-
-local held = redis.call('GET', KEYS[1])
-if held then
-  if differs(string.sub(held, 1, #held - 32)) then
-    return {'X', 0}
+local function claim(key, field, shard, fp, token, lease, retention, width)
+  local function differs(stored)
+    return stored ~= '' and fp ~= '' and stored ~= fp
   end
-  return {'I', redis.call('PTTL', KEYS[1])}
-end
 
-local width = tonumber(ARGV[7])
-local retention = tonumber(ARGV[6])
-for window = math.floor((now - retention) / width), math.floor(now / width) do
-  local stored = redis.call('HGET', KEYS[2] .. string.format('%d', window) .. ':' .. ARGV[2], ARGV[1])
-  if stored then
-    if differs(stored) then
-      return {'X', 0}
+  local held = redis.call('GET', key)
+  if held then
+    if differs(string.sub(held, 1, #held - 32)) then
+      return 'X', 0
     end
-    return {'C', 0}
+    return 'I', redis.call('PTTL', key)
   end
+
+  local buckets = prefix .. 'c:' .. width .. ':'
+  local w = tonumber(width)
+  local r = tonumber(retention)
+  for window = math.floor((now - r) / w), math.floor(now / w) do
+    local stored = redis.call('HGET', buckets .. string.format('%d', window) .. ':' .. shard, field)
+    if stored then
+      if differs(stored) then
+        return 'X', 0
+      end
+      return 'C', 0
+    end
+  end
+
+  redis.call('SET', key, fp .. token, 'PX', lease)
+  return 'A', 0
 end
 
-redis.call('SET', KEYS[1], fp .. ARGV[4], 'PX', ARGV[5])
-return {'A', 0}
+local out = {}
+for i = 1, #KEYS do
+  local a = 2 + 7 * (i - 1)
+  local status, pttl = claim(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+  out[i] = {status, pttl}
+end
+return out

@@ -16,6 +16,7 @@
 //! replica of a consumer) and [`memory::MemoryStore`], the embedded default for
 //! local runs. Both pass the same behavioural test suite.
 
+pub mod batch;
 pub mod instrumented;
 pub mod memory;
 pub mod redis;
@@ -47,7 +48,7 @@ pub enum Transition {
     Stale,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store call {op} timed out after {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },

@@ -13,14 +13,18 @@
 //!
 //! `<digest>` is the first 16 bytes of SHA-256 of the idempotency key, so key
 //! size is fixed whatever the application sends. Every transition is one Lua
-//! script (see the `.lua` files beside this one), run by SHA.
+//! script (see the `.lua` files beside this one), run by SHA. Claims and
+//! completions are batched (see [`super::batch`]): one script call runs the
+//! transitions of every delivery that asked meanwhile, each atomically.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, Script};
 use sha2::{Digest, Sha256};
 
+use super::batch::Batcher;
 use super::{Claim, KeyStore, StoreError, Token, Transition};
 
 /// Completed keys are spread over 4096 hashes per window (the first 12 bits of
@@ -45,13 +49,56 @@ pub struct RedisOptions {
     pub timeout: Duration,
 }
 
-/// The Redis store. Cheap to clone; clones share one multiplexed connection,
-/// on which concurrent calls are pipelined.
+/// The Redis store. Cheap to clone; clones share one multiplexed connection
+/// and the batching tasks of claims and completions.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    redis: Redis,
     prefix: String,
+    claims: Arc<Batcher<ClaimItem, (String, i64)>>,
+    completions: Arc<Batcher<CompleteItem, i64>>,
+}
+
+/// The connection, with the timeout of every call.
+#[derive(Clone)]
+struct Redis {
+    conn: ConnectionManager,
     timeout: Duration,
+}
+
+impl Redis {
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+/// One claim of a batch: the arguments of `claim.lua` for one key.
+struct ClaimItem {
+    digest: Digest16,
+    fingerprint: Vec<u8>,
+    token: String,
+    lease_ms: u64,
+    retention_ms: u64,
+    width_ms: u64,
+}
+
+/// One completion of a batch: the arguments of `complete.lua` for one key.
+struct CompleteItem {
+    digest: Digest16,
+    token: String,
+    retention_ms: u64,
+    width_ms: u64,
 }
 
 fn scripts() -> &'static [Script; 3] {
@@ -66,8 +113,9 @@ fn scripts() -> &'static [Script; 3] {
 }
 
 impl RedisStore {
-    /// Creates the store. It connects lazily and reconnects by itself, so it can
-    /// be built while Redis is down; `ping` tells when it answers.
+    /// Creates the store, inside a tokio runtime (it spawns its batching
+    /// tasks). It connects lazily and reconnects by itself, so it can be built
+    /// while Redis is down; `ping` tells when it answers.
     pub fn new(options: RedisOptions) -> Result<Self, StoreError> {
         let redis_err = |source| StoreError::Redis {
             op: "connect",
@@ -93,10 +141,22 @@ impl RedisStore {
             .set_response_timeout(Some(options.timeout))
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_err)?;
-        Ok(Self {
+        let redis = Redis {
             conn,
-            prefix: format!("idemq:{{{}}}:", options.namespace),
             timeout: options.timeout,
+        };
+        let prefix = format!("idemq:{{{}}}:", options.namespace);
+        Ok(Self {
+            claims: Arc::new(Batcher::spawn("claim", {
+                let (redis, prefix) = (redis.clone(), prefix.clone());
+                move |items| claim_batch(redis.clone(), prefix.clone(), items)
+            })),
+            completions: Arc::new(Batcher::spawn("complete", {
+                let (redis, prefix) = (redis.clone(), prefix.clone());
+                move |items| complete_batch(redis.clone(), prefix.clone(), items)
+            })),
+            redis,
+            prefix,
         })
     }
 
@@ -104,21 +164,46 @@ impl RedisStore {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+}
 
-    async fn call<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
-            Err(_) => Err(StoreError::Timeout {
-                op,
-                timeout: self.timeout,
-            }),
-        }
+async fn claim_batch(
+    redis: Redis,
+    prefix: String,
+    items: Vec<ClaimItem>,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut invocation = scripts()[0].prepare_invoke();
+    invocation.arg(&prefix);
+    for item in &items {
+        invocation
+            .key(&item.digest.in_progress)
+            .arg(&item.digest.field)
+            .arg(&item.digest.shard)
+            .arg(&item.fingerprint)
+            .arg(&item.token)
+            .arg(item.lease_ms)
+            .arg(item.retention_ms)
+            .arg(item.width_ms);
     }
+    redis.invoke("claim", &invocation).await
+}
+
+async fn complete_batch(
+    redis: Redis,
+    prefix: String,
+    items: Vec<CompleteItem>,
+) -> Result<Vec<i64>, StoreError> {
+    let mut invocation = scripts()[1].prepare_invoke();
+    invocation.arg(&prefix);
+    for item in &items {
+        invocation
+            .key(&item.digest.in_progress)
+            .arg(&item.digest.field)
+            .arg(&item.digest.shard)
+            .arg(&item.token)
+            .arg(item.retention_ms)
+            .arg(item.width_ms);
+    }
+    redis.invoke("complete", &invocation).await
 }
 
 /// The parts of a key's digest the scripts need.
@@ -142,11 +227,6 @@ impl RedisStore {
             shard,
             field: digest[SHARD_BYTES..].to_vec(),
         }
-    }
-
-    fn buckets(&self, retention: Duration) -> (String, u64) {
-        let width = window_width(retention);
-        (format!("{}c:{}:", self.prefix, width), width)
     }
 }
 
@@ -176,21 +256,18 @@ impl KeyStore for RedisStore {
         lease: Duration,
         retention: Duration,
     ) -> Result<Claim, StoreError> {
-        let d = self.digest(key);
-        let (buckets, width) = self.buckets(retention);
         let token = Token(uuid::Uuid::new_v4().simple().to_string());
-        let mut invocation = scripts()[0].prepare_invoke();
-        invocation
-            .key(&d.in_progress)
-            .key(&buckets)
-            .arg(&d.field)
-            .arg(&d.shard)
-            .arg(short_fingerprint(fingerprint))
-            .arg(&token.0)
-            .arg(millis(lease))
-            .arg(millis(retention))
-            .arg(width);
-        let (status, pttl): (String, i64) = self.call("claim", invocation).await?;
+        let (status, pttl) = self
+            .claims
+            .call(ClaimItem {
+                digest: self.digest(key),
+                fingerprint: short_fingerprint(fingerprint),
+                token: token.0.clone(),
+                lease_ms: millis(lease),
+                retention_ms: millis(retention),
+                width_ms: window_width(retention),
+            })
+            .await?;
         match status.as_str() {
             "A" => Ok(Claim::Acquired { token }),
             "C" => Ok(Claim::Completed),
@@ -214,18 +291,15 @@ impl KeyStore for RedisStore {
         if token.0.len() != TOKEN_LEN {
             return Ok(Transition::Stale);
         }
-        let d = self.digest(key);
-        let (buckets, width) = self.buckets(retention);
-        let mut invocation = scripts()[1].prepare_invoke();
-        invocation
-            .key(&d.in_progress)
-            .key(&buckets)
-            .arg(&d.field)
-            .arg(&d.shard)
-            .arg(&token.0)
-            .arg(millis(retention))
-            .arg(width);
-        let done: i64 = self.call("complete", invocation).await?;
+        let done = self
+            .completions
+            .call(CompleteItem {
+                digest: self.digest(key),
+                token: token.0.clone(),
+                retention_ms: millis(retention),
+                width_ms: window_width(retention),
+            })
+            .await?;
         Ok(if done == 1 {
             Transition::Done
         } else {
@@ -237,10 +311,9 @@ impl KeyStore for RedisStore {
         if token.0.len() != TOKEN_LEN {
             return Ok(Transition::Stale);
         }
-        let d = self.digest(key);
         let mut invocation = scripts()[2].prepare_invoke();
-        invocation.key(&d.in_progress).arg(&token.0);
-        let done: i64 = self.call("release", invocation).await?;
+        invocation.key(self.digest(key).in_progress).arg(&token.0);
+        let done: i64 = self.redis.invoke("release", &invocation).await?;
         Ok(if done == 1 {
             Transition::Done
         } else {
@@ -249,14 +322,15 @@ impl KeyStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.redis.conn.clone();
         let ping = redis::cmd("PING");
-        match tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut conn)).await {
+        let timeout = self.redis.timeout;
+        match tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(source)) => Err(StoreError::Redis { op: "ping", source }),
             Err(_) => Err(StoreError::Timeout {
                 op: "ping",
-                timeout: self.timeout,
+                timeout,
             }),
         }
     }
