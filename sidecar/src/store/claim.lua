@@ -41,7 +41,8 @@ local function claim(key, field, shard, fp, token, lease, retention, width)
   local buckets = prefix .. 'c:' .. width .. ':'
   local w = tonumber(width)
   local r = tonumber(retention)
-  for window = math.floor((now - r) / w), math.floor(now / w) do
+  -- Newest window first: a duplicate is most often of a recent message.
+  for window = math.floor(now / w), math.floor((now - r) / w), -1 do
     local stored = redis.call('HGET', buckets .. string.format('%d', window) .. ':' .. shard, field)
     if stored then
       if differs(stored) then
