@@ -9,14 +9,17 @@
 //! back-off. A finalizer withdraws the sidecar and deletes what the resource
 //! owns when it is deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::error_boundary::InvalidObject;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -61,6 +64,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive not-ready reconciles per object, for exponential back-off.
     failures: Mutex<HashMap<ObjectRef<IdempotentConsumer>, u32>>,
+    /// Malformed objects already reported, by uid and generation.
+    malformed: Mutex<HashSet<(String, Option<i64>)>>,
 }
 
 impl Context {
@@ -78,6 +83,7 @@ impl Context {
             sidecar_image,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            malformed: Mutex::new(HashSet::new()),
         }
     }
 
@@ -155,6 +161,94 @@ pub fn conditions(
         .collect()
 }
 
+/// What the controller watches: an object that does not deserialize (a value
+/// the schema let through but the types refuse, or an object stored under an
+/// older schema) arrives as an error instead of breaking the watch of every
+/// other object.
+pub type Guarded = DeserializeGuard<IdempotentConsumer>;
+
+/// The controller's entry point: reconciles a well-formed object, reports a
+/// malformed one (a condition and an Event) and waits for it to change.
+pub async fn reconcile_guarded(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match &guard.0 {
+        Ok(ic) => reconcile(Arc::new(ic.clone()), ctx).await,
+        Err(invalid) => {
+            report_malformed(invalid, &ctx).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+pub fn error_policy_guarded(guard: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    match &guard.0 {
+        Ok(ic) => error_policy(Arc::new(ic.clone()), error, ctx),
+        Err(invalid) => {
+            tracing::warn!(name = ?invalid.metadata.name, error = %error, "could not report a malformed IdempotentConsumer");
+            Action::requeue(backoff(3))
+        }
+    }
+}
+
+/// Ready=False with reason `Malformed` and a Warning Event, once per
+/// generation: writing status does not change the generation, so this does
+/// not loop on its own write.
+async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), Error> {
+    let meta = &invalid.metadata;
+    let seen = (meta.uid.clone().unwrap_or_default(), meta.generation);
+    let first = ctx
+        .malformed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(seen.clone());
+    if !first {
+        return Ok(());
+    }
+    let (name, ns) = (
+        meta.name.clone().unwrap_or_default(),
+        meta.namespace.clone().unwrap_or_default(),
+    );
+    tracing::warn!(%name, namespace = %ns, error = %invalid.error, "malformed IdempotentConsumer");
+    let message = format!(
+        "the resource does not match {}: {}",
+        IdempotentConsumer::api_version(&()),
+        invalid.error
+    );
+    let status = IdempotentConsumerStatus {
+        observed_generation: meta.generation,
+        conditions: conditions(
+            &[verdict(READY, false, MALFORMED, message.clone())],
+            &[],
+            meta.generation,
+            &Time(k8s_openapi::jiff::Timestamp::now()),
+        ),
+        config_hash: None,
+    };
+    let written = Api::<Guarded>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await;
+    if let Err(e) = written {
+        ctx.malformed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&seen);
+        return Err(e.into());
+    }
+    let reference = ObjectReference {
+        api_version: Some(IdempotentConsumer::api_version(&()).into_owned()),
+        kind: Some(IdempotentConsumer::kind(&()).into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        ..ObjectReference::default()
+    };
+    publish_to(ctx, &reference, EventType::Warning, MALFORMED, message).await;
+    Ok(())
+}
+
 pub async fn reconcile(ic: Arc<IdempotentConsumer>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let ns = ic.namespace().unwrap_or_default();
@@ -204,6 +298,16 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
+    publish_to(ctx, &ic.object_ref(&()), type_, reason, note).await;
+}
+
+async fn publish_to(
+    ctx: &Context,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_string(),
@@ -211,7 +315,7 @@ async fn publish(
         action: "Reconcile".to_string(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &ic.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
         tracing::warn!(error = %e, "could not publish an event");
     }
 }
@@ -907,6 +1011,53 @@ mod scenarios {
             kube::runtime::controller::Action::await_change(),
             "retrying cannot fix it"
         );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_object_gets_a_condition_and_an_event_once_per_generation() {
+        // Stored under an older schema: `target` was a plain string.
+        let guard: super::Guarded = serde_json::from_value(json!({
+            "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+            "metadata": { "name": "orders", "namespace": "shop", "uid": "u-1", "generation": 3 },
+            "spec": { "target": "orders-worker" }
+        }))
+        .expect("a guard always deserializes");
+        assert!(guard.0.is_err(), "the object is malformed");
+        let status = Arc::new(Mutex::new(None));
+        let expected = vec![
+            status_patch(status.clone()),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+                assert_eq!(e["reason"], "Malformed");
+                assert_eq!(e["type"], "Warning");
+                assert_eq!(e["regarding"]["name"], "orders");
+                assert!(
+                    e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("Expected struct Target")),
+                    "the note names the problem: {e}"
+                );
+            }),
+        ];
+        let (ctx, handle) = fixtures::context();
+        let server = tokio::spawn(fixtures::serve(handle, expected));
+        let guard = Arc::new(guard);
+        let action = super::reconcile_guarded(guard.clone(), ctx.clone())
+            .await
+            .expect("reported, not failed");
+        server.await.expect("every expected request came");
+        assert_eq!(action, kube::runtime::controller::Action::await_change());
+        assert_eq!(
+            conditions(&status),
+            [("Ready".into(), "False".into(), "Malformed".into())]
+        );
+        let written = status.lock().expect("lock").clone().expect("status");
+        assert_eq!(written["observedGeneration"], 3);
+
+        // Its own status write comes back as a watch event: no second report
+        // (the mock API server is gone, so any request would fail).
+        super::reconcile_guarded(guard, ctx)
+            .await
+            .expect("nothing more to say about this generation");
     }
 
     #[tokio::test]

@@ -293,6 +293,8 @@ pub mod conditions {
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The object does not deserialize into the resource's types.
+    pub const MALFORMED: &str = "Malformed";
     pub const INJECTED: &str = "Injected";
     pub const BOUND: &str = "Bound";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";

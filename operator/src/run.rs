@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::StreamExt;
 use idemq_operator::broker::Amqp;
-use idemq_operator::controller::{self, Context};
-use idemq_operator::crd::{IdempotentConsumer, TargetKind};
+use idemq_operator::controller::{self, Context, Guarded};
+use idemq_operator::crd::TargetKind;
 use idemq_operator::labels;
 use idemq_operator::leader::Elector;
 use idemq_operator::metrics::Metrics;
@@ -140,7 +140,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// scope: the client works, the CRD is installed and RBAC lets us watch it.
 async fn become_ready(client: Client, scopes: Vec<Option<String>>, ready: Arc<AtomicBool>) {
     for scope in &scopes {
-        let ics: Api<IdempotentConsumer> = namespaced_or_all(&client, scope);
+        let ics: Api<Guarded> = namespaced_or_all(&client, scope);
         loop {
             match ics.list(&kube::api::ListParams::default().limit(1)).await {
                 Ok(_) => break,
@@ -164,7 +164,7 @@ async fn control(
     let owned = watcher::Config::default()
         .labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
     let controller = Controller::new(
-        namespaced_or_all::<IdempotentConsumer>(&client, &scope),
+        namespaced_or_all::<Guarded>(&client, &scope),
         watcher::Config::default(),
     );
     let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
@@ -202,7 +202,11 @@ async fn control(
             },
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(controller::reconcile, controller::error_policy, ctx)
+        .run(
+            controller::reconcile_guarded,
+            controller::error_policy_guarded,
+            ctx,
+        )
         .for_each(|result| async move {
             match result {
                 Ok((object, _)) => tracing::debug!(name = %object.name, "reconciled"),
@@ -225,20 +229,22 @@ where
 
 /// The policies that target the workload `kind` `namespace`/`name`.
 fn targeting(
-    store: &Store<IdempotentConsumer>,
+    store: &Store<Guarded>,
     kind: TargetKind,
     namespace: &str,
     name: &str,
-) -> Vec<ObjectRef<IdempotentConsumer>> {
+) -> Vec<ObjectRef<Guarded>> {
     store
         .state()
         .iter()
-        .filter(|ic| {
-            ic.namespace().as_deref() == Some(namespace)
-                && ic.spec.target.kind == kind
-                && ic.spec.target.name == name
+        .filter(|guard| {
+            guard.0.as_ref().is_ok_and(|ic| {
+                ic.namespace().as_deref() == Some(namespace)
+                    && ic.spec.target.kind == kind
+                    && ic.spec.target.name == name
+            })
         })
-        .map(|ic| ObjectRef::from(ic.as_ref()))
+        .map(|guard| ObjectRef::from(guard.as_ref()))
         .collect()
 }
 
