@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -45,8 +47,16 @@ impl Plan {
 pub enum BindError {
     #[error("the broker is unreachable: {0}")]
     Unreachable(String),
+    /// PRECONDITION_FAILED: the queue exists with other arguments.
+    #[error("the queue exists with other arguments: {0}")]
+    ArgumentsMismatch(String),
+    /// Any other refusal (ACCESS_REFUSED for a user without permissions, …).
     #[error("the broker refused a declaration: {0}")]
     Refused(String),
+    /// The exchange to bind to does not exist. It belongs to its producers:
+    /// idemq binds to it but does not guess its type to declare it.
+    #[error("exchange {0:?} does not exist; declare it (its producers own it) or remove `exchange` from the spec")]
+    ExchangeNotFound(String),
 }
 
 /// Declares and removes bindings; a trait so controller tests can substitute it.
@@ -76,7 +86,22 @@ async fn connect(url: &str) -> Result<Connection, BindError> {
 }
 
 fn refused(e: lapin::Error) -> BindError {
-    BindError::Refused(e.to_string())
+    if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) {
+        BindError::ArgumentsMismatch(e.to_string())
+    } else {
+        BindError::Refused(e.to_string())
+    }
+}
+
+/// The broker's channel-level error code, when that is what `e` is.
+fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
 }
 
 #[async_trait::async_trait]
@@ -131,7 +156,13 @@ impl Binder for Amqp {
                         FieldTable::default(),
                     )
                     .await
-                    .map_err(refused)?;
+                    .map_err(|e| {
+                        if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) {
+                            BindError::ExchangeNotFound(exchange.clone())
+                        } else {
+                            refused(e)
+                        }
+                    })?;
                 }
             }
             // Closing the channel first keeps the connection close quiet.

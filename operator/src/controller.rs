@@ -538,7 +538,13 @@ async fn bind_broker(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Verdic
             ),
         ),
         Err(BindError::Unreachable(e)) => verdict(BROKER_BOUND, false, BROKER_UNREACHABLE, e),
-        Err(BindError::Refused(e)) => verdict(BROKER_BOUND, false, QUEUE_MISMATCH, e),
+        Err(e @ BindError::ArgumentsMismatch(_)) => {
+            verdict(BROKER_BOUND, false, QUEUE_MISMATCH, e.to_string())
+        }
+        Err(e @ BindError::ExchangeNotFound(_)) => {
+            verdict(BROKER_BOUND, false, EXCHANGE_NOT_FOUND, e.to_string())
+        }
+        Err(BindError::Refused(e)) => verdict(BROKER_BOUND, false, BROKER_REFUSED, e),
     }
 }
 

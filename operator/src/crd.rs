@@ -299,6 +299,8 @@ pub mod conditions {
     pub const BOUND: &str = "Bound";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const QUEUE_MISMATCH: &str = "QueueArgumentsMismatch";
+    pub const EXCHANGE_NOT_FOUND: &str = "ExchangeNotFound";
+    pub const BROKER_REFUSED: &str = "BrokerRefused";
     pub const REDIS_READY: &str = "RedisReady";
     pub const REDIS_NOT_READY: &str = "RedisNotReady";
     pub const EXTERNAL_SECRET_FOUND: &str = "ExternalSecretFound";

@@ -150,15 +150,43 @@ async fn an_existing_queue_with_other_arguments_is_reported_not_fought() {
     .expect("declare the user's queue");
     let p = plan(&queue, None);
     match Amqp.bind(URL, &p).await {
-        Err(BindError::Refused(message)) => assert!(
+        Err(BindError::ArgumentsMismatch(message)) => assert!(
             message.contains("PRECONDITION_FAILED") || message.contains("inequivalent"),
             "{message}"
         ),
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("expected an arguments mismatch, got {other:?}"),
     }
     // The user's queue is untouched.
     let (_conn2, ch2) = channel().await;
     ready(&ch2, &queue).await;
+    cleanup(&ch2, &p, None).await;
+}
+
+#[tokio::test]
+async fn a_missing_exchange_is_named_not_declared() {
+    let queue = unique("op-noexchange");
+    let exchange = unique("op-absent");
+    let mut p = plan(&queue, Some(&exchange));
+    p.routing_keys = vec!["order.created".into()];
+    assert_eq!(
+        Amqp.bind(URL, &p).await,
+        Err(BindError::ExchangeNotFound(exchange.clone()))
+    );
+    // Not declared behind the user's back.
+    let (_conn, ch) = channel().await;
+    let passive = ch
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(passive.is_err(), "the exchange was declared");
+    let (_conn2, ch2) = channel().await;
     cleanup(&ch2, &p, None).await;
 }
 
