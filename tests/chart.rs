@@ -130,17 +130,30 @@ fn cluster_wide_by_default_and_namespaced_roles_when_namespaces_are_listed() {
     let docs = render(&["--set", "watchNamespaces={payments,orders}"]);
     assert!(of_kind(&docs, "ClusterRole").is_empty());
     assert!(of_kind(&docs, "ClusterRoleBinding").is_empty());
-    let mut bound: Vec<_> = of_kind(&docs, "RoleBinding")
-        .iter()
-        .map(|b| {
-            b["metadata"]["namespace"]
-                .as_str()
-                .expect("namespace")
-                .to_string()
-        })
-        .collect();
-    bound.sort();
-    assert_eq!(bound, ["idemq-system", "orders", "payments"]);
+    // A Role and its binding in each watched namespace, and the leader's in
+    // the release namespace.
+    for kind in ["Role", "RoleBinding"] {
+        let mut placed: Vec<_> = of_kind(&docs, kind)
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r["metadata"]["namespace"].as_str().expect("namespace"),
+                    r["metadata"]["name"].as_str().expect("name")
+                )
+            })
+            .collect();
+        placed.sort();
+        assert_eq!(
+            placed,
+            [
+                "idemq-system/idemq-operator-leader",
+                "orders/idemq-operator",
+                "payments/idemq-operator"
+            ],
+            "{kind}s"
+        );
+    }
     let deployment = of_kind(&docs, "Deployment")[0];
     let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
     for ns in ["payments", "orders"] {

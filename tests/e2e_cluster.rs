@@ -2,8 +2,10 @@
 //!
 //! Runs only when `IDEMQ_E2E_KUBECONFIG` names a kubeconfig; otherwise each
 //! test prints that it was skipped. It installs the CRD, runs the operator
-//! binary (watching only a temporary namespace, with its own leader Lease),
-//! and checks what a user would: the injected sidecar, the owned objects, the
+//! binary (watching only a temporary namespace, with its own leader Lease, and
+//! authenticated as the chart's ServiceAccount with the chart's RBAC and no
+//! more, so a rule the operator needs and the chart lacks fails here), and
+//! checks what a user would: the injected sidecar, the owned objects, the
 //! status conditions and Events, a policy change rolling the pods, and the
 //! cleanup on deletion. The broker Secret points at the RabbitMQ on this
 //! machine (the operator runs here too). Without a kubelet, pods stay Pending,
@@ -13,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use idemq_operator::crd::IdempotentConsumer;
-use idemq_tests::{client, e2e_kubeconfig, eventually, unique, workspace_binary};
+use idemq_tests::{chart_identity, client, e2e_kubeconfig, eventually, unique, workspace_binary};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -156,7 +158,8 @@ async fn scenario(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> an
     let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
     ics.create(&PostParams::default(), &policy("orders", "worker", &queue))
         .await?;
-    let _operator = start_operator(kubeconfig, ns)?;
+    let identity = chart_identity(client, kubeconfig, ns).await?;
+    let _operator = start_operator(identity.path(), ns)?;
 
     // Injected and bound; the store's readiness is reported as it is.
     let ic = eventually(WAIT, "SidecarInjected and BrokerBound", || async {

@@ -70,3 +70,118 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The helm binary: `IDEMQ_HELM`, or the one `bash .ci/tools.sh` installs.
+pub fn helm() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("IDEMQ_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".tools/bin/helm"));
+    anyhow::ensure!(
+        path.exists(),
+        "helm not found at {}: run `bash .ci/tools.sh` once (or set IDEMQ_HELM)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Installs the chart's ServiceAccount and RBAC for an operator that watches
+/// `namespace` (its leader Lease there too), exactly as `helm template`
+/// renders them, and returns a kubeconfig that authenticates as that
+/// ServiceAccount: the operator then runs with no more rights than the chart
+/// gives it.
+pub async fn chart_identity(
+    client: &kube::Client,
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+    use kube::core::GroupVersionKind;
+    use serde::Deserialize;
+
+    let output = std::process::Command::new(helm()?)
+        .args([
+            "template",
+            "idemq",
+            "charts/idemq",
+            "--namespace",
+            namespace,
+        ])
+        .args(["--set", "crds.install=false"])
+        .args(["--set", &format!("watchNamespaces={{{namespace}}}")])
+        .args([
+            "-s",
+            "templates/serviceaccount.yaml",
+            "-s",
+            "templates/rbac.yaml",
+        ])
+        .current_dir(root())
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut service_account = None;
+    for document in serde_yaml::Deserializer::from_slice(&output.stdout) {
+        let Some(object) = Option::<DynamicObject>::deserialize(document)? else {
+            continue;
+        };
+        let types = object
+            .types
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("a rendered object without apiVersion/kind"))?;
+        let gvk = GroupVersionKind::try_from(&types)?;
+        let (resource, _) = kube::discovery::pinned_kind(client, &gvk).await?;
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let api: kube::Api<DynamicObject> = match &object.metadata.namespace {
+            Some(ns) => kube::Api::namespaced_with(client.clone(), ns, &resource),
+            None => kube::Api::all_with(client.clone(), &resource),
+        };
+        api.patch(
+            &name,
+            &PatchParams::apply("idemq-e2e").force(),
+            &Patch::Apply(&object),
+        )
+        .await?;
+        if gvk.kind == "ServiceAccount" {
+            service_account = Some(name);
+        }
+    }
+    let service_account =
+        service_account.ok_or_else(|| anyhow::anyhow!("the chart rendered no ServiceAccount"))?;
+    let token = kube::Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(
+            &service_account,
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..TokenRequestSpec::default()
+                },
+                ..TokenRequest::default()
+            },
+        )
+        .await?
+        .status
+        .ok_or_else(|| anyhow::anyhow!("a TokenRequest without status"))?
+        .token;
+
+    // The e2e cluster, with the ServiceAccount's token as its only user.
+    let mut config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    for user in &mut config.auth_infos {
+        user.auth_info = Some(kube::config::AuthInfo {
+            token: Some(token.clone().into()),
+            ..kube::config::AuthInfo::default()
+        });
+    }
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), serde_yaml::to_string(&config)?)?;
+    Ok(file)
+}
