@@ -63,6 +63,11 @@ pub struct Args {
     /// The sidecar binary (default: next to this one).
     #[arg(long)]
     pub sidecar_bin: Option<PathBuf>,
+    /// Rounds of every scenario, interleaved (raw, idemq, …, raw, idemq, …);
+    /// each scenario reports its median round, so that a machine whose speed
+    /// drifts during the run does not favour the scenario that ran first.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// What a scenario measured.
@@ -94,18 +99,33 @@ impl Figures {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let app = App::start().await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let mut rounds: Vec<(String, Vec<Figures>)> = args
+        .scenarios
+        .iter()
+        .map(|s| (s.clone(), Vec::new()))
+        .collect();
+    for round in 1..=args.rounds.max(1) {
+        for (scenario, figures) in &mut rounds {
+            let n = if scenario == "naive" {
+                args.naive_messages.min(args.messages)
+            } else {
+                args.messages
+            };
+            eprintln!("== round {round}: {scenario}: {n} messages");
+            let run_id = format!("{run_id}-r{round}");
+            figures.push(
+                scenario_run(&args, &app, scenario, n, &run_id)
+                    .await
+                    .with_context(|| format!("scenario {scenario}, round {round}"))?,
+            );
+        }
+    }
     let mut results: Vec<(String, Figures)> = Vec::new();
-    for scenario in &args.scenarios {
-        let n = if scenario == "naive" {
-            args.naive_messages.min(args.messages)
-        } else {
-            args.messages
-        };
-        eprintln!("== {scenario}: {n} messages");
-        let figures = scenario_run(&args, &app, scenario, n, &run_id)
-            .await
-            .with_context(|| format!("scenario {scenario}"))?;
-        results.push((scenario.clone(), figures));
+    for (scenario, mut figures) in rounds {
+        figures.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        let rates: Vec<String> = figures.iter().map(|f| format!("{:.0}", f.rate())).collect();
+        eprintln!("{scenario}: msg/s by round, sorted: {}", rates.join(", "));
+        results.push((scenario, figures[figures.len() / 2].clone()));
     }
     print_table(&args, &results);
     Ok(())
@@ -236,6 +256,7 @@ pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Resu
         paced_seconds: 0,
         scenarios: vec![],
         sidecar_bin,
+        rounds: 1,
     };
     let app = App::start().await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
@@ -277,11 +298,12 @@ pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Resu
 fn print_table(args: &Args, results: &[(String, Figures)]) {
     println!();
     println!(
-        "idemq pipeline benchmark: {} messages ({}% duplicates by message_id, {}-byte bodies), prefetch {}",
+        "idemq pipeline benchmark: {} messages ({}% duplicates by message_id, {}-byte bodies), prefetch {}, median of {} interleaved rounds",
         args.messages,
         (args.dup_ratio * 100.0).round(),
         args.body_bytes,
-        args.prefetch
+        args.prefetch,
+        args.rounds.max(1)
     );
     println!("throughput drains a backlog; latency is end to end (publish → app) on a paced stream of {} msg/s", args.paced_rate);
     println!(
