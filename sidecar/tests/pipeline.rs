@@ -459,7 +459,9 @@ async fn broker_connection_loss_reconnects_and_processes_once() {
     let app = app::start_slow(app::always_ok(), Duration::from_millis(100)).await;
     let store = Store::new("connloss").await;
     let consumer = common::unique("connloss");
-    let n = 1000;
+    // Long enough (about 8 s at prefetch 50 and 100 ms per message) that the
+    // close lands mid-stream even when rabbitmqctl is slow to start.
+    let n = 4000;
     t.publish_batch((0..n).map(|i| (Some(format!("m-{i}")), body(i))))
         .await;
     let sidecar = start(config(&t, &app, &consumer, ""), store.dyn_store()).await;
@@ -483,6 +485,10 @@ async fn broker_connection_loss_reconnects_and_processes_once() {
         app.processed(),
         app.processed_twice(),
         after.as_ref().is_some_and(|a| *a != before)
+    );
+    assert!(
+        at_close < n as u32,
+        "the connection was closed only after the stream ended"
     );
     assert!(done, "processed {} of {n}", app.distinct());
     assert!(
