@@ -38,16 +38,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     store.ping().await?;
     let duration = Duration::from_secs(args.seconds);
 
-    let claims = measure(&store, args.callers, duration, false).await?;
-    let cycles = measure(&store, args.callers, duration, true).await?;
     let mut admin = connection(&args.redis).await?;
-    crate::claims::delete_prefix(&mut admin, store.prefix()).await?;
+    let (claims, claim_cpu) = measure(&store, &mut admin, args.callers, duration, false).await?;
+    let (cycles, cycle_cpu) = measure(&store, &mut admin, args.callers, duration, true).await?;
+    delete_prefix(&mut admin, store.prefix()).await?;
 
     let set = redis_benchmark_set(&args, &mut admin).await?;
     println!("callers:                          {}", args.callers);
-    println!("idemq claims/s (claim only):      {claims:.0}");
+    println!("idemq claims/s (claim only):      {claims:.0}  (Redis CPU {claim_cpu:.2} s/100k)");
     println!(
-        "idemq claim+complete cycles/s:    {cycles:.0}  ({:.0} store calls/s)",
+        "idemq claim+complete cycles/s:    {cycles:.0}  ({:.0} store calls/s; Redis CPU {cycle_cpu:.2} s/100k cycles)",
         cycles * 2.0
     );
     println!("redis-benchmark SET/s ({} clients): {set:.0}", args.callers);
@@ -56,14 +56,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Runs `callers` loops for `duration`, each claiming fresh keys (and
-/// completing them when `complete`), and returns operations per second.
+/// completing them when `complete`); returns operations per second and the
+/// Redis server's CPU seconds per 100,000 operations.
 async fn measure(
     store: &Arc<RedisStore>,
+    admin: &mut redis::aio::MultiplexedConnection,
     callers: usize,
     duration: Duration,
     complete: bool,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = redis_cpu_seconds(admin).await?;
     let started = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|caller| {
@@ -91,7 +94,24 @@ async fn measure(
     for task in tasks {
         task.await??;
     }
-    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = redis_cpu_seconds(admin).await? - cpu_before;
+    let done = done.load(Ordering::Relaxed) as f64;
+    Ok((done / elapsed, cpu * 100_000.0 / done.max(1.0)))
+}
+
+/// CPU seconds (user + system) the Redis server has used so far, from its INFO.
+pub async fn redis_cpu_seconds(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("INFO cpu has no {name}"))
+    };
+    Ok(field("used_cpu_sys:")? + field("used_cpu_user:")?)
 }
 
 /// `redis-benchmark` SET on keys under a prefix of our own, then deletes them.

@@ -444,17 +444,10 @@ impl CpuSample {
                 rabbitmq += process_usage(pid).map(|(_, cpu)| cpu).unwrap_or(0.0);
             }
         }
-        let info: String = redis::cmd("INFO").arg("cpu").query_async(redis).await?;
-        let field = |name: &str| -> f64 {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0.0)
-        };
         Ok(Self {
             host: busy as f64 / 100.0,
             rabbitmq,
-            redis: field("used_cpu_sys:") + field("used_cpu_user:"),
+            redis: crate::claims::redis_cpu_seconds(redis).await?,
         })
     }
 

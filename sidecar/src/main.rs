@@ -14,6 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 const EX_CONFIG: u8 = 64;
 
+// Every delivery allocates a few buffers on whichever runtime thread polls
+// it; glibc's malloc serialises those threads on its arena locks.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "idemq-sidecar",
