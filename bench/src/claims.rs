@@ -25,16 +25,7 @@ const RETENTION: Duration = Duration::from_secs(3600);
 const LEASE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let namespace = format!(
-        "bench-claims-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let store = Arc::new(RedisStore::new(RedisOptions {
-        url: args.redis.clone(),
-        password: None,
-        namespace,
-        timeout: Duration::from_secs(5),
-    })?);
+    let store = fresh_store(&args.redis, "bench-claims")?;
     store.ping().await?;
     let duration = Duration::from_secs(args.seconds);
 
@@ -146,6 +137,20 @@ async fn redis_benchmark_set(
         .and_then(|row| row.split(',').nth(1))
         .and_then(|rps| rps.trim_matches('"').parse().ok())
         .ok_or_else(|| anyhow::anyhow!("unexpected redis-benchmark output: {csv}"))
+}
+
+/// A Redis store under a namespace of its own (`<label>-<random>`), so that a
+/// run touches no key it did not create.
+pub fn fresh_store(url: &str, label: &str) -> anyhow::Result<Arc<RedisStore>> {
+    Ok(Arc::new(RedisStore::new(RedisOptions {
+        url: url.to_string(),
+        password: None,
+        namespace: format!(
+            "{label}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+        timeout: Duration::from_secs(5),
+    })?))
 }
 
 pub async fn connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {

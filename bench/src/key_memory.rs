@@ -1,11 +1,9 @@
 //! Redis memory per retained key: completes N keys through the real store
 //! scripts and divides the growth of `used_memory` by N.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
 use idemq_sidecar::store::{Claim, KeyStore};
 
 #[derive(clap::Args)]
@@ -24,16 +22,7 @@ const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const LEASE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let namespace = format!(
-        "bench-mem-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let store = Arc::new(RedisStore::new(RedisOptions {
-        url: args.redis.clone(),
-        password: None,
-        namespace,
-        timeout: Duration::from_secs(5),
-    })?);
+    let store = crate::claims::fresh_store(&args.redis, "bench-mem")?;
     let mut admin = crate::claims::connection(&args.redis).await?;
     let before = used_memory(&mut admin).await?;
     let started = Instant::now();
