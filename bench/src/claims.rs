@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+use idemq_sidecar::store::redis::RedisStore;
 use idemq_sidecar::store::{Claim, KeyStore};
+
+use crate::redis_admin;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,14 +27,14 @@ const RETENTION: Duration = Duration::from_secs(3600);
 const LEASE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = fresh_store(&args.redis, "bench-claims")?;
+    let store = redis_admin::fresh_store(&args.redis, "bench-claims")?;
     store.ping().await?;
     let duration = Duration::from_secs(args.seconds);
 
-    let mut admin = connection(&args.redis).await?;
+    let mut admin = redis_admin::connection(&args.redis).await?;
     let (claims, claim_cpu) = measure(&store, &mut admin, args.callers, duration, false).await?;
     let (cycles, cycle_cpu) = measure(&store, &mut admin, args.callers, duration, true).await?;
-    delete_prefix(&mut admin, store.prefix()).await?;
+    redis_admin::delete_prefix(&mut admin, store.prefix()).await?;
 
     let set = redis_benchmark_set(&args, &mut admin).await?;
     println!("callers:                          {}", args.callers);
@@ -57,7 +59,7 @@ async fn measure(
     complete: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let done = Arc::new(AtomicU64::new(0));
-    let cpu_before = redis_cpu_seconds(admin).await?;
+    let cpu_before = redis_admin::cpu_seconds(admin).await?;
     let started = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|caller| {
@@ -86,23 +88,9 @@ async fn measure(
         task.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = redis_cpu_seconds(admin).await? - cpu_before;
+    let cpu = redis_admin::cpu_seconds(admin).await? - cpu_before;
     let done = done.load(Ordering::Relaxed) as f64;
     Ok((done / elapsed, cpu * 100_000.0 / done.max(1.0)))
-}
-
-/// CPU seconds (user + system) the Redis server has used so far, from its INFO.
-pub async fn redis_cpu_seconds(
-    conn: &mut redis::aio::MultiplexedConnection,
-) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
-    let field = |name: &str| -> anyhow::Result<f64> {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("INFO cpu has no {name}"))
-    };
-    Ok(field("used_cpu_sys:")? + field("used_cpu_user:")?)
 }
 
 /// `redis-benchmark` SET on keys under a prefix of our own, then deletes them.
@@ -130,58 +118,11 @@ async fn redis_benchmark_set(
         String::from_utf8_lossy(&output.stderr)
     );
     let csv = String::from_utf8_lossy(&output.stdout);
-    delete_prefix(admin, &prefix).await?;
+    redis_admin::delete_prefix(admin, &prefix).await?;
     // CSV rows: "test","rps",...; the data row is the last.
     csv.lines()
         .last()
         .and_then(|row| row.split(',').nth(1))
         .and_then(|rps| rps.trim_matches('"').parse().ok())
         .ok_or_else(|| anyhow::anyhow!("unexpected redis-benchmark output: {csv}"))
-}
-
-/// A Redis store under a namespace of its own (`<label>-<random>`), so that a
-/// run touches no key it did not create.
-pub fn fresh_store(url: &str, label: &str) -> anyhow::Result<Arc<RedisStore>> {
-    Ok(Arc::new(RedisStore::new(RedisOptions {
-        url: url.to_string(),
-        password: None,
-        namespace: format!(
-            "{label}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ),
-        timeout: Duration::from_secs(5),
-    })?))
-}
-
-pub async fn connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    Ok(redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?)
-}
-
-/// Deletes the keys under `prefix` (and only those); returns how many.
-pub async fn delete_prefix(
-    conn: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> anyhow::Result<u64> {
-    let mut cursor = 0u64;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            deleted += n;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
-    }
 }

@@ -22,9 +22,9 @@ const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const LEASE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = crate::claims::fresh_store(&args.redis, "bench-mem")?;
-    let mut admin = crate::claims::connection(&args.redis).await?;
-    let before = used_memory(&mut admin).await?;
+    let store = crate::redis_admin::fresh_store(&args.redis, "bench-mem")?;
+    let mut admin = crate::redis_admin::connection(&args.redis).await?;
+    let before = crate::redis_admin::used_memory(&mut admin).await?;
     let started = Instant::now();
     futures::stream::iter(0..args.keys)
         .map(|i| {
@@ -46,8 +46,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .collect::<anyhow::Result<Vec<()>>>()?;
     let elapsed = started.elapsed();
-    let after = used_memory(&mut admin).await?;
-    let deleted = crate::claims::delete_prefix(&mut admin, store.prefix()).await?;
+    let after = crate::redis_admin::used_memory(&mut admin).await?;
+    let deleted = crate::redis_admin::delete_prefix(&mut admin, store.prefix()).await?;
     let per_key = (after.saturating_sub(before)) as f64 / args.keys as f64;
     println!("keys completed:        {}", args.keys);
     println!("time:                  {:.1} s", elapsed.as_secs_f64());
@@ -56,12 +56,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("bytes per retained key: {per_key:.1}");
     println!("cleaned up {deleted} redis keys under {}", store.prefix());
     Ok(())
-}
-
-async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("INFO memory has no used_memory"))
 }

@@ -4,6 +4,7 @@
 mod claims;
 mod key_memory;
 mod pipeline;
+mod redis_admin;
 
 use clap::{Parser, Subcommand};
 

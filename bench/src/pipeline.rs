@@ -171,8 +171,8 @@ async fn scenario_run(
     // Throughput: drain a backlog.
     broker.publish_all(&queue, &ids, &body, None).await?;
     app.reset();
-    let mut redis_admin = crate::claims::connection(REDIS).await?;
-    let memory_before = used_memory(&mut redis_admin).await?;
+    let mut redis_admin = crate::redis_admin::connection(REDIS).await?;
+    let memory_before = crate::redis_admin::used_memory(&mut redis_admin).await?;
     let cpu_before = CpuSample::take(&mut redis_admin).await?;
     let consumer = Consumer::start(args, scenario, &queue, &dlx, app, run_id)?;
     let expected_app = if scenario == "raw" { n } else { distinct };
@@ -193,7 +193,7 @@ async fn scenario_run(
         ..Default::default()
     };
     if scenario == "idemq" {
-        let memory_after = used_memory(&mut redis_admin).await?;
+        let memory_after = crate::redis_admin::used_memory(&mut redis_admin).await?;
         figures.redis_bytes_per_key =
             Some(memory_after.saturating_sub(memory_before) as f64 / distinct as f64);
     }
@@ -234,12 +234,12 @@ async fn scenario_run(
     }
     consumer.stop().await;
     broker.delete(&queue, &dlx).await;
-    crate::claims::delete_prefix(
+    crate::redis_admin::delete_prefix(
         &mut redis_admin,
         &format!("idemq:{{bench-{run_id}-{scenario}}}:"),
     )
     .await?;
-    crate::claims::delete_prefix(&mut redis_admin, &format!("naive:{run_id}:")).await?;
+    crate::redis_admin::delete_prefix(&mut redis_admin, &format!("naive:{run_id}:")).await?;
     Ok(figures)
 }
 
@@ -403,14 +403,6 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("INFO memory has no used_memory")
-}
-
 /// CPU seconds used so far: by the whole machine (busy time of all cores),
 /// by RabbitMQ (the `beam.smp` processes) and by Redis (its own INFO).
 #[derive(Default)]
@@ -447,7 +439,7 @@ impl CpuSample {
         Ok(Self {
             host: busy as f64 / 100.0,
             rabbitmq,
-            redis: crate::claims::redis_cpu_seconds(redis).await?,
+            redis: crate::redis_admin::cpu_seconds(redis).await?,
         })
     }
 
@@ -889,7 +881,7 @@ async fn naive(
                 FieldTable::default(),
             )
             .await?;
-        let mut redis = crate::claims::connection(REDIS).await?;
+        let mut redis = crate::redis_admin::connection(REDIS).await?;
         let http = reqwest::Client::new();
         loop {
             let next = tokio::select! {
