@@ -73,7 +73,25 @@ impl Redis {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+        self.bounded(op, invocation.invoke_async(&mut conn)).await
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(op, cmd.query_async(&mut conn)).await
+    }
+
+    /// Runs a call within the timeout, its errors named by `op`.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
             Err(_) => Err(StoreError::Timeout {
                 op,
@@ -322,16 +340,9 @@ impl KeyStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.redis.conn.clone();
-        let ping = redis::cmd("PING");
-        let timeout = self.redis.timeout;
-        match tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(StoreError::Redis { op: "ping", source }),
-            Err(_) => Err(StoreError::Timeout {
-                op: "ping",
-                timeout,
-            }),
-        }
+        self.redis
+            .query::<String>("ping", &redis::cmd("PING"))
+            .await
+            .map(drop)
     }
 }
