@@ -1,51 +1,16 @@
 //! The Helm chart, rendered by a real `helm` binary: its CRDs are exactly
 //! `crds/`, `crds.install=false` renders none, and the watch scope decides
 //! between a ClusterRole and per-namespace Roles.
-//!
-//! helm comes from `bash .ci/tools.sh` (into `.tools/bin`) or `IDEMQ_HELM`.
-
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn helm() -> PathBuf {
-    let path = std::env::var_os("IDEMQ_HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".tools/bin/helm"));
-    assert!(
-        path.exists(),
-        "helm not found at {}: run `bash .ci/tools.sh` once (or set IDEMQ_HELM)",
-        path.display()
-    );
-    path
-}
+#[path = "common/helm.rs"]
+mod helm;
 
 /// `helm template` of the chart with `args`, as its YAML documents.
 fn render(args: &[&str]) -> Vec<Value> {
-    let output = Command::new(helm())
-        .args([
-            "template",
-            "idemq",
-            "charts/idemq",
-            "--namespace",
-            "idemq-system",
-        ])
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run helm");
-    assert!(
-        output.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    documents(&String::from_utf8(output.stdout).expect("utf-8"))
+    documents(&helm::template("idemq-system", args).expect("helm template"))
 }
 
 fn documents(text: &str) -> Vec<Value> {
@@ -79,7 +44,7 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 fn chart_crds_are_exactly_the_committed_crds_and_are_kept_on_uninstall() {
     let docs = render(&[]);
     let rendered = of_kind(&docs, "CustomResourceDefinition");
-    let committed: Vec<Value> = std::fs::read_dir(root().join("crds"))
+    let committed: Vec<Value> = std::fs::read_dir(helm::root().join("crds"))
         .expect("crds/")
         .map(|entry| {
             let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
@@ -179,19 +144,9 @@ fn the_operator_runs_non_root_on_a_read_only_root_filesystem() {
 
 #[test]
 fn a_wrong_value_fails_with_a_message_naming_it() {
-    let output = Command::new(helm())
-        .args([
-            "template",
-            "idemq",
-            "charts/idemq",
-            "--set",
-            "crds.install=yes",
-        ])
-        .current_dir(root())
-        .output()
-        .expect("run helm");
-    assert!(!output.status.success(), "crds.install=yes was accepted");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let refused = helm::template("idemq-system", &["--set", "crds.install=yes"])
+        .expect_err("crds.install=yes was accepted");
+    let stderr = refused.to_string();
     assert!(
         stderr.contains("crds") && stderr.contains("install"),
         "{stderr}"

@@ -1,9 +1,11 @@
 //! Helpers shared by the end-to-end tests: a client built from an explicit
 //! kubeconfig (never the ambient one), temporary namespaces, and the binaries
-//! under test.
+//! under test. `helm.rs` renders the chart (the chart tests use it too).
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub mod helm;
 
 /// The variable that names the kubeconfig of a cluster the e2e suite may use.
 pub const KUBECONFIG_VAR: &str = "IDEMQ_E2E_KUBECONFIG";
@@ -71,24 +73,6 @@ where
     }
 }
 
-/// The repository's root.
-pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The helm binary: `IDEMQ_HELM`, or the one `bash .ci/tools.sh` installs.
-pub fn helm() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("IDEMQ_HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".tools/bin/helm"));
-    anyhow::ensure!(
-        path.exists(),
-        "helm not found at {}: run `bash .ci/tools.sh` once (or set IDEMQ_HELM)",
-        path.display()
-    );
-    Ok(path)
-}
-
 /// Installs the chart's ServiceAccount and RBAC for an operator that watches
 /// `namespace` (its leader Lease there too), exactly as `helm template`
 /// renders them, and returns a kubeconfig that authenticates as that
@@ -105,31 +89,21 @@ pub async fn chart_identity(
     use kube::core::GroupVersionKind;
     use serde::Deserialize;
 
-    let output = std::process::Command::new(helm()?)
-        .args([
-            "template",
-            "idemq",
-            "charts/idemq",
-            "--namespace",
-            namespace,
-        ])
-        .args(["--set", "crds.install=false"])
-        .args(["--set", &format!("watchNamespaces={{{namespace}}}")])
-        .args([
+    let rendered = helm::template(
+        namespace,
+        &[
+            "--set",
+            "crds.install=false",
+            "--set",
+            &format!("watchNamespaces={{{namespace}}}"),
             "-s",
             "templates/serviceaccount.yaml",
             "-s",
             "templates/rbac.yaml",
-        ])
-        .current_dir(root())
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        ],
+    )?;
     let mut service_account = None;
-    for document in serde_yaml::Deserializer::from_slice(&output.stdout) {
+    for document in serde_yaml::Deserializer::from_str(&rendered) {
         let Some(object) = Option::<DynamicObject>::deserialize(document)? else {
             continue;
         };
