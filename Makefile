@@ -1,11 +1,18 @@
 # Common tasks. `make help` lists them.
-.PHONY: help test ci lint crds tools manifests bench demo images
+.PHONY: help test services e2e ci lint crds tools manifests bench demo images
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-test: tools ## the whole test suite (needs Redis and RabbitMQ on loopback)
+test: services tools ## the whole test suite: starts the local servers it needs, installs its tools, runs every test
 	cargo test --workspace
+
+services: ## start the local servers the tests use (Redis, RabbitMQ, …) where none answers
+	bash -c 'source .ci/services.sh && ensure_services'
+
+e2e: ## the operator against the real cluster IDEMQ_E2E_KUBECONFIG names (builds the operator first)
+	cargo build -p idemq-operator
+	cargo test -p idemq-tests --test e2e_cluster -- --ignored --nocapture --test-threads=1
 
 ci: ## what CI runs: services, fmt, clippy, tests, manifests, benchmark smoke
 	bash .ci/run
