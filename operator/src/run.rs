@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use idemq_operator::broker::Amqp;
+use idemq_operator::broker::Brokers;
 use idemq_operator::controller::{self, Context, Guarded};
 use idemq_operator::crd::TargetKind;
 use idemq_operator::labels;
@@ -122,7 +122,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         Recorder::new(client.clone(), reporter),
-        Arc::new(Amqp),
+        Arc::new(Brokers::default()),
         args.sidecar_image.clone(),
         metrics.clone(),
     ));

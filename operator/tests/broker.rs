@@ -1,7 +1,8 @@
 //! Broker bindings against the real RabbitMQ on 127.0.0.1:5672. Each test
 //! declares queues with unique names and deletes only those.
 
-use idemq_operator::broker::{Amqp, BindError, Binder, Plan};
+use idemq_operator::broker::rabbitmq::{Amqp, Plan};
+use idemq_operator::broker::BindError;
 use lapin::options::{
     BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions,
     QueueDeleteOptions,

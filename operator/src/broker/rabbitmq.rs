@@ -1,10 +1,9 @@
-//! Broker bindings: the queue, its exchange bindings and the dead-letter
-//! exchange and queue, declared with the credentials from the connection
-//! Secret.
+//! RabbitMQ bindings: the queue, its exchange bindings and the dead-letter
+//! exchange and queue, declared over AMQP with the credentials from the
+//! connection Secret.
 //!
-//! Declarations are idempotent. An existing queue declared with other
-//! arguments makes the broker refuse (PRECONDITION_FAILED); that is reported
-//! to the user, not fought: redeclaring would mean deleting their messages.
+//! An existing queue declared with other arguments makes the broker refuse
+//! (PRECONDITION_FAILED): that is [`BindError::ArgumentsMismatch`].
 
 use std::time::Duration;
 
@@ -16,11 +15,12 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
+use super::BindError;
 use crate::crd::IdempotentConsumer;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What to declare for one consumer.
+/// What to declare for one RabbitMQ consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub queue: String,
@@ -43,30 +43,8 @@ impl Plan {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BindError {
-    #[error("the broker is unreachable: {0}")]
-    Unreachable(String),
-    /// PRECONDITION_FAILED: the queue exists with other arguments.
-    #[error("the queue exists with other arguments: {0}")]
-    ArgumentsMismatch(String),
-    /// Any other refusal (ACCESS_REFUSED for a user without permissions, …).
-    #[error("the broker refused a declaration: {0}")]
-    Refused(String),
-    /// The exchange to bind to does not exist. It belongs to its producers:
-    /// idemq binds to it but does not guess its type to declare it.
-    #[error("exchange {0:?} does not exist; declare it (its producers own it) or remove `exchange` from the spec")]
-    ExchangeNotFound(String),
-}
-
-/// Declares and removes bindings; a trait so controller tests can substitute it.
-#[async_trait::async_trait]
-pub trait Binder: Send + Sync {
-    async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError>;
-    async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError>;
-}
-
-/// The real binder, over AMQP.
+/// The RabbitMQ binder, over AMQP.
+#[derive(Default)]
 pub struct Amqp;
 
 async fn connect(url: &str) -> Result<Connection, BindError> {
@@ -104,9 +82,8 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
-#[async_trait::async_trait]
-impl Binder for Amqp {
-    async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
+impl Amqp {
+    pub async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
         let conn = connect(url).await?;
         let result = async {
             let ch = conn.create_channel().await.map_err(refused)?;
@@ -174,7 +151,7 @@ impl Binder for Amqp {
         result
     }
 
-    async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
+    pub async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
         let conn = connect(url).await?;
         let result = async {
             let ch = conn.create_channel().await.map_err(refused)?;

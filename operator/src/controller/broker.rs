@@ -1,0 +1,73 @@
+//! The broker step: reads the connection Secret and has the [`Binder`]
+//! declare the consumer's queues; on cleanup, deletes them if asked to.
+//!
+//! [`Binder`]: crate::broker::Binder
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::events::EventType;
+
+use super::status::{publish, verdict, Verdict};
+use super::{secret_value, Context};
+use crate::broker::{self, BindError, Plan};
+use crate::crd::conditions::*;
+use crate::crd::IdempotentConsumer;
+
+/// The connection URL, or the verdict saying why there is none.
+async fn url(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<String, Verdict> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let r = broker::connection_secret(ic);
+    match secret_value(&secrets, &r.name, &r.key).await {
+        Ok(Some(url)) => Ok(url),
+        Ok(None) => Err(verdict(
+            BROKER_BOUND,
+            false,
+            SECRET_NOT_FOUND,
+            format!("Secret {} does not exist", r.name),
+        )),
+        Err(v) => Err(Verdict {
+            type_: BROKER_BOUND,
+            ..v
+        }),
+    }
+}
+
+pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Verdict {
+    let url = match url(ic, ctx, ns).await {
+        Ok(url) => url,
+        Err(v) => return v,
+    };
+    let plan = Plan::of(ic);
+    match ctx.binder.bind(&url, &plan).await {
+        Ok(()) => verdict(BROKER_BOUND, true, BOUND, plan.describe()),
+        Err(BindError::Unreachable(e)) => verdict(BROKER_BOUND, false, BROKER_UNREACHABLE, e),
+        Err(e @ BindError::ArgumentsMismatch(_)) => {
+            verdict(BROKER_BOUND, false, QUEUE_MISMATCH, e.to_string())
+        }
+        Err(e @ BindError::ExchangeNotFound(_)) => {
+            verdict(BROKER_BOUND, false, EXCHANGE_NOT_FOUND, e.to_string())
+        }
+        Err(BindError::Refused(e)) => verdict(BROKER_BOUND, false, BROKER_REFUSED, e),
+    }
+}
+
+/// Deletes the queues when the spec asks for it; a failure is an Event, not
+/// a reason to keep the resource from going away.
+pub async fn unbind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) {
+    if !broker::delete_on_cleanup(ic) {
+        return;
+    }
+    let Ok(url) = url(ic, ctx, ns).await else {
+        return;
+    };
+    if let Err(e) = ctx.binder.delete_queues(&url, &Plan::of(ic)).await {
+        publish(
+            ctx,
+            ic,
+            EventType::Warning,
+            "QueueDeleteFailed",
+            e.to_string(),
+        )
+        .await;
+    }
+}

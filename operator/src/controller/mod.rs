@@ -1,0 +1,305 @@
+//! The controller: reconciles each `IdempotentConsumer` into its ConfigMap, its
+//! key store, its broker bindings and the sidecar in its target workload.
+//!
+//! A reconcile is a pipeline, one module per step:
+//! 1. dereference: read what the resource points at (Secrets, the target),
+//! 2. validate: render the sidecar's configuration (pure, see
+//!    [`crate::render`]); an invalid spec stops here,
+//! 3. apply: the ConfigMap, then [`store`], [`broker`] and [`target`], each
+//!    returning a verdict rather than failing on what the user must fix,
+//! 4. [`status`]: the verdicts become conditions and Events.
+//!
+//! Reconcile is level-based: desired objects are applied with server-side
+//! apply under the `idemq-operator` field manager. Nothing is remembered
+//! between reconciles but the per-object back-off. A finalizer withdraws the
+//! sidecar and deletes what the resource owns when it is deleted.
+
+mod broker;
+#[cfg(test)]
+mod scenarios;
+pub mod status;
+mod store;
+mod target;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, ResourceExt};
+
+use crate::broker::Binder;
+use crate::crd::conditions::*;
+use crate::crd::IdempotentConsumer;
+use crate::labels::{self, FINALIZER, MANAGER};
+use crate::metrics::Metrics;
+use crate::render::{self, RenderError};
+pub use status::{conditions, Verdict};
+use status::{publish, verdict};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[from] RenderError),
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub binder: Arc<dyn Binder>,
+    pub sidecar_image: String,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive not-ready reconciles per object, for exponential back-off.
+    failures: Mutex<HashMap<ObjectRef<IdempotentConsumer>, u32>>,
+    /// Malformed objects already reported, by uid and generation.
+    pub(crate) malformed: Mutex<HashSet<(String, Option<i64>)>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        binder: Arc<dyn Binder>,
+        sidecar_image: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            recorder,
+            binder,
+            sidecar_image,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+            malformed: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The next requeue of `ic`: a back-off that doubles with each
+    /// consecutive failure (5s up to 5min) and resets on success.
+    fn requeue(&self, ic: &IdempotentConsumer, ready: bool) -> Action {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let key = ObjectRef::from(ic);
+        if ready {
+            failures.remove(&key);
+            return Action::requeue(Duration::from_secs(300));
+        }
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        Action::requeue(backoff(*n))
+    }
+}
+
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << failures.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+/// What the controller watches: an object that does not deserialize (a value
+/// the schema let through but the types refuse, or an object stored under an
+/// older schema) arrives as an error instead of breaking the watch of every
+/// other object.
+pub type Guarded = DeserializeGuard<IdempotentConsumer>;
+
+/// The controller's entry point: reconciles a well-formed object, reports a
+/// malformed one (a condition and an Event) and waits for it to change.
+pub async fn reconcile_guarded(guard: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match &guard.0 {
+        Ok(ic) => reconcile(Arc::new(ic.clone()), ctx).await,
+        Err(invalid) => {
+            status::report_malformed(invalid, &ctx).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+pub fn error_policy_guarded(guard: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    match &guard.0 {
+        Ok(ic) => error_policy(Arc::new(ic.clone()), error, ctx),
+        Err(invalid) => {
+            tracing::warn!(name = ?invalid.metadata.name, error = %error, "could not report a malformed IdempotentConsumer");
+            Action::requeue(backoff(3))
+        }
+    }
+}
+
+pub async fn reconcile(ic: Arc<IdempotentConsumer>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let ns = ic.namespace().unwrap_or_default();
+    let api: Api<IdempotentConsumer> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, ic, |event| async {
+        match event {
+            Finalizer::Apply(ic) => apply(&ic, &ctx).await,
+            Finalizer::Cleanup(ic) => cleanup(&ic, &ctx).await,
+        }
+    })
+    .await
+    .or_else(|e| match e {
+        // A queued reconcile of an object whose finalizer is already gone:
+        // the object no longer exists, so there is nothing left to do.
+        kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s))
+            if s.is_not_found() =>
+        {
+            Ok(Action::await_change())
+        }
+        e => Err(Error::Finalizer(Box::new(e))),
+    });
+    ctx.metrics.reconciled(&result, started.elapsed());
+    result
+}
+
+/// Invalid specs wait for a change (retrying cannot fix them); other errors
+/// back off per object.
+pub fn error_policy(ic: Arc<IdempotentConsumer>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %ic.name_any(), namespace = ?ic.namespace(), error = %error, "reconcile failed");
+    if let Error::Finalizer(inner) = error {
+        if let kube::runtime::finalizer::Error::ApplyFailed(Error::InvalidSpec(_)) = inner.as_ref()
+        {
+            return Action::await_change();
+        }
+    }
+    ctx.requeue(&ic, false)
+}
+
+pub(crate) fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+/// Dereference: reads `key` of Secret `name`: Ok(None) when the Secret is
+/// absent, Err(verdict) when the key is.
+pub(crate) async fn secret_value(
+    api: &Api<Secret>,
+    name: &str,
+    key: &str,
+) -> Result<Option<String>, Verdict> {
+    match api.get_opt(name).await {
+        Ok(None) => Ok(None),
+        Ok(Some(secret)) => match secret.data.as_ref().and_then(|d| d.get(key)) {
+            Some(value) => Ok(Some(String::from_utf8_lossy(&value.0).into_owned())),
+            None => Err(verdict(
+                "",
+                false,
+                SECRET_KEY_MISSING,
+                format!("Secret {name} has no key {key:?}"),
+            )),
+        },
+        Err(e) => Err(verdict(
+            "",
+            false,
+            SECRET_NOT_FOUND,
+            format!("cannot read Secret {name}: {e}"),
+        )),
+    }
+}
+
+/// Apply: validate, then each step in turn, then status.
+async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> {
+    let ns = ic.namespace().unwrap_or_default();
+
+    // Validate: an invalid spec is reported and waits for a change.
+    let (config_map, hash) = match render::config::config_map(ic) {
+        Ok(rendered) => rendered,
+        Err(e) => {
+            let message = e.to_string();
+            status::write(
+                ic,
+                ctx,
+                &[verdict(READY, false, INVALID_SPEC, message.clone())],
+                None,
+            )
+            .await?;
+            publish(ctx, ic, EventType::Warning, INVALID_SPEC, message).await;
+            return Err(e.into());
+        }
+    };
+
+    // Apply.
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &labels::config_map(ic),
+            &apply_params(),
+            &Patch::Apply(&config_map),
+        )
+        .await?;
+    let store = store::ensure(ic, ctx, &ns).await?;
+    let broker = broker::bind(ic, ctx, &ns).await;
+    let injected = target::inject(ic, ctx, &ns, &hash).await?;
+
+    // Status.
+    let ready = status::ready(&[&store, &broker, &injected]);
+    let all_ok = ready.ok;
+    let previous_hash = ic.status.as_ref().and_then(|s| s.config_hash.clone());
+    let verdicts = [store, broker, injected.clone(), ready];
+    let changed = status::write(ic, ctx, &verdicts, injected.ok.then(|| hash.clone())).await?;
+    if injected.ok && previous_hash.as_deref() != Some(hash.as_str()) {
+        publish(
+            ctx,
+            ic,
+            EventType::Normal,
+            INJECTED,
+            format!(
+                "sidecar injected into {} (config {hash})",
+                target::describe(ic)
+            ),
+        )
+        .await;
+    }
+    if changed {
+        for v in verdicts.iter().filter(|v| !v.ok && v.reason != NOT_READY) {
+            publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
+        }
+    }
+    Ok(ctx.requeue(ic, all_ok))
+}
+
+/// Cleanup, in the reverse order: the sidecar first (so no pod consumes
+/// without its store), then the owned objects, then the queues if asked.
+async fn cleanup(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> {
+    let ns = ic.namespace().unwrap_or_default();
+    target::withdraw(ic, ctx, &ns).await?;
+    store::delete_owned(ic, ctx, &ns).await?;
+    broker::unbind(ic, ctx, &ns).await;
+    publish(
+        ctx,
+        ic,
+        EventType::Normal,
+        "CleanedUp",
+        "sidecar withdrawn and owned objects deleted".to_string(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes() {
+        let delays: Vec<_> = (1..=8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+    }
+}
