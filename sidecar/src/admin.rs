@@ -32,9 +32,9 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let report = state.health.report();
     let body: String = report
         .iter()
-        .map(|(name, up)| format!("{name}: {}\n", if *up { "up" } else { "down" }))
+        .map(|(name, _, word)| format!("{name}: {word}\n"))
         .collect();
-    let status = if report.iter().all(|(_, up)| *up) {
+    let status = if report.iter().all(|(_, up, _)| *up) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -203,6 +203,64 @@ pub struct DeliveryConfig {
     #[serde(default = "defaults::max_backoff", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub max_backoff: Duration,
+    /// How the sidecar tells that the application takes requests: checked
+    /// before consuming at start, and after the circuit opened.
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
+    /// When failures of the application as a whole pause consumption.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Bytes of message bodies held in flight at most (taken from the broker
+    /// and not yet settled), whatever the broker. The operator sizes the
+    /// sidecar's memory limit from it.
+    #[serde(default = "defaults::max_in_flight_bytes")]
+    pub max_in_flight_bytes: u64,
+    /// The size of a typical message, when known: sources that must fix a
+    /// prefetch before they see a message (RabbitMQ) start from it. Unset, they
+    /// start with one message and size the prefetch from what they see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_message_bytes: Option<u64>,
+}
+
+/// `tcp`: a TCP connect to the delivery URL's port; `http`: a GET on `path`
+/// of the delivery URL's host and port, which must answer 2xx.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReadinessConfig {
+    #[serde(default)]
+    pub check: ReadinessCheck,
+    /// Path of the HTTP check, e.g. `/ready`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Time between two checks while the application is not available.
+    #[serde(default = "defaults::readiness_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub interval: Duration,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadinessCheck {
+    #[default]
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Distinct messages that fail in a row (no success between) with a
+    /// timeout, 429, 502, 503 or 504 before the circuit opens. A refused
+    /// connection opens it at once.
+    #[serde(default = "defaults::circuit_failures")]
+    pub failures: u32,
+    /// How long the circuit stays open before the readiness check and one
+    /// trial message probe the application.
+    #[serde(default = "defaults::circuit_open_for", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub open_for: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -260,6 +318,18 @@ mod defaults {
     pub fn max_backoff() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn readiness_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn circuit_failures() -> u32 {
+        5
+    }
+    pub fn circuit_open_for() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn max_in_flight_bytes() -> u64 {
+        32 * 1024 * 1024
+    }
     pub fn gate_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 7071))
     }
@@ -288,6 +358,41 @@ impl Default for DedupConfig {
             lease: defaults::lease(),
             retention: defaults::retention(),
             max_attempts: defaults::max_attempts(),
+        }
+    }
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        Self {
+            check: ReadinessCheck::default(),
+            path: None,
+            interval: defaults::readiness_interval(),
+        }
+    }
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: defaults::circuit_failures(),
+            open_for: defaults::circuit_open_for(),
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// A delivery to `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            timeout: defaults::delivery_timeout(),
+            initial_backoff: defaults::initial_backoff(),
+            max_backoff: defaults::max_backoff(),
+            readiness: ReadinessConfig::default(),
+            circuit_breaker: CircuitBreakerConfig::default(),
+            max_in_flight_bytes: defaults::max_in_flight_bytes(),
+            expected_message_bytes: None,
         }
     }
 }
@@ -460,6 +565,36 @@ impl Config {
                 "delivery.initialBackoff",
                 "must not exceed delivery.maxBackoff",
             );
+            let readiness = &delivery.readiness;
+            check(
+                readiness.check != ReadinessCheck::Http
+                    || readiness
+                        .path
+                        .as_deref()
+                        .is_some_and(|p| p.starts_with('/')),
+                "delivery.readiness.path",
+                "must be a path starting with '/' when the check is http",
+            );
+            check(
+                !readiness.interval.is_zero(),
+                "delivery.readiness.interval",
+                "must be greater than zero",
+            );
+            check(
+                delivery.circuit_breaker.failures >= 1,
+                "delivery.circuitBreaker.failures",
+                "must be at least 1",
+            );
+            check(
+                delivery.max_in_flight_bytes >= 64 * 1024,
+                "delivery.maxInFlightBytes",
+                "must be at least 65536 (64 KiB)",
+            );
+            check(
+                delivery.expected_message_bytes != Some(0),
+                "delivery.expectedMessageBytes",
+                "must be greater than zero",
+            );
         }
         if let Some(url) = &self.store.url {
             check(
@@ -478,6 +613,38 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+}
+
+impl Config {
+    /// What is legal but probably not meant, each named by its field path.
+    /// `check-config` prints these and the sidecar logs them at start.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut warnings = Vec::new();
+        let lease = self.dedup.lease;
+        if let Some(delivery) = &self.delivery {
+            if lease < delivery.timeout {
+                warnings.push(Problem {
+                    field: "dedup.lease".into(),
+                    message: format!(
+                        "{} is shorter than delivery.timeout ({}): this holds only because the sidecar renews the lease every third of it while a delivery is in flight; if the store does not answer the renewals for a whole lease, another delivery of the same key may start beside a slow one",
+                        humantime::format_duration(lease),
+                        humantime::format_duration(delivery.timeout)
+                    ),
+                });
+            }
+        }
+        if lease < self.store.timeout * 3 {
+            warnings.push(Problem {
+                field: "dedup.lease".into(),
+                message: format!(
+                    "{} is shorter than three store.timeout ({}): a renewal (every third of the lease) may not answer before the lease ends",
+                    humantime::format_duration(lease),
+                    humantime::format_duration(self.store.timeout)
+                ),
+            });
+        }
+        warnings
     }
 }
 

@@ -17,8 +17,16 @@ use crate::source::Envelope;
 pub enum Outcome {
     /// 2xx: processed.
     Success,
-    /// 5xx, 408, 429, a timeout or a refused connection: worth another try.
+    /// 500, 501, 505.., 408, 1xx/3xx: this message failed; worth another try.
     Retry(String),
+    /// A timeout, a refused connection, 429, 502, 503 or 504: the application
+    /// as a whole may be failing. The circuit breaker decides, across
+    /// distinct messages, whether this counts as an attempt of the message.
+    AppFailure {
+        /// Nothing listens: the request never reached the application.
+        refused: bool,
+        why: String,
+    },
     /// Any other 4xx: the message itself is bad; retrying cannot help.
     Poison(u16),
 }
@@ -101,9 +109,19 @@ impl Deliverer {
         }
         let outcome = match request.send().await {
             Ok(response) => classify(response.status().as_u16()),
-            Err(e) if e.is_timeout() => Outcome::Retry("timeout".into()),
-            Err(e) if e.is_connect() => Outcome::Retry(format!("connect: {e}")),
-            Err(e) => Outcome::Retry(e.to_string()),
+            Err(e) if e.is_timeout() => Outcome::AppFailure {
+                refused: false,
+                why: "timeout".into(),
+            },
+            Err(e) if e.is_connect() => Outcome::AppFailure {
+                refused: true,
+                why: format!("connect: {e}"),
+            },
+            // The connection broke mid-request (the application crashed).
+            Err(e) => Outcome::AppFailure {
+                refused: false,
+                why: e.to_string(),
+            },
         };
         (outcome, started.elapsed())
     }
@@ -112,7 +130,11 @@ impl Deliverer {
 fn classify(status: u16) -> Outcome {
     match status {
         200..=299 => Outcome::Success,
-        408 | 429 | 500..=599 => Outcome::Retry(format!("status {status}")),
+        429 | 502..=504 => Outcome::AppFailure {
+            refused: false,
+            why: format!("status {status}"),
+        },
+        408 | 500..=599 => Outcome::Retry(format!("status {status}")),
         400..=499 => Outcome::Poison(status),
         // 1xx and 3xx: the app did not say it processed the message.
         other => Outcome::Retry(format!("status {other}")),
@@ -128,9 +150,15 @@ mod tests {
         assert_eq!(classify(200), Outcome::Success);
         assert_eq!(classify(204), Outcome::Success);
         assert!(matches!(classify(500), Outcome::Retry(_)));
-        assert!(matches!(classify(503), Outcome::Retry(_)));
+        assert!(matches!(
+            classify(503),
+            Outcome::AppFailure { refused: false, .. }
+        ));
+        assert!(matches!(classify(502), Outcome::AppFailure { .. }));
+        assert!(matches!(classify(504), Outcome::AppFailure { .. }));
+        assert!(matches!(classify(429), Outcome::AppFailure { .. }));
+        assert!(matches!(classify(501), Outcome::Retry(_)));
         assert!(matches!(classify(408), Outcome::Retry(_)));
-        assert!(matches!(classify(429), Outcome::Retry(_)));
         assert_eq!(classify(400), Outcome::Poison(400));
         assert_eq!(classify(422), Outcome::Poison(422));
         assert!(matches!(classify(302), Outcome::Retry(_)));

@@ -8,12 +8,24 @@
 //! `maxAttempts` deliveries is the message dead-lettered. The attempt number is
 //! counted by this process; a message redelivered by the broker after a crash
 //! starts counting again, so `Idemq-Delivery-Attempt` may restart at 1.
+//!
+//! Only failures specific to the message count as attempts. A failure that
+//! may be the application's as a whole (a refused connection, a timeout, 429,
+//! 502, 503, 504) goes to the circuit breaker ([`crate::app`]); when that
+//! opens the circuit, the message is given back with
+//! [`Verdict::AppUnavailable`], its claim released and no attempt counted.
+//!
+//! While a delivery is in flight its claim's lease is renewed every third of
+//! the lease, so the lease runs out only when the holder is gone.
 
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::app::App;
 use crate::config::{Config, UnavailablePolicy};
 use crate::deliver::{Deliverer, Outcome};
 use crate::key::{self, KeyDecision};
@@ -32,6 +44,7 @@ pub struct Engine {
     store: Arc<dyn KeyStore>,
     deliverer: Deliverer,
     metrics: Arc<Metrics>,
+    app: Arc<App>,
 }
 
 impl Engine {
@@ -40,12 +53,14 @@ impl Engine {
         store: Arc<dyn KeyStore>,
         deliverer: Deliverer,
         metrics: Arc<Metrics>,
+        app: Arc<App>,
     ) -> Self {
         Self {
             config,
             store,
             deliverer,
             metrics,
+            app,
         }
     }
 
@@ -64,9 +79,13 @@ impl Engine {
             KeyDecision::PassThrough => return self.deliver_unchecked(message, shutdown).await,
         };
         let fingerprint = dedup.fingerprint.then(|| key::body_hash(&message.body));
+        let identity = identity(key.as_bytes());
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if !self.app.state().takes_messages() {
+                return Verdict::AppUnavailable;
+            }
             let claimed = self
                 .store
                 .claim(&key, fingerprint.as_deref(), dedup.lease, dedup.retention)
@@ -99,10 +118,12 @@ impl Engine {
                     }
                 }
             };
-            let (outcome, took) = self.deliverer.deliver(message, Some(&key), attempt).await;
+            let delivery = self.deliverer.deliver(message, Some(&key), attempt);
+            let (outcome, took) = self.renewing(&key, &token, delivery).await;
             self.metrics.app_duration.observe(took.as_secs_f64());
             match outcome {
                 Outcome::Success => {
+                    self.app.succeeded();
                     self.complete(&key, &token).await;
                     return Verdict::Ack;
                 }
@@ -118,61 +139,115 @@ impl Engine {
                         attempts: attempt,
                     };
                 }
+                Outcome::AppFailure { refused, why } => {
+                    self.release(&key, &token).await;
+                    if self.app.failed(identity, refused, &why) {
+                        return Verdict::AppUnavailable;
+                    }
+                    if let Some(verdict) = self.after_failure(attempt, &why, shutdown).await {
+                        return verdict;
+                    }
+                }
                 Outcome::Retry(why) => {
                     self.release(&key, &token).await;
-                    if attempt >= dedup.max_attempts {
-                        tracing::warn!(
-                            attempt,
-                            why,
-                            "delivery failed on every attempt: dead-lettering it"
-                        );
-                        return Verdict::DeadLetter {
-                            reason: DeadLetterReason::MaxAttempts,
-                            attempts: attempt,
-                        };
-                    }
-                    tracing::debug!(attempt, why, "delivery failed: will retry");
-                    self.metrics.message("retried");
-                    if !self.back_off(attempt, shutdown).await {
-                        return Verdict::Requeue {
-                            delay: Duration::ZERO,
-                        };
+                    if let Some(verdict) = self.after_failure(attempt, &why, shutdown).await {
+                        return verdict;
                     }
                 }
             }
         }
     }
 
+    /// After a failed attempt that counts: dead-letters at `maxAttempts`,
+    /// otherwise backs off. None: try again.
+    async fn after_failure(
+        &self,
+        attempt: u32,
+        why: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Verdict> {
+        if attempt >= self.config.dedup.max_attempts {
+            tracing::warn!(
+                attempt,
+                why,
+                "delivery failed on every attempt: dead-lettering it"
+            );
+            return Some(Verdict::DeadLetter {
+                reason: DeadLetterReason::MaxAttempts,
+                attempts: attempt,
+            });
+        }
+        tracing::debug!(attempt, why, "delivery failed: will retry");
+        self.metrics.message("retried");
+        self.back_off(attempt, shutdown).await
+    }
+
+    /// Runs a delivery while renewing its claim's lease every third of it.
+    /// A renewal refused as stale means another holder may have the key now:
+    /// that is logged and counted, and the delivery goes on (its completion
+    /// is then refused as stale too).
+    async fn renewing<T>(&self, key: &str, token: &Token, delivery: impl Future<Output = T>) -> T {
+        let lease = self.config.dedup.lease;
+        let renewals = async {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match self.store.renew(key, token, lease).await {
+                    Ok(Transition::Done) => self.metrics.renewal("renewed"),
+                    Ok(Transition::Stale) => {
+                        self.metrics.renewal("lost");
+                        tracing::warn!("this delivery lost its claim: the lease ran out before a renewal reached the store; another delivery of the same key may run beside it");
+                        return;
+                    }
+                    Err(e) => {
+                        self.metrics.renewal("error");
+                        tracing::warn!(error = %e, "renewing the claim's lease failed; trying again at the next third of the lease");
+                    }
+                }
+            }
+        };
+        tokio::pin!(delivery);
+        tokio::select! {
+            biased;
+            out = &mut delivery => out,
+            () = renewals => delivery.await,
+        }
+    }
+
     /// Delivers without a claim (pass-through), with the same retries.
     async fn deliver_unchecked(&self, message: &Envelope, shutdown: &CancellationToken) -> Verdict {
-        self.metrics.message("passed_through");
+        let identity = identity(&message.body);
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if !self.app.state().takes_messages() {
+                return Verdict::AppUnavailable;
+            }
+            if attempt == 1 {
+                self.metrics.message("passed_through");
+            }
             let (outcome, took) = self.deliverer.deliver(message, None, attempt).await;
             self.metrics.app_duration.observe(took.as_secs_f64());
-            match outcome {
-                Outcome::Success => return Verdict::Ack,
+            let why = match outcome {
+                Outcome::Success => {
+                    self.app.succeeded();
+                    return Verdict::Ack;
+                }
                 Outcome::Poison(_) => {
                     return Verdict::DeadLetter {
                         reason: DeadLetterReason::Poison,
                         attempts: attempt,
                     }
                 }
-                Outcome::Retry(_) if attempt >= self.config.dedup.max_attempts => {
-                    return Verdict::DeadLetter {
-                        reason: DeadLetterReason::MaxAttempts,
-                        attempts: attempt,
+                Outcome::AppFailure { refused, why } => {
+                    if self.app.failed(identity, refused, &why) {
+                        return Verdict::AppUnavailable;
                     }
+                    why
                 }
-                Outcome::Retry(_) => {
-                    self.metrics.message("retried");
-                    if !self.back_off(attempt, shutdown).await {
-                        return Verdict::Requeue {
-                            delay: Duration::ZERO,
-                        };
-                    }
-                }
+                Outcome::Retry(why) => why,
+            };
+            if let Some(verdict) = self.after_failure(attempt, &why, shutdown).await {
+                return verdict;
             }
         }
     }
@@ -208,17 +283,27 @@ impl Engine {
         }
     }
 
-    /// Sleeps the back-off of `attempt`; false when shutdown cut it short.
-    async fn back_off(&self, attempt: u32, shutdown: &CancellationToken) -> bool {
-        let Some(delivery) = &self.config.delivery else {
-            return true;
-        };
+    /// Sleeps the back-off of `attempt`. Cut short by shutdown (the message
+    /// is requeued) or by the circuit opening (given back uncounted).
+    async fn back_off(&self, attempt: u32, shutdown: &CancellationToken) -> Option<Verdict> {
+        let delivery = self.config.delivery.as_ref()?;
         let delay = backoff(delivery.initial_backoff, delivery.max_backoff, attempt);
+        let mut states = self.app.subscribe();
         tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.cancelled() => Some(Verdict::Requeue {
+                delay: Duration::ZERO,
+            }),
+            Ok(_) = states.wait_for(|s| !s.takes_messages()) => Some(Verdict::AppUnavailable),
+            _ = tokio::time::sleep(delay) => None,
         }
     }
+}
+
+/// A message's identity for the circuit breaker's count of distinct messages.
+fn identity(bytes: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Exponential back-off: `initial × 2^(attempt-1)`, capped at `max`.

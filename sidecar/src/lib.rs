@@ -13,14 +13,19 @@
 //! - [`key`]: idempotency-key extraction; [`engine`]: the claim → deliver →
 //!   complete decision; [`deliver`]: HTTP delivery to the app; [`source`]: the
 //!   brokers (RabbitMQ); [`pipeline`]: wires them.
+//! - [`app`]: whether the application takes messages (readiness check, circuit
+//!   breaker); [`flow`]: the admission every source asks before taking a
+//!   message (application available, in-flight byte budget).
 //! - [`api`]: the claim API; [`admin`]: probes and metrics; [`metrics`], [`health`].
 //! - [`run`]: wires it all and drains on shutdown.
 
 pub mod admin;
 pub mod api;
+pub mod app;
 pub mod config;
 pub mod deliver;
 pub mod engine;
+pub mod flow;
 pub mod health;
 pub mod key;
 pub mod metrics;

@@ -46,7 +46,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::from_file(file) {
-            Ok(_) => {
+            Ok(config) => {
+                for warning in config.warnings() {
+                    println!("{}: warning: {warning}", file.display());
+                }
                 println!("{}: valid", file.display());
                 ExitCode::SUCCESS
             }
@@ -68,6 +71,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    for warning in config.warnings() {
+        tracing::warn!(field = %warning.field, "{}", warning.message);
+    }
     let secrets = match Secrets::resolve(&config, &ProcessEnv) {
         Ok(secrets) => secrets,
         Err(e) => {

@@ -67,6 +67,14 @@ pub struct Metrics {
     /// Messages delivered unchecked because the store was unavailable and the
     /// policy is passThrough. Alert on any increase.
     pub passthrough: Counter,
+    /// Lease renewals of deliveries in flight by outcome: renewed, lost (the
+    /// token no longer held the key), error (the store did not answer).
+    pub lease_renewals: Family<OutcomeLabel, Counter>,
+    /// 1 while the application takes messages (ready, circuit closed or
+    /// half-open), 0 while the sidecar waits for it.
+    pub app_available: Gauge,
+    /// Bytes of message bodies taken from the broker and not yet settled.
+    pub in_flight_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -90,6 +98,9 @@ impl Metrics {
             end_to_end_duration: latency_histogram(),
             app_duration: latency_histogram(),
             passthrough: Counter::default(),
+            lease_renewals: Family::default(),
+            app_available: Gauge::default(),
+            in_flight_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("claims", "Claims by outcome", metrics.claims.clone());
@@ -139,6 +150,21 @@ impl Metrics {
             "Messages delivered without deduplication because the store was unavailable",
             metrics.passthrough.clone(),
         );
+        registry.register(
+            "lease_renewals",
+            "Lease renewals of deliveries in flight by outcome",
+            metrics.lease_renewals.clone(),
+        );
+        registry.register(
+            "app_available",
+            "1 while the application takes messages, 0 while the sidecar waits for it",
+            metrics.app_available.clone(),
+        );
+        registry.register(
+            "in_flight_bytes",
+            "Bytes of message bodies taken from the broker and not yet settled",
+            metrics.in_flight_bytes.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -155,6 +181,12 @@ impl Metrics {
 
     pub fn message(&self, outcome: &'static str) {
         self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn renewal(&self, outcome: &'static str) {
+        self.lease_renewals
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn dead_letter(&self, reason: &'static str) {

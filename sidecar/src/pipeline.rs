@@ -6,9 +6,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::{self, App};
 use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::engine::Engine;
+use crate::flow::Flow;
 use crate::health::Component;
 use crate::metrics::Metrics;
 use crate::source::rabbitmq::Source;
@@ -22,6 +24,8 @@ pub struct Context {
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
+    /// Readiness of the application (`app: waiting` until it answers).
+    pub app_health: Component,
 }
 
 /// Runs until `shutdown` fires and in-flight messages are settled.
@@ -32,11 +36,30 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         .as_ref()
         .context("pipeline mode needs delivery (validated)")?;
     let deliverer = Deliverer::new(delivery)?;
+    let app = Arc::new(App::new(
+        &delivery.circuit_breaker,
+        ctx.metrics.clone(),
+        ctx.app_health,
+    ));
+    let check = app::Check::new(delivery)?;
+    let watcher = tokio::spawn(app::watch(
+        app.clone(),
+        check,
+        delivery.clone(),
+        shutdown.clone(),
+    ));
+    let flow = Flow::new(
+        app.clone(),
+        delivery.max_in_flight_bytes,
+        ctx.metrics.clone(),
+    );
+    let largest_message = delivery.expected_message_bytes.unwrap_or(0).into();
     let engine = Arc::new(Engine::new(
         ctx.config.clone(),
         ctx.store.clone(),
         deliverer,
         ctx.metrics.clone(),
+        app,
     ));
     let uri = crate::source::rabbitmq::parse_url(&ctx.broker_url).map_err(anyhow::Error::msg)?;
     let source = Source {
@@ -46,7 +69,11 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         store: ctx.store,
         metrics: ctx.metrics,
         health: ctx.broker_health,
+        flow,
+        largest_message,
     };
-    source.run(shutdown).await;
+    source.run(shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = watcher.await;
     Ok(())
 }

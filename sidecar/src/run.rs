@@ -118,6 +118,7 @@ pub async fn run(
         }
         Mode::Pipeline => {
             let broker = health.register("broker");
+            let app = health.register("app");
             crate::pipeline::run(
                 crate::pipeline::Context {
                     config: Arc::new(config),
@@ -127,6 +128,7 @@ pub async fn run(
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,
+                    app_health: app,
                 },
                 shutdown.clone(),
             )

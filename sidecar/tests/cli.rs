@@ -35,6 +35,40 @@ fn check_config_accepts_a_valid_file() {
 }
 
 #[test]
+fn check_config_warns_about_a_lease_shorter_than_the_delivery_timeout() {
+    let path = write_config(
+        "short-lease.yaml",
+        "consumer: orders\ndedup:\n  lease: 2s\nbroker:\n  rabbitmq:\n    queue: orders\ndelivery:\n  url: http://127.0.0.1:8080/\n  timeout: 10s\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a warning is not an error: {stdout}");
+    assert!(
+        stdout.contains("warning: dedup.lease: 2s is shorter than delivery.timeout (10s)")
+            && stdout.contains("renews the lease"),
+        "{stdout}"
+    );
+    let fine = write_config(
+        "long-lease.yaml",
+        "consumer: orders\nbroker:\n  rabbitmq:\n    queue: orders\ndelivery:\n  url: http://127.0.0.1:8080/\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&fine)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("warning"),
+        "the defaults warn of nothing: {stdout}"
+    );
+}
+
+#[test]
 fn check_config_exits_64_naming_each_bad_field() {
     let path = write_config(
         "bad.yaml",

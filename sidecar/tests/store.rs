@@ -49,6 +49,10 @@ for_both_stores!(
     concurrent_claims_of_one_key_have_exactly_one_winner,
     keys_are_independent,
     store_answers_ping,
+    renewal_keeps_a_claim_past_its_first_lease,
+    renewal_by_a_holder_that_lost_the_key_is_refused,
+    renewal_of_a_completed_or_released_key_is_refused,
+    concurrent_renewals_each_get_their_own_answer,
 );
 
 async fn acquire<S: KeyStore>(
@@ -371,4 +375,113 @@ async fn redis_down_is_an_error_not_a_verdict() {
         .claim("order-1", None, LEASE, RETENTION)
         .await
         .is_err());
+}
+
+async fn renewal_keeps_a_claim_past_its_first_lease<S: KeyStore>(store: &S) {
+    let short = Duration::from_millis(400);
+    let a = acquire(store, "order-1", Some("fp"), short).await;
+    // Renewed at a third of the lease, three times: held for 1.2 s in all,
+    // three times the first lease.
+    for _ in 0..3 {
+        tokio::time::sleep(short / 3).await;
+        assert_eq!(
+            store.renew("order-1", &a, short).await.expect("renew"),
+            Transition::Done
+        );
+    }
+    tokio::time::sleep(short / 2).await;
+    assert!(
+        matches!(
+            claim(store, "order-1", Some("fp")).await,
+            Claim::InFlight { .. }
+        ),
+        "the renewed claim still holds the key"
+    );
+    assert_eq!(
+        store
+            .complete("order-1", &a, RETENTION)
+            .await
+            .expect("complete"),
+        Transition::Done
+    );
+    assert_eq!(claim(store, "order-1", Some("fp")).await, Claim::Completed);
+}
+
+async fn renewal_by_a_holder_that_lost_the_key_is_refused<S: KeyStore>(store: &S) {
+    let short = Duration::from_millis(200);
+    let a = acquire(store, "order-1", None, short).await;
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    // Expired and free: the holder learns it lost the key, and does not get it back.
+    assert_eq!(
+        store.renew("order-1", &a, LEASE).await.expect("renew"),
+        Transition::Stale
+    );
+    let b = acquire(store, "order-1", None, LEASE).await;
+    assert_eq!(
+        store.renew("order-1", &a, LEASE).await.expect("renew"),
+        Transition::Stale,
+        "B holds the key now"
+    );
+    assert_eq!(
+        store.renew("order-1", &b, LEASE).await.expect("renew"),
+        Transition::Done
+    );
+    assert_eq!(
+        store
+            .renew("order-1", &Token("x".repeat(32)), LEASE)
+            .await
+            .expect("renew"),
+        Transition::Stale,
+        "a token that never held the key"
+    );
+}
+
+async fn renewal_of_a_completed_or_released_key_is_refused<S: KeyStore>(store: &S) {
+    let a = acquire(store, "order-1", None, LEASE).await;
+    store
+        .complete("order-1", &a, RETENTION)
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.renew("order-1", &a, LEASE).await.expect("renew"),
+        Transition::Stale
+    );
+    assert_eq!(claim(store, "order-1", None).await, Claim::Completed);
+    let b = acquire(store, "order-2", None, LEASE).await;
+    store.release("order-2", &b).await.expect("release");
+    assert_eq!(
+        store.renew("order-2", &b, LEASE).await.expect("renew"),
+        Transition::Stale
+    );
+    assert!(matches!(
+        claim(store, "order-2", None).await,
+        Claim::Acquired { .. }
+    ));
+}
+
+async fn concurrent_renewals_each_get_their_own_answer<S: KeyStore + Clone>(store: &S) {
+    // Half of the keys are released before the renewals: those must answer
+    // Stale and the others Done, however the renewals are batched.
+    let mut tokens = Vec::new();
+    for i in 0..200 {
+        let key = format!("order-{i}");
+        let token = acquire(store, &key, None, LEASE).await;
+        if i % 2 == 1 {
+            store.release(&key, &token).await.expect("release");
+        }
+        tokens.push((key, token));
+    }
+    let answers = futures::future::join_all(tokens.iter().map(|(key, token)| {
+        let store = store.clone();
+        async move { store.renew(key, token, LEASE).await.expect("renew") }
+    }))
+    .await;
+    for (i, answer) in answers.iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            Transition::Done
+        } else {
+            Transition::Stale
+        };
+        assert_eq!(*answer, expected, "order-{i}");
+    }
 }

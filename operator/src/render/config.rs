@@ -91,11 +91,6 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
             None
         } else {
             Some(DeliveryConfig {
-                url: format!(
-                    "http://127.0.0.1:{}{}",
-                    spec.delivery.port.unwrap_or(8080),
-                    spec.delivery.path.as_deref().unwrap_or("/")
-                ),
                 timeout: duration(
                     "delivery.timeout",
                     &spec.delivery.timeout,
@@ -103,6 +98,11 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 )?,
                 initial_backoff: delivery_defaults.1,
                 max_backoff: delivery_defaults.2,
+                ..DeliveryConfig::new(format!(
+                    "http://127.0.0.1:{}{}",
+                    spec.delivery.port.unwrap_or(8080),
+                    spec.delivery.path.as_deref().unwrap_or("/")
+                ))
             })
         },
         gate: Default::default(),

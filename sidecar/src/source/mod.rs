@@ -72,4 +72,9 @@ pub enum Verdict {
     /// The key store did not answer: give the message back and stop
     /// consuming until the store answers again.
     StoreUnavailable,
+    /// The application is not available (not ready yet, or the circuit is
+    /// open): give the message back without counting an attempt, and stop
+    /// consuming until [`Flow::until_available`](crate::flow::Flow::until_available)
+    /// returns.
+    AppUnavailable,
 }

@@ -12,10 +12,25 @@
 //! Acks are batched: a settled message is acknowledged with `multiple` once
 //! every message before it on the channel is settled too. Nacks and dead
 //! letters are sent one by one, always before the batched ack that passes them.
+//!
+//! Flow control ([`crate::flow`]): no session starts before the application
+//! takes messages, a session ends when the circuit opens (what it holds goes
+//! back to the queue uncounted), and each delivery is charged to the byte
+//! budget until it is settled. RabbitMQ ignores `prefetch_size` and pushes up
+//! to `prefetch` messages, which lapin buffers whether or not they are taken,
+//! so the prefetch itself is what bounds memory: a session's prefetch is
+//! `maxInFlightBytes / largest message seen` (at most the configured
+//! prefetch). Before any message is seen (and without
+//! `expectedMessageBytes`) the first session takes one message to learn its
+//! size; a larger message than the prefetch allows ends the session, and the
+//! next one starts with a lower prefetch (RabbitMQ applies a new prefetch
+//! only to consumers started after it).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -33,6 +48,7 @@ use super::acks::AckTracker;
 use super::{Envelope, Verdict};
 use crate::config::{Config, RabbitMqConfig, UnavailablePolicy};
 use crate::engine::Engine;
+use crate::flow::{Flow, Permit};
 use crate::health::Component;
 use crate::metrics::Metrics;
 use crate::store::KeyStore;
@@ -51,11 +67,27 @@ pub struct Source {
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub health: Component,
+    pub flow: Flow,
+    /// The largest message body seen (or expected), in bytes; 0 before any.
+    pub largest_message: AtomicU64,
 }
 
 enum SessionEnd {
     Shutdown,
     StoreDown,
+    AppDown,
+    /// A message larger than the session's prefetch allows: start again with
+    /// a lower prefetch.
+    Resize,
+}
+
+/// The prefetch that keeps `prefetch × largest` within `budget`: at least 1, at
+/// most `configured`; 1 while the size of messages is unknown.
+pub fn prefetch_for(configured: u16, budget: u64, largest: u64) -> u16 {
+    if largest == 0 {
+        return 1;
+    }
+    (budget / largest).clamp(1, u64::from(configured.max(1))) as u16
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +127,7 @@ impl Source {
             {
                 return;
             }
-            if shutdown.is_cancelled() {
+            if !self.flow.until_available(&shutdown).await {
                 return;
             }
             match self.session(&shutdown).await {
@@ -104,6 +136,11 @@ impl Source {
                     tracing::warn!("key store unavailable: consumption paused until it answers");
                     delay = Duration::from_millis(100);
                 }
+                Ok(SessionEnd::AppDown) => {
+                    tracing::info!("consumption paused until the application is available");
+                    delay = Duration::from_millis(100);
+                }
+                Ok(SessionEnd::Resize) => delay = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "broker session ended");
                     tokio::select! {
@@ -129,15 +166,25 @@ impl Source {
         }
     }
 
+    /// The prefetch for the next session, from the largest message seen.
+    fn prefetch(&self) -> u16 {
+        prefetch_for(
+            self.rabbit().prefetch,
+            self.flow.budget(),
+            self.largest_message.load(Ordering::Relaxed),
+        )
+    }
+
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, SourceError> {
         let rabbit = self.rabbit();
+        let prefetch = self.prefetch();
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("idemq-sidecar {}", self.config.consumer),
         ));
         let conn = Connection::connect_uri(self.uri.clone(), properties).await?;
         let consuming = conn.create_channel().await?;
         consuming
-            .basic_qos(rabbit.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let publishing = conn.create_channel().await?;
         publishing
@@ -171,7 +218,13 @@ impl Source {
                 FieldTable::default(),
             )
             .await?;
-        tracing::info!(queue = %rabbit.queue, prefetch = rabbit.prefetch, "consuming");
+        tracing::info!(
+            queue = %rabbit.queue,
+            prefetch,
+            budget = self.flow.budget(),
+            largest_message = self.largest_message.load(Ordering::Relaxed),
+            "consuming"
+        );
         self.health.set(true);
         self.metrics.broker_connected.set(1);
 
@@ -198,16 +251,30 @@ impl Source {
                 }
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
+                _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 _ = settle.settled.notified() => {
                     if let Err(e) = settle.flush().await {
                         break Err(e.into());
                     }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                next = consumer.next() => match next {
+                // Takes the next delivery only when the flow has room for it.
+                next = async {
+                    if !self.flow.ready(shutdown).await {
+                        std::future::pending::<()>().await;
+                    }
+                    consumer.next().await
+                } => match next {
                     Some(Ok(delivery)) => {
                         settle.received(delivery.delivery_tag);
-                        tasks.spawn(handle(delivery, self.engine.clone(), settle.clone(), shutdown.clone()));
+                        let size = delivery.data.len() as u64;
+                        let permit = self.flow.take(delivery.data.len());
+                        self.largest_message.fetch_max(size, Ordering::Relaxed);
+                        tasks.spawn(handle(delivery, permit, self.engine.clone(), settle.clone(), shutdown.clone()));
+                        if self.prefetch() < prefetch {
+                            tracing::info!(size, prefetch, next_prefetch = self.prefetch(), "a message larger than the prefetch allows within maxInFlightBytes: starting again with a lower prefetch");
+                            break Ok(SessionEnd::Resize);
+                        }
                     }
                     Some(Err(e)) => break Err(e.into()),
                     None => break Err(SourceError::ConsumerEnded),
@@ -244,18 +311,25 @@ impl Source {
     }
 }
 
-/// Handles one delivery: the engine decides, the settler applies.
+/// Handles one delivery: the engine decides, the settler applies. The body
+/// moves from the delivery into the envelope (no copy), and is held until the
+/// message is settled, as the permit says.
 async fn handle(
-    delivery: Delivery,
+    mut delivery: Delivery,
+    permit: Permit,
     engine: Arc<Engine>,
     settle: Arc<Settler>,
     shutdown: CancellationToken,
 ) {
     let started = Instant::now();
     settle.metrics.in_flight.inc();
-    let envelope = envelope(&delivery);
+    let body = Bytes::from(std::mem::take(&mut delivery.data));
+    let envelope = envelope(&delivery, body);
     let verdict = engine.handle(&envelope, &shutdown).await;
-    settle.apply(&delivery, verdict, &shutdown).await;
+    settle
+        .apply(&delivery, &envelope.body, verdict, &shutdown)
+        .await;
+    drop(permit);
     settle.metrics.in_flight.dec();
     settle
         .metrics
@@ -306,7 +380,13 @@ impl Settler {
         Ok(())
     }
 
-    async fn apply(&self, delivery: &Delivery, verdict: Verdict, shutdown: &CancellationToken) {
+    async fn apply(
+        &self,
+        delivery: &Delivery,
+        body: &[u8],
+        verdict: Verdict,
+        shutdown: &CancellationToken,
+    ) {
         let tag = delivery.delivery_tag;
         match verdict {
             Verdict::Ack => {
@@ -319,7 +399,7 @@ impl Settler {
                     let mut headers = FieldTable::default();
                     headers.insert("x-idemq-reason".into(), text("duplicate"));
                     // An audit copy is best effort: the duplicate is acked anyway.
-                    if let Err(e) = self.publish(exchange, delivery, headers).await {
+                    if let Err(e) = self.publish(exchange, delivery, body, headers).await {
                         tracing::warn!(error = %e, "audit copy of a duplicate was not confirmed");
                     }
                 }
@@ -339,6 +419,8 @@ impl Settler {
                 self.requeue(tag).await;
                 self.store_down.cancel();
             }
+            // The session ends on its own: it watches the application's state.
+            Verdict::AppUnavailable => self.requeue(tag).await,
             Verdict::DeadLetter { reason, attempts } => {
                 let mut headers = delivery.properties.headers().clone().unwrap_or_default();
                 headers.insert("x-idemq-reason".into(), text(reason.as_str()));
@@ -348,7 +430,7 @@ impl Settler {
                 );
                 headers.insert("x-idemq-original-queue".into(), text(&self.rabbit.queue));
                 let exchange = self.rabbit.dead_letter_exchange.clone();
-                match self.publish(&exchange, delivery, headers).await {
+                match self.publish(&exchange, delivery, body, headers).await {
                     Ok(()) => {
                         tracing::info!(reason = reason.as_str(), attempts, "dead-lettered");
                         self.metrics.dead_letter(reason.as_str());
@@ -383,6 +465,7 @@ impl Settler {
         &self,
         exchange: &str,
         delivery: &Delivery,
+        body: &[u8],
         headers: FieldTable,
     ) -> Result<(), String> {
         let routing_key = self
@@ -397,7 +480,7 @@ impl Settler {
                 ShortString::from(exchange),
                 routing_key.into(),
                 BasicPublishOptions::default(),
-                &delivery.data,
+                body,
                 properties,
             )
             .await
@@ -416,8 +499,8 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// The broker-neutral view of a delivery.
-fn envelope(delivery: &Delivery) -> Envelope {
+/// The broker-neutral view of a delivery, whose body was taken out of it.
+fn envelope(delivery: &Delivery, body: Bytes) -> Envelope {
     let p = &delivery.properties;
     let headers = p
         .headers()
@@ -434,7 +517,7 @@ fn envelope(delivery: &Delivery) -> Envelope {
         message_id: p.message_id().as_ref().map(|s| s.as_str().to_string()),
         headers,
         content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()),
-        body: delivery.data.clone().into(),
+        body,
         redelivered: delivery.redelivered,
     }
 }
@@ -459,6 +542,29 @@ fn header_text(value: &AMQPValue) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::prefetch_for;
+
+    #[test]
+    fn the_prefetch_keeps_the_largest_message_times_prefetch_within_the_budget() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(
+            prefetch_for(100, 32 * MIB, 0),
+            1,
+            "size unknown: one message"
+        );
+        assert_eq!(
+            prefetch_for(100, 32 * MIB, 256),
+            100,
+            "small: as configured"
+        );
+        assert_eq!(prefetch_for(100, 32 * MIB, 2 * MIB), 16);
+        assert_eq!(
+            prefetch_for(100, 32 * MIB, 64 * MIB),
+            1,
+            "larger than the budget"
+        );
+    }
+
     #[test]
     fn a_bad_broker_url_is_reported_without_its_password() {
         let err = super::parse_url("amqp://user:s3cret@rabbit:notaport/vhost").unwrap_err();

@@ -81,6 +81,18 @@ impl KeyStore for Instrumented {
         result
     }
 
+    async fn renew(
+        &self,
+        key: &str,
+        token: &Token,
+        lease: Duration,
+    ) -> Result<Transition, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.renew(key, token, lease).await;
+        self.record("renew", started, &result);
+        result
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let started = Instant::now();
         let result = self.inner.ping().await;

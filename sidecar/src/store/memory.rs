@@ -155,6 +155,24 @@ impl KeyStore for MemoryStore {
         }
     }
 
+    async fn renew(
+        &self,
+        key: &str,
+        token: &Token,
+        lease: Duration,
+    ) -> Result<Transition, StoreError> {
+        let now = Instant::now();
+        let mut map = self.lock();
+        match map.get_mut(key).filter(|e| e.expires > now) {
+            Some(entry) if matches!(&entry.state, State::InProgress { token: held, .. } if held == token) =>
+            {
+                entry.expires = now + lease;
+                Ok(Transition::Done)
+            }
+            _ => Ok(Transition::Stale),
+        }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

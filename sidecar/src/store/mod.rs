@@ -12,6 +12,10 @@
 //! lease has expired and another holder has claimed the key, its `complete` and
 //! `release` are refused as [`Transition::Stale`].
 //!
+//! A holder whose delivery takes long renews its lease (`renew`) while it
+//! delivers, so the lease only runs out when the holder is gone; a renewal
+//! refused as `Stale` tells the holder it lost the key.
+//!
 //! Two implementations: [`redis::RedisStore`] for production (shared by every
 //! replica of a consumer) and [`memory::MemoryStore`], the embedded default for
 //! local runs. Both pass the same behavioural test suite.
@@ -86,6 +90,16 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<Transition, StoreError>;
 
     async fn release(&self, key: &str, token: &Token) -> Result<Transition, StoreError>;
+
+    /// Extends the lease of a claim the token still holds to `lease` from now.
+    /// `Stale` when it no longer holds it (expired, taken over, or completed):
+    /// the key is not given back, since another holder may have finished it.
+    async fn renew(
+        &self,
+        key: &str,
+        token: &Token,
+        lease: Duration,
+    ) -> Result<Transition, StoreError>;
 
     /// Whether the store answers; drives readiness.
     async fn ping(&self) -> Result<(), StoreError>;

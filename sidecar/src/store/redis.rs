@@ -14,7 +14,7 @@
 //! `<digest>` is the first 16 bytes of SHA-256 of the idempotency key, so key
 //! size is fixed whatever the application sends. Every transition is one Lua
 //! script (see the `.lua` files beside this one), run by SHA. Claims and
-//! completions are batched (see [`super::batch`]): one script call runs the
+//! completions, and lease renewals, are batched (see [`super::batch`]): one script call runs the
 //! transitions of every delivery that asked meanwhile, each atomically.
 
 use std::sync::Arc;
@@ -57,6 +57,7 @@ pub struct RedisStore {
     prefix: String,
     claims: Arc<Batcher<ClaimItem, (String, i64)>>,
     completions: Arc<Batcher<CompleteItem, i64>>,
+    renewals: Arc<Batcher<RenewItem, i64>>,
 }
 
 /// The connection, with the timeout of every call.
@@ -119,13 +120,21 @@ struct CompleteItem {
     width_ms: u64,
 }
 
-fn scripts() -> &'static [Script; 3] {
-    static SCRIPTS: std::sync::OnceLock<[Script; 3]> = std::sync::OnceLock::new();
+/// One renewal of a batch: the arguments of `renew.lua` for one key.
+struct RenewItem {
+    in_progress: Vec<u8>,
+    token: String,
+    lease_ms: u64,
+}
+
+fn scripts() -> &'static [Script; 4] {
+    static SCRIPTS: std::sync::OnceLock<[Script; 4]> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| {
         [
             Script::new(include_str!("claim.lua")),
             Script::new(include_str!("complete.lua")),
             Script::new(include_str!("release.lua")),
+            Script::new(include_str!("renew.lua")),
         ]
     })
 }
@@ -172,6 +181,10 @@ impl RedisStore {
             completions: Arc::new(Batcher::spawn("complete", {
                 let (redis, prefix) = (redis.clone(), prefix.clone());
                 move |items| complete_batch(redis.clone(), prefix.clone(), items)
+            })),
+            renewals: Arc::new(Batcher::spawn("renew", {
+                let redis = redis.clone();
+                move |items| renew_batch(redis.clone(), items)
             })),
             redis,
             prefix,
@@ -222,6 +235,17 @@ async fn complete_batch(
             .arg(item.width_ms);
     }
     redis.invoke("complete", &invocation).await
+}
+
+async fn renew_batch(redis: Redis, items: Vec<RenewItem>) -> Result<Vec<i64>, StoreError> {
+    let mut invocation = scripts()[3].prepare_invoke();
+    for item in &items {
+        invocation
+            .key(&item.in_progress)
+            .arg(&item.token)
+            .arg(item.lease_ms);
+    }
+    redis.invoke("renew", &invocation).await
 }
 
 /// The parts of a key's digest the scripts need.
@@ -333,6 +357,30 @@ impl KeyStore for RedisStore {
         invocation.key(self.digest(key).in_progress).arg(&token.0);
         let done: i64 = self.redis.invoke("release", &invocation).await?;
         Ok(if done == 1 {
+            Transition::Done
+        } else {
+            Transition::Stale
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &Token,
+        lease: Duration,
+    ) -> Result<Transition, StoreError> {
+        if token.0.len() != TOKEN_LEN {
+            return Ok(Transition::Stale);
+        }
+        let renewed = self
+            .renewals
+            .call(RenewItem {
+                in_progress: self.digest(key).in_progress,
+                token: token.0.clone(),
+                lease_ms: millis(lease),
+            })
+            .await?;
+        Ok(if renewed == 1 {
             Transition::Done
         } else {
             Transition::Stale
