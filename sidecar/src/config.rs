@@ -161,10 +161,40 @@ pub enum MissingKeyPolicy {
     PassThrough,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+/// The broker to consume: exactly one of its fields is set (see
+/// [`BrokerConfig::kind`]); [`Config::validate`] says so when it is not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BrokerConfig {
-    pub rabbitmq: RabbitMqConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitMqConfig>,
+}
+
+/// The one broker a [`BrokerConfig`] names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BrokerKind<'a> {
+    RabbitMq(&'a RabbitMqConfig),
+}
+
+impl BrokerConfig {
+    /// The field names of the broker kinds, as the config spells them.
+    pub const KINDS: &'static [&'static str] = &["rabbitmq"];
+
+    /// The configured broker; `None` unless exactly one kind is set.
+    pub fn kind(&self) -> Option<BrokerKind<'_>> {
+        match self.kinds_set().as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// Every kind that is set; validation wants exactly one.
+    fn kinds_set(&self) -> Vec<BrokerKind<'_>> {
+        [self.rabbitmq.as_ref().map(BrokerKind::RabbitMq)]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -530,7 +560,16 @@ impl Config {
             );
         }
         if let Some(broker) = &self.broker {
-            let rabbit = &broker.rabbitmq;
+            check(
+                broker.kinds_set().len() == 1,
+                "broker",
+                &format!(
+                    "must set exactly one broker kind, one of: {}",
+                    BrokerConfig::KINDS.join(", ")
+                ),
+            );
+        }
+        if let Some(BrokerKind::RabbitMq(rabbit)) = self.broker.as_ref().and_then(|b| b.kind()) {
             check(
                 !rabbit.queue.is_empty(),
                 "broker.rabbitmq.queue",
@@ -696,7 +735,11 @@ delivery:
         assert_eq!(config.dedup.retention, Duration::from_secs(86400));
         assert_eq!(config.dedup.missing_key, MissingKeyPolicy::DeadLetter);
         assert_eq!(
-            config.broker.as_ref().map(|b| b.rabbitmq.prefetch),
+            config
+                .broker
+                .as_ref()
+                .and_then(|b| b.rabbitmq.as_ref())
+                .map(|r| r.prefetch),
             Some(200)
         );
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
@@ -742,6 +785,26 @@ gate:
     fn unknown_field_is_rejected_by_name() {
         let err = Config::from_yaml("consumer: a\nmode: gate\nretension: 1h\n").unwrap_err();
         assert!(err.to_string().contains("retension"), "{err}");
+    }
+
+    #[test]
+    fn a_broker_names_exactly_one_kind() {
+        let text = "consumer: a\nbroker: {}\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(text) else {
+            panic!("expected invalid config");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "broker");
+        assert!(
+            problems[0].message.contains("exactly one") && problems[0].message.contains("rabbitmq"),
+            "{}",
+            problems[0]
+        );
+        let config = Config::from_yaml(PIPELINE).expect("valid");
+        assert!(matches!(
+            config.broker.as_ref().and_then(|b| b.kind()),
+            Some(BrokerKind::RabbitMq(r)) if r.queue == "orders"
+        ));
     }
 
     #[test]

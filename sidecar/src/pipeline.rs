@@ -1,5 +1,6 @@
 //! Pipeline mode: consume the broker, deduplicate, deliver to the application,
-//! settle with the broker. This module only wires the parts together.
+//! settle with the broker. This module only wires the parts together and
+//! starts the source of the configured broker kind.
 
 use std::sync::Arc;
 
@@ -7,20 +8,19 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App};
-use crate::config::Config;
+use crate::config::{BrokerKind, Config};
 use crate::deliver::Deliverer;
 use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::health::Component;
 use crate::metrics::Metrics;
-use crate::source::rabbitmq::Source;
 use crate::store::KeyStore;
 
 /// Everything the pipeline shares.
 pub struct Context {
     pub config: Arc<Config>,
-    /// The broker URL, with its credentials (from the environment).
-    pub broker_url: String,
+    /// The RabbitMQ URL, with its credentials (from the environment).
+    pub broker_url: Option<String>,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
@@ -61,18 +61,33 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         ctx.metrics.clone(),
         app,
     ));
-    let uri = crate::source::rabbitmq::parse_url(&ctx.broker_url).map_err(anyhow::Error::msg)?;
-    let source = Source {
-        config: ctx.config,
-        uri,
-        engine,
-        store: ctx.store,
-        metrics: ctx.metrics,
-        health: ctx.broker_health,
-        flow,
-        largest_message,
-    };
-    source.run(shutdown.clone()).await;
+    let broker = ctx
+        .config
+        .broker
+        .as_ref()
+        .and_then(|b| b.kind())
+        .context("pipeline mode needs exactly one broker (validated)")?;
+    match broker {
+        BrokerKind::RabbitMq(rabbit) => {
+            let url = ctx
+                .broker_url
+                .as_deref()
+                .context("the RabbitMQ source needs a broker URL")?;
+            let uri = crate::source::rabbitmq::parse_url(url).map_err(anyhow::Error::msg)?;
+            let source = crate::source::rabbitmq::Source {
+                rabbit: rabbit.clone(),
+                config: ctx.config.clone(),
+                uri,
+                engine,
+                store: ctx.store,
+                metrics: ctx.metrics,
+                health: ctx.broker_health,
+                flow,
+                largest_message,
+            };
+            source.run(shutdown.clone()).await;
+        }
+    }
     shutdown.cancel();
     let _ = watcher.await;
     Ok(())

@@ -122,9 +122,7 @@ pub async fn run(
             crate::pipeline::run(
                 crate::pipeline::Context {
                     config: Arc::new(config),
-                    broker_url: secrets
-                        .broker_url
-                        .ok_or_else(|| anyhow::anyhow!("pipeline mode needs a broker URL"))?,
+                    broker_url: secrets.broker_url,
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,

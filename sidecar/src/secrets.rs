@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Config, SecretEnv, StoreKind};
+use crate::config::{BrokerKind, Config, SecretEnv, StoreKind};
 
 /// Where variables come from.
 pub trait Env {
@@ -85,11 +85,15 @@ fn read(env: &dyn Env, name: &str) -> Result<Option<String>, SecretError> {
 impl Secrets {
     /// Resolves the secrets: environment first, then the config's URLs.
     pub fn resolve(config: &Config, env: &dyn Env) -> Result<Self, SecretError> {
+        let broker = config.broker.as_ref().and_then(|b| b.kind());
+        let rabbit_url = match broker {
+            Some(BrokerKind::RabbitMq(rabbit)) => rabbit.url.clone(),
+            None => None,
+        };
         let secrets = Self {
             redis_url: read(env, SecretEnv::REDIS_URL)?.or_else(|| config.store.url.clone()),
             redis_password: read(env, SecretEnv::REDIS_PASSWORD)?,
-            broker_url: read(env, SecretEnv::BROKER_URL)?
-                .or_else(|| config.broker.as_ref().and_then(|b| b.rabbitmq.url.clone())),
+            broker_url: read(env, SecretEnv::BROKER_URL)?.or(rabbit_url),
         };
         if config.store.kind == StoreKind::Redis && secrets.redis_url.is_none() {
             return Err(SecretError::Missing(format!(
@@ -97,9 +101,9 @@ impl Secrets {
                 SecretEnv::REDIS_URL
             )));
         }
-        if config.broker.is_some() && secrets.broker_url.is_none() {
+        if matches!(broker, Some(BrokerKind::RabbitMq(_))) && secrets.broker_url.is_none() {
             return Err(SecretError::Missing(format!(
-                "a broker is configured but neither broker.rabbitmq.url nor {} is set",
+                "broker.rabbitmq is configured but neither broker.rabbitmq.url nor {} is set",
                 SecretEnv::BROKER_URL
             )));
         }

@@ -78,14 +78,14 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
             max_attempts: spec.max_attempts.unwrap_or(defaults.max_attempts),
         },
         broker: (!gate).then(|| BrokerConfig {
-            rabbitmq: RabbitMqConfig {
+            rabbitmq: Some(RabbitMqConfig {
                 url: None,
                 queue: rabbit.queue.clone(),
                 prefetch: rabbit.prefetch.unwrap_or(100),
                 dead_letter_exchange: dead_letter_exchange(ic),
                 dead_letter_routing_key: None,
                 audit_exchange: None,
-            },
+            }),
         }),
         delivery: if gate {
             None
@@ -169,7 +169,10 @@ mod tests {
         );
         assert_eq!(config.dedup.lease, Duration::from_secs(30));
         assert_eq!(config.dedup.retention, Duration::from_secs(86400));
-        let rabbit = config.broker.expect("broker").rabbitmq;
+        let rabbit = config
+            .broker
+            .and_then(|b| b.rabbitmq)
+            .expect("a rabbitmq broker");
         assert_eq!(
             (rabbit.queue.as_str(), rabbit.prefetch, rabbit.url),
             ("orders", 50, None)

@@ -61,6 +61,8 @@ const STUCK_AFTER: Duration = Duration::from_millis(20);
 /// Everything a RabbitMQ source needs.
 pub struct Source {
     pub config: Arc<Config>,
+    /// The `broker.rabbitmq` section of `config`.
+    pub rabbit: RabbitMqConfig,
     /// Parsed once: the parser's error messages quote the URL, password included.
     pub uri: AMQPUri,
     pub engine: Arc<Engine>,
@@ -109,15 +111,6 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
 }
 
 impl Source {
-    fn rabbit(&self) -> &RabbitMqConfig {
-        &self
-            .config
-            .broker
-            .as_ref()
-            .expect("pipeline mode has a broker (validated)")
-            .rabbitmq
-    }
-
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut delay = Duration::from_millis(100);
@@ -169,14 +162,14 @@ impl Source {
     /// The prefetch for the next session, from the largest message seen.
     fn prefetch(&self) -> u16 {
         prefetch_for(
-            self.rabbit().prefetch,
+            self.rabbit.prefetch,
             self.flow.budget(),
             self.largest_message.load(Ordering::Relaxed),
         )
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, SourceError> {
-        let rabbit = self.rabbit();
+        let rabbit = &self.rabbit;
         let prefetch = self.prefetch();
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("idemq-sidecar {}", self.config.consumer),

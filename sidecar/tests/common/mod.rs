@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod broker;
 pub mod rabbitmq;
 pub mod redis;
+pub mod scenarios;
 pub mod sidecar;
 
 /// A name no other test (or earlier run) uses: `<base>-<random>`.

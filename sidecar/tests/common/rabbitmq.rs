@@ -1,17 +1,24 @@
-//! The real RabbitMQ on 127.0.0.1:5672: queues and exchanges unique to one
-//! test, publishing, counting, and deleting only what the test declared.
+//! The real RabbitMQ on 127.0.0.1:5672 as a [`BrokerUnderTest`]: queues and
+//! exchanges unique to one test, publishing, counting, and deleting only what
+//! the test declared. Keys travel as the AMQP `message_id`.
+
+use std::process::Command;
+
+use idemq_sidecar::secrets::Secrets;
 
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use super::broker::{BrokerUnderTest, DeadLetter, DropsConnections, Message};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A work queue, its dead-letter exchange and the queue that collects dead letters.
-pub struct Topology {
+pub struct RabbitMq {
     pub queue: String,
     pub dlx: String,
     pub dlq: String,
@@ -19,7 +26,7 @@ pub struct Topology {
     _conn: Connection,
 }
 
-pub async fn topology(test: &str) -> Topology {
+async fn topology(test: &str) -> RabbitMq {
     let conn = Connection::connect(URL, ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| {
@@ -67,7 +74,7 @@ pub async fn topology(test: &str) -> Topology {
         )
         .await
         .expect("bind dlq");
-    Topology {
+    RabbitMq {
         queue,
         dlx,
         dlq,
@@ -76,45 +83,57 @@ pub async fn topology(test: &str) -> Topology {
     }
 }
 
-impl Topology {
-    /// Publishes `body` to the work queue with `message_id` and `headers`, confirmed.
-    pub async fn publish(&self, message_id: Option<&str>, headers: &[(&str, &str)], body: &[u8]) {
-        let mut table = FieldTable::default();
-        for (k, v) in headers {
-            table.insert((*k).into(), AMQPValue::LongString(LongString::from(*v)));
-        }
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_headers(table);
-        if let Some(id) = message_id {
-            properties = properties.with_message_id(id.into());
-        }
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                self.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
+impl RabbitMq {
+    /// Messages ready in `queue` (not counting unacked ones).
+    async fn ready(&self, queue: &str) -> u32 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
             .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "broker refused a publish");
+            .expect("passive declare")
+            .message_count()
+    }
+}
+
+impl BrokerUnderTest for RabbitMq {
+    const NAME: &'static str = "rabbitmq";
+
+    async fn create(test: &str) -> Self {
+        topology(test).await
     }
 
-    /// Publishes many messages, then waits for every confirm.
-    pub async fn publish_batch(
-        &self,
-        messages: impl IntoIterator<Item = (Option<String>, Vec<u8>)>,
-    ) {
+    fn broker_yaml(&self, max_in_flight: u32) -> String {
+        format!(
+            "  rabbitmq:\n    queue: {}\n    prefetch: {max_in_flight}\n    deadLetterExchange: {}\n",
+            self.queue, self.dlx
+        )
+    }
+
+    fn dedup_key_yaml(&self) -> String {
+        String::new()
+    }
+
+    fn secrets(&self) -> Secrets {
+        Secrets {
+            broker_url: Some(URL.to_string()),
+            ..Secrets::default()
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![("IDEMQ_BROKER_URL".to_string(), URL.to_string())]
+    }
+
+    /// Publishes every message, then waits for every confirm.
+    async fn publish(&self, messages: Vec<Message>) {
         let mut confirms = Vec::new();
-        for (id, body) in messages {
+        for Message { key, body } in messages {
             let mut properties =
                 BasicProperties::default().with_content_type("application/json".into());
-            if let Some(id) = id {
+            if let Some(id) = key {
                 properties = properties.with_message_id(id.into());
             }
             confirms.push(
@@ -138,21 +157,12 @@ impl Topology {
         }
     }
 
-    /// Messages ready in `queue` (not counting unacked ones).
-    pub async fn ready(&self, queue: &str) -> u32 {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        self.channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .expect("passive declare")
-            .message_count()
+    async fn backlog(&self) -> u64 {
+        u64::from(self.ready(&self.queue).await)
     }
 
-    /// Takes every dead letter, returning each one's `x-idemq-reason` and message id.
-    pub async fn dead_letters(&self) -> Vec<(String, Option<String>)> {
+    /// Takes every dead letter, with its `x-idemq-reason` and message id.
+    async fn dead_letters(&self) -> Vec<DeadLetter> {
         let mut out = Vec::new();
         while let Some(message) = self
             .channel
@@ -172,16 +182,16 @@ impl Topology {
                     _ => None,
                 })
                 .unwrap_or_default();
-            out.push((
+            out.push(DeadLetter {
                 reason,
-                p.message_id().as_ref().map(|s| s.as_str().to_string()),
-            ));
+                key: p.message_id().as_ref().map(|s| s.as_str().to_string()),
+            });
         }
         out
     }
 
     /// Deletes the queues and exchange this topology declared.
-    pub async fn delete(self) {
+    async fn delete(self) {
         for q in [&self.queue, &self.dlq] {
             let _ = self
                 .channel
@@ -192,5 +202,38 @@ impl Topology {
             .channel
             .exchange_delete(self.dlx.as_str().into(), ExchangeDeleteOptions::default())
             .await;
+    }
+}
+
+impl DropsConnections for RabbitMq {
+    /// The broker-side process id of the connection named after `consumer`.
+    fn connection(&self, consumer: &str) -> Option<String> {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "client_properties",
+            ])
+            .output()
+            .expect("run rabbitmqctl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains(&format!("idemq-sidecar {consumer}")))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+    }
+
+    fn close_connection(&self, id: &str) {
+        let closed = Command::new("rabbitmqctl")
+            .args(["close_connection", id, "test closes the connection"])
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(
+            closed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&closed.stderr)
+        );
     }
 }

@@ -1,0 +1,653 @@
+//! The pipeline scenarios, written once over [`BrokerUnderTest`]: producer
+//! duplicates, transient failures, poison, missing keys, body-hash keys,
+//! graceful shutdown, a consumer joining and leaving, store outage, broker
+//! connection loss and a crash (SIGKILL of the sidecar binary). Each broker's
+//! test file runs them against the real broker and the real Redis; each
+//! scenario prints its figures (visible with `--nocapture`).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use idemq_sidecar::config::Config;
+use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+use idemq_sidecar::store::KeyStore;
+
+use super::app::{self, App};
+use super::broker::{BrokerUnderTest, DropsConnections, Message};
+use super::sidecar::Running;
+
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// The sidecar config of the scenarios: Redis store, quick retries, `extra`
+/// lines under `dedup:`.
+pub fn config<B: BrokerUnderTest>(
+    broker: &B,
+    app: &App,
+    consumer: &str,
+    max_in_flight: u32,
+    extra: &str,
+) -> Config {
+    let yaml = format!(
+        r#"
+consumer: {consumer}
+store:
+  kind: redis
+  url: redis://127.0.0.1:6379
+dedup:
+  maxAttempts: 3
+{key}
+{extra}
+broker:
+{broker}
+delivery:
+  url: {url}
+  timeout: 2s
+  initialBackoff: 20ms
+  maxBackoff: 200ms
+shutdownGrace: 10s
+"#,
+        key = broker.dedup_key_yaml(),
+        broker = broker.broker_yaml(max_in_flight),
+        url = app.url()
+    );
+    Config::from_yaml(&yaml).expect("valid test config")
+}
+
+/// The in-flight limit of the scenarios that do not set their own.
+pub const MAX_IN_FLIGHT: u32 = 50;
+
+pub async fn start<B: BrokerUnderTest>(
+    broker: &B,
+    config: Config,
+    store: Arc<dyn KeyStore>,
+) -> Running {
+    super::sidecar::start_with(config, broker.secrets(), store).await
+}
+
+/// Reads one sample from the sidecar's /metrics (0 when absent).
+pub async fn metric(sidecar: &Running, sample: &str) -> u64 {
+    let text = reqwest::get(sidecar.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+pub async fn messages(sidecar: &Running, outcome: &str) -> u64 {
+    metric(
+        sidecar,
+        &format!("idemq_messages_total{{outcome=\"{outcome}\"}}"),
+    )
+    .await
+}
+
+pub async fn wait_for(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+pub fn body(i: usize) -> Vec<u8> {
+    format!(r#"{{"order":{{"id":"o-{i}","amount":{i}}}}}"#).into_bytes()
+}
+
+/// Message `i`, keyed `m-<i>`.
+pub fn keyed(i: usize) -> Message {
+    Message::keyed(format!("m-{i}"), body(i))
+}
+
+/// Publishes `n` distinct messages, message i `copies(i)` times, in rounds so
+/// that copies arrive both while the first is in flight and after it completed.
+pub async fn publish_with_copies<B: BrokerUnderTest>(
+    broker: &B,
+    n: usize,
+    copies: impl Fn(usize) -> usize,
+) -> usize {
+    let mut total = 0;
+    for round in 0..3 {
+        let batch: Vec<_> = (0..n).filter(|i| copies(*i) > round).map(keyed).collect();
+        total += batch.len();
+        broker.publish(batch).await;
+    }
+    total
+}
+
+/// A Redis store under a namespace of the test's own.
+pub struct Store {
+    store: Arc<RedisStore>,
+}
+
+impl Store {
+    pub async fn new(test: &str) -> Self {
+        Self {
+            store: Arc::new(super::redis::store(test).await),
+        }
+    }
+    pub fn dyn_store(&self) -> Arc<dyn KeyStore> {
+        self.store.clone()
+    }
+    pub async fn cleanup(self) {
+        super::redis::cleanup(self.store.prefix()).await;
+    }
+}
+
+pub async fn producer_duplicates_are_delivered_exactly_once<B: BrokerUnderTest>() {
+    let t = B::create("dups").await;
+    let app = app::start(app::always_ok()).await;
+    let store = Store::new("dups").await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, "dups", MAX_IN_FLIGHT, ""),
+        store.dyn_store(),
+    )
+    .await;
+
+    let distinct = 10_000;
+    let published = publish_with_copies(&t, distinct, |i| 1 + i % 3).await;
+    let all_settled = wait_for(WAIT, async || {
+        messages(&sidecar, "delivered").await + messages(&sidecar, "duplicate").await
+            >= published as u64
+    })
+    .await;
+    let (delivered, duplicates) = (
+        messages(&sidecar, "delivered").await,
+        messages(&sidecar, "duplicate").await,
+    );
+    let requeued = messages(&sidecar, "in_flight_requeued").await;
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "duplicates ({}): published {published} ({distinct} distinct), app processed {} ({} distinct, {} twice), duplicates dropped {duplicates}, in-flight requeues {requeued}",
+        B::NAME,
+        app.processed(),
+        app.distinct(),
+        app.processed_twice()
+    );
+    assert!(
+        all_settled,
+        "settled {delivered} + {duplicates} of {published}"
+    );
+    assert_eq!(app.distinct(), distinct);
+    assert_eq!(
+        app.processed(),
+        distinct as u32,
+        "each distinct message exactly once"
+    );
+    assert_eq!(delivered as usize, distinct);
+    assert_eq!(duplicates as usize, published - distinct);
+    assert_eq!(t.backlog().await, 0, "the queue ends empty");
+    assert!(t.dead_letters().await.is_empty());
+    store.cleanup().await;
+    t.delete().await;
+}
+
+pub async fn transient_failures_are_retried_and_processed_once<B: BrokerUnderTest>() {
+    let t = B::create("transient").await;
+    // The first attempt of every tenth message fails with 500.
+    let app = app::start(Arc::new(|key: &str, seen: u32| {
+        let n: usize = key.trim_start_matches("m-").parse().unwrap_or(1);
+        if n % 10 == 0 && seen == 0 {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::OK
+        }
+    }))
+    .await;
+    let store = Store::new("transient").await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, "transient", MAX_IN_FLIGHT, ""),
+        store.dyn_store(),
+    )
+    .await;
+    let n = 2_000;
+    t.publish((0..n).map(keyed).collect()).await;
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let retried = messages(&sidecar, "retried").await;
+    sidecar.stop().await.expect("clean stop");
+    let dead = t.dead_letters().await;
+    println!(
+        "transient ({}): {n} messages, app answered {} times, processed {} ({} twice), retried {retried}, dead-lettered {}, highest attempt header {}",
+        B::NAME,
+        app.attempts(),
+        app.processed(),
+        app.processed_twice(),
+        dead.len(),
+        app.max_attempt_header()
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert_eq!(app.processed(), n as u32);
+    assert_eq!(retried, n as u64 / 10);
+    assert_eq!(app.attempts(), (n + n / 10) as u32);
+    assert_eq!(app.max_attempt_header(), 2);
+    assert!(dead.is_empty(), "none dead-lettered: {dead:?}");
+    assert_eq!(t.backlog().await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+pub async fn poison_messages_are_dead_lettered_with_a_reason<B: BrokerUnderTest>() {
+    let t = B::create("poison").await;
+    let app = app::start(Arc::new(|key: &str, _| {
+        let n: usize = key.trim_start_matches("m-").parse().unwrap_or(1);
+        if n % 10 == 3 {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        }
+    }))
+    .await;
+    let store = Store::new("poison").await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, "poison", MAX_IN_FLIGHT, ""),
+        store.dyn_store(),
+    )
+    .await;
+    let n = 500;
+    t.publish((0..n).map(keyed).collect()).await;
+    let settled = wait_for(WAIT, async || {
+        metric(&sidecar, "idemq_dead_letters_total{reason=\"poison\"}").await == 50
+    })
+    .await;
+    let _ = app.wait_until(WAIT, |a| a.distinct() == n - 50).await;
+    sidecar.stop().await.expect("clean stop");
+    let dead = t.dead_letters().await;
+    println!(
+        "poison ({}): {n} messages, processed {} ({} twice), dead-lettered {} (reasons: {:?})",
+        B::NAME,
+        app.processed(),
+        app.processed_twice(),
+        dead.len(),
+        dead.iter()
+            .map(|d| d.reason.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(settled);
+    assert_eq!(app.processed(), (n - 50) as u32);
+    assert_eq!(dead.len(), 50);
+    assert!(dead.iter().all(|d| d.reason == "poison"
+        && d.key.as_deref().is_some_and(|id| id.ends_with('3'))));
+    assert_eq!(app.attempts(), n as u32, "poison is not retried");
+    assert_eq!(t.backlog().await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+pub async fn missing_keys_are_dead_lettered_by_default<B: BrokerUnderTest>() {
+    let t = B::create("nokey").await;
+    let app = app::start(app::always_ok()).await;
+    let store = Store::new("nokey").await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, "nokey", MAX_IN_FLIGHT, ""),
+        store.dyn_store(),
+    )
+    .await;
+    t.publish((0..20).map(|i| Message::unkeyed(body(i))).collect())
+        .await;
+    let settled = wait_for(WAIT, async || {
+        metric(&sidecar, "idemq_dead_letters_total{reason=\"missing_key\"}").await == 20
+    })
+    .await;
+    sidecar.stop().await.expect("clean stop");
+    let dead = t.dead_letters().await;
+    println!(
+        "missing key ({}): 20 published without a key, delivered {}, dead-lettered {}",
+        B::NAME,
+        app.attempts(),
+        dead.len()
+    );
+    assert!(settled);
+    assert_eq!(app.attempts(), 0, "nothing without a key reaches the app");
+    assert_eq!(dead.len(), 20);
+    assert!(dead.iter().all(|d| d.reason == "missing_key"));
+    assert_eq!(t.backlog().await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+pub async fn hash_body_policy_dedups_identical_bodies<B: BrokerUnderTest>() {
+    let t = B::create("hashbody").await;
+    let app = app::start(app::always_ok()).await;
+    let store = Store::new("hashbody").await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, "hashbody", MAX_IN_FLIGHT, "  missingKey: hashBody"),
+        store.dyn_store(),
+    )
+    .await;
+    // 10 distinct bodies, each published 3 times, none with a key.
+    t.publish((0..30).map(|i| Message::unkeyed(body(i % 10))).collect())
+        .await;
+    let settled = wait_for(WAIT, async || {
+        messages(&sidecar, "delivered").await + messages(&sidecar, "duplicate").await == 30
+    })
+    .await;
+    let duplicates = messages(&sidecar, "duplicate").await;
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "hashBody ({}): 30 published (10 distinct bodies), processed {}, duplicates dropped {duplicates}",
+        B::NAME,
+        app.processed()
+    );
+    assert!(settled);
+    assert_eq!(app.processed(), 10);
+    assert_eq!(app.distinct(), 10);
+    assert_eq!(duplicates, 20);
+    assert!(t.dead_letters().await.is_empty());
+    store.cleanup().await;
+    t.delete().await;
+}
+
+pub async fn graceful_shutdown_under_load_loses_nothing_and_processes_nothing_twice<
+    B: BrokerUnderTest,
+>() {
+    let t = B::create("drain").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(20)).await;
+    let store = Store::new("drain").await;
+    let n = 600;
+    t.publish((0..n).map(keyed).collect()).await;
+    let cfg = config(&t, &app, "drain", MAX_IN_FLIGHT, "");
+    let first = start(&t, cfg.clone(), store.dyn_store()).await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 100).await);
+    first.stop().await.expect("clean stop under load");
+    let at_stop = app.processed();
+    let second = start(&t, cfg, store.dyn_store()).await;
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    second.stop().await.expect("clean stop");
+    println!(
+        "graceful shutdown ({}): {n} messages, {at_stop} processed before the stop, {} in all, {} twice",
+        B::NAME,
+        app.processed(),
+        app.processed_twice()
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert_eq!(app.processed_twice(), 0);
+    assert_eq!(app.processed(), n as u32);
+    assert_eq!(t.backlog().await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+/// A second sidecar of the same consumer starts mid-stream and later stops
+/// gracefully; the work is shared and handed back without loss or repeats.
+pub async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing<
+    B: BrokerUnderTest,
+>() {
+    let t = B::create("join").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(10)).await;
+    let store = Store::new("join").await;
+    // About 10 s for one sidecar alone (10 in flight, 10 ms each): the second
+    // joins and leaves mid-stream even when the broker takes seconds to
+    // rebalance.
+    let n = 10_000;
+    t.publish((0..n).map(keyed).collect()).await;
+    let cfg = config(&t, &app, "join", 10, "");
+    let first = start(&t, cfg.clone(), store.dyn_store()).await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 200).await);
+    let at_join = app.processed();
+    let second = start(&t, cfg, store.dyn_store()).await;
+    // The second one takes part of the work before it leaves.
+    let took_part = wait_for(WAIT, async || messages(&second, "delivered").await >= 100).await;
+    let by_second = messages(&second, "delivered").await;
+    second.stop().await.expect("clean stop of the second");
+    let at_leave = app.processed();
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    first.stop().await.expect("clean stop");
+    println!(
+        "join and leave ({}): {n} messages, {at_join} processed when the second sidecar joined, {by_second} by it before it left at {at_leave}, {} in all, {} twice",
+        B::NAME,
+        app.processed(),
+        app.processed_twice()
+    );
+    assert!(took_part, "the second sidecar took no work");
+    assert!(at_leave < n as u32, "the second left after the stream ended");
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert_eq!(app.processed_twice(), 0);
+    assert_eq!(app.processed(), n as u32);
+    assert_eq!(t.backlog().await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A redis-server of the test's own, on its own port, so it can be stopped.
+fn own_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server (apt-get install redis-server)")
+}
+
+async fn wait_port(port: u16) {
+    let open = wait_for(Duration::from_secs(10), async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(open, "nothing listens on {port}");
+}
+
+/// Stops Redis mid-stream: nothing is delivered unchecked while it is down,
+/// readiness says so, and everything is processed once after it returns.
+/// `during_outage` runs while the store is down (a broker's own checks).
+pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
+    during_outage: impl AsyncFnOnce(&B, &Running),
+) {
+    let port = free_port();
+    let mut redis = own_redis(port);
+    wait_port(port).await;
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::new(RedisOptions {
+            url: format!("redis://127.0.0.1:{port}"),
+            password: None,
+            namespace: super::unique("outage"),
+            timeout: Duration::from_millis(300),
+        })
+        .expect("options"),
+    );
+    let t = B::create("outage").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(10)).await;
+    let n = 400;
+    t.publish((0..n).map(keyed).collect()).await;
+    let sidecar = start(&t, config(&t, &app, "outage", MAX_IN_FLIGHT, ""), store).await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 100).await);
+
+    redis.kill().expect("stop redis");
+    redis.wait().expect("reap redis");
+    // What was already past its claim may still finish; then nothing moves.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = app.attempts();
+    let not_ready = reqwest::get(sidecar.admin_url("/readyz"))
+        .await
+        .expect("readyz")
+        .status();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after_wait = app.attempts();
+    during_outage(&t, &sidecar).await;
+
+    let mut redis = own_redis(port);
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    sidecar.stop().await.expect("clean stop");
+    redis.kill().ok();
+    redis.wait().ok();
+    println!(
+        "store outage ({}): {n} messages, {during} deliveries when the store went down, {} delivered while it was down, {} processed in all ({} twice)",
+        B::NAME,
+        after_wait - during,
+        app.processed(),
+        app.processed_twice()
+    );
+    assert_eq!(
+        not_ready,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while the store is down"
+    );
+    assert_eq!(
+        after_wait, during,
+        "nothing is delivered while the store is down"
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert_eq!(app.processed_twice(), 0);
+    assert_eq!(t.backlog().await, 0);
+    assert!(t.dead_letters().await.is_empty());
+    t.delete().await;
+}
+
+pub async fn broker_connection_loss_reconnects_and_processes_once<B: DropsConnections>() {
+    let t = B::create("connloss").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(100)).await;
+    let store = Store::new("connloss").await;
+    let consumer = super::unique("connloss");
+    // Long enough (about 8 s at 50 in flight and 100 ms per message) that the
+    // close lands mid-stream even when the broker's tool is slow to start.
+    let n = 4000;
+    t.publish((0..n).map(keyed).collect()).await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, &consumer, MAX_IN_FLIGHT, ""),
+        store.dyn_store(),
+    )
+    .await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 150).await);
+    let before = t
+        .connection(&consumer)
+        .expect("the sidecar's connection is listed");
+    t.close_connection(&before);
+    let at_close = app.processed();
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let after = t.connection(&consumer);
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "broker connection loss ({}): {n} messages, {at_close} processed when the connection was closed, {} in all, {} twice, reconnected: {}",
+        B::NAME,
+        app.processed(),
+        app.processed_twice(),
+        after.as_ref().is_some_and(|a| *a != before)
+    );
+    assert!(
+        at_close < n as u32,
+        "the connection was closed only after the stream ended"
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert!(
+        after.is_some_and(|a| a != before),
+        "a new connection replaced the closed one"
+    );
+    assert_eq!(app.processed_twice(), 0);
+    assert_eq!(app.processed(), n as u32);
+    assert_eq!(t.backlog().await, 0);
+    store.cleanup().await;
+    t.delete().await;
+}
+
+/// The sidecar binary with a config file, as a child process.
+fn spawn_sidecar<B: BrokerUnderTest>(broker: &B, config_path: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_idemq-sidecar"))
+        .arg("--config")
+        .arg(config_path)
+        .envs(broker.env())
+        .env("IDEMQ_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the sidecar")
+}
+
+/// SIGKILL of the sidecar binary mid-stream, then a restart: nothing is lost,
+/// and only what was in flight at the kill (at most `max_in_flight`) may be
+/// processed twice.
+pub async fn crash_loses_nothing_and_reprocesses_at_most_max_in_flight<B: BrokerUnderTest>() {
+    let t = B::create("crash").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(5)).await;
+    let consumer = super::unique("crash");
+    let max_in_flight = 20;
+    let yaml = format!(
+        "consumer: {consumer}\nstore:\n  kind: redis\n  url: redis://127.0.0.1:6379\ndedup:\n  lease: 2s\n{}\nbroker:\n{}\ndelivery:\n  url: {}\nadmin:\n  listen: 127.0.0.1:{}\n",
+        t.dedup_key_yaml(),
+        t.broker_yaml(max_in_flight),
+        app.url(),
+        free_port()
+    );
+    let dir = std::env::temp_dir().join(&consumer);
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let path = dir.join("sidecar.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+
+    let n = 600;
+    t.publish((0..n).map(keyed).collect()).await;
+    let mut first = spawn_sidecar(&t, &path);
+    assert!(
+        app.wait_until(WAIT, |a| a.distinct() >= 150).await,
+        "the first sidecar processed {}",
+        app.distinct()
+    );
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reap");
+    let at_kill = app.processed();
+    let mut second = spawn_sidecar(&t, &path);
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    // Claims orphaned by the kill keep their redeliveries cycling (requeued as
+    // in flight) until their lease ends; wait until the backlog stays empty
+    // for longer than the lease before counting.
+    let drained = wait_for(WAIT, async || {
+        if t.backlog().await != 0 {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        t.backlog().await == 0
+    })
+    .await;
+    assert!(drained, "the backlog drains after the restart");
+    let killed = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exit = second.wait().expect("reap");
+    println!(
+        "crash ({}): {n} messages, {at_kill} processed before SIGKILL, {} in all, {} processed twice (bound: max in flight {max_in_flight})",
+        B::NAME,
+        app.processed(),
+        app.processed_twice()
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert!(
+        app.processed_twice() <= max_in_flight as usize,
+        "{} processed twice",
+        app.processed_twice()
+    );
+    assert_eq!(exit.code(), Some(0));
+    assert_eq!(t.backlog().await, 0, "nothing left behind");
+    assert!(t.dead_letters().await.is_empty());
+    super::redis::cleanup(&format!("idemq:{{{consumer}}}:")).await;
+    std::fs::remove_dir_all(dir).ok();
+    t.delete().await;
+}
