@@ -40,8 +40,7 @@ async fn graceful_shutdown_under_load_loses_nothing_and_processes_nothing_twice(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing() {
-    scenarios::a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing::<RabbitMq>()
-        .await;
+    scenarios::a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing::<RabbitMq>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

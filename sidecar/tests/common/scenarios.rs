@@ -276,8 +276,9 @@ pub async fn poison_messages_are_dead_lettered_with_a_reason<B: BrokerUnderTest>
     assert!(settled);
     assert_eq!(app.processed(), (n - 50) as u32);
     assert_eq!(dead.len(), 50);
-    assert!(dead.iter().all(|d| d.reason == "poison"
-        && d.key.as_deref().is_some_and(|id| id.ends_with('3'))));
+    assert!(dead
+        .iter()
+        .all(|d| d.reason == "poison" && d.key.as_deref().is_some_and(|id| id.ends_with('3'))));
     assert_eq!(app.attempts(), n as u32, "poison is not retried");
     assert_eq!(t.backlog().await, 0);
     store.cleanup().await;
@@ -323,7 +324,13 @@ pub async fn hash_body_policy_dedups_identical_bodies<B: BrokerUnderTest>() {
     let store = Store::new("hashbody").await;
     let sidecar = start(
         &t,
-        config(&t, &app, "hashbody", MAX_IN_FLIGHT, "  missingKey: hashBody"),
+        config(
+            &t,
+            &app,
+            "hashbody",
+            MAX_IN_FLIGHT,
+            "  missingKey: hashBody",
+        ),
         store.dyn_store(),
     )
     .await;
@@ -412,7 +419,10 @@ pub async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing<
         app.processed_twice()
     );
     assert!(took_part, "the second sidecar took no work");
-    assert!(at_leave < n as u32, "the second left after the stream ended");
+    assert!(
+        at_leave < n as u32,
+        "the second left after the stream ended"
+    );
     assert!(done, "processed {} of {n}", app.distinct());
     assert_eq!(app.processed_twice(), 0);
     assert_eq!(app.processed(), n as u32);
