@@ -78,8 +78,8 @@ enum SessionEnd {
     Shutdown,
     StoreDown,
     AppDown,
-    /// A message larger than the session's prefetch allows: start again with
-    /// a lower prefetch.
+    /// The largest message seen calls for another prefetch (lower, or higher
+    /// after the first message): start again with it.
     Resize,
 }
 
@@ -264,8 +264,10 @@ impl Source {
                         let permit = self.flow.take(delivery.data.len());
                         self.largest_message.fetch_max(size, Ordering::Relaxed);
                         tasks.spawn(handle(delivery, permit, self.engine.clone(), settle.clone(), shutdown.clone()));
-                        if self.prefetch() < prefetch {
-                            tracing::info!(size, prefetch, next_prefetch = self.prefetch(), "a message larger than the prefetch allows within maxInFlightBytes: starting again with a lower prefetch");
+                        // Also when it may grow: the first session of a sidecar
+                        // runs at prefetch 1 until it has seen a message.
+                        if self.prefetch() != prefetch {
+                            tracing::info!(size, prefetch, next_prefetch = self.prefetch(), "the largest message seen changes the prefetch that fits maxInFlightBytes: starting again with the new prefetch");
                             break Ok(SessionEnd::Resize);
                         }
                     }
