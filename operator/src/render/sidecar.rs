@@ -200,7 +200,11 @@ pub fn workload_patch(ic: &IdempotentConsumer, config_hash: &str, default_image:
         "kind": kind,
         "metadata": { "name": ic.spec.target.name, "namespace": ic.namespace() },
         "spec": { "template": {
-            "metadata": { "annotations": { labels::CONFIG_HASH: config_hash } },
+            // The consumer label lets the chart's PodMonitor find the sidecars.
+            "metadata": {
+                "annotations": { labels::CONFIG_HASH: config_hash },
+                "labels": { labels::CONSUMER_LABEL: ic.name_any() },
+            },
             "spec": {
                 "initContainers": [container(ic, default_image)],
                 "volumes": [config_volume(ic)],

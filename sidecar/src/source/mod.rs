@@ -44,6 +44,13 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    pub const ALL: [Self; 4] = [
+        Self::MissingKey,
+        Self::Poison,
+        Self::MaxAttempts,
+        Self::Conflict,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MissingKey => "missing_key",
