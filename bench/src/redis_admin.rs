@@ -10,13 +10,14 @@ use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
 /// run touches no key it did not create.
 pub fn fresh_store(url: &str, label: &str) -> anyhow::Result<Arc<RedisStore>> {
     Ok(Arc::new(RedisStore::new(RedisOptions {
-        url: url.to_string(),
-        password: None,
-        namespace: format!(
-            "{label}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ),
         timeout: Duration::from_secs(5),
+        ..RedisOptions::new(
+            url,
+            format!(
+                "{label}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        )
     })?))
 }
 

@@ -97,11 +97,13 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 
 fn unavailable(e: crate::store::StoreError) -> Response {
     tracing::warn!(error = %e, "key store unavailable");
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the key store is unavailable; retry later",
-    )
-    .into_response()
+    let message = match e {
+        crate::store::StoreError::ResetUnacknowledged { .. } => {
+            "the key store lost its state and claims are paused until the reset is acknowledged"
+        }
+        _ => "the key store is unavailable; retry later",
+    };
+    error(StatusCode::SERVICE_UNAVAILABLE, message).into_response()
 }
 
 async fn claim(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {

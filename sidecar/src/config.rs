@@ -84,6 +84,29 @@ pub struct StoreConfig {
     /// What to do while the store does not answer.
     #[serde(default)]
     pub unavailable: UnavailablePolicy,
+    /// What to do when the store is found to have lost its state.
+    #[serde(default)]
+    pub on_reset: ResetPolicy,
+    /// Hash tags (Redis Cluster slots) the consumer's keys spread over.
+    /// Changing it moves every key: what was completed is forgotten.
+    #[serde(default = "defaults::partitions")]
+    pub partitions: u16,
+    /// Messages per second the consumer expects at its peak, if known: sizes
+    /// the store's hashes before the rate has been observed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_rate: Option<f64>,
+}
+
+/// `failClosed` stops consumption after a store reset until a person
+/// acknowledges it; `continue` counts and reports it and goes on.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ResetPolicy {
+    Continue,
+    #[default]
+    FailClosed,
 }
 
 #[derive(
@@ -321,6 +344,9 @@ mod defaults {
     pub fn shutdown_grace() -> Duration {
         Duration::from_secs(25)
     }
+    pub fn partitions() -> u16 {
+        1
+    }
     pub fn store_timeout() -> Duration {
         Duration::from_millis(500)
     }
@@ -375,6 +401,9 @@ impl Default for StoreConfig {
             url: None,
             timeout: defaults::store_timeout(),
             unavailable: UnavailablePolicy::default(),
+            on_reset: ResetPolicy::default(),
+            partitions: defaults::partitions(),
+            expected_rate: None,
         }
     }
 }
@@ -512,6 +541,18 @@ impl Config {
             !self.store.timeout.is_zero(),
             "store.timeout",
             "must be greater than zero",
+        );
+        check(
+            (1..=1024).contains(&self.store.partitions),
+            "store.partitions",
+            "must be between 1 and 1024",
+        );
+        check(
+            self.store
+                .expected_rate
+                .is_none_or(|r| r.is_finite() && r > 0.0),
+            "store.expectedRate",
+            "must be a positive number of messages per second",
         );
         let dedup = &self.dedup;
         check(

@@ -31,7 +31,7 @@ use crate::deliver::{Deliverer, Outcome};
 use crate::key::{self, KeyDecision};
 use crate::metrics::Metrics;
 use crate::source::{DeadLetterReason, Envelope, Verdict};
-use crate::store::{Claim, KeyStore, Token, Transition};
+use crate::store::{Claim, KeyStore, StoreError, Token, Transition};
 
 /// An in-flight duplicate is requeued after at most this long, so the broker
 /// retries it soon after the first holder settles, without spinning.
@@ -103,6 +103,12 @@ impl Engine {
                         reason: DeadLetterReason::Conflict,
                         attempts: attempt - 1,
                     }
+                }
+                // An unacknowledged reset is not an outage: delivering
+                // unchecked is exactly what failClosed on a reset forbids.
+                Err(e @ StoreError::ResetUnacknowledged { .. }) => {
+                    tracing::warn!(error = %e, "message goes back to the broker");
+                    return Verdict::StoreUnavailable;
                 }
                 Err(e) => {
                     return match self.config.store.unavailable {

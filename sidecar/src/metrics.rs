@@ -93,6 +93,9 @@ pub struct Metrics {
     pub app_available: Gauge,
     /// Bytes of message bodies taken from the broker and not yet settled.
     pub in_flight_bytes: Gauge,
+    /// Times the key store was found to have lost the state this process
+    /// had seen in it (its epoch marker changed). Alert on any increase.
+    pub store_resets: Counter,
 }
 
 impl Default for Metrics {
@@ -119,6 +122,7 @@ impl Metrics {
             lease_renewals: Family::default(),
             app_available: Gauge::default(),
             in_flight_bytes: Gauge::default(),
+            store_resets: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("claims", "Claims by outcome", metrics.claims.clone());
@@ -182,6 +186,9 @@ impl Metrics {
             "in_flight_bytes",
             "Bytes of message bodies taken from the broker and not yet settled",
             metrics.in_flight_bytes.clone(),
+            "store_resets",
+            "Times the key store lost the completed keys this process had seen in it",
+            metrics.store_resets.clone(),
         );
         for &outcome in MESSAGE_OUTCOMES {
             let _ = metrics.messages.get_or_create(&OutcomeLabel { outcome });

@@ -62,6 +62,9 @@ pub fn open_store(config: &Config, secrets: &Secrets) -> Result<Arc<dyn KeyStore
                 password: secrets.redis_password.clone(),
                 namespace: config.consumer.clone(),
                 timeout: config.store.timeout,
+                partitions: config.store.partitions,
+                on_reset: config.store.on_reset,
+                expected_rate: config.store.expected_rate,
             })?)
         }
     })

@@ -25,7 +25,11 @@ struct Api {
 
 impl Api {
     async fn start(store: Arc<dyn KeyStore>) -> Self {
-        let sidecar = common::sidecar::start(gate_config(), store).await;
+        Self::start_with(gate_config(), store).await
+    }
+
+    async fn start_with(config: Config, store: Arc<dyn KeyStore>) -> Self {
+        let sidecar = common::sidecar::start(config, store).await;
         let api = Self {
             sidecar,
             http: reqwest::Client::new(),
@@ -306,10 +310,8 @@ async fn store_down_gives_503_and_not_ready() {
     // Nothing listens on port 1: the store never answers.
     let store = Arc::new(
         RedisStore::new(RedisOptions {
-            url: "redis://127.0.0.1:1".into(),
-            password: None,
-            namespace: common::unique("down"),
             timeout: Duration::from_millis(300),
+            ..RedisOptions::new("redis://127.0.0.1:1", common::unique("down"))
         })
         .expect("options"),
     );
@@ -370,4 +372,46 @@ async fn memory_store_is_ready_at_once() {
         .expect("readyz");
     assert_eq!(ready.text().await.expect("text"), "store: up\n");
     api.sidecar.stop().await.expect("clean stop");
+}
+
+/// Gate mode on Redis: `order-7` completed under one retention, the sidecar
+/// restarted with another (longer, then shorter), the duplicate is still
+/// reported completed: a policy change forgets nothing.
+#[tokio::test]
+async fn retention_change_between_completion_and_duplicate_forgets_nothing() {
+    for (before, after) in [("24h", "48h"), ("48h", "24h")] {
+        let namespace = common::unique("retention");
+        let config = |retention: &str| {
+            Config::from_yaml(&format!(
+                "consumer: {namespace}\nmode: gate\ndedup:\n  retention: {retention}\n"
+            ))
+            .expect("valid")
+        };
+        let store = |namespace: &str| -> Arc<RedisStore> {
+            Arc::new(
+                RedisStore::new(RedisOptions::new(common::redis::URL, namespace)).expect("options"),
+            )
+        };
+
+        let first = store(&namespace);
+        let api = Api::start_with(config(before), first.clone()).await;
+        let (status, body) = api.claim(json!({"key": "order-7"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let token = body["token"].as_str().expect("token").to_string();
+        assert_eq!(
+            api.settle("order-7", "complete", &token).await,
+            StatusCode::NO_CONTENT
+        );
+        api.sidecar.stop().await.expect("stop");
+
+        let api = Api::start_with(config(after), store(&namespace)).await;
+        let (status, body) = api.claim(json!({"key": "order-7"})).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (StatusCode::OK, Some("completed")),
+            "retention {before} then {after}: {body}"
+        );
+        api.sidecar.stop().await.expect("stop");
+        common::redis::cleanup(first.prefix()).await;
+    }
 }

@@ -53,6 +53,7 @@ for_both_stores!(
     renewal_by_a_holder_that_lost_the_key_is_refused,
     renewal_of_a_completed_or_released_key_is_refused,
     concurrent_renewals_each_get_their_own_answer,
+    retention_change_keeps_completed_keys,
 );
 
 async fn acquire<S: KeyStore>(
@@ -220,7 +221,14 @@ async fn expired_lease_without_takeover_still_completes<S: KeyStore>(store: &S) 
 
 async fn completed_key_is_forgotten_after_retention<S: KeyStore>(store: &S) {
     let retention = Duration::from_secs(1);
-    let token = acquire(store, "order-1", None, LEASE).await;
+    let token = match store
+        .claim("order-1", None, LEASE, retention)
+        .await
+        .expect("claim")
+    {
+        Claim::Acquired { token } => token,
+        other => panic!("expected to acquire, got {other:?}"),
+    };
     assert_eq!(
         store
             .complete("order-1", &token, retention)
@@ -239,8 +247,8 @@ async fn completed_key_is_forgotten_after_retention<S: KeyStore>(store: &S) {
         Claim::Completed,
         "remembered for the whole retention"
     );
-    // Stores may keep a key up to one window (a quarter of the retention, at
-    // least 1s) past its retention.
+    // Stores may keep a key up to one window (a quarter of the retention the
+    // store was first used with, at least 1s) past its retention.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let late = store
         .claim("order-1", None, LEASE, retention)
@@ -364,10 +372,8 @@ async fn redis_down_is_an_error_not_a_verdict() {
     use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
     // Nothing listens on port 1.
     let store = RedisStore::new(RedisOptions {
-        url: "redis://127.0.0.1:1".into(),
-        password: None,
-        namespace: common::unique("down"),
         timeout: Duration::from_millis(300),
+        ..RedisOptions::new("redis://127.0.0.1:1", common::unique("down"))
     })
     .expect("options");
     assert!(store.ping().await.is_err());
@@ -484,4 +490,195 @@ async fn concurrent_renewals_each_get_their_own_answer<S: KeyStore + Clone>(stor
         };
         assert_eq!(*answer, expected, "order-{i}");
     }
+/// The retention changes both ways between a completion and its duplicate:
+/// what was completed stays visible as long as the old or the new retention
+/// says, whichever is longer.
+async fn retention_change_keeps_completed_keys<S: KeyStore>(store: &S) {
+    let short = Duration::from_secs(2);
+    let long = Duration::from_secs(8);
+    let acquire_for = |key: &'static str, retention| async move {
+        match store
+            .claim(key, None, LEASE, retention)
+            .await
+            .expect("claim")
+        {
+            Claim::Acquired { token } => token,
+            other => panic!("expected to acquire {key}, got {other:?}"),
+        }
+    };
+
+    // Lengthened: completed under the short retention, claimed under the long.
+    let token = acquire_for("lengthened", short).await;
+    store
+        .complete("lengthened", &token, short)
+        .await
+        .expect("complete");
+    let token = acquire_for("shortened", long).await;
+    store
+        .complete("shortened", &token, long)
+        .await
+        .expect("complete");
+    assert_eq!(
+        store
+            .claim("lengthened", None, LEASE, long)
+            .await
+            .expect("claim"),
+        Claim::Completed,
+        "a longer retention still sees what was completed under the shorter one"
+    );
+
+    // Shortened: past the new (short) retention, inside the old (long) one.
+    tokio::time::sleep(short + Duration::from_millis(1500)).await;
+    assert_eq!(
+        store
+            .claim("shortened", None, LEASE, short)
+            .await
+            .expect("claim"),
+        Claim::Completed,
+        "a shorter retention still sees what the longer one keeps"
+    );
+}
+
+/// A store of a test-owned redis-server, with the given reset policy.
+fn own_store(
+    redis: &common::redis::OwnRedis,
+    on_reset: idemq_sidecar::config::ResetPolicy,
+) -> idemq_sidecar::store::redis::RedisStore {
+    use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+    RedisStore::new(RedisOptions {
+        on_reset,
+        ..RedisOptions::new(redis.url(), common::unique("reset"))
+    })
+    .expect("options")
+}
+
+async fn flushall(redis: &common::redis::OwnRedis) {
+    let mut conn = redis.connection().await.expect("own redis");
+    let _: () = ::redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+}
+
+/// Completes `key` and claims it again, so the store has seen its epoch.
+async fn complete_and_see<S: KeyStore>(store: &S, key: &str) {
+    let token = acquire(store, key, None, LEASE).await;
+    store
+        .complete(key, &token, RETENTION)
+        .await
+        .expect("complete");
+    assert_eq!(claim(store, key, None).await, Claim::Completed);
+}
+
+#[tokio::test]
+async fn redis_flush_is_detected_within_one_claim_and_fails_closed_until_acknowledged() {
+    use idemq_sidecar::config::ResetPolicy;
+    use idemq_sidecar::store::StoreError;
+    // Never the shared server: this test flushes everything.
+    let redis = common::redis::OwnRedis::start(&["--save", "", "--appendonly", "no"]).await;
+    let store = own_store(&redis, ResetPolicy::FailClosed);
+    complete_and_see(&store, "order-7").await;
+    assert_eq!(store.resets(), 0);
+
+    flushall(&redis).await;
+    let refused = store.claim("order-7", None, LEASE, RETENTION).await;
+    assert!(
+        matches!(refused, Err(StoreError::ResetUnacknowledged { .. })),
+        "the first claim after the flush is refused, got {refused:?}"
+    );
+    assert_eq!(store.resets(), 1, "detected by that one claim");
+    // A second sidecar that never saw the old epoch is held back too.
+    let other = idemq_sidecar::store::redis::RedisStore::new(
+        idemq_sidecar::store::redis::RedisOptions::new(redis.url(), store_namespace(&store)),
+    )
+    .expect("options");
+    assert!(matches!(
+        other.claim("order-8", None, LEASE, RETENTION).await,
+        Err(StoreError::ResetUnacknowledged { .. })
+    ));
+    assert_eq!(
+        other.resets(),
+        0,
+        "it saw no epoch before, so it counts none"
+    );
+
+    // A person acknowledges: the reset record goes.
+    let mut conn = redis.connection().await.expect("own redis");
+    let _: i64 = ::redis::cmd("HDEL")
+        .arg(format!("{}m", store.prefix()))
+        .arg("reset")
+        .query_async(&mut conn)
+        .await
+        .expect("HDEL");
+    assert!(
+        matches!(claim(&store, "order-7", None).await, Claim::Acquired { .. }),
+        "the store forgot order-7, as the reset said"
+    );
+    assert_eq!(store.resets(), 1, "the reset is counted once");
+}
+
+#[tokio::test]
+async fn redis_flush_with_continue_is_counted_and_claims_go_on() {
+    use idemq_sidecar::config::ResetPolicy;
+    let redis = common::redis::OwnRedis::start(&["--save", "", "--appendonly", "no"]).await;
+    let store = own_store(&redis, ResetPolicy::Continue);
+    complete_and_see(&store, "order-7").await;
+    flushall(&redis).await;
+    assert!(matches!(
+        claim(&store, "order-7", None).await,
+        Claim::Acquired { .. }
+    ));
+    assert_eq!(store.resets(), 1);
+    // The record stays for the operator to report.
+    let mut conn = redis.connection().await.expect("own redis");
+    let record: Option<String> = ::redis::cmd("HGET")
+        .arg(format!("{}m", store.prefix()))
+        .arg("reset")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert!(
+        record.is_some_and(|r| r.contains('>')),
+        "reset record written"
+    );
+}
+
+#[tokio::test]
+async fn redis_restart_with_append_only_file_keeps_completed_keys_and_is_no_reset() {
+    use idemq_sidecar::config::ResetPolicy;
+    // The managed store's persistence settings.
+    let mut redis = common::redis::OwnRedis::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+    ])
+    .await;
+    let store = own_store(&redis, ResetPolicy::FailClosed);
+    complete_and_see(&store, "order-7").await;
+    redis.restart().await;
+    let mut answer = None;
+    // The store reconnects by itself; a call may fail while it does.
+    for _ in 0..50 {
+        match store.claim("order-7", None, LEASE, RETENTION).await {
+            Ok(claim) => {
+                answer = Some(claim);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(answer, Some(Claim::Completed), "kept across the restart");
+    assert_eq!(store.resets(), 0);
+}
+
+/// The namespace of a store with one partition: `idemq:{<ns>}:`.
+fn store_namespace(store: &idemq_sidecar::store::redis::RedisStore) -> String {
+    store
+        .prefix()
+        .trim_start_matches("idemq:{")
+        .trim_end_matches("}:")
+        .to_string()
 }

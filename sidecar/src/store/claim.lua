@@ -1,31 +1,59 @@
 -- claim: take idempotency keys, or say why not. One call claims a batch of
--- keys, one after the other, atomically.
+-- keys of one partition, one after the other, atomically. meta.lua is
+-- prepended to this file.
 --
 -- KEYS[i]  in-progress key of item i             (<prefix>p:<digest>)
--- ARGV[1]  the consumer's key prefix             (idemq:{<consumer>}:)
--- then 7 arguments per item i, from ARGV[2 + 7 * (i - 1)]:
---   field     the digest without its shard bytes
---   shard     shard number (string)
+-- ARGV[1]  the partition's key prefix            (idemq:{<consumer>}:)
+-- ARGV[2]  epoch this sidecar saw last, or ''
+-- ARGV[3]  epoch to write if the meta hash is missing
+-- ARGV[4]  window width (ms) to use if the meta hash is missing
+-- ARGV[5]  '1' to refuse claims while a reset is unacknowledged (failClosed)
+-- then 6 arguments per item i, from ARGV[6 + 6 * (i - 1)]:
+--   field     the digest past its first two bytes
+--   source    the digest's first three bytes, as a number (picks the shard)
 --   fp        fingerprint (8 bytes) or ''
 --   token     token (32 hex chars)
 --   lease     lease in ms
 --   retention retention in ms
---   width     window width in ms
 --
--- Returns one {status, pttl} per item: {'A', 0} acquired; {'C', 0} completed;
--- {'I', pttl} in flight; {'X', 0} conflict (same key, other fingerprint).
+-- Returns {epoch, reset, {item...}}: the partition's epoch, its
+-- unacknowledged reset record or '', and one {status, pttl} per item: {'A', 0} acquired;
+-- {'C', 0} completed; {'I', pttl} in flight; {'X', 0} conflict (same key,
+-- other fingerprint); {'R', 0} refused: a reset awaits acknowledgement.
 --
 -- The in-progress value is fingerprint .. token; the key's TTL is the lease.
--- Completed keys are fields of hashes bucketed by completion window
--- (<prefix>c:<width>:<window>:<shard>), so a claim looks at every window still
--- alive. Time comes from the server so that every replica of a consumer
--- agrees on the windows.
+-- Completed keys are fields of hashes bucketed by completion window and by
+-- shard, so a claim looks at every window still in its look-back. Time comes
+-- from the server so that every replica of a consumer agrees on the windows.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local prefix = ARGV[1]
+local prefix, seen, candidate, fail_closed = ARGV[1], ARGV[2], ARGV[3], ARGV[5] == '1'
+local n = #KEYS
 
-local function claim(key, field, shard, fp, token, lease, retention, width)
+local longest = 0
+for i = 1, n do
+  longest = math.max(longest, tonumber(ARGV[6 + 6 * (i - 1) + 5]))
+end
+local meta = open_meta(prefix, candidate, ARGV[4], longest)
+local reset = meta.reset
+if seen ~= '' and seen ~= meta.epoch and not reset then
+  reset = seen .. '>' .. meta.epoch .. '@' .. string.format('%d', now)
+  redis.call('HSET', meta.key, 'reset', reset)
+end
+
+local out = {}
+if reset and fail_closed then
+  for i = 1, n do
+    out[i] = {'R', 0}
+  end
+  return {meta.epoch, reset, out}
+end
+
+local w = meta.width
+local newest = math.floor(now / w)
+local oldest = math.floor((now - lookback(meta, longest)) / w)
+local bits = window_bits(meta, oldest, newest)
+
+local function claim(key, field, source, fp, token, lease, retention)
   local function differs(stored)
     return stored ~= '' and fp ~= '' and stored ~= fp
   end
@@ -38,17 +66,19 @@ local function claim(key, field, shard, fp, token, lease, retention, width)
     return 'I', redis.call('PTTL', key)
   end
 
-  local buckets = prefix .. 'c:' .. width .. ':'
-  local w = tonumber(width)
-  local r = tonumber(retention)
   -- Newest window first: a duplicate is most often of a recent message.
-  for window = math.floor(now / w), math.floor((now - r) / w), -1 do
-    local stored = redis.call('HGET', buckets .. string.format('%d', window) .. ':' .. shard, field)
-    if stored then
-      if differs(stored) then
-        return 'X', 0
+  -- Windows without shard bits saw no completion: nothing to look up.
+  for window = newest, math.floor((now - lookback(meta, retention)) / w), -1 do
+    local b = bits[window]
+    if b then
+      local bucket, f = locate(prefix, w, window, b, source, field)
+      local stored = redis.call('HGET', bucket, f)
+      if stored then
+        if differs(stored) then
+          return 'X', 0
+        end
+        return 'C', 0
       end
-      return 'C', 0
     end
   end
 
@@ -56,11 +86,10 @@ local function claim(key, field, shard, fp, token, lease, retention, width)
   return 'A', 0
 end
 
-local out = {}
-for i = 1, #KEYS do
-  local a = 2 + 7 * (i - 1)
-  local status, pttl = claim(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+for i = 1, n do
+  local a = 6 + 6 * (i - 1)
+  local status, pttl = claim(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5]))
   out[i] = {status, pttl}
 end
-return out
+return {meta.epoch, reset or '', out}

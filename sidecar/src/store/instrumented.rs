@@ -1,6 +1,7 @@
 //! A key store wrapper that records every call's latency, outcome and error in
 //! the metrics, so neither the claim API nor the pipeline repeats that.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,11 +11,17 @@ use crate::metrics::{Metrics, OpLabel, OutcomeLabel, StoreErrorLabels};
 pub struct Instrumented {
     inner: Arc<dyn KeyStore>,
     metrics: Arc<Metrics>,
+    /// Resets of the inner store already counted in the metrics.
+    resets_counted: AtomicU64,
 }
 
 impl Instrumented {
     pub fn new(inner: Arc<dyn KeyStore>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+        Self {
+            inner,
+            metrics,
+            resets_counted: AtomicU64::new(0),
+        }
     }
 
     fn record<T>(&self, op: &'static str, started: Instant, result: &Result<T, StoreError>) {
@@ -25,12 +32,25 @@ impl Instrumented {
         if let Err(e) = result {
             let kind = match e {
                 StoreError::Timeout { .. } => "timeout",
+                StoreError::ResetUnacknowledged { .. } => "reset",
                 StoreError::Redis { .. } | StoreError::Protocol { .. } => "error",
             };
             self.metrics
                 .store_errors
                 .get_or_create(&StoreErrorLabels { op, kind })
                 .inc();
+        }
+    }
+}
+
+impl Instrumented {
+    /// Carries the inner store's resets into the counter; a claim is where
+    /// a store notices one.
+    fn count_resets(&self) {
+        let total = self.inner.resets();
+        let counted = self.resets_counted.fetch_max(total, Ordering::Relaxed);
+        if total > counted {
+            self.metrics.store_resets.inc_by(total - counted);
         }
     }
 }
@@ -47,6 +67,7 @@ impl KeyStore for Instrumented {
         let started = Instant::now();
         let result = self.inner.claim(key, fingerprint, lease, retention).await;
         self.record("claim", started, &result);
+        self.count_resets();
         if let Ok(claim) = &result {
             let outcome = match claim {
                 Claim::Acquired { .. } => "acquired",
@@ -98,5 +119,9 @@ impl KeyStore for Instrumented {
         let result = self.inner.ping().await;
         self.record("ping", started, &result);
         result
+    }
+
+    fn resets(&self) -> u64 {
+        self.inner.resets()
     }
 }

@@ -62,6 +62,8 @@ pub enum StoreError {
         #[source]
         source: ::redis::RedisError,
     },
+    #[error("the key store was reset ({record}) in {partition} and claims wait until a person acknowledges it (store.onReset=failClosed)")]
+    ResetUnacknowledged { partition: String, record: String },
     #[error("store answered {op} unexpectedly: {detail}")]
     Protocol { op: &'static str, detail: String },
 }
@@ -103,4 +105,11 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Whether the store answers; drives readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Store resets noticed so far: the store lost state this process had
+    /// seen in it (see [`redis`] on the epoch marker). Stores that cannot
+    /// notice say 0.
+    fn resets(&self) -> u64 {
+        0
+    }
 }

@@ -1,23 +1,31 @@
 //! Redis key store: the production store, shared by every replica of a consumer.
 //!
-//! Layout, for a consumer `orders` (the `{…}` hash tag keeps all of one
-//! consumer's keys in one Redis Cluster slot, so multi-key scripts stay legal):
+//! Layout, for a consumer `orders`. Its keys are spread over `partitions`
+//! hash tags: `idemq:{orders}:` when there is one (the default), else
+//! `idemq:{orders#<p>}:` for p in 0..partitions, so that on Redis Cluster
+//! a consumer spans many slots while each script call stays in one. Under
+//! each partition's prefix:
 //!
-//! - `idemq:{orders}:p:<digest>`: a claim in progress; value `fingerprint ‖ token`,
-//!   TTL = the lease, so an expired lease frees the key by itself.
-//! - `idemq:{orders}:c:<width>:<window>:<shard>`: a hash of completed keys,
-//!   field = digest, value = fingerprint, bucketed by completion window and by
-//!   shard. A plain key with a TTL costs ~160 bytes in Redis; a hash field costs
-//!   a few dozen, which is what keeps a retained key under 100 bytes. The field
-//!   is the digest past its first two bytes; the shard is its first 12 bits.
+//! - `p:<digest>`: a claim in progress; value `fingerprint ‖ token`, TTL =
+//!   the lease, so an expired lease frees the key by itself.
+//! - `c:<width>:<window>:<shard>`: a hash of completed keys, field = digest
+//!   past its first two bytes, value = fingerprint, bucketed by completion
+//!   window and by shard. A plain key with a TTL costs ~160 bytes in Redis; a
+//!   field of a small (listpack-encoded) hash costs under 32.
+//! - `m`: the meta hash: the epoch (amnesia detection), the window width
+//!   (fixed when the partition is first written, so changing the retention
+//!   renames nothing), the longest retention in use, and per window its
+//!   shard count and number of completions (see `meta.lua`).
 //!
 //! `<digest>` is the first 16 bytes of SHA-256 of the idempotency key, so key
 //! size is fixed whatever the application sends. Every transition is one Lua
-//! script (see the `.lua` files beside this one), run by SHA. Claims and
-//! completions, and lease renewals, are batched (see [`super::batch`]): one script call runs the
-//! transitions of every delivery that asked meanwhile, each atomically.
+//! script (see the `.lua` files beside this one), run by SHA. Claims,
+//! completions and lease renewals are batched (see [`super::batch`]): one
+//! script call per partition runs the transitions of every delivery that
+//! asked meanwhile, each atomically.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -27,14 +35,14 @@ use sha2::{Digest, Sha256};
 use super::batch::Batcher;
 use super::{Claim, KeyStore, StoreError, Token, Transition};
 
-/// Completed keys are spread over 4096 hashes per window (the first 12 bits of
-/// the digest), so that each stays small enough for Redis's compact listpack
-/// encoding at millions of keys, while a moderate volume still shares hashes.
-const SHARD_BITS: u32 = 12;
-const SHARD_BYTES: usize = 2;
-/// Windows alive at once, roughly: a window is `retention / WINDOWS_PER_RETENTION`.
+/// The field of a completed key is the digest past its first two bytes.
+const FIELD_FROM: usize = 2;
+/// A partition's window width, when it is first written: a quarter of the
+/// retention then. It stays fixed afterwards (see `meta.lua`).
 const WINDOWS_PER_RETENTION: u32 = 4;
 const TOKEN_LEN: usize = 32;
+
+pub use crate::config::ResetPolicy;
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone)]
@@ -47,6 +55,28 @@ pub struct RedisOptions {
     pub namespace: String,
     /// Timeout of every call.
     pub timeout: Duration,
+    /// Hash tags the consumer's keys spread over (1: one slot).
+    pub partitions: u16,
+    /// What a detected store reset does.
+    pub on_reset: ResetPolicy,
+    /// Completions per second the consumer expects, if declared: sizes the
+    /// shards of a window before its rate has been observed.
+    pub expected_rate: Option<f64>,
+}
+
+impl RedisOptions {
+    /// Options with the defaults for everything but where and whose.
+    pub fn new(url: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password: None,
+            namespace: namespace.into(),
+            timeout: Duration::from_millis(500),
+            partitions: 1,
+            on_reset: ResetPolicy::default(),
+            expected_rate: None,
+        }
+    }
 }
 
 /// The Redis store. Cheap to clone; clones share one multiplexed connection
@@ -54,10 +84,17 @@ pub struct RedisOptions {
 #[derive(Clone)]
 pub struct RedisStore {
     redis: Redis,
-    prefix: String,
+    partitions: Arc<[Partition]>,
+    resets: Arc<AtomicU64>,
     claims: Arc<Batcher<ClaimItem, (String, i64)>>,
     completions: Arc<Batcher<CompleteItem, i64>>,
     renewals: Arc<Batcher<RenewItem, i64>>,
+}
+
+/// One hash tag of the consumer's keys, and the epoch last seen there.
+struct Partition {
+    prefix: String,
+    seen: Mutex<Option<String>>,
 }
 
 /// The connection, with the timeout of every call.
@@ -109,7 +146,6 @@ struct ClaimItem {
     token: String,
     lease_ms: u64,
     retention_ms: u64,
-    width_ms: u64,
 }
 
 /// One completion of a batch: the arguments of `complete.lua` for one key.
@@ -117,26 +153,39 @@ struct CompleteItem {
     digest: Digest16,
     token: String,
     retention_ms: u64,
-    width_ms: u64,
 }
 
 /// One renewal of a batch: the arguments of `renew.lua` for one key.
 struct RenewItem {
+    partition: usize,
     in_progress: Vec<u8>,
     token: String,
     lease_ms: u64,
 }
 
+/// The claim and complete scripts each start with `meta.lua`, their shared
+/// reading of the partition's meta hash.
 fn scripts() -> &'static [Script; 4] {
     static SCRIPTS: std::sync::OnceLock<[Script; 4]> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| {
+        let meta = include_str!("meta.lua");
         [
-            Script::new(include_str!("claim.lua")),
-            Script::new(include_str!("complete.lua")),
+            Script::new(&format!("{meta}\n{}", include_str!("claim.lua"))),
+            Script::new(&format!("{meta}\n{}", include_str!("complete.lua"))),
             Script::new(include_str!("release.lua")),
             Script::new(include_str!("renew.lua")),
         ]
     })
+}
+
+/// A batch's shared arguments, computed once per batch.
+struct BatchContext {
+    redis: Redis,
+    partitions: Arc<[Partition]>,
+    resets: Arc<AtomicU64>,
+    on_reset: ResetPolicy,
+    /// Declared completions per second and partition, or 0.
+    rate_per_partition: f64,
 }
 
 impl RedisStore {
@@ -172,86 +221,252 @@ impl RedisStore {
             conn,
             timeout: options.timeout,
         };
-        let prefix = format!("idemq:{{{}}}:", options.namespace);
+        let partitions: Arc<[Partition]> =
+            partition_prefixes(&options.namespace, options.partitions)
+                .into_iter()
+                .map(|prefix| Partition {
+                    prefix,
+                    seen: Mutex::new(None),
+                })
+                .collect();
+        let context = Arc::new(BatchContext {
+            redis: redis.clone(),
+            partitions: partitions.clone(),
+            resets: Arc::new(AtomicU64::new(0)),
+            on_reset: options.on_reset,
+            rate_per_partition: options.expected_rate.unwrap_or(0.0).max(0.0)
+                / f64::from(options.partitions.max(1)),
+        });
         Ok(Self {
             claims: Arc::new(Batcher::spawn("claim", {
-                let (redis, prefix) = (redis.clone(), prefix.clone());
-                move |items| claim_batch(redis.clone(), prefix.clone(), items)
+                let context = context.clone();
+                move |items| claim_batch(context.clone(), items)
             })),
             completions: Arc::new(Batcher::spawn("complete", {
-                let (redis, prefix) = (redis.clone(), prefix.clone());
-                move |items| complete_batch(redis.clone(), prefix.clone(), items)
+                let context = context.clone();
+                move |items| complete_batch(context.clone(), items)
             })),
             renewals: Arc::new(Batcher::spawn("renew", {
-                let redis = redis.clone();
-                move |items| renew_batch(redis.clone(), items)
+                let context = context.clone();
+                move |items| renew_batch(context.clone(), items)
             })),
+            resets: context.resets.clone(),
             redis,
-            prefix,
+            partitions,
         })
     }
 
-    /// The prefix of every key this store writes.
+    /// The prefix of every key this store writes (with several partitions,
+    /// the part their prefixes share).
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        let first = &self.partitions[0].prefix;
+        if self.partitions.len() == 1 {
+            first
+        } else {
+            // `idemq:{orders#0}:` → `idemq:{orders#`
+            &first[..first.rfind('#').map_or(first.len(), |i| i + 1)]
+        }
     }
+
+    /// The prefix of each partition.
+    pub fn partition_prefixes(&self) -> Vec<String> {
+        self.partitions.iter().map(|p| p.prefix.clone()).collect()
+    }
+}
+
+/// `idemq:{<namespace>}:` for one partition, `idemq:{<namespace>#<p>}:` for many.
+pub fn partition_prefixes(namespace: &str, partitions: u16) -> Vec<String> {
+    match partitions {
+        0 | 1 => vec![format!("idemq:{{{namespace}}}:")],
+        n => (0..n)
+            .map(|p| format!("idemq:{{{namespace}#{p}}}:"))
+            .collect(),
+    }
+}
+
+/// Runs `items` as one script call per partition, concurrently, and answers
+/// in the order of `items`.
+async fn per_partition<I, O, F, Fut>(
+    items: Vec<I>,
+    partition_of: impl Fn(&I) -> usize,
+    run: F,
+) -> Result<Vec<O>, StoreError>
+where
+    F: Fn(usize, Vec<I>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<O>, StoreError>>,
+{
+    let mut groups: Vec<(usize, Vec<usize>, Vec<I>)> = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let p = partition_of(&item);
+        match groups.iter_mut().find(|(q, ..)| *q == p) {
+            Some((_, indexes, group)) => {
+                indexes.push(index);
+                group.push(item);
+            }
+            None => groups.push((p, vec![index], vec![item])),
+        }
+    }
+    let total: usize = groups.iter().map(|(_, i, _)| i.len()).sum();
+    let (placement, calls): (Vec<Vec<usize>>, Vec<_>) = groups
+        .into_iter()
+        .map(|(p, indexes, group)| (indexes, run(p, group)))
+        .unzip();
+    let answers = futures::future::try_join_all(calls).await?;
+    let mut out: Vec<Option<O>> = (0..total).map(|_| None).collect();
+    for (indexes, answer) in placement.into_iter().zip(answers) {
+        for (index, value) in indexes.into_iter().zip(answer) {
+            out[index] = Some(value);
+        }
+    }
+    out.into_iter()
+        .map(|o| {
+            o.ok_or_else(|| StoreError::Protocol {
+                op: "batch",
+                detail: "a partition answered fewer items than it was given".into(),
+            })
+        })
+        .collect()
 }
 
 async fn claim_batch(
-    redis: Redis,
-    prefix: String,
+    context: Arc<BatchContext>,
     items: Vec<ClaimItem>,
 ) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut invocation = scripts()[0].prepare_invoke();
-    invocation.arg(&prefix);
-    for item in &items {
-        invocation
-            .key(&item.digest.in_progress)
-            .arg(&item.digest.field)
-            .arg(&item.digest.shard)
-            .arg(&item.fingerprint)
-            .arg(&item.token)
-            .arg(item.lease_ms)
-            .arg(item.retention_ms)
-            .arg(item.width_ms);
+    let width = window_width(items.iter().map(|i| i.retention_ms).max().unwrap_or(1000));
+    per_partition(
+        items,
+        |i| i.digest.partition,
+        |p, items| {
+            let context = context.clone();
+            async move {
+                let partition = &context.partitions[p];
+                let seen = partition
+                    .seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let mut invocation = scripts()[0].prepare_invoke();
+                invocation
+                    .arg(&partition.prefix)
+                    .arg(seen.as_deref().unwrap_or(""))
+                    .arg(new_epoch())
+                    .arg(width)
+                    .arg(if context.on_reset == ResetPolicy::FailClosed {
+                        "1"
+                    } else {
+                        "0"
+                    });
+                for item in &items {
+                    invocation
+                        .key(&item.digest.in_progress)
+                        .arg(&item.digest.field)
+                        .arg(item.digest.source)
+                        .arg(&item.fingerprint)
+                        .arg(&item.token)
+                        .arg(item.lease_ms)
+                        .arg(item.retention_ms);
+                }
+                let (epoch, reset, answers): (String, String, Vec<(String, i64)>) =
+                    context.redis.invoke("claim", &invocation).await?;
+                context.observe_epoch(partition, seen, epoch);
+                if answers.iter().any(|(status, _)| status == "R") {
+                    return Err(StoreError::ResetUnacknowledged {
+                        partition: partition.prefix.clone(),
+                        record: reset,
+                    });
+                }
+                Ok(answers)
+            }
+        },
+    )
+    .await
+}
+
+impl BatchContext {
+    /// Compares the epoch a claim found with the one seen before: a change
+    /// means the partition's state was lost since.
+    fn observe_epoch(&self, partition: &Partition, seen: Option<String>, epoch: String) {
+        if seen.as_deref() == Some(epoch.as_str()) {
+            return;
+        }
+        let mut current = partition.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // Batches run concurrently: act only on a batch sent with the epoch
+        // that is still current, not on one that another batch overtook.
+        if current.as_deref() == Some(epoch.as_str()) || *current != seen {
+            return;
+        }
+        if let Some(old) = current.replace(epoch.clone()) {
+            self.resets.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                partition = %partition.prefix,
+                old_epoch = %old,
+                new_epoch = %epoch,
+                policy = ?self.on_reset,
+                "key store reset: the store lost the completed keys it held (restart without persistence, failover to a lagging replica, or a flush); duplicates of messages completed before it will be processed again"
+            );
+        }
     }
-    redis.invoke("claim", &invocation).await
 }
 
 async fn complete_batch(
-    redis: Redis,
-    prefix: String,
+    context: Arc<BatchContext>,
     items: Vec<CompleteItem>,
 ) -> Result<Vec<i64>, StoreError> {
-    let mut invocation = scripts()[1].prepare_invoke();
-    invocation.arg(&prefix);
-    for item in &items {
-        invocation
-            .key(&item.digest.in_progress)
-            .arg(&item.digest.field)
-            .arg(&item.digest.shard)
-            .arg(&item.token)
-            .arg(item.retention_ms)
-            .arg(item.width_ms);
-    }
-    redis.invoke("complete", &invocation).await
+    let width = window_width(items.iter().map(|i| i.retention_ms).max().unwrap_or(1000));
+    per_partition(
+        items,
+        |i| i.digest.partition,
+        |p, items| {
+            let context = context.clone();
+            async move {
+                let mut invocation = scripts()[1].prepare_invoke();
+                invocation
+                    .arg(&context.partitions[p].prefix)
+                    .arg(new_epoch())
+                    .arg(width)
+                    .arg(context.rate_per_partition);
+                for item in &items {
+                    invocation
+                        .key(&item.digest.in_progress)
+                        .arg(&item.digest.field)
+                        .arg(item.digest.source)
+                        .arg(&item.token)
+                        .arg(item.retention_ms);
+                }
+                context.redis.invoke("complete", &invocation).await
+            }
+        },
+    )
+    .await
 }
 
-async fn renew_batch(redis: Redis, items: Vec<RenewItem>) -> Result<Vec<i64>, StoreError> {
-    let mut invocation = scripts()[3].prepare_invoke();
-    for item in &items {
-        invocation
-            .key(&item.in_progress)
-            .arg(&item.token)
-            .arg(item.lease_ms);
-    }
-    redis.invoke("renew", &invocation).await
+async fn renew_batch(
+    context: Arc<BatchContext>,
+    items: Vec<RenewItem>,
+) -> Result<Vec<i64>, StoreError> {
+    per_partition(items, |i| i.partition, |_, items| {
+        let context = context.clone();
+        async move {
+            let mut invocation = scripts()[3].prepare_invoke();
+            for item in &items {
+                invocation
+                    .key(&item.in_progress)
+                    .arg(&item.token)
+                    .arg(item.lease_ms);
+            }
+            context.redis.invoke("renew", &invocation).await
+        }
+    })
+    .await
 }
 
 /// The parts of a key's digest the scripts need.
 struct Digest16 {
+    partition: usize,
     in_progress: Vec<u8>,
-    shard: String,
+    /// The digest's first three bytes as a number: the scripts take a
+    /// window's shard from its leading bits.
+    source: u32,
     field: Vec<u8>,
 }
 
@@ -259,22 +474,31 @@ impl RedisStore {
     fn digest(&self, key: &str) -> Digest16 {
         let hash = Sha256::digest(key.as_bytes());
         let digest = &hash[..16];
-        let mut in_progress = Vec::with_capacity(self.prefix.len() + 2 + digest.len());
-        in_progress.extend_from_slice(self.prefix.as_bytes());
+        // The partition comes from bytes the shard does not use.
+        let partition =
+            usize::from(u16::from_be_bytes([digest[14], digest[15]])) % self.partitions.len();
+        let prefix = &self.partitions[partition].prefix;
+        let mut in_progress = Vec::with_capacity(prefix.len() + 2 + digest.len());
+        in_progress.extend_from_slice(prefix.as_bytes());
         in_progress.extend_from_slice(b"p:");
         in_progress.extend_from_slice(digest);
-        let shard = (u16::from_be_bytes([digest[0], digest[1]]) >> (16 - SHARD_BITS)).to_string();
         Digest16 {
+            partition,
             in_progress,
-            shard,
-            field: digest[SHARD_BYTES..].to_vec(),
+            source: u32::from_be_bytes([0, digest[0], digest[1], digest[2]]),
+            field: digest[FIELD_FROM..].to_vec(),
         }
     }
 }
 
-/// Width of a completion window in ms: a quarter of the retention, at least 1s.
-fn window_width(retention: Duration) -> u64 {
-    (retention.as_millis() as u64 / u64::from(WINDOWS_PER_RETENTION)).max(1000)
+/// Width in ms of the windows of a partition first written with this
+/// retention: a quarter of it, at least 1s.
+fn window_width(retention_ms: u64) -> u64 {
+    (retention_ms / u64::from(WINDOWS_PER_RETENTION)).max(1000)
+}
+
+fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
 }
 
 /// Fingerprints are kept as 8 bytes of their SHA-256: enough to tell two
@@ -307,7 +531,6 @@ impl KeyStore for RedisStore {
                 token: token.0.clone(),
                 lease_ms: millis(lease),
                 retention_ms: millis(retention),
-                width_ms: window_width(retention),
             })
             .await?;
         match status.as_str() {
@@ -339,7 +562,6 @@ impl KeyStore for RedisStore {
                 digest: self.digest(key),
                 token: token.0.clone(),
                 retention_ms: millis(retention),
-                width_ms: window_width(retention),
             })
             .await?;
         Ok(if done == 1 {
@@ -372,10 +594,12 @@ impl KeyStore for RedisStore {
         if token.0.len() != TOKEN_LEN {
             return Ok(Transition::Stale);
         }
+        let digest = self.digest(key);
         let renewed = self
             .renewals
             .call(RenewItem {
-                in_progress: self.digest(key).in_progress,
+                partition: digest.partition,
+                in_progress: digest.in_progress,
                 token: token.0.clone(),
                 lease_ms: millis(lease),
             })
@@ -392,5 +616,9 @@ impl KeyStore for RedisStore {
             .query::<String>("ping", &redis::cmd("PING"))
             .await
             .map(drop)
+    }
+
+    fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
     }
 }

@@ -12,10 +12,8 @@ const START: &str =
 /// Panics with the command that starts Redis when it does not answer.
 pub async fn store(test: &str) -> RedisStore {
     let store = RedisStore::new(RedisOptions {
-        url: URL.to_string(),
-        password: None,
-        namespace: super::unique(test),
         timeout: Duration::from_secs(2),
+        ..RedisOptions::new(URL.to_string(), super::unique(test))
     })
     .expect("valid redis options");
     use idemq_sidecar::store::KeyStore;
@@ -85,4 +83,99 @@ fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// A redis-server of the test's own, on a free port, in a directory of its
+/// own: a test may stop, restart or flush it without touching the shared one.
+/// Stopped when dropped; its directory goes with it.
+pub struct OwnRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server` with `args` added to a loopback-only, port and
+    /// directory of its own; waits until it answers.
+    pub async fn start(args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut redis = Self {
+            port,
+            dir: tempfile::tempdir().expect("temp dir"),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again (stopping it first if it runs), on the same
+    /// port and directory, with the same settings.
+    pub async fn restart(&mut self) {
+        self.shutdown().await;
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if let Ok(mut conn) = self.connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("own redis-server on {} did not answer", self.port);
+    }
+
+    /// A clean stop: `SHUTDOWN` writes what persistence is configured, then
+    /// the process is reaped.
+    pub async fn shutdown(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(mut conn) = self.connection().await {
+            let _: redis::RedisResult<()> = redis::cmd("SHUTDOWN").query_async(&mut conn).await;
+        }
+        for _ in 0..100 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

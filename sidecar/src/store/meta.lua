@@ -1,0 +1,86 @@
+-- meta: the shared head of claim.lua and complete.lua (prepended to each, so
+-- each stays one script run by SHA). It reads the partition's meta hash
+-- (<prefix>m), creating it when it is missing, and gives the window layout.
+--
+-- The meta hash holds:
+--   e          epoch: a random id written when the hash is created. A hash
+--              that a sidecar has seen and then finds with another epoch
+--              was lost (Redis restarted empty, a failover to a lagging
+--              replica, a flush): a store reset.
+--   w          window width in ms, fixed when the hash is created, so that a
+--              change of the retention never renames the windows.
+--   r, u       the longest retention in use (ms) and until when it matters:
+--              a claim looks back max(its retention, r) until u.
+--   reset      "<old epoch>><new epoch>@<ms>", written by the first sidecar
+--              that notices a reset; removed when a person acknowledges it.
+--   b:<window> shard bits of that window, chosen at its first completion.
+--   n:<window> completions in that window (the observed rate).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Bits of the 16-bit (or 24-bit) shard source that name a window's shard.
+local DEFAULT_BITS = 12
+-- Above 16 bits the shard takes the first byte of the field too.
+local MAX_BITS = 20
+
+local function win(n)
+  return string.format('%d', n)
+end
+
+-- Opens the meta hash of `prefix`; creates it (epoch `candidate`, width
+-- `width`) when absent. Returns a table {key, epoch, width, r, u, reset}.
+local function open_meta(prefix, candidate, width, retention)
+  local key = prefix .. 'm'
+  local m = redis.call('HMGET', key, 'e', 'w', 'r', 'u', 'reset')
+  local meta = {key = key}
+  if not m[1] then
+    local w = tonumber(width)
+    meta.epoch, meta.width, meta.r, meta.u = candidate, w, 0, 0
+    redis.call('HSET', key, 'e', candidate, 'w', width)
+    -- Buckets written before the meta hash existed used 12 shard bits and
+    -- this same width (a quarter of the retention): keep them readable.
+    for window = math.floor((now - retention) / w), math.floor(now / w) do
+      redis.call('HSET', key, 'b:' .. win(window), DEFAULT_BITS)
+    end
+  else
+    meta.epoch, meta.width = m[1], tonumber(m[2])
+    meta.r, meta.u, meta.reset = tonumber(m[3] or '0'), tonumber(m[4] or '0'), m[5]
+  end
+  return meta
+end
+
+-- How far back (ms) a claim with `retention` must look.
+local function lookback(meta, retention)
+  if now <= meta.u and meta.r > retention then
+    return meta.r
+  end
+  return retention
+end
+
+-- Shard bits of windows `from`..`to` (nil: nothing was completed there).
+local function window_bits(meta, from, to)
+  local fields = {}
+  for window = from, to do
+    fields[#fields + 1] = 'b:' .. win(window)
+  end
+  local bits = redis.call('HMGET', meta.key, unpack(fields))
+  local out = {}
+  for i, b in ipairs(bits) do
+    if b then
+      out[from + i - 1] = tonumber(b)
+    end
+  end
+  return out
+end
+
+-- The bucket (hash key) and field of a digest in a window of `bits` shard
+-- bits. `source` is the first three bytes of the digest as a number, `field`
+-- the digest past its first two bytes.
+local function locate(prefix, width, window, bits, source, field)
+  local shard = math.floor(source / 2 ^ (24 - bits))
+  if bits > 16 then
+    field = string.sub(field, 2)
+  end
+  return prefix .. 'c:' .. width .. ':' .. win(window) .. ':' .. string.format('%d', shard), field
+end
