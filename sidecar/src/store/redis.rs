@@ -444,19 +444,23 @@ async fn renew_batch(
     context: Arc<BatchContext>,
     items: Vec<RenewItem>,
 ) -> Result<Vec<i64>, StoreError> {
-    per_partition(items, |i| i.partition, |_, items| {
-        let context = context.clone();
-        async move {
-            let mut invocation = scripts()[3].prepare_invoke();
-            for item in &items {
-                invocation
-                    .key(&item.in_progress)
-                    .arg(&item.token)
-                    .arg(item.lease_ms);
+    per_partition(
+        items,
+        |i| i.partition,
+        |_, items| {
+            let context = context.clone();
+            async move {
+                let mut invocation = scripts()[3].prepare_invoke();
+                for item in &items {
+                    invocation
+                        .key(&item.in_progress)
+                        .arg(&item.token)
+                        .arg(item.lease_ms);
+                }
+                context.redis.invoke("renew", &invocation).await
             }
-            context.redis.invoke("renew", &invocation).await
-        }
-    })
+        },
+    )
     .await
 }
 

@@ -145,6 +145,14 @@ impl OwnRedis {
         panic!("own redis-server on {} did not answer", self.port);
     }
 
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// A clean stop: `SHUTDOWN` writes what persistence is configured, then
     /// the process is reaped.
     pub async fn shutdown(&mut self) {

@@ -431,56 +431,28 @@ pub async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing<
     t.delete().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A redis-server of the test's own, on its own port, so it can be stopped.
-fn own_redis(port: u16) -> Child {
-    Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start redis-server (apt-get install redis-server)")
-}
-
-async fn wait_port(port: u16) {
-    let open = wait_for(Duration::from_secs(10), async || {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(open, "nothing listens on {port}");
-}
-
 /// Stops Redis mid-stream: nothing is delivered unchecked while it is down,
 /// readiness says so, and everything is processed once after it returns.
 /// `during_outage` runs while the store is down (a broker's own checks).
 pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
     during_outage: impl AsyncFnOnce(&B, &Running),
 ) {
-    let port = free_port();
-    let mut redis = own_redis(port);
-    wait_port(port).await;
+    // A durable store (every write on disk before it is answered), so the
+    // crash below is an outage and not also a loss of state: that would be a
+    // store reset, which pauses consumption until acknowledged.
+    let mut redis = super::redis::OwnRedis::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ])
+    .await;
     let store: Arc<dyn KeyStore> = Arc::new(
         RedisStore::new(RedisOptions {
-            url: format!("redis://127.0.0.1:{port}"),
-            password: None,
-            namespace: super::unique("outage"),
             timeout: Duration::from_millis(300),
+            ..RedisOptions::new(redis.url(), super::unique("outage"))
         })
         .expect("options"),
     );
@@ -491,8 +463,7 @@ pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
     let sidecar = start(&t, config(&t, &app, "outage", MAX_IN_FLIGHT, ""), store).await;
     assert!(app.wait_until(WAIT, |a| a.distinct() >= 100).await);
 
-    redis.kill().expect("stop redis");
-    redis.wait().expect("reap redis");
+    redis.crash();
     // What was already past its claim may still finish; then nothing moves.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let during = app.attempts();
@@ -504,11 +475,10 @@ pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
     let after_wait = app.attempts();
     during_outage(&t, &sidecar).await;
 
-    let mut redis = own_redis(port);
+    redis.restart().await;
     let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
     sidecar.stop().await.expect("clean stop");
-    redis.kill().ok();
-    redis.wait().ok();
+    drop(redis);
     println!(
         "store outage ({}): {n} messages, {during} deliveries when the store went down, {} delivered while it was down, {} processed in all ({} twice)",
         B::NAME,
