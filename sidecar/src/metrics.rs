@@ -186,6 +186,8 @@ impl Metrics {
             "in_flight_bytes",
             "Bytes of message bodies taken from the broker and not yet settled",
             metrics.in_flight_bytes.clone(),
+        );
+        registry.register(
             "store_resets",
             "Times the key store lost the completed keys this process had seen in it",
             metrics.store_resets.clone(),

@@ -490,6 +490,8 @@ async fn concurrent_renewals_each_get_their_own_answer<S: KeyStore + Clone>(stor
         };
         assert_eq!(*answer, expected, "order-{i}");
     }
+}
+
 /// The retention changes both ways between a completion and its duplicate:
 /// what was completed stays visible as long as the old or the new retention
 /// says, whichever is longer.
