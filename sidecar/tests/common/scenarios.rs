@@ -431,6 +431,13 @@ pub async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing<
     t.delete().await;
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// Stops Redis mid-stream: nothing is delivered unchecked while it is down,
 /// readiness says so, and everything is processed once after it returns.
 /// `during_outage` runs while the store is down (a broker's own checks).
