@@ -146,6 +146,7 @@ pub enum KeyFrom {
     Header,
     JsonPointer,
     BodyHash,
+    CloudEvent,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]

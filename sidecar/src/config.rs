@@ -168,6 +168,10 @@ pub enum KeySource {
     JsonPointer { pointer: String },
     /// A SHA-256 digest of the body.
     BodyHash,
+    /// A CloudEvent's `source` and `id`, in binary mode (headers or
+    /// attributes `ce-`, `ce_`, `cloudEvents_`) or structured mode (an
+    /// `application/cloudevents+json` body).
+    CloudEvent,
 }
 
 #[derive(
@@ -586,7 +590,7 @@ impl Config {
                 "dedup.key.pointer",
                 "must be a JSON pointer starting with '/', e.g. /order/id",
             ),
-            KeySource::MessageId | KeySource::BodyHash => {}
+            KeySource::MessageId | KeySource::BodyHash | KeySource::CloudEvent => {}
         }
         if self.mode == Mode::Pipeline {
             check(

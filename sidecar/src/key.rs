@@ -23,6 +23,7 @@ pub fn extract(source: &KeySource, missing: MissingKeyPolicy, message: &Envelope
         KeySource::Header { name } => message.header(name).map(str::to_string),
         KeySource::JsonPointer { pointer } => from_json(&message.body, pointer),
         KeySource::BodyHash => Some(body_hash(&message.body)),
+        KeySource::CloudEvent => cloud_event(message),
     };
     match found.filter(|k| !k.is_empty()) {
         Some(key) => KeyDecision::Key(key),
@@ -44,6 +45,37 @@ fn from_json(body: &[u8], pointer: &str) -> Option<String> {
     }
 }
 
+/// Header prefixes of CloudEvents binary mode, by protocol binding: HTTP,
+/// Pub/Sub and NATS (`ce-`), Kafka (`ce_`), AMQP (`cloudEvents_`, and
+/// `cloudEvents:` of the binding's earlier drafts).
+const CLOUD_EVENT_PREFIXES: [&str; 4] = ["ce-", "ce_", "cloudEvents_", "cloudEvents:"];
+
+/// The key of a CloudEvent: its `source` and `id`, which the specification
+/// says identify an event uniquely. Structured mode (an
+/// `application/cloudevents+json` body) first, then binary mode (attributes
+/// in headers). Encoded as a JSON pair, so that no two (source, id) pairs
+/// share a key.
+fn cloud_event(message: &Envelope) -> Option<String> {
+    let (source, id) = structured_cloud_event(message).or_else(|| {
+        CLOUD_EVENT_PREFIXES.iter().find_map(|prefix| {
+            let source = message.header(&format!("{prefix}source"))?;
+            let id = message.header(&format!("{prefix}id"))?;
+            Some((source.to_string(), id.to_string()))
+        })
+    })?;
+    (!source.is_empty() && !id.is_empty()).then(|| serde_json::json!([source, id]).to_string())
+}
+
+fn structured_cloud_event(message: &Envelope) -> Option<(String, String)> {
+    let media_type = message.content_type.as_deref()?.split(';').next()?.trim();
+    if !media_type.eq_ignore_ascii_case("application/cloudevents+json") {
+        return None;
+    }
+    let event: serde_json::Value = serde_json::from_slice(&message.body).ok()?;
+    let text = |name: &str| event.get(name)?.as_str().map(str::to_string);
+    Some((text("source")?, text("id")?))
+}
+
 /// Hex SHA-256 of a body: the key of `bodyHash`, and the payload fingerprint.
 pub fn body_hash(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
@@ -63,6 +95,63 @@ mod tests {
             body: body.as_bytes().to_vec().into(),
             ..Envelope::default()
         }
+    }
+
+    fn cloud_event_key(m: &Envelope) -> KeyDecision {
+        extract(&KeySource::CloudEvent, MissingKeyPolicy::DeadLetter, m)
+    }
+
+    #[test]
+    fn a_cloud_event_in_binary_mode_is_keyed_by_source_and_id_in_every_binding() {
+        let expected = KeyDecision::Key(r#"["/orders","e-1"]"#.into());
+        for prefix in ["ce-", "ce_", "cloudEvents_", "cloudEvents:", "CE-"] {
+            let m = message(
+                Some("broker-id"),
+                &[
+                    (&format!("{prefix}source"), "/orders"),
+                    (&format!("{prefix}id"), "e-1"),
+                    (&format!("{prefix}type"), "order.created"),
+                ],
+                "{}",
+            );
+            assert_eq!(cloud_event_key(&m), expected, "prefix {prefix}");
+        }
+    }
+
+    #[test]
+    fn a_cloud_event_in_structured_mode_is_keyed_by_source_and_id() {
+        let mut m = message(
+            None,
+            &[],
+            r#"{"specversion":"1.0","id":"e-1","source":"/orders","type":"t","data":{}}"#,
+        );
+        m.content_type = Some("application/cloudevents+json; charset=utf-8".into());
+        assert_eq!(
+            cloud_event_key(&m),
+            KeyDecision::Key(r#"["/orders","e-1"]"#.into())
+        );
+        // The same body under another media type is not a CloudEvent.
+        m.content_type = Some("application/json".into());
+        assert_eq!(cloud_event_key(&m), KeyDecision::DeadLetter);
+    }
+
+    #[test]
+    fn the_same_id_from_two_sources_is_two_events() {
+        let a = message(None, &[("ce-source", "/a"), ("ce-id", "1")], "{}");
+        let b = message(None, &[("ce-source", "/b"), ("ce-id", "1")], "{}");
+        assert_ne!(cloud_event_key(&a), cloud_event_key(&b));
+        // Neither separator tricks nor concatenation make two pairs collide.
+        let c = message(None, &[("ce-source", "/a1"), ("ce-id", "")], "{}");
+        let d = message(None, &[("ce-source", "/a"), ("ce-id", "1")], "{}");
+        assert_ne!(cloud_event_key(&c), cloud_event_key(&d));
+    }
+
+    #[test]
+    fn a_message_that_is_no_cloud_event_follows_the_missing_key_policy() {
+        let m = message(Some("m-1"), &[("ce-id", "e-1")], "{}");
+        assert_eq!(cloud_event_key(&m), KeyDecision::DeadLetter);
+        let hashed = extract(&KeySource::CloudEvent, MissingKeyPolicy::HashBody, &m);
+        assert_eq!(hashed, KeyDecision::Key(body_hash(b"{}")));
     }
 
     #[test]

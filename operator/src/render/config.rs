@@ -39,6 +39,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
     let key = match spec.key.from {
         KeyFrom::MessageId => KeySource::MessageId,
         KeyFrom::BodyHash => KeySource::BodyHash,
+        KeyFrom::CloudEvent => KeySource::CloudEvent,
         KeyFrom::Header => KeySource::Header {
             name: spec.key.name.clone().unwrap_or_default(),
         },
