@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 HELM=.tools/bin/helm
 VALIDATE=".tools/venv/bin/kubernetes-validate --strict --kubernetes-version 1.33.0"
 PY=.tools/venv/bin/python
-OPERATOR=${IDEMQ_OPERATOR:-target/debug/idemq-operator}
+OPERATOR=${IDEMQ_OPERATOR:-${CARGO_TARGET_DIR:-target}/debug/idemq-operator}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
