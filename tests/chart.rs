@@ -152,3 +152,32 @@ fn a_wrong_value_fails_with_a_message_naming_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_operators_bounds_reach_its_environment_and_a_zero_bound_is_refused() {
+    let docs = render(&[
+        "--set",
+        "concurrency.reconciles=4",
+        "--set",
+        "concurrency.brokerConnections=3",
+    ]);
+    let container = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    let env = |name: &str| {
+        container["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(str::to_string))
+    };
+    assert_eq!(env("IDEMQ_MAX_CONCURRENT_RECONCILES").as_deref(), Some("4"));
+    assert_eq!(env("IDEMQ_MAX_BROKER_CONNECTIONS").as_deref(), Some("3"));
+    assert_eq!(env("IDEMQ_MAX_BROKER_OPERATIONS").as_deref(), Some("8"));
+    assert_eq!(env("IDEMQ_BROKER_IDLE_TIMEOUT").as_deref(), Some("60s"));
+    let refused = helm::template("idemq-system", &["--set", "concurrency.brokerOperations=0"])
+        .expect_err("brokerOperations=0 was accepted");
+    assert!(
+        refused.to_string().contains("brokerOperations"),
+        "{refused}"
+    );
+}

@@ -37,23 +37,10 @@ impl Binder for NoBroker {
 
 /// A context whose client talks to the returned mock API server.
 pub fn context() -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "shop");
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "idemq-operator".into(),
-            instance: None,
-        },
-    );
-    let ctx = Context::new(
-        client,
-        recorder,
+    context_with(
         Arc::new(NoBroker),
-        "img:test".into(),
-        Arc::new(Metrics::new()),
-    );
-    (Arc::new(ctx), handle)
+        crate::controller::DEFAULT_BROKER_OPERATIONS,
+    )
 }
 
 /// A check on a request's JSON body.
@@ -176,4 +163,153 @@ pub fn policy() -> IdempotentConsumer {
     ic.metadata.resource_version = Some("100".into());
     ic.metadata.finalizers = Some(vec![crate::labels::FINALIZER.into()]);
     ic
+}
+
+/// A context whose broker operations go to `binder`.
+pub fn context_with(binder: Arc<dyn Binder>, broker_operations: usize) -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "shop");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "idemq-operator".into(),
+            instance: None,
+        },
+    );
+    let ctx = Context::new(
+        client,
+        recorder,
+        binder,
+        "img:test".into(),
+        Arc::new(Metrics::new()),
+    )
+    .with_broker_operations(broker_operations);
+    (Arc::new(ctx), handle)
+}
+
+/// A small stand-in for the API server when the order of requests does not
+/// matter (many reconciles at once, or the same one repeated): it keeps the
+/// objects, answers reads from them, merges applies into them (bumping
+/// `metadata.generation` when `spec` changes) and counts every write.
+#[derive(Default)]
+pub struct Cluster {
+    pub objects: std::sync::Mutex<HashMap<String, Value>>,
+    /// Writes by "METHOD path" (Events included).
+    pub writes: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl Cluster {
+    pub fn put(&self, path: &str, object: Value) {
+        self.objects
+            .lock()
+            .expect("lock")
+            .insert(path.to_string(), object);
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.objects.lock().expect("lock").get(path).cloned()
+    }
+
+    /// Every write so far, total.
+    pub fn write_count(&self) -> usize {
+        self.writes.lock().expect("lock").values().sum()
+    }
+
+    /// Writes so far whose "METHOD path" contains `part`.
+    pub fn writes_to(&self, part: &str) -> usize {
+        self.writes
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(k, _)| k.contains(part))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Answers requests until the client side goes away.
+    pub async fn serve(self: Arc<Self>, mut handle: Handle) {
+        while let Some((request, send)) = handle.next_request().await {
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.expect("request body");
+                let sent: Value = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).expect("JSON body")
+                };
+                let (status, answer) = cluster.answer(&parts.method, parts.uri.path(), sent);
+                let response = Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&answer).expect("JSON")))
+                    .expect("response");
+                send.send_response(response);
+            });
+        }
+    }
+
+    fn answer(&self, method: &Method, path: &str, sent: Value) -> (StatusCode, Value) {
+        if *method != Method::GET {
+            *self
+                .writes
+                .lock()
+                .expect("lock")
+                .entry(format!("{method} {path}"))
+                .or_default() += 1;
+        }
+        let mut objects = self.objects.lock().expect("lock");
+        match *method {
+            Method::GET => match objects.get(path) {
+                Some(o) => (StatusCode::OK, o.clone()),
+                None => (StatusCode::NOT_FOUND, not_found()),
+            },
+            Method::POST => (StatusCode::CREATED, sent),
+            Method::DELETE => match objects.remove(path) {
+                Some(_) => (
+                    StatusCode::OK,
+                    json!({ "kind": "Status", "apiVersion": "v1", "status": "Success" }),
+                ),
+                None => (StatusCode::NOT_FOUND, not_found()),
+            },
+            _ => {
+                let (path, status) = match path.strip_suffix("/status") {
+                    Some(object) => (object, true),
+                    None => (path, false),
+                };
+                let current = objects.get(path).cloned();
+                if status && current.is_none() {
+                    return (StatusCode::NOT_FOUND, not_found());
+                }
+                let mut next = current.clone().unwrap_or(Value::Null);
+                if status {
+                    merge(&mut next["status"], &sent["status"]);
+                } else {
+                    merge(&mut next, &sent);
+                }
+                let old_spec = current.as_ref().map(|c| c["spec"].clone());
+                if old_spec.as_ref() != Some(&next["spec"]) || current.is_none() {
+                    let generation = next["metadata"]["generation"].as_i64().unwrap_or(0);
+                    next["metadata"]["generation"] = json!(generation + 1);
+                }
+                objects.insert(path.to_string(), next.clone());
+                (StatusCode::OK, next)
+            }
+        }
+    }
+}
+
+/// A JSON merge patch (RFC 7386): objects merge, anything else replaces.
+fn merge(into: &mut Value, patch: &Value) {
+    match (into, patch) {
+        (Value::Object(into), Value::Object(patch)) => {
+            for (k, v) in patch {
+                if v.is_null() {
+                    into.remove(k);
+                } else {
+                    merge(into.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (into, patch) => *into = patch.clone(),
+    }
 }

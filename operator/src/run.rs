@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use idemq_operator::broker::pool::PoolConfig;
 use idemq_operator::broker::Brokers;
 use idemq_operator::controller::{self, Context, Guarded};
 use idemq_operator::crd::TargetKind;
@@ -48,6 +49,18 @@ pub struct Args {
     /// Run without leader election (a single replica).
     #[arg(long)]
     no_leader_election: bool,
+    /// Reconciles running at once (per watched namespace).
+    #[arg(long, env = "IDEMQ_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    max_concurrent_reconciles: u16,
+    /// Broker operations (declarations, deletions) in flight at once.
+    #[arg(long, env = "IDEMQ_MAX_BROKER_OPERATIONS", default_value_t = controller::DEFAULT_BROKER_OPERATIONS)]
+    max_broker_operations: usize,
+    /// Broker connections open at once, per broker (one per endpoint and credentials).
+    #[arg(long, env = "IDEMQ_MAX_BROKER_CONNECTIONS", default_value_t = PoolConfig::default().max_connections)]
+    max_broker_connections: usize,
+    /// How long an unused broker connection stays open.
+    #[arg(long, env = "IDEMQ_BROKER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    broker_idle_timeout: Duration,
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
@@ -119,19 +132,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         controller: labels::MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Recorder::new(client.clone(), reporter),
-        Arc::new(Brokers::default()),
-        args.sidecar_image.clone(),
-        metrics.clone(),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Recorder::new(client.clone(), reporter),
+            Arc::new(Brokers::new(PoolConfig {
+                max_connections: args.max_broker_connections,
+                idle: args.broker_idle_timeout,
+            })),
+            args.sidecar_image.clone(),
+            metrics.clone(),
+        )
+        .with_broker_operations(args.max_broker_operations),
+    );
+    let config = controller::Config::default().concurrency(args.max_concurrent_reconciles);
     tokio::spawn(become_ready(client.clone(), scopes.clone(), ready));
-    futures::future::join_all(
-        scopes
-            .into_iter()
-            .map(|scope| control(client.clone(), scope, ctx.clone(), shutdown.clone())),
-    )
+    futures::future::join_all(scopes.into_iter().map(|scope| {
+        control(
+            client.clone(),
+            scope,
+            ctx.clone(),
+            config.clone(),
+            shutdown.clone(),
+        )
+    }))
     .await;
     Ok(())
 }
@@ -159,6 +183,7 @@ async fn control(
     client: Client,
     scope: Option<String>,
     ctx: Arc<Context>,
+    config: controller::Config,
     shutdown: CancellationToken,
 ) {
     let owned = watcher::Config::default()
@@ -166,7 +191,8 @@ async fn control(
     let controller = Controller::new(
         namespaced_or_all::<Guarded>(&client, &scope),
         watcher::Config::default(),
-    );
+    )
+    .with_config(config);
     let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
     controller
         .owns(

@@ -85,8 +85,9 @@ async fn bindings_are_declared_idempotently_and_route() {
     .await
     .expect("declare the app's exchange");
     let p = plan(&queue, Some(&exchange));
-    Amqp.bind(URL, &p).await.expect("first bind");
-    Amqp.bind(URL, &p)
+    Amqp::default().bind(URL, &p).await.expect("first bind");
+    Amqp::default()
+        .bind(URL, &p)
         .await
         .expect("binding again changes nothing");
 
@@ -150,7 +151,7 @@ async fn an_existing_queue_with_other_arguments_is_reported_not_fought() {
     .await
     .expect("declare the user's queue");
     let p = plan(&queue, None);
-    match Amqp.bind(URL, &p).await {
+    match Amqp::default().bind(URL, &p).await {
         Err(BindError::ArgumentsMismatch(message)) => assert!(
             message.contains("PRECONDITION_FAILED") || message.contains("inequivalent"),
             "{message}"
@@ -170,7 +171,7 @@ async fn a_missing_exchange_is_named_not_declared() {
     let mut p = plan(&queue, Some(&exchange));
     p.routing_keys = vec!["order.created".into()];
     assert_eq!(
-        Amqp.bind(URL, &p).await,
+        Amqp::default().bind(URL, &p).await,
         Err(BindError::ExchangeNotFound(exchange.clone()))
     );
     // Not declared behind the user's back.
@@ -194,7 +195,10 @@ async fn a_missing_exchange_is_named_not_declared() {
 #[tokio::test]
 async fn an_unreachable_broker_is_reported() {
     let p = plan(&unique("op-down"), None);
-    match Amqp.bind("amqp://guest:guest@127.0.0.1:1/%2f", &p).await {
+    match Amqp::default()
+        .bind("amqp://guest:guest@127.0.0.1:1/%2f", &p)
+        .await
+    {
         Err(BindError::Unreachable(message)) => assert!(
             !message.contains("guest:guest"),
             "no credentials in {message}"
@@ -206,7 +210,7 @@ async fn an_unreachable_broker_is_reported() {
 #[tokio::test]
 async fn a_malformed_url_is_reported_without_its_password() {
     let p = plan(&unique("op-badurl"), None);
-    match Amqp
+    match Amqp::default()
         .bind("amqp://guest:s3cret@rabbit:notaport/%2f", &p)
         .await
     {
@@ -219,8 +223,11 @@ async fn a_malformed_url_is_reported_without_its_password() {
 async fn delete_on_cleanup_removes_both_queues() {
     let queue = unique("op-delete");
     let p = plan(&queue, None);
-    Amqp.bind(URL, &p).await.expect("bind");
-    Amqp.delete_queues(URL, &p).await.expect("delete");
+    Amqp::default().bind(URL, &p).await.expect("bind");
+    Amqp::default()
+        .delete_queues(URL, &p)
+        .await
+        .expect("delete");
     let (_conn, ch) = channel().await;
     let passive = QueueDeclareOptions {
         passive: true,
@@ -239,4 +246,20 @@ async fn delete_on_cleanup_removes_both_queues() {
             ExchangeDeleteOptions::default(),
         )
         .await;
+}
+
+#[tokio::test]
+async fn concurrent_bindings_to_one_broker_share_one_connection() {
+    let amqp = Amqp::default();
+    let plans: Vec<_> = (0..20).map(|_| plan(&unique("op-shared"), None)).collect();
+    let bound = futures::future::join_all(plans.iter().map(|p| amqp.bind(URL, p))).await;
+    assert!(bound.iter().all(Result::is_ok), "{bound:?}");
+    assert_eq!(amqp.connections(), 1, "one connection for one URL");
+    for p in &plans {
+        amqp.delete_queues(URL, p).await.expect("delete");
+    }
+    let (_conn, ch) = channel().await;
+    for p in &plans {
+        cleanup(&ch, p, None).await;
+    }
 }

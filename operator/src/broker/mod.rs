@@ -6,10 +6,15 @@
 //! resource's spec by [`Plan::of`]. [`Brokers`] is the production binder: it
 //! sends each plan to its broker's binder. Controller tests substitute a fake.
 //!
+//! Every broker keeps one [`pool::Pool`] of clients, one per endpoint and
+//! credentials, so the connections the operator holds are bounded by
+//! configuration, not by the number of resources.
+//!
 //! Declarations are idempotent. A broker that refuses one (an existing queue
 //! declared with other arguments, a user without permissions) is reported to
 //! the user, not fought: redeclaring would mean deleting their messages.
 
+pub mod pool;
 pub mod rabbitmq;
 
 use crate::crd::{IdempotentConsumer, SecretKeyRef};
@@ -76,6 +81,15 @@ pub trait Binder: Send + Sync {
 #[derive(Default)]
 pub struct Brokers {
     pub rabbitmq: rabbitmq::Amqp,
+}
+
+impl Brokers {
+    /// Each broker's pool gets `pool`.
+    pub fn new(pool: pool::PoolConfig) -> Self {
+        Self {
+            rabbitmq: rabbitmq::Amqp::new(pool),
+        }
+    }
 }
 
 #[async_trait::async_trait]

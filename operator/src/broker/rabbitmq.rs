@@ -5,6 +5,7 @@
 //! An existing queue declared with other arguments makes the broker refuse
 //! (PRECONDITION_FAILED): that is [`BindError::ArgumentsMismatch`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
@@ -15,6 +16,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
+use super::pool::{Connector, Pool, PoolConfig};
 use super::BindError;
 use crate::crd::IdempotentConsumer;
 
@@ -43,9 +45,43 @@ impl Plan {
     }
 }
 
-/// The RabbitMQ binder, over AMQP.
-#[derive(Default)]
-pub struct Amqp;
+/// Opens AMQP connections for the [`Pool`].
+///
+/// lapin 4 gives each connection an I/O thread of its own (`lapin-io-loop`,
+/// started by `Connection::connect`, whatever the runtime feature); with the
+/// `tokio` feature its executor, socket reactor and timers are the tokio
+/// runtime's. So threads and buffers grow with connections, never with
+/// resources: the pool keeps connections few.
+pub struct AmqpConnector;
+
+#[async_trait::async_trait]
+impl Connector for AmqpConnector {
+    type Client = Connection;
+
+    async fn connect(&self, url: &str) -> Result<Connection, BindError> {
+        connect(url).await
+    }
+
+    fn usable(&self, conn: &Connection) -> bool {
+        conn.status().connected()
+    }
+
+    async fn close(&self, conn: &Connection) {
+        let _ = conn.close(200, "idemq-operator: idle".into()).await;
+    }
+}
+
+/// The RabbitMQ binder, over AMQP: one pooled connection per broker URL, a
+/// channel per operation.
+pub struct Amqp {
+    pool: Arc<Pool<AmqpConnector>>,
+}
+
+impl Default for Amqp {
+    fn default() -> Self {
+        Self::new(PoolConfig::default())
+    }
+}
 
 async fn connect(url: &str) -> Result<Connection, BindError> {
     match tokio::time::timeout(
@@ -83,10 +119,21 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
 }
 
 impl Amqp {
+    pub fn new(pool: PoolConfig) -> Self {
+        Self {
+            pool: Pool::new(AmqpConnector, pool),
+        }
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.pool.open()
+    }
+
     pub async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
-        let conn = connect(url).await?;
+        let conn = self.pool.get(url).await?;
+        let ch = conn.create_channel().await.map_err(refused)?;
         let result = async {
-            let ch = conn.create_channel().await.map_err(refused)?;
             let durable = QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -142,29 +189,31 @@ impl Amqp {
                     })?;
                 }
             }
-            // Closing the channel first keeps the connection close quiet.
-            let _ = ch.close(200, "idemq-operator: bound".into()).await;
             Ok(())
         }
         .await;
-        let _ = conn.close(200, "idemq-operator: bound".into()).await;
+        // A refused declaration has closed the channel already.
+        if ch.status().connected() {
+            let _ = ch.close(200, "idemq-operator: bound".into()).await;
+        }
         result
     }
 
     pub async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
-        let conn = connect(url).await?;
+        let conn = self.pool.get(url).await?;
+        let ch = conn.create_channel().await.map_err(refused)?;
         let result = async {
-            let ch = conn.create_channel().await.map_err(refused)?;
             for queue in [&plan.queue, &plan.dead_letter_queue] {
                 ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await
                     .map_err(refused)?;
             }
-            let _ = ch.close(200, "idemq-operator: cleaned up".into()).await;
             Ok(())
         }
         .await;
-        let _ = conn.close(200, "idemq-operator: cleaned up".into()).await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "idemq-operator: cleaned up".into()).await;
+        }
         result
     }
 }

@@ -38,7 +38,11 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Verdict {
         Err(v) => return v,
     };
     let plan = Plan::of(ic);
-    match ctx.binder.bind(&url, &plan).await {
+    let bound = {
+        let _permit = ctx.broker_operations.acquire().await;
+        ctx.binder.bind(&url, &plan).await
+    };
+    match bound {
         Ok(()) => verdict(BROKER_BOUND, true, BOUND, plan.describe()),
         Err(BindError::Unreachable(e)) => verdict(BROKER_BOUND, false, BROKER_UNREACHABLE, e),
         Err(e @ BindError::ArgumentsMismatch(_)) => {
@@ -60,7 +64,11 @@ pub async fn unbind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) {
     let Ok(url) = url(ic, ctx, ns).await else {
         return;
     };
-    if let Err(e) = ctx.binder.delete_queues(&url, &Plan::of(ic)).await {
+    let deleted = {
+        let _permit = ctx.broker_operations.acquire().await;
+        ctx.binder.delete_queues(&url, &Plan::of(ic)).await
+    };
+    if let Err(e) = deleted {
         publish(
             ctx,
             ic,

@@ -14,6 +14,8 @@
 //! between reconciles but the per-object back-off. A finalizer withdraws the
 //! sidecar and deletes what the resource owns when it is deleted.
 
+#[cfg(test)]
+mod bounds;
 mod broker;
 #[cfg(test)]
 mod scenarios;
@@ -40,6 +42,7 @@ use crate::crd::IdempotentConsumer;
 use crate::labels::{self, FINALIZER, MANAGER};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
+pub use kube::runtime::controller::Config;
 pub use status::{conditions, Verdict};
 use status::{publish, verdict};
 
@@ -64,6 +67,9 @@ impl Error {
     }
 }
 
+/// Broker operations in flight at once unless configured otherwise.
+pub const DEFAULT_BROKER_OPERATIONS: usize = 8;
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -71,6 +77,9 @@ pub struct Context {
     pub binder: Arc<dyn Binder>,
     pub sidecar_image: String,
     pub metrics: Arc<Metrics>,
+    /// Bounds the broker operations in flight, whatever the number of
+    /// reconciles running at once.
+    pub broker_operations: tokio::sync::Semaphore,
     /// Consecutive not-ready reconciles per object, for exponential back-off.
     failures: Mutex<HashMap<ObjectRef<IdempotentConsumer>, u32>>,
     /// Malformed objects already reported, by uid and generation.
@@ -91,9 +100,16 @@ impl Context {
             binder,
             sidecar_image,
             metrics,
+            broker_operations: tokio::sync::Semaphore::new(DEFAULT_BROKER_OPERATIONS),
             failures: Mutex::new(HashMap::new()),
             malformed: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// At most `n` broker operations at a time.
+    pub fn with_broker_operations(mut self, n: usize) -> Self {
+        self.broker_operations = tokio::sync::Semaphore::new(n.max(1));
+        self
     }
 
     /// The next requeue of `ic`: a back-off that doubles with each
