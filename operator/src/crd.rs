@@ -205,6 +205,21 @@ pub struct Delivery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION))]
     pub timeout: Option<String>,
+    /// Path of an HTTP readiness check of the app (a GET that answers 2xx);
+    /// without it, the sidecar waits for a TCP connect to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"))]
+    pub readiness_path: Option<String>,
+    /// Bytes of message bodies held in flight at most (default 32 MiB, or
+    /// `prefetch × expectedMessageBytes` when smaller). The sidecar's memory
+    /// request and limit follow from it unless `sidecar.resources` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 65536))]
+    pub max_in_flight_bytes: Option<u64>,
+    /// The size of a typical message in bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub expected_message_bytes: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]

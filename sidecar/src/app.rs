@@ -19,6 +19,7 @@
 //! 5xx while other messages succeed, a timeout of this message alone.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +70,8 @@ pub struct App {
     /// success with a failure of the application as a whole.
     streak: Mutex<HashSet<u64>>,
     failures: usize,
+    /// Messages the application processed since the sidecar started.
+    successes: AtomicU64,
     metrics: Arc<Metrics>,
     health: Component,
 }
@@ -82,6 +85,7 @@ impl App {
             state: watch::Sender::new(AppState::Waiting),
             streak: Mutex::new(HashSet::new()),
             failures: config.failures.max(1) as usize,
+            successes: AtomicU64::new(0),
             metrics,
             health,
         }
@@ -95,8 +99,14 @@ impl App {
         self.state.subscribe()
     }
 
+    /// Messages the application processed since the sidecar started.
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed)
+    }
+
     /// The application processed a message.
     pub fn succeeded(&self) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
         self.lock().clear();
         if self.state() == AppState::HalfOpen {
             self.set(AppState::Available, "the trial message was delivered");

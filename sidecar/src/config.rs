@@ -476,6 +476,23 @@ impl Default for AdminConfig {
     }
 }
 
+const MIB: u64 = 1024 * 1024;
+
+/// The memory limit a sidecar with this byte budget needs: its own working
+/// set (about 30 MiB under load) with margin, plus twice the budget, since a
+/// body is held once in the broker client's buffer or the request and one more
+/// message may be arriving beyond the budget, with the allocator's slack. The
+/// operator sets the container's limit from it; 128 MiB for the default budget.
+pub fn memory_limit_bytes(max_in_flight_bytes: u64) -> u64 {
+    64 * MIB + 2 * max_in_flight_bytes
+}
+
+/// The memory request that goes with [`memory_limit_bytes`]: what the sidecar
+/// uses with the budget full; 64 MiB for the default budget.
+pub fn memory_request_bytes(max_in_flight_bytes: u64) -> u64 {
+    32 * MIB + max_in_flight_bytes
+}
+
 /// One problem in a configuration, named by its field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -14,6 +14,11 @@
 //! 502, 503, 504) goes to the circuit breaker ([`crate::app`]); when that
 //! opens the circuit, the message is given back with
 //! [`Verdict::AppUnavailable`], its claim released and no attempt counted.
+//! And a failure counts only when it is the message's first, or when the
+//! application processed another message since the message's previous
+//! failure: a message failing alone while nothing else succeeds (a few
+//! messages in flight during an outage) says nothing about the message, so it
+//! is retried, backing off, without coming closer to the dead-letter queue.
 //!
 //! While a delivery is in flight its claim's lease is renewed every third of
 //! the lease, so the lease runs out only when the holder is gone.
@@ -80,6 +85,7 @@ impl Engine {
         };
         let fingerprint = dedup.fingerprint.then(|| key::body_hash(&message.body));
         let identity = identity(key.as_bytes());
+        let mut counted = Counted::default();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -150,13 +156,19 @@ impl Engine {
                     if self.app.failed(identity, refused, &why) {
                         return Verdict::AppUnavailable;
                     }
-                    if let Some(verdict) = self.after_failure(attempt, &why, shutdown).await {
+                    if let Some(verdict) = self
+                        .after_failure(attempt, &mut counted, &why, shutdown)
+                        .await
+                    {
                         return verdict;
                     }
                 }
                 Outcome::Retry(why) => {
                     self.release(&key, &token).await;
-                    if let Some(verdict) = self.after_failure(attempt, &why, shutdown).await {
+                    if let Some(verdict) = self
+                        .after_failure(attempt, &mut counted, &why, shutdown)
+                        .await
+                    {
                         return verdict;
                     }
                 }
@@ -164,15 +176,16 @@ impl Engine {
         }
     }
 
-    /// After a failed attempt that counts: dead-letters at `maxAttempts`,
-    /// otherwise backs off. None: try again.
+    /// After a failed delivery: dead-letters when `maxAttempts` failures
+    /// counted, otherwise backs off. None: try again.
     async fn after_failure(
         &self,
         attempt: u32,
+        counted: &mut Counted,
         why: &str,
         shutdown: &CancellationToken,
     ) -> Option<Verdict> {
-        if attempt >= self.config.dedup.max_attempts {
+        if counted.failure(self.app.successes()) >= self.config.dedup.max_attempts {
             tracing::warn!(
                 attempt,
                 why,
@@ -222,6 +235,7 @@ impl Engine {
     /// Delivers without a claim (pass-through), with the same retries.
     async fn deliver_unchecked(&self, message: &Envelope, shutdown: &CancellationToken) -> Verdict {
         let identity = identity(&message.body);
+        let mut counted = Counted::default();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -252,7 +266,10 @@ impl Engine {
                 }
                 Outcome::Retry(why) => why,
             };
-            if let Some(verdict) = self.after_failure(attempt, &why, shutdown).await {
+            if let Some(verdict) = self
+                .after_failure(attempt, &mut counted, &why, shutdown)
+                .await
+            {
                 return verdict;
             }
         }
@@ -305,6 +322,27 @@ impl Engine {
     }
 }
 
+/// The failures of one message that count as attempts.
+#[derive(Debug, Default)]
+struct Counted {
+    failures: u32,
+    /// The application's successes at the message's previous failure.
+    successes_then: Option<u64>,
+}
+
+impl Counted {
+    /// Records a failure when the application has had `successes` in all;
+    /// returns the failures that count. The first failure counts; a later one
+    /// only if another message succeeded since the previous failure.
+    fn failure(&mut self, successes: u64) -> u32 {
+        if self.successes_then.is_none_or(|then| successes > then) {
+            self.failures += 1;
+        }
+        self.successes_then = Some(successes);
+        self.failures
+    }
+}
+
 /// A message's identity for the circuit breaker's count of distinct messages.
 fn identity(bytes: &[u8]) -> u64 {
     let mut hasher = DefaultHasher::new();
@@ -321,6 +359,17 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_counts_only_if_another_message_succeeded_since_the_previous_one() {
+        let mut counted = Counted::default();
+        assert_eq!(counted.failure(10), 1, "the first failure counts");
+        assert_eq!(counted.failure(10), 1, "nothing else succeeded meanwhile");
+        assert_eq!(counted.failure(10), 1);
+        assert_eq!(counted.failure(11), 2, "another message succeeded");
+        assert_eq!(counted.failure(11), 2);
+        assert_eq!(counted.failure(15), 3);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

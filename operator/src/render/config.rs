@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use idemq_sidecar::config::{
     AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, KeySource, MissingKeyPolicy,
-    Mode, RabbitMqConfig, StoreConfig, StoreKind, UnavailablePolicy,
+    Mode, RabbitMqConfig, ReadinessCheck, ReadinessConfig, StoreConfig, StoreKind,
+    UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
@@ -99,6 +100,17 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 )?,
                 initial_backoff: delivery_defaults.1,
                 max_backoff: delivery_defaults.2,
+                readiness: ReadinessConfig {
+                    check: if spec.delivery.readiness_path.is_some() {
+                        ReadinessCheck::Http
+                    } else {
+                        ReadinessCheck::Tcp
+                    },
+                    path: spec.delivery.readiness_path.clone(),
+                    ..ReadinessConfig::default()
+                },
+                max_in_flight_bytes: in_flight_budget(ic),
+                expected_message_bytes: spec.delivery.expected_message_bytes,
                 ..DeliveryConfig::new(format!(
                     "http://127.0.0.1:{}{}",
                     spec.delivery.port.unwrap_or(8080),
@@ -123,6 +135,26 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
     })?;
     Ok(config)
 }
+
+/// The sidecar's in-flight byte budget: the policy's `maxInFlightBytes`
+/// (default 32 MiB), lowered to `prefetch × expectedMessageBytes` when that is
+/// smaller, so the memory sized from it is not more than the policy needs.
+pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
+    let delivery = &ic.spec.delivery;
+    let budget = delivery
+        .max_in_flight_bytes
+        .unwrap_or_else(|| DeliveryConfig::new("").max_in_flight_bytes);
+    let prefetch = u64::from(ic.spec.broker.rabbitmq.prefetch.unwrap_or(100));
+    match delivery.expected_message_bytes {
+        Some(size) => budget
+            .min(prefetch.saturating_mul(size))
+            .max(MIN_IN_FLIGHT_BYTES),
+        None => budget,
+    }
+}
+
+/// The smallest budget the sidecar accepts.
+const MIN_IN_FLIGHT_BYTES: u64 = 64 * 1024;
 
 pub fn dead_letter_exchange(ic: &IdempotentConsumer) -> String {
     ic.spec
@@ -182,6 +214,30 @@ mod tests {
             config.delivery.expect("delivery").url,
             "http://127.0.0.1:8080/messages"
         );
+    }
+
+    #[test]
+    fn readiness_path_and_byte_budget_reach_the_sidecar() {
+        let mut ic = sample::policy();
+        let delivery = sidecar_config(&ic)
+            .expect("renders")
+            .delivery
+            .expect("delivery");
+        assert_eq!(delivery.readiness.check, ReadinessCheck::Tcp);
+        assert_eq!(delivery.max_in_flight_bytes, 32 * 1024 * 1024);
+        ic.spec.delivery.readiness_path = Some("/ready".into());
+        ic.spec.delivery.expected_message_bytes = Some(10_000);
+        let delivery = sidecar_config(&ic)
+            .expect("renders")
+            .delivery
+            .expect("delivery");
+        assert_eq!(delivery.readiness.check, ReadinessCheck::Http);
+        assert_eq!(delivery.readiness.path.as_deref(), Some("/ready"));
+        assert_eq!(
+            delivery.max_in_flight_bytes, 500_000,
+            "prefetch 50 × 10,000 bytes is less than the default budget"
+        );
+        assert_eq!(delivery.expected_message_bytes, Some(10_000));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde_json::{json, Value};
 
-use idemq_sidecar::config::SecretEnv;
+use idemq_sidecar::config::{memory_limit_bytes, memory_request_bytes, SecretEnv};
 
 use crate::crd::{DeliveryMode, IdempotentConsumer, StoreMode, TargetKind};
 use crate::labels;
@@ -78,19 +78,29 @@ pub fn restricted_security_context(user: i64) -> SecurityContext {
     }
 }
 
-fn default_resources() -> ResourceRequirements {
+/// The sidecar's resources when the policy sets none. In http mode its
+/// memory follows from the in-flight byte budget (the sidecar's own
+/// `memory_limit_bytes`: 128Mi limit and 64Mi request for the default 32 MiB);
+/// in gate mode it holds no messages.
+fn default_resources(ic: &IdempotentConsumer) -> ResourceRequirements {
+    let (request, limit) = if ic.spec.delivery.mode == DeliveryMode::Gate {
+        (32 * MIB, 128 * MIB)
+    } else {
+        let budget = super::config::in_flight_budget(ic);
+        (memory_request_bytes(budget), memory_limit_bytes(budget))
+    };
+    let mebibytes = |bytes: u64| Quantity(format!("{}Mi", bytes.div_ceil(MIB)));
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".to_string(), Quantity("50m".to_string())),
-            ("memory".to_string(), Quantity("32Mi".to_string())),
+            ("memory".to_string(), mebibytes(request)),
         ])),
-        limits: Some(BTreeMap::from([(
-            "memory".to_string(),
-            Quantity("128Mi".to_string()),
-        )])),
+        limits: Some(BTreeMap::from([("memory".to_string(), mebibytes(limit))])),
         ..ResourceRequirements::default()
     }
 }
+
+const MIB: u64 = 1024 * 1024;
 
 /// The sidecar container: a native sidecar (an init container that keeps
 /// running), so it starts before the app and stops after it.
@@ -161,7 +171,7 @@ pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
             spec.sidecar
                 .resources
                 .clone()
-                .unwrap_or_else(default_resources),
+                .unwrap_or_else(|| default_resources(ic)),
         ),
         security_context: Some(restricted_security_context(65532)),
         volume_mounts: Some(vec![VolumeMount {
@@ -265,6 +275,44 @@ mod tests {
         assert_eq!(
             sc.seccomp_profile.map(|s| s.type_).as_deref(),
             Some("RuntimeDefault")
+        );
+    }
+
+    fn memory(c: &Container) -> (String, String) {
+        let r = c.resources.clone().expect("resources");
+        let get = |m: Option<BTreeMap<String, Quantity>>| {
+            m.and_then(|m| m.get("memory").cloned())
+                .map(|q| q.0)
+                .unwrap_or_default()
+        };
+        (get(r.requests), get(r.limits))
+    }
+
+    #[test]
+    fn memory_follows_the_in_flight_byte_budget_unless_the_policy_sets_resources() {
+        let mut ic = sample::policy();
+        assert_eq!(
+            memory(&container(&ic, "img")),
+            ("64Mi".into(), "128Mi".into()),
+            "the default 32 MiB budget"
+        );
+        ic.spec.delivery.max_in_flight_bytes = Some(256 * MIB);
+        assert_eq!(
+            memory(&container(&ic, "img")),
+            ("288Mi".into(), "576Mi".into())
+        );
+        // 100 × 64 KiB = 6.25 MiB is all the policy can hold in flight.
+        ic.spec.broker.rabbitmq.prefetch = Some(100);
+        ic.spec.delivery.expected_message_bytes = Some(64 * 1024);
+        assert_eq!(
+            memory(&container(&ic, "img")),
+            ("39Mi".into(), "77Mi".into())
+        );
+        ic.spec.sidecar.resources = Some(ResourceRequirements::default());
+        assert_eq!(
+            container(&ic, "img").resources,
+            Some(ResourceRequirements::default()),
+            "the policy's resources win"
         );
     }
 

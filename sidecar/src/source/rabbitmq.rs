@@ -22,7 +22,8 @@
 //! `maxInFlightBytes / largest message seen` (at most the configured
 //! prefetch). Before any message is seen (and without
 //! `expectedMessageBytes`) the first session takes one message to learn its
-//! size; a larger message than the prefetch allows ends the session, and the
+//! size, and the next session starts with the prefetch that fits; a larger
+//! message than the prefetch allows ends the session the same way, and the
 //! next one starts with a lower prefetch (RabbitMQ applies a new prefetch
 //! only to consumers started after it).
 

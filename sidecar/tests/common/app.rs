@@ -18,6 +18,8 @@ pub type Script = Arc<dyn Fn(&str, u32) -> StatusCode + Send + Sync>;
 
 #[derive(Default)]
 struct Seen {
+    /// Requests received, counted before the app's delay.
+    started: u32,
     /// Per key: deliveries that the app answered with 2xx (processed).
     processed: HashMap<String, u32>,
     /// Per key: every delivery, whatever the answer.
@@ -32,6 +34,14 @@ struct Seen {
 pub struct App {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Seen>>,
+    state: Arc<AppState>,
+    /// Stops the running server (see [`App::stop`]).
+    running: Arc<Mutex<Option<Server>>>,
+}
+
+struct Server {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 struct AppState {
@@ -46,21 +56,36 @@ pub async fn start(script: Script) -> App {
 
 /// An app that takes `delay` to answer each delivery.
 pub async fn start_slow(script: Script, delay: Duration) -> App {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind app");
+    let app = not_started(listener.local_addr().expect("addr"), script, delay);
+    app.serve(listener);
+    app
+}
+
+/// An app that will listen on `addr` but does not yet: [`App::restart`]
+/// starts it. Until then the sidecar's connections are refused.
+pub fn not_started(addr: SocketAddr, script: Script, delay: Duration) -> App {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let state = Arc::new(AppState {
         seen: seen.clone(),
         script,
         delay,
     });
-    let router = Router::new()
-        .route("/messages", post(receive))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind app");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    App { addr, seen }
+    App {
+        addr,
+        seen,
+        state,
+        running: Arc::new(Mutex::new(None)),
+    }
+}
+
+/// A loopback address nothing listens on (yet).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }
 
 pub fn always_ok() -> Script {
@@ -72,6 +97,7 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
+    state.seen.lock().expect("lock").started += 1;
     if !state.delay.is_zero() {
         tokio::time::sleep(state.delay).await;
     }
@@ -98,6 +124,54 @@ async fn receive(
 }
 
 impl App {
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let router = Router::new()
+            .route("/messages", post(receive))
+            .with_state(self.state.clone());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone().cancelled_owned();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await;
+        });
+        *self.running.lock().expect("lock") = Some(Server { stop, task });
+    }
+
+    /// Stops listening; requests in progress are answered first, and every
+    /// connection is closed, so the sidecar's next connection is refused.
+    pub async fn stop(&self) {
+        let server = self.running.lock().expect("lock").take();
+        if let Some(server) = server {
+            server.stop.cancel();
+            let _ = server.task.await;
+        }
+    }
+
+    /// Listens again on the same address (or for the first time).
+    pub async fn restart(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("bind the app's address again");
+        self.serve(listener);
+    }
+
+    /// Requests received, including those the app is still working on.
+    pub fn started(&self) -> u32 {
+        self.seen.lock().expect("lock").started
+    }
+
+    /// Deliveries received by key, whatever the answer.
+    pub fn attempts_of(&self, key: &str) -> u32 {
+        self.seen
+            .lock()
+            .expect("lock")
+            .attempts
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}/messages", self.addr)
     }
