@@ -312,6 +312,8 @@ pub mod conditions {
     /// The object does not deserialize into the resource's types.
     pub const MALFORMED: &str = "Malformed";
     pub const INJECTED: &str = "Injected";
+    /// A legal setting the sidecar's `check-config` warns about (an Event).
+    pub const CONFIG_WARNING: &str = "ConfigWarning";
     pub const BOUND: &str = "Bound";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const QUEUE_MISMATCH: &str = "QueueArgumentsMismatch";

@@ -282,6 +282,21 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
             ),
         )
         .await;
+        // What the sidecar's check-config would warn about (a lease shorter
+        // than the delivery timeout, say): legal, so said once per config.
+        let warnings = render::config::sidecar_config(ic)
+            .map(|config| config.warnings())
+            .unwrap_or_default();
+        for warning in warnings {
+            publish(
+                ctx,
+                ic,
+                EventType::Warning,
+                CONFIG_WARNING,
+                warning.to_string(),
+            )
+            .await;
+        }
     }
     if changed {
         for v in verdicts.iter().filter(|v| !v.ok && v.reason != NOT_READY) {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod availability;
 pub mod broker;
 pub mod rabbitmq;
 pub mod redis;
