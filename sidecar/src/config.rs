@@ -24,6 +24,12 @@ impl SecretEnv {
     pub const REDIS_PASSWORD: &'static str = "IDEMQ_REDIS_PASSWORD";
     /// Broker URL, `amqp://` or `amqps://`, with credentials.
     pub const BROKER_URL: &'static str = "IDEMQ_BROKER_URL";
+    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    pub const KAFKA_BOOTSTRAP_SERVERS: &'static str = "IDEMQ_KAFKA_BOOTSTRAP_SERVERS";
+    /// Kafka SASL user name.
+    pub const KAFKA_USERNAME: &'static str = "IDEMQ_KAFKA_USERNAME";
+    /// Kafka SASL password.
+    pub const KAFKA_PASSWORD: &'static str = "IDEMQ_KAFKA_PASSWORD";
 }
 
 /// The whole sidecar configuration.
@@ -172,6 +178,11 @@ pub enum KeySource {
     /// attributes `ce-`, `ce_`, `cloudEvents_`) or structured mode (an
     /// `application/cloudevents+json` body).
     CloudEvent,
+    /// The Kafka record key (often an entity id rather than one per event).
+    RecordKey,
+    /// The Kafka record's `topic/partition/offset`: catches exactly the
+    /// redeliveries after rebalances and crashes, not producer retries.
+    Coordinates,
 }
 
 #[derive(
@@ -195,17 +206,20 @@ pub enum MissingKeyPolicy {
 pub struct BrokerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<RabbitMqConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// The one broker a [`BrokerConfig`] names.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum BrokerKind<'a> {
     RabbitMq(&'a RabbitMqConfig),
+    Kafka(&'a KafkaConfig),
 }
 
 impl BrokerConfig {
     /// The field names of the broker kinds, as the config spells them.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq"];
+    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -217,10 +231,13 @@ impl BrokerConfig {
 
     /// Every kind that is set; validation wants exactly one.
     fn kinds_set(&self) -> Vec<BrokerKind<'_>> {
-        [self.rabbitmq.as_ref().map(BrokerKind::RabbitMq)]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            self.rabbitmq.as_ref().map(BrokerKind::RabbitMq),
+            self.kafka.as_ref().map(BrokerKind::Kafka),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }
 
@@ -243,6 +260,96 @@ pub struct RabbitMqConfig {
     /// Exchange that receives a copy of each dropped duplicate, if set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_exchange: Option<String>,
+}
+
+/// A Kafka consumer group member. Bootstrap servers and SASL credentials come
+/// from the environment ([`SecretEnv`]) when they carry secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`; overridden by `IDEMQ_KAFKA_BOOTSTRAP_SERVERS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// The consumer group; every replica of one consumer uses the same.
+    pub group_id: String,
+    /// Records taken and not yet settled, over all partitions.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u32,
+    /// Which records may be delivered at the same time.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// The group session timeout: how long the group waits for a silent member.
+    #[serde(default = "defaults::session_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub session_timeout: Duration,
+    /// Where a group without a committed offset starts.
+    #[serde(default)]
+    pub auto_offset_reset: OffsetReset,
+    /// Where dead letters go; `<topic>.dead` of the record's topic when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// Settled offsets are committed at least this often.
+    #[serde(default = "defaults::commit_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub commit_interval: Duration,
+    /// librdkafka's `partition.assignment.strategy`.
+    #[serde(default = "defaults::assignment_strategy")]
+    pub assignment_strategy: String,
+    /// `plaintext`, `ssl`, `saslPlaintext` or `saslSsl`.
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// `plain`, `scramSha256` or `scramSha512` (with a SASL protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// A CA bundle (PEM file) to verify the brokers with, instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// `none`: up to `maxInFlight` records at once, in any order. `perKey`: one
+/// record per idempotency key at a time. `perPartition`: one record per
+/// partition at a time, in offset order.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Ordering {
+    #[default]
+    None,
+    PerKey,
+    PerPartition,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum OffsetReset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -365,6 +472,18 @@ mod defaults {
     }
     pub fn prefetch() -> u16 {
         100
+    }
+    pub fn max_in_flight() -> u32 {
+        100
+    }
+    pub fn session_timeout() -> Duration {
+        Duration::from_secs(45)
+    }
+    pub fn commit_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn assignment_strategy() -> String {
+        "cooperative-sticky".to_string()
     }
     pub fn dead_letter_exchange() -> String {
         "idemq.dlx".to_string()
@@ -607,7 +726,11 @@ impl Config {
                 "dedup.key.pointer",
                 "must be a JSON pointer starting with '/', e.g. /order/id",
             ),
-            KeySource::MessageId | KeySource::BodyHash | KeySource::CloudEvent => {}
+            KeySource::MessageId
+            | KeySource::BodyHash
+            | KeySource::CloudEvent
+            | KeySource::RecordKey
+            | KeySource::Coordinates => {}
         }
         if self.mode == Mode::Pipeline {
             check(
@@ -649,6 +772,17 @@ impl Config {
                     "must start with amqp:// or amqps://",
                 );
             }
+        }
+        let kind = self.broker.as_ref().and_then(|b| b.kind());
+        if let Some(BrokerKind::Kafka(kafka)) = kind {
+            kafka_problems(kafka, &dedup.key, &mut check);
+        }
+        if matches!(kind, Some(BrokerKind::RabbitMq(_))) {
+            check(
+                !matches!(dedup.key, KeySource::RecordKey | KeySource::Coordinates),
+                "dedup.key.from",
+                "recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer or bodyHash",
+            );
         }
         if let Some(delivery) = &self.delivery {
             check(
@@ -747,6 +881,66 @@ impl Config {
         }
         warnings
     }
+}
+
+/// The problems of a `broker.kafka` section.
+fn kafka_problems(kafka: &KafkaConfig, key: &KeySource, check: &mut impl FnMut(bool, &str, &str)) {
+    check(
+        !kafka.topics.is_empty() && kafka.topics.iter().all(|t| is_topic_name(t)),
+        "broker.kafka.topics",
+        "must name at least one topic, each of letters, digits, '.', '_' and '-' (at most 249)",
+    );
+    check(
+        !kafka.group_id.trim().is_empty(),
+        "broker.kafka.groupId",
+        "must not be empty",
+    );
+    check(
+        kafka.max_in_flight >= 1,
+        "broker.kafka.maxInFlight",
+        "must be at least 1",
+    );
+    check(
+        kafka.session_timeout >= Duration::from_secs(1),
+        "broker.kafka.sessionTimeout",
+        "must be at least 1s",
+    );
+    check(
+        !kafka.commit_interval.is_zero(),
+        "broker.kafka.commitInterval",
+        "must be greater than zero",
+    );
+    if let Some(topic) = &kafka.dead_letter_topic {
+        check(
+            is_topic_name(topic),
+            "broker.kafka.deadLetterTopic",
+            "must be a topic name: letters, digits, '.', '_' and '-' (at most 249)",
+        );
+    }
+    let sasl = matches!(
+        kafka.security_protocol,
+        SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+    );
+    check(
+        sasl == kafka.sasl_mechanism.is_some(),
+        "broker.kafka.saslMechanism",
+        "is required with a SASL securityProtocol, and only with one",
+    );
+    check(
+        !matches!(key, KeySource::MessageId),
+        "dedup.key.from",
+        "Kafka records have no message id: use recordKey, header, jsonPointer, bodyHash or coordinates",
+    );
+}
+
+/// Kafka's legal topic names.
+fn is_topic_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 249
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -867,6 +1061,75 @@ gate:
             config.broker.as_ref().and_then(|b| b.kind()),
             Some(BrokerKind::RabbitMq(r)) if r.queue == "orders"
         ));
+    }
+
+    const KAFKA: &str = r#"
+consumer: orders
+dedup:
+  key:
+    from: recordKey
+broker:
+  kafka:
+    topics: [orders]
+    groupId: shop.orders
+    ordering: perKey
+    sessionTimeout: 6s
+delivery:
+  url: http://127.0.0.1:8080/messages
+"#;
+
+    #[test]
+    fn kafka_config_parses_with_defaults() {
+        let config = Config::from_yaml(KAFKA).expect("valid");
+        let Some(BrokerKind::Kafka(kafka)) = config.broker.as_ref().and_then(|b| b.kind()) else {
+            panic!("a kafka broker");
+        };
+        assert_eq!(kafka.topics, ["orders"]);
+        assert_eq!(kafka.max_in_flight, 100);
+        assert_eq!(kafka.ordering, Ordering::PerKey);
+        assert_eq!(kafka.session_timeout, Duration::from_secs(6));
+        assert_eq!(kafka.auto_offset_reset, OffsetReset::Earliest);
+        assert_eq!(kafka.assignment_strategy, "cooperative-sticky");
+        assert_eq!(Config::from_yaml(&config.to_yaml()).expect("valid"), config);
+    }
+
+    #[test]
+    fn kafka_problems_are_named_by_field() {
+        let text = r#"
+consumer: orders
+broker:
+  kafka:
+    topics: ["bad topic"]
+    groupId: ""
+    maxInFlight: 0
+    securityProtocol: saslSsl
+delivery:
+  url: http://127.0.0.1:8080/messages
+"#;
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(text) else {
+            panic!("expected invalid config");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "broker.kafka.topics",
+                "broker.kafka.groupId",
+                "broker.kafka.maxInFlight",
+                "broker.kafka.saslMechanism",
+                "dedup.key.from"
+            ]
+        );
+        let both = KAFKA.replace("broker:\n", "broker:\n  rabbitmq:\n    queue: q\n");
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(&both) else {
+            panic!("two brokers must be refused");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.field == "broker" && p.message.contains("rabbitmq, kafka")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub fn extract(source: &KeySource, missing: MissingKeyPolicy, message: &Envelope
         KeySource::JsonPointer { pointer } => from_json(&message.body, pointer),
         KeySource::BodyHash => Some(body_hash(&message.body)),
         KeySource::CloudEvent => cloud_event(message),
+        KeySource::RecordKey => message.record_key.clone(),
+        KeySource::Coordinates => message.coordinates.clone(),
     };
     match found.filter(|k| !k.is_empty()) {
         Some(key) => KeyDecision::Key(key),
@@ -217,6 +219,32 @@ mod tests {
         assert_eq!(
             extract(&KeySource::MessageId, MissingKeyPolicy::HashBody, &empty_id),
             hashed
+        );
+    }
+
+    #[test]
+    fn kafka_keys_come_from_the_record() {
+        let m = Envelope {
+            record_key: Some("customer-7".into()),
+            coordinates: Some("orders/3/1042".into()),
+            ..message(None, &[], "{}")
+        };
+        assert_eq!(
+            extract(&KeySource::RecordKey, MissingKeyPolicy::DeadLetter, &m),
+            KeyDecision::Key("customer-7".into())
+        );
+        assert_eq!(
+            extract(&KeySource::Coordinates, MissingKeyPolicy::DeadLetter, &m),
+            KeyDecision::Key("orders/3/1042".into())
+        );
+        let keyless = message(None, &[], "{}");
+        assert_eq!(
+            extract(
+                &KeySource::RecordKey,
+                MissingKeyPolicy::DeadLetter,
+                &keyless
+            ),
+            KeyDecision::DeadLetter
         );
     }
 

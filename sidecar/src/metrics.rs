@@ -31,6 +31,13 @@ pub struct StoreErrorLabels {
     pub kind: &'static str,
 }
 
+/// A Kafka partition: bounded by the configured topics and their partitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -96,6 +103,12 @@ pub struct Metrics {
     /// Times the key store was found to have lost the state this process
     /// had seen in it (its epoch marker changed). Alert on any increase.
     pub store_resets: Counter,
+    /// Kafka: records of each assigned partition past the committed offset.
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+    /// Kafka: partitions assigned to this member now.
+    pub assigned_partitions: Gauge,
+    /// Kafka: partitions revoked from this member (rebalances, shutdown).
+    pub revoked_partitions: Counter,
 }
 
 impl Default for Metrics {
@@ -123,6 +136,9 @@ impl Metrics {
             app_available: Gauge::default(),
             in_flight_bytes: Gauge::default(),
             store_resets: Counter::default(),
+            consumer_lag: Family::default(),
+            assigned_partitions: Gauge::default(),
+            revoked_partitions: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("claims", "Claims by outcome", metrics.claims.clone());
@@ -191,6 +207,21 @@ impl Metrics {
             "store_resets",
             "Times the key store lost the completed keys this process had seen in it",
             metrics.store_resets.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Kafka records past the committed offset, per assigned partition",
+            metrics.consumer_lag.clone(),
+        );
+        registry.register(
+            "assigned_partitions",
+            "Kafka partitions assigned to this member",
+            metrics.assigned_partitions.clone(),
+        );
+        registry.register(
+            "revoked_partitions",
+            "Kafka partitions revoked from this member",
+            metrics.revoked_partitions.clone(),
         );
         for &outcome in MESSAGE_OUTCOMES {
             let _ = metrics.messages.get_or_create(&OutcomeLabel { outcome });

@@ -21,6 +21,8 @@ pub struct Context {
     pub config: Arc<Config>,
     /// The RabbitMQ URL, with its credentials (from the environment).
     pub broker_url: Option<String>,
+    /// The Kafka bootstrap servers and credentials (from the environment).
+    pub kafka: Option<crate::source::kafka::KafkaSecrets>,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
@@ -86,6 +88,26 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 largest_message,
             };
             source.run(shutdown.clone()).await;
+        }
+        BrokerKind::Kafka(kafka) => {
+            let secrets = ctx
+                .kafka
+                .clone()
+                .context("the Kafka source needs its bootstrap servers")?;
+            let source = crate::source::kafka::Source {
+                kafka: kafka.clone(),
+                config: ctx.config.clone(),
+                secrets,
+                engine,
+                store: ctx.store,
+                metrics: ctx.metrics,
+                health: ctx.broker_health,
+                flow,
+            };
+            let result = source.run(shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = watcher.await;
+            return result.map_err(anyhow::Error::from);
         }
     }
     shutdown.cancel();

@@ -126,6 +126,7 @@ pub async fn run(
                 crate::pipeline::Context {
                     config: Arc::new(config),
                     broker_url: secrets.broker_url,
+                    kafka: secrets.kafka,
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,

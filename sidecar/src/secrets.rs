@@ -48,6 +48,8 @@ pub struct Secrets {
     pub redis_url: Option<String>,
     pub redis_password: Option<String>,
     pub broker_url: Option<String>,
+    /// Kafka bootstrap servers and SASL credentials (a Kafka broker only).
+    pub kafka: Option<crate::source::kafka::KafkaSecrets>,
 }
 
 // Secrets must never reach a log line through a derived Debug.
@@ -60,6 +62,16 @@ impl std::fmt::Debug for Secrets {
                 &self.redis_password.as_ref().map(|_| "***"),
             )
             .field("broker_url", &self.broker_url.as_deref().map(redact))
+            .field(
+                "kafka",
+                &self.kafka.as_ref().map(|k| {
+                    (
+                        k.bootstrap_servers.as_str(),
+                        k.username.as_deref(),
+                        k.password.as_ref().map(|_| "***"),
+                    )
+                }),
+            )
             .finish()
     }
 }
@@ -88,12 +100,17 @@ impl Secrets {
         let broker = config.broker.as_ref().and_then(|b| b.kind());
         let rabbit_url = match broker {
             Some(BrokerKind::RabbitMq(rabbit)) => rabbit.url.clone(),
-            None => None,
+            _ => None,
+        };
+        let kafka = match broker {
+            Some(BrokerKind::Kafka(kafka)) => Some(kafka_secrets(kafka, env)?),
+            _ => None,
         };
         let secrets = Self {
             redis_url: read(env, SecretEnv::REDIS_URL)?.or_else(|| config.store.url.clone()),
             redis_password: read(env, SecretEnv::REDIS_PASSWORD)?,
             broker_url: read(env, SecretEnv::BROKER_URL)?.or(rabbit_url),
+            kafka,
         };
         if config.store.kind == StoreKind::Redis && secrets.redis_url.is_none() {
             return Err(SecretError::Missing(format!(
@@ -109,6 +126,36 @@ impl Secrets {
         }
         Ok(secrets)
     }
+}
+
+/// The Kafka connection's secrets: bootstrap servers from the environment or
+/// the config, and SASL credentials (required with a SASL protocol).
+fn kafka_secrets(
+    kafka: &crate::config::KafkaConfig,
+    env: &dyn Env,
+) -> Result<crate::source::kafka::KafkaSecrets, SecretError> {
+    let bootstrap_servers = read(env, SecretEnv::KAFKA_BOOTSTRAP_SERVERS)?
+        .or_else(|| kafka.bootstrap_servers.clone())
+        .ok_or_else(|| {
+            SecretError::Missing(format!(
+                "broker.kafka is configured but neither broker.kafka.bootstrapServers nor {} is set",
+                SecretEnv::KAFKA_BOOTSTRAP_SERVERS
+            ))
+        })?;
+    let username = read(env, SecretEnv::KAFKA_USERNAME)?;
+    let password = read(env, SecretEnv::KAFKA_PASSWORD)?;
+    if kafka.sasl_mechanism.is_some() && (username.is_none() || password.is_none()) {
+        return Err(SecretError::Missing(format!(
+            "broker.kafka.saslMechanism is set but {} and {} are not both set",
+            SecretEnv::KAFKA_USERNAME,
+            SecretEnv::KAFKA_PASSWORD
+        )));
+    }
+    Ok(crate::source::kafka::KafkaSecrets {
+        bootstrap_servers,
+        username,
+        password,
+    })
 }
 
 /// A URL fit for logs: scheme, host and port, without credentials or path.
@@ -168,6 +215,36 @@ mod tests {
             err.contains("store.url") && err.contains("IDEMQ_REDIS_URL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kafka_secrets_come_from_the_environment_and_stay_out_of_debug() {
+        let c = config(
+            "consumer: a\ndedup:\n  key:\n    from: recordKey\nbroker:\n  kafka:\n    topics: [t]\n    groupId: g\n    securityProtocol: saslSsl\n    saslMechanism: scramSha512\ndelivery:\n  url: http://127.0.0.1:1/\n",
+        );
+        let err = Secrets::resolve(&c, &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IDEMQ_KAFKA_BOOTSTRAP_SERVERS"), "{err}");
+        let env: HashMap<String, String> = [
+            ("IDEMQ_KAFKA_BOOTSTRAP_SERVERS", "kafka-0:9093,kafka-1:9093"),
+            ("IDEMQ_KAFKA_USERNAME", "orders"),
+            ("IDEMQ_KAFKA_PASSWORD", "s3cret"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let secrets = Secrets::resolve(&c, &env).expect("resolves");
+        let kafka = secrets.kafka.as_ref().expect("kafka secrets");
+        assert_eq!(kafka.bootstrap_servers, "kafka-0:9093,kafka-1:9093");
+        assert_eq!(kafka.password.as_deref(), Some("s3cret"));
+        assert!(!format!("{secrets:?}").contains("s3cret"));
+        let mut without_password = env.clone();
+        without_password.remove("IDEMQ_KAFKA_PASSWORD");
+        let err = Secrets::resolve(&c, &without_password)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IDEMQ_KAFKA_PASSWORD"), "{err}");
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 dead_letter_routing_key: None,
                 audit_exchange: None,
             }),
+            ..BrokerConfig::default()
         }),
         delivery: if gate {
             None

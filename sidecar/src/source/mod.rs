@@ -6,6 +6,8 @@
 //! envelopes and applies verdicts; the engine does not change.
 
 pub mod acks;
+pub mod kafka;
+pub mod offsets;
 pub mod rabbitmq;
 
 use std::time::Duration;
@@ -22,6 +24,10 @@ pub struct Envelope {
     pub body: Bytes,
     /// The broker says it delivered this message before.
     pub redelivered: bool,
+    /// The Kafka record key, as text.
+    pub record_key: Option<String>,
+    /// Where the broker keeps the message (Kafka: `topic/partition/offset`).
+    pub coordinates: Option<String>,
 }
 
 impl Envelope {

@@ -515,6 +515,7 @@ fn envelope(delivery: &Delivery, body: Bytes) -> Envelope {
         content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()),
         body,
         redelivered: delivery.redelivered,
+        ..Envelope::default()
     }
 }
 

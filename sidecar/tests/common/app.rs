@@ -28,6 +28,11 @@ struct Seen {
     attempt_headers: Vec<u32>,
     /// Headers of the last delivery.
     last_headers: HeaderMap,
+    /// Keys in the order their deliveries arrived.
+    order: Vec<String>,
+    /// Deliveries being answered now, and the most at once.
+    concurrent: usize,
+    max_concurrent: usize,
 }
 
 #[derive(Clone)]
@@ -44,10 +49,13 @@ struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How long the app takes to answer a delivery of a key.
+pub type Delays = Arc<dyn Fn(&str) -> Duration + Send + Sync>;
+
 struct AppState {
     seen: Arc<Mutex<Seen>>,
     script: Script,
-    delay: Duration,
+    delay: Delays,
 }
 
 pub async fn start(script: Script) -> App {
@@ -56,10 +64,15 @@ pub async fn start(script: Script) -> App {
 
 /// An app that takes `delay` to answer each delivery.
 pub async fn start_slow(script: Script, delay: Duration) -> App {
+    start_with_delays(script, Arc::new(move |_| delay)).await
+}
+
+/// An app that takes `delay(key)` to answer a delivery of `key`.
+pub async fn start_with_delays(script: Script, delay: Delays) -> App {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind app");
-    let app = not_started(listener.local_addr().expect("addr"), script, delay);
+    let app = not_started_with(listener.local_addr().expect("addr"), script, delay);
     app.serve(listener);
     app
 }
@@ -67,6 +80,10 @@ pub async fn start_slow(script: Script, delay: Duration) -> App {
 /// An app that will listen on `addr` but does not yet: [`App::restart`]
 /// starts it. Until then the sidecar's connections are refused.
 pub fn not_started(addr: SocketAddr, script: Script, delay: Duration) -> App {
+    not_started_with(addr, script, Arc::new(move |_| delay))
+}
+
+fn not_started_with(addr: SocketAddr, script: Script, delay: Delays) -> App {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let state = Arc::new(AppState {
         seen: seen.clone(),
@@ -97,16 +114,24 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
-    state.seen.lock().expect("lock").started += 1;
-    if !state.delay.is_zero() {
-        tokio::time::sleep(state.delay).await;
-    }
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .unwrap_or_else(|| format!("body:{}", String::from_utf8_lossy(&body)));
+    {
+        let mut seen = state.seen.lock().expect("lock");
+        seen.started += 1;
+        seen.order.push(key.clone());
+        seen.concurrent += 1;
+        seen.max_concurrent = seen.max_concurrent.max(seen.concurrent);
+    }
+    let delay = (state.delay)(&key);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let mut seen = state.seen.lock().expect("lock");
+    seen.concurrent -= 1;
     let before = seen.attempts.get(&key).copied().unwrap_or(0);
     *seen.attempts.entry(key.clone()).or_default() += 1;
     if let Some(a) = headers
@@ -195,6 +220,16 @@ impl App {
             .values()
             .filter(|n| **n > 1)
             .count()
+    }
+
+    /// Keys in the order their deliveries arrived.
+    pub fn order(&self) -> Vec<String> {
+        self.seen.lock().expect("lock").order.clone()
+    }
+
+    /// The most deliveries the app was answering at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.seen.lock().expect("lock").max_concurrent
     }
 
     pub fn attempts(&self) -> u32 {

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod availability;
 pub mod broker;
+pub mod kafka;
 pub mod rabbitmq;
 pub mod redis;
 pub mod scenarios;
