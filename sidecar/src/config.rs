@@ -781,7 +781,7 @@ impl Config {
             check(
                 !matches!(dedup.key, KeySource::RecordKey | KeySource::Coordinates),
                 "dedup.key.from",
-                "recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer or bodyHash",
+                "recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent",
             );
         }
         if let Some(delivery) = &self.delivery {
@@ -929,7 +929,7 @@ fn kafka_problems(kafka: &KafkaConfig, key: &KeySource, check: &mut impl FnMut(b
     check(
         !matches!(key, KeySource::MessageId),
         "dedup.key.from",
-        "Kafka records have no message id: use recordKey, header, jsonPointer, bodyHash or coordinates",
+        "Kafka records have no message id: use recordKey, header, jsonPointer, bodyHash, cloudEvent or coordinates",
     );
 }
 
