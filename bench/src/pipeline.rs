@@ -8,6 +8,9 @@
 //! - `naive`: the tutorial consumer: prefetch 1, `SET key 1 NX EX`, POST, ack;
 //! - `idemq-memory`: the sidecar binary with the in-memory store.
 //!
+//! `--broker kafka` runs the same scenarios on a topic of the Kafka broker
+//! on 127.0.0.1:9092 (see `kafka.rs` for its raw and naive consumers).
+//!
 //! Throughput is measured draining a backlog (all messages published first).
 //! Latency is measured separately on a paced stream (a fixed publish rate well
 //! below capacity), since on a backlog it would only measure queueing.
@@ -33,6 +36,9 @@ const SENT_HEADER: &str = "x-bench-sent-us";
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
+    /// The broker: `rabbitmq` (127.0.0.1:5672) or `kafka` (127.0.0.1:9092).
+    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka"])]
+    pub broker: String,
     /// Messages in the backlog (throughput) phase.
     #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
@@ -86,7 +92,7 @@ struct Figures {
     /// CPU seconds per 100k messages while draining the backlog: the whole
     /// machine, RabbitMQ and Redis (where the cost of a scenario lands).
     host_cpu_per_100k: f64,
-    rabbitmq_cpu_per_100k: f64,
+    broker_cpu_per_100k: f64,
     redis_cpu_per_100k: f64,
 }
 
@@ -160,27 +166,28 @@ async fn scenario_run(
     n: usize,
     run_id: &str,
 ) -> anyhow::Result<Figures> {
-    let broker = Broker::connect().await?;
     let queue = format!("bench-{run_id}-{scenario}");
     let dlx = format!("{queue}.dlx");
-    broker.declare(&queue, &dlx).await?;
+    let broker = Topology::create(args, &queue, &dlx).await?;
     let ids = message_ids(n, args.dup_ratio);
     let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
     let body = vec![b'x'; args.body_bytes];
 
     // Throughput: drain a backlog.
-    broker.publish_all(&queue, &ids, &body, None).await?;
+    broker.publish_all(&ids, &body, None).await?;
     app.reset();
     let mut redis_admin = crate::redis_admin::connection(REDIS).await?;
     let memory_before = crate::redis_admin::used_memory(&mut redis_admin).await?;
-    let cpu_before = CpuSample::take(&mut redis_admin).await?;
+    let cpu_before = CpuSample::take(&mut redis_admin, broker.process()).await?;
     let consumer = Consumer::start(args, scenario, &queue, &dlx, app, run_id)?;
     let expected_app = if scenario == "raw" { n } else { distinct };
     wait(Duration::from_secs(600), || app.count() >= expected_app).await?;
-    broker.wait_empty(&queue).await?;
+    broker.wait_settled().await?;
     // From the first delivery: a consumer's start-up is not its throughput.
     let elapsed = app.since_first();
-    let cpu = CpuSample::take(&mut redis_admin).await?.since(&cpu_before);
+    let cpu = CpuSample::take(&mut redis_admin, broker.process())
+        .await?
+        .since(&cpu_before);
     let per_100k = |seconds: f64| seconds / n as f64 * 100_000.0;
     let mut figures = Figures {
         consumed: n,
@@ -188,7 +195,7 @@ async fn scenario_run(
         duplicates: n - app.count(),
         elapsed,
         host_cpu_per_100k: per_100k(cpu.host),
-        rabbitmq_cpu_per_100k: per_100k(cpu.rabbitmq),
+        broker_cpu_per_100k: per_100k(cpu.broker),
         redis_cpu_per_100k: per_100k(cpu.redis),
         ..Default::default()
     };
@@ -215,7 +222,7 @@ async fn scenario_run(
             .map(|id| format!("p{id}"))
             .collect();
         broker
-            .publish_all(&queue, &paced_ids, &body, Some(args.paced_rate))
+            .publish_all(&paced_ids, &body, Some(args.paced_rate))
             .await?;
         let paced_distinct = paced_ids
             .iter()
@@ -233,7 +240,7 @@ async fn scenario_run(
         figures.p999_ms = h.value_at_quantile(0.999) as f64 / 1000.0;
     }
     consumer.stop().await;
-    broker.delete(&queue, &dlx).await;
+    broker.delete().await;
     crate::redis_admin::delete_prefix(
         &mut redis_admin,
         &format!("idemq:{{bench-{run_id}-{scenario}}}:"),
@@ -247,6 +254,7 @@ async fn scenario_run(
 /// local RabbitMQ and a tiny app; prints what was published and delivered.
 pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Result<()> {
     let args = Args {
+        broker: "rabbitmq".into(),
         messages,
         prefetch: 50,
         body_bytes: 64,
@@ -341,14 +349,14 @@ fn print_table(args: &Args, results: &[(String, Figures)]) {
     println!("CPU seconds per 100k messages while draining the backlog (where the cost lands):");
     println!(
         "{:<14} {:>9} {:>9} {:>9} {:>9}",
-        "scenario", "machine", "rabbitmq", "redis", "sidecar"
+        "scenario", "machine", args.broker, "redis", "sidecar"
     );
     for (name, f) in results {
         println!(
             "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9}",
             name,
             f.host_cpu_per_100k,
-            f.rabbitmq_cpu_per_100k,
+            f.broker_cpu_per_100k,
             f.redis_cpu_per_100k,
             f.cpu_s_per_100k
                 .map(|c| format!("{c:.2}"))
@@ -377,8 +385,13 @@ fn print_table(args: &Args, results: &[(String, Figures)]) {
                 "added p99 latency idemq vs raw: {:.2} ms",
                 idemq.p99_ms - raw.p99_ms
             );
+            let broker = if args.broker == "kafka" {
+                " (kafka)"
+            } else {
+                ""
+            };
             println!(
-                "ratio idemq/raw throughput: {:.2}",
+                "ratio idemq/raw throughput{broker}: {:.2}",
                 idemq.rate() / raw.rate()
             );
         }
@@ -396,7 +409,7 @@ async fn wait(timeout: Duration, done: impl Fn() -> bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -404,16 +417,19 @@ fn now_us() -> u64 {
 }
 
 /// CPU seconds used so far: by the whole machine (busy time of all cores),
-/// by RabbitMQ (the `beam.smp` processes) and by Redis (its own INFO).
+/// by the broker (its processes: `beam.smp`, `tansu`) and by Redis (its own INFO).
 #[derive(Default)]
 struct CpuSample {
     host: f64,
-    rabbitmq: f64,
+    broker: f64,
     redis: f64,
 }
 
 impl CpuSample {
-    async fn take(redis: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Self> {
+    async fn take(
+        redis: &mut redis::aio::MultiplexedConnection,
+        broker_process: &str,
+    ) -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         let busy: u64 = stat
             .lines()
@@ -426,19 +442,19 @@ impl CpuSample {
             .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
             .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
             .sum();
-        let mut rabbitmq = 0.0;
+        let mut broker = 0.0;
         for entry in std::fs::read_dir("/proc")?.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "beam.smp" {
-                rabbitmq += process_usage(pid).map(|(_, cpu)| cpu).unwrap_or(0.0);
+            if comm.trim() == broker_process {
+                broker += process_usage(pid).map(|(_, cpu)| cpu).unwrap_or(0.0);
             }
         }
         Ok(Self {
             host: busy as f64 / 100.0,
-            rabbitmq,
+            broker,
             redis: crate::redis_admin::cpu_seconds(redis).await?,
         })
     }
@@ -446,7 +462,7 @@ impl CpuSample {
     fn since(&self, before: &Self) -> Self {
         Self {
             host: self.host - before.host,
-            rabbitmq: self.rabbitmq - before.rabbitmq,
+            broker: self.broker - before.broker,
             redis: self.redis - before.redis,
         }
     }
@@ -568,6 +584,68 @@ impl App {
 
     fn latencies(&self) -> Histogram<u64> {
         self.state.latencies.lock().expect("lock").clone()
+    }
+}
+
+/// A scenario's queue or topic on the broker under benchmark.
+enum Topology {
+    RabbitMq {
+        broker: Box<Broker>,
+        queue: String,
+        dlx: String,
+    },
+    Kafka(crate::kafka::Topic),
+}
+
+impl Topology {
+    async fn create(args: &Args, queue: &str, dlx: &str) -> anyhow::Result<Self> {
+        if args.broker == "kafka" {
+            return Ok(Self::Kafka(crate::kafka::Topic::create(queue).await?));
+        }
+        let broker = Broker::connect().await?;
+        broker.declare(queue, dlx).await?;
+        Ok(Self::RabbitMq {
+            broker: Box::new(broker),
+            queue: queue.to_string(),
+            dlx: dlx.to_string(),
+        })
+    }
+
+    async fn publish_all(
+        &self,
+        ids: &[String],
+        body: &[u8],
+        rate: Option<u64>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Self::RabbitMq { broker, queue, .. } => {
+                broker.publish_all(queue, ids, body, rate).await
+            }
+            Self::Kafka(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
+        }
+    }
+
+    /// Waits until the consumer settled everything (queue empty, or all committed).
+    async fn wait_settled(&self) -> anyhow::Result<()> {
+        match self {
+            Self::RabbitMq { broker, queue, .. } => broker.wait_empty(queue).await,
+            Self::Kafka(topic) => topic.wait_committed().await,
+        }
+    }
+
+    /// The broker's process name, for its CPU time.
+    fn process(&self) -> &'static str {
+        match self {
+            Self::RabbitMq { .. } => "beam.smp",
+            Self::Kafka(_) => "tansu",
+        }
+    }
+
+    async fn delete(self) {
+        match self {
+            Self::RabbitMq { broker, queue, dlx } => broker.delete(&queue, &dlx).await,
+            Self::Kafka(topic) => topic.delete().await,
+        }
     }
 }
 
@@ -714,6 +792,28 @@ impl Consumer {
         run_id: &str,
     ) -> anyhow::Result<Self> {
         let stop = tokio_util::sync::CancellationToken::new();
+        if args.broker == "kafka" && matches!(scenario, "raw" | "naive") {
+            let topic = queue.to_string();
+            let task = if scenario == "raw" {
+                tokio::spawn(crate::kafka::raw(
+                    topic,
+                    args.prefetch,
+                    app.url(),
+                    SENT_HEADER,
+                    stop.clone(),
+                ))
+            } else {
+                tokio::spawn(crate::kafka::naive(
+                    topic,
+                    app.url(),
+                    format!("naive:{run_id}:"),
+                    REDIS,
+                    SENT_HEADER,
+                    stop.clone(),
+                ))
+            };
+            return Ok(Self::InProcess(task, stop));
+        }
         Ok(match scenario {
             "raw" => Self::InProcess(
                 tokio::spawn(raw(
@@ -778,9 +878,20 @@ fn sidecar(
     } else {
         "memory"
     };
+    let broker = if args.broker == "kafka" {
+        format!(
+            "dedup:\n  key:\n    from: recordKey\nbroker:\n  kafka:\n    topics: [{queue}]\n    groupId: {}\n    maxInFlight: {}\n    sessionTimeout: 6s\n",
+            crate::kafka::group(queue),
+            args.prefetch
+        )
+    } else {
+        format!(
+            "broker:\n  rabbitmq:\n    queue: {queue}\n    prefetch: {}\n    deadLetterExchange: {dlx}\n",
+            args.prefetch
+        )
+    };
     let config = format!(
-        "consumer: bench-{run_id}-{scenario}\nstore:\n  kind: {store}\nbroker:\n  rabbitmq:\n    queue: {queue}\n    prefetch: {}\n    deadLetterExchange: {dlx}\ndelivery:\n  url: {}\nadmin:\n  listen: 127.0.0.1:0\n",
-        args.prefetch,
+        "consumer: bench-{run_id}-{scenario}\nstore:\n  kind: {store}\n{broker}delivery:\n  url: {}\nadmin:\n  listen: 127.0.0.1:0\n",
         app.url()
     );
     let path = std::env::temp_dir().join(format!("idemq-bench-{run_id}-{scenario}.yaml"));
@@ -789,6 +900,7 @@ fn sidecar(
         .arg("--config")
         .arg(&path)
         .env("IDEMQ_BROKER_URL", AMQP)
+        .env("IDEMQ_KAFKA_BOOTSTRAP_SERVERS", crate::kafka::BOOTSTRAP)
         .env("IDEMQ_REDIS_URL", REDIS)
         .env(
             "IDEMQ_LOG",
