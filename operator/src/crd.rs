@@ -296,6 +296,11 @@ pub struct IdempotentConsumerStatus {
     /// Hash of the sidecar configuration now injected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// Digest of the broker bindings last declared (the plan and the
+    /// connection Secret's content): they are declared again only when it
+    /// changes, and on a periodic check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding_hash: Option<String>,
 }
 
 /// Condition types and reasons, as they appear in status and Events.
@@ -306,6 +311,8 @@ pub mod conditions {
     pub const READY: &str = "Ready";
 
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
+    /// Another resource already serves the same workload.
+    pub const TARGET_CONFLICT: &str = "TargetConflict";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const INVALID_SPEC: &str = "InvalidSpec";

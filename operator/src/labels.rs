@@ -11,6 +11,12 @@ pub const FINALIZER: &str = "idemq.dev/cleanup";
 /// Pod-template annotation: changes with the sidecar config, so pods roll.
 pub const CONFIG_HASH: &str = "idemq.dev/config-hash";
 pub const CONSUMER_LABEL: &str = "idemq.dev/consumer";
+/// Annotation on a target workload: the resource whose sidecar it runs. The
+/// first resource to claim a workload keeps it; others report a conflict.
+pub const CONSUMER_ANNOTATION: &str = "idemq.dev/consumer";
+/// Annotation on every applied object: the digest of what idemq applied, so
+/// an apply that would change nothing is not sent.
+pub const APPLIED_HASH: &str = "idemq.dev/applied-hash";
 pub const SIDECAR_CONTAINER: &str = "idemq-sidecar";
 pub const CONFIG_VOLUME: &str = "idemq-config";
 pub const CONFIG_KEY: &str = "sidecar.yaml";

@@ -194,6 +194,7 @@ async fn control(
     )
     .with_config(config);
     let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
+    ctx.add_cache(controller.store());
     controller
         .owns(
             namespaced_or_all::<ConfigMap>(&client, &scope),

@@ -5,13 +5,15 @@
 //! 1. dereference: read what the resource points at (Secrets, the target),
 //! 2. validate: render the sidecar's configuration (pure, see
 //!    [`crate::render`]); an invalid spec stops here,
-//! 3. apply: the ConfigMap, then [`store`], [`broker`] and [`target`], each
+//! 3. apply: the ConfigMap, then [`store`], [`broker`] and [`target`] (through
+//!    [`ssa`], which sends nothing when nothing would change), each
 //!    returning a verdict rather than failing on what the user must fix,
 //! 4. [`status`]: the verdicts become conditions and Events.
 //!
 //! Reconcile is level-based: desired objects are applied with server-side
 //! apply under the `idemq-operator` field manager. Nothing is remembered
-//! between reconciles but the per-object back-off. A finalizer withdraws the
+//! between reconciles but the per-object back-off and when to check unchanged
+//! bindings again (status records what was bound). A finalizer withdraws the
 //! sidecar and deletes what the resource owns when it is deleted.
 
 #[cfg(test)]
@@ -19,16 +21,19 @@ mod bounds;
 mod broker;
 #[cfg(test)]
 mod scenarios;
+mod ssa;
 pub mod status;
 mod store;
 mod target;
+#[cfg(test)]
+mod writes;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
@@ -82,6 +87,13 @@ pub struct Context {
     pub broker_operations: tokio::sync::Semaphore,
     /// Consecutive not-ready reconciles per object, for exponential back-off.
     failures: Mutex<HashMap<ObjectRef<IdempotentConsumer>, u32>>,
+    /// When each resource's bindings are next declared again although
+    /// nothing changed (a check that the broker still has them), spread at
+    /// random over [`RECHECK`] so that they never come in one burst.
+    rechecks: Mutex<HashMap<ObjectRef<IdempotentConsumer>, tokio::time::Instant>>,
+    /// The controller's cache of resources, to find others naming the same
+    /// target without asking the API server.
+    caches: Mutex<Vec<kube::runtime::reflector::Store<Guarded>>>,
     /// Malformed objects already reported, by uid and generation.
     pub(crate) malformed: Mutex<HashSet<(String, Option<i64>)>>,
 }
@@ -102,14 +114,57 @@ impl Context {
             metrics,
             broker_operations: tokio::sync::Semaphore::new(DEFAULT_BROKER_OPERATIONS),
             failures: Mutex::new(HashMap::new()),
+            rechecks: Mutex::new(HashMap::new()),
+            caches: Mutex::new(Vec::new()),
             malformed: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Also looks for resources sharing a target in `cache` (one per
+    /// controller, so one per watched namespace).
+    pub fn add_cache(&self, cache: kube::runtime::reflector::Store<Guarded>) {
+        self.caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cache);
+    }
+
+    /// The other resources of `ic`'s namespace that name the same target.
+    fn peers(&self, ic: &IdempotentConsumer) -> Vec<IdempotentConsumer> {
+        let caches = self.caches.lock().unwrap_or_else(|e| e.into_inner());
+        caches
+            .iter()
+            .flat_map(|cache| cache.state())
+            .filter_map(|g| g.0.as_ref().ok().cloned())
+            .filter(|o| o.namespace() == ic.namespace() && o.spec.target == ic.spec.target)
+            .filter(|o| o.name_any() != ic.name_any())
+            .collect()
     }
 
     /// At most `n` broker operations at a time.
     pub fn with_broker_operations(mut self, n: usize) -> Self {
         self.broker_operations = tokio::sync::Semaphore::new(n.max(1));
         self
+    }
+
+    /// Whether `ic`'s unchanged bindings are due for a periodic check. The
+    /// first time a resource is seen (after a restart, say) its check is set
+    /// at a random point of the next period.
+    fn recheck_due(&self, ic: &IdempotentConsumer) -> bool {
+        let mut rechecks = self.rechecks.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        match rechecks.get(&ObjectRef::from(ic)) {
+            Some(at) if *at > now => false,
+            Some(_) => {
+                rechecks.insert(ObjectRef::from(ic), now + jitter(RECHECK));
+                true
+            }
+            None => {
+                let first = RECHECK.mul_f64(rand::random_range(0.0..1.0));
+                rechecks.insert(ObjectRef::from(ic), now + first);
+                false
+            }
+        }
     }
 
     /// The next requeue of `ic`: a back-off that doubles with each
@@ -119,12 +174,23 @@ impl Context {
         let key = ObjectRef::from(ic);
         if ready {
             failures.remove(&key);
-            return Action::requeue(Duration::from_secs(300));
+            return Action::requeue(jitter(READY_REQUEUE));
         }
         let n = failures.entry(key).or_insert(0);
         *n = n.saturating_add(1);
         Action::requeue(backoff(*n))
     }
+}
+
+/// How often a ready resource is reconciled again, give or take a fifth.
+pub const READY_REQUEUE: Duration = Duration::from_secs(300);
+/// How often unchanged bindings are declared again, give or take a fifth.
+pub const RECHECK: Duration = Duration::from_secs(1800);
+
+/// `period`, give or take a fifth at random, so that resources reconciled
+/// together (at a restart) drift apart instead of coming back together.
+pub fn jitter(period: Duration) -> Duration {
+    period.mul_f64(rand::random_range(0.8..1.2))
 }
 
 pub fn backoff(failures: u32) -> Duration {
@@ -245,6 +311,7 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
                 ctx,
                 &[verdict(READY, false, INVALID_SPEC, message.clone())],
                 None,
+                None,
             )
             .await?;
             publish(ctx, ic, EventType::Warning, INVALID_SPEC, message).await;
@@ -253,15 +320,14 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
     };
 
     // Apply.
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &labels::config_map(ic),
-            &apply_params(),
-            &Patch::Apply(&config_map),
-        )
-        .await?;
+    ssa::apply(
+        &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
+        &labels::config_map(ic),
+        serde_json::to_value(&config_map).unwrap_or_default(),
+    )
+    .await?;
     let store = store::ensure(ic, ctx, &ns).await?;
-    let broker = broker::bind(ic, ctx, &ns).await;
+    let (broker, binding) = broker::bind(ic, ctx, &ns).await;
     let injected = target::inject(ic, ctx, &ns, &hash).await?;
 
     // Status.
@@ -269,7 +335,14 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
     let all_ok = ready.ok;
     let previous_hash = ic.status.as_ref().and_then(|s| s.config_hash.clone());
     let verdicts = [store, broker, injected.clone(), ready];
-    let changed = status::write(ic, ctx, &verdicts, injected.ok.then(|| hash.clone())).await?;
+    let changed = status::write(
+        ic,
+        ctx,
+        &verdicts,
+        injected.ok.then(|| hash.clone()),
+        binding,
+    )
+    .await?;
     if injected.ok && previous_hash.as_deref() != Some(hash.as_str()) {
         publish(
             ctx,
@@ -299,7 +372,8 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
         }
     }
     if changed {
-        for v in verdicts.iter().filter(|v| !v.ok && v.reason != NOT_READY) {
+        // Ready only repeats the others' reasons.
+        for v in verdicts.iter().filter(|v| !v.ok && v.type_ != READY) {
             publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
         }
     }

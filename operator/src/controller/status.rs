@@ -70,6 +70,10 @@ pub fn conditions(
 
 /// The Ready verdict that sums up the others.
 pub fn ready(verdicts: &[&Verdict]) -> Verdict {
+    // A conflict is not something to wait for: say it as it is.
+    if let Some(conflict) = verdicts.iter().find(|v| v.reason == TARGET_CONFLICT) {
+        return verdict(READY, false, TARGET_CONFLICT, conflict.message.clone());
+    }
     if verdicts.iter().all(|v| v.ok) {
         return verdict(
             READY,
@@ -93,6 +97,7 @@ pub async fn write(
     ctx: &Context,
     verdicts: &[Verdict],
     hash: Option<String>,
+    binding: Option<String>,
 ) -> Result<bool, Error> {
     let previous = ic.status.clone().unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -100,6 +105,7 @@ pub async fn write(
         observed_generation: ic.metadata.generation,
         conditions: conditions(verdicts, &previous.conditions, ic.metadata.generation, &now),
         config_hash: hash.or(previous.config_hash.clone()),
+        binding_hash: binding.or(previous.binding_hash.clone()),
     };
     if status == previous {
         return Ok(false);
@@ -148,6 +154,7 @@ pub async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<
             &Time(k8s_openapi::jiff::Timestamp::now()),
         ),
         config_hash: None,
+        binding_hash: None,
     };
     let written = Api::<Guarded>::namespaced(ctx.client.clone(), &ns)
         .patch_status(

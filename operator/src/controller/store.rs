@@ -4,10 +4,11 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use kube::api::{Api, DeleteParams, Patch};
+use kube::api::{Api, DeleteParams};
 
+use super::ssa::apply;
 use super::status::{verdict, Verdict};
-use super::{apply_params, secret_value, Context, Error};
+use super::{secret_value, Context, Error};
 use crate::crd::conditions::*;
 use crate::crd::{IdempotentConsumer, StoreMode};
 use crate::labels;
@@ -47,32 +48,22 @@ pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<
         }
         StoreMode::Managed => {
             let name = labels::redis(ic);
-            let params = apply_params();
             // The password is generated once and then read back: a new one
             // would lock every sidecar out of its store.
             let password = match secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY).await {
                 Ok(Some(password)) => password,
                 _ => render::redis::generate_password(),
             };
-            secrets
-                .patch(
-                    &name,
-                    &params,
-                    &Patch::Apply(&render::redis::secret(ic, &password)?),
-                )
-                .await?;
+            apply(
+                &secrets,
+                &name,
+                json(&render::redis::secret(ic, &password)?),
+            )
+            .await?;
             let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-            services
-                .patch(&name, &params, &Patch::Apply(&render::redis::service(ic)?))
-                .await?;
+            apply(&services, &name, json(&render::redis::service(ic)?)).await?;
             let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-            let applied = deployments
-                .patch(
-                    &name,
-                    &params,
-                    &Patch::Apply(&render::redis::deployment(ic)?),
-                )
-                .await?;
+            let applied = apply(&deployments, &name, json(&render::redis::deployment(ic)?)).await?;
             let available = applied
                 .status
                 .and_then(|s| s.available_replicas)
@@ -132,4 +123,8 @@ pub async fn delete_owned(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> R
             .map(|_| ()),
     )?;
     Ok(())
+}
+
+fn json<T: serde::Serialize>(object: &T) -> serde_json::Value {
+    serde_json::to_value(object).unwrap_or_default()
 }

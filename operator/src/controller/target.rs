@@ -4,13 +4,14 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{Api, Patch};
-use kube::Client;
+use kube::{Client, ResourceExt};
+use serde_json::Value;
 
 use super::status::{verdict, Verdict};
-use super::{apply_params, Context, Error};
+use super::{apply_params, ssa, Context, Error};
 use crate::crd::conditions::*;
 use crate::crd::{IdempotentConsumer, TargetKind};
-use crate::render;
+use crate::{labels, render};
 
 pub fn kind_name(kind: &TargetKind) -> &'static str {
     match kind {
@@ -28,30 +29,31 @@ pub fn describe(ic: &IdempotentConsumer) -> String {
     )
 }
 
-/// The target workload's API and whether it exists.
-async fn target_exists(
+/// The target workload as JSON, if it exists.
+async fn get_target(
     ic: &IdempotentConsumer,
     client: &Client,
     ns: &str,
-) -> Result<bool, kube::Error> {
+) -> Result<Option<Value>, Error> {
     let name = &ic.spec.target.name;
-    Ok(match ic.spec.target.kind {
+    let object = match ic.spec.target.kind {
         TargetKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
             .get_opt(name)
             .await?
-            .is_some(),
+            .map(|d| serde_json::to_value(d).unwrap_or(Value::Null)),
         TargetKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), ns)
             .get_opt(name)
             .await?
-            .is_some(),
-    })
+            .map(|s| serde_json::to_value(s).unwrap_or(Value::Null)),
+    };
+    Ok(object)
 }
 
 async fn patch_target(
     ic: &IdempotentConsumer,
     client: &Client,
     ns: &str,
-    patch: &serde_json::Value,
+    patch: &Value,
 ) -> Result<(), kube::Error> {
     let name = &ic.spec.target.name;
     let params = apply_params();
@@ -70,6 +72,57 @@ async fn patch_target(
     Ok(())
 }
 
+/// The resource named by the target's consumer annotation.
+fn claimed_by(target: &Value) -> Option<&str> {
+    target["metadata"]["annotations"][labels::CONSUMER_ANNOTATION].as_str()
+}
+
+/// The other resource that keeps the target, if one does.
+///
+/// One workload takes one policy: of the resources that target it and are
+/// not being deleted, the oldest (by creationTimestamp, then name) keeps it,
+/// whichever is reconciled first, so every reconcile agrees on the owner.
+/// The candidates are those in the controller's cache and the one the
+/// target's annotation names (read, in case the cache lags).
+async fn conflicting(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+    target: &Value,
+) -> Result<Option<String>, Error> {
+    let mut candidates = ctx.peers(ic);
+    if let Some(owner) = claimed_by(target).filter(|o| *o != ic.name_any()) {
+        if let Some(other) = Api::<IdempotentConsumer>::namespaced(ctx.client.clone(), ns)
+            .get_opt(owner)
+            .await?
+        {
+            candidates.push(other);
+        }
+    }
+    let age = |r: &IdempotentConsumer| {
+        (
+            r.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second()),
+            r.name_any(),
+        )
+    };
+    let mine = age(ic);
+    Ok(candidates
+        .iter()
+        .filter(|o| {
+            o.metadata.deletion_timestamp.is_none()
+                && o.spec.target == ic.spec.target
+                && o.namespace() == ic.namespace()
+                && o.name_any() != ic.name_any()
+        })
+        .map(age)
+        .filter(|other| *other < mine)
+        .min()
+        .map(|(_, name)| name))
+}
+
 pub async fn inject(
     ic: &IdempotentConsumer,
     ctx: &Context,
@@ -77,16 +130,32 @@ pub async fn inject(
     hash: &str,
 ) -> Result<Verdict, Error> {
     let target = describe(ic);
-    if !target_exists(ic, &ctx.client, ns).await? {
+    let Some(observed) = get_target(ic, &ctx.client, ns).await? else {
         return Ok(verdict(
             SIDECAR_INJECTED,
             false,
             TARGET_NOT_FOUND,
             format!("{target} does not exist in namespace {ns}"),
         ));
+    };
+    if let Some(owner) = conflicting(ic, ctx, ns, &observed).await? {
+        return Ok(verdict(
+            SIDECAR_INJECTED,
+            false,
+            TARGET_CONFLICT,
+            format!(
+                "{target} already takes its sidecar from IdempotentConsumer {owner}; one workload takes one policy, so this one leaves it untouched"
+            ),
+        ));
     }
-    let patch = render::sidecar::workload_patch(ic, hash, &ctx.sidecar_image);
-    patch_target(ic, &ctx.client, ns, &patch).await?;
+    let desired = ssa::stamped(render::sidecar::workload_patch(
+        ic,
+        hash,
+        &ctx.sidecar_image,
+    ));
+    if !ssa::up_to_date(&observed, &desired) {
+        patch_target(ic, &ctx.client, ns, &desired).await?;
+    }
     Ok(verdict(
         SIDECAR_INJECTED,
         true,
@@ -98,7 +167,11 @@ pub async fn inject(
 /// Applying a patch with none of idemq's fields makes the API server drop
 /// the fields only idemq owned: the sidecar, its volume, the annotation.
 pub async fn withdraw(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<(), Error> {
-    if target_exists(ic, &ctx.client, ns).await? {
+    let Some(target) = get_target(ic, &ctx.client, ns).await? else {
+        return Ok(());
+    };
+    // A resource that never got the workload leaves it alone.
+    if claimed_by(&target).is_none_or(|owner| owner == ic.name_any()) {
         patch_target(ic, &ctx.client, ns, &render::sidecar::withdrawal_patch(ic)).await?;
     }
     Ok(())

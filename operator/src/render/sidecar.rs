@@ -208,7 +208,12 @@ pub fn workload_patch(ic: &IdempotentConsumer, config_hash: &str, default_image:
     json!({
         "apiVersion": api_version,
         "kind": kind,
-        "metadata": { "name": ic.spec.target.name, "namespace": ic.namespace() },
+        "metadata": {
+            "name": ic.spec.target.name,
+            "namespace": ic.namespace(),
+            // Claims the workload: a second resource naming it reports a conflict.
+            "annotations": { labels::CONSUMER_ANNOTATION: ic.name_any() },
+        },
         "spec": { "template": {
             // The consumer label lets the chart's PodMonitor find the sidecars.
             "metadata": {
