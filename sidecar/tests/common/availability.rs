@@ -418,8 +418,10 @@ pub async fn a_killed_sidecars_key_is_claimable_again_within_about_one_lease<B: 
     );
     assert!(matches!(held, Claim::InFlight { .. }), "{held:?}");
     let freed = freed.expect("the key came back");
+    // The last renewal left at most one lease; the second is slack for the
+    // polling and a loaded machine.
     assert!(
-        freed <= lease + Duration::from_millis(500),
+        freed <= lease + Duration::from_secs(1),
         "claimable again only after {freed:?}"
     );
     super::redis::cleanup(&format!("idemq:{{{consumer}}}:")).await;
