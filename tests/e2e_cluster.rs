@@ -16,12 +16,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use idemq_operator::crd::IdempotentConsumer;
-use idemq_tests::{chart_identity, client, e2e_kubeconfig, eventually, unique, workspace_binary};
+use idemq_tests::{
+    chart_identity, client, e2e_kubeconfig, eventually, install_crd, unique, workspace_binary,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
+use kube::Client;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -36,29 +37,6 @@ impl Drop for Operator {
             .status();
         let _ = self.0.wait();
     }
-}
-
-async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = IdempotentConsumer::crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(
-        &name,
-        &PatchParams::apply("idemq-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    eventually(WAIT, "the CRD to be established", || async {
-        let crd = crds.get(&name).await?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        Ok(established.then_some(()))
-    })
-    .await
 }
 
 fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<Operator> {
@@ -363,4 +341,129 @@ async fn only_one_replica_leads_and_an_expired_lease_is_taken_over() -> anyhow::
     .await;
     namespaces.delete(&ns, &DeleteParams::default()).await?;
     result
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn two_policies_on_one_deployment_one_serves_it_the_other_reports_target_conflict(
+) -> anyhow::Result<()> {
+    let kubeconfig = e2e_kubeconfig()?;
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let ns = unique("idemq-e2e-conflict");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let result = conflict(&client, &kubeconfig, &ns).await;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    for name in ["orders", "payments"] {
+        let _ = ics.delete(name, &DeleteParams::default()).await;
+    }
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    result
+}
+
+async fn conflict(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "rabbitmq" }, "stringData": { "url": AMQP } }),
+            )?,
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("worker"))
+        .await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
+    // `orders` is the older: it serves the worker, whichever is reconciled first.
+    ics.create(
+        &PostParams::default(),
+        &policy("orders", "worker", &unique("e2e-orders")),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ics.create(
+        &PostParams::default(),
+        &policy("payments", "worker", &unique("e2e-payments")),
+    )
+    .await?;
+    let identity = chart_identity(client, kubeconfig, ns).await?;
+    let _operator = start_operator(identity.path(), ns)?;
+
+    let payments = eventually(WAIT, "payments: Ready=False TargetConflict", || async {
+        let ic = ics.get("payments").await?;
+        Ok(
+            (condition(&ic, "Ready") == Some(("False".into(), "TargetConflict".into())))
+                .then_some(ic),
+        )
+    })
+    .await?;
+    eventually(WAIT, "orders: SidecarInjected", || async {
+        let ic = ics.get("orders").await?;
+        Ok(condition(&ic, "SidecarInjected")
+            .is_some_and(|c| c.0 == "True")
+            .then_some(()))
+    })
+    .await?;
+    let message = payments
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("IdempotentConsumer orders"),
+        "names the other: {message}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    eventually(WAIT, "a TargetConflict Warning Event", || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("TargetConflict")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(()))
+    })
+    .await?;
+    let worker = deployments.get("worker").await?;
+    assert_eq!(
+        worker
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("idemq.dev/consumer"))
+            .map(String::as_str),
+        Some("orders")
+    );
+    let sidecars = worker
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.init_containers.as_ref())
+        .map_or(0, |c| {
+            c.iter().filter(|c| c.name == "idemq-sidecar").count()
+        });
+    assert_eq!(sidecars, 1);
+
+    // The Deployment's generation holds still for a minute.
+    let before = worker.metadata.generation;
+    let rv_before = worker.metadata.resource_version.clone();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let after = deployments.get("worker").await?;
+    println!(
+        "e2e conflict: Deployment generation {before:?} -> {:?} over 60 s (resourceVersion {rv_before:?} -> {:?}); payments: {message}",
+        after.metadata.generation, after.metadata.resource_version
+    );
+    assert_eq!(after.metadata.generation, before, "no rollout in a loop");
+    Ok(())
 }

@@ -160,3 +160,36 @@ pub async fn chart_identity(
     std::fs::write(file.path(), serde_yaml::to_string(&config)?)?;
     Ok(file)
 }
+
+/// Installs (or updates) the IdempotentConsumer CRD and waits until it is established.
+pub async fn install_crd(client: &kube::Client) -> anyhow::Result<()> {
+    use idemq_operator::crd::IdempotentConsumer;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    use kube::CustomResourceExt;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = IdempotentConsumer::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("idemq-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(60),
+        "the CRD to be established",
+        || async {
+            let crd = crds.get(&name).await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(established.then_some(()))
+        },
+    )
+    .await
+}
