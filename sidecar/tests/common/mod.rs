@@ -5,6 +5,7 @@
 pub mod app;
 pub mod availability;
 pub mod broker;
+pub mod jetstream;
 pub mod kafka;
 pub mod rabbitmq;
 pub mod redis;

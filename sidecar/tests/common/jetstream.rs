@@ -1,0 +1,177 @@
+//! The real NATS JetStream on 127.0.0.1:4222 as a [`BrokerUnderTest`]: a
+//! stream and a dead-letter stream unique to one test, publishing with
+//! `Nats-Msg-Id` (the key the sidecar reads by default), counting what the
+//! durable consumer has not settled, and deleting only those two streams
+//! (the consumer goes with its stream).
+//!
+//! The test stream's duplicate window is 1 ms: JetStream's own publish
+//! dedup (two minutes by default) would otherwise drop the copies before the
+//! sidecar sees them. The copies stand for those that come later than the
+//! window, or are redelivered to the consumer, which JetStream does not
+//! deduplicate.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use idemq_sidecar::secrets::Secrets;
+
+use super::broker::{BrokerUnderTest, DeadLetter, Message};
+
+pub const URL: &str = "nats://127.0.0.1:4222";
+
+/// A stream with one subject, its durable consumer's name, and a stream that
+/// collects dead letters.
+pub struct JetStream {
+    pub stream: String,
+    pub subject: String,
+    pub consumer: String,
+    pub dead_letters: String,
+    pub dead_letter_subject: String,
+    /// AckWait of the consumer the sidecar creates.
+    pub ack_wait: Duration,
+    pub js: jetstream::Context,
+}
+
+pub async fn connect() -> jetstream::Context {
+    let client = async_nats::connect(URL).await.unwrap_or_else(|e| {
+        panic!("NATS does not answer on {URL} ({e}); start it with: nats-server -js &")
+    });
+    jetstream::new(client)
+}
+
+impl JetStream {
+    async fn consumer_info(&self) -> Option<jetstream::consumer::Info> {
+        let stream = self.js.get_stream(&self.stream).await.ok()?;
+        stream.consumer_info(&self.consumer).await.ok()
+    }
+}
+
+impl BrokerUnderTest for JetStream {
+    const NAME: &'static str = "jetstream";
+
+    async fn create(test: &str) -> Self {
+        let js = connect().await;
+        let stream = super::unique(test);
+        let subject = format!("{stream}.in");
+        let dead_letters = format!("{stream}-dlq");
+        let dead_letter_subject = format!("{stream}.dlq");
+        js.create_stream(stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            duplicate_window: Duration::from_millis(1),
+            ..Default::default()
+        })
+        .await
+        .expect("create the stream");
+        js.create_stream(stream::Config {
+            name: dead_letters.clone(),
+            subjects: vec![dead_letter_subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("create the dead-letter stream");
+        Self {
+            consumer: format!("{stream}-consumer"),
+            stream,
+            subject,
+            dead_letters,
+            dead_letter_subject,
+            ack_wait: Duration::from_secs(5),
+            js,
+        }
+    }
+
+    fn broker_yaml(&self, max_in_flight: u32) -> String {
+        format!(
+            "  jetstream:\n    stream: {}\n    consumer: {}\n    filterSubjects: [{}]\n    maxAckPending: {max_in_flight}\n    ackWait: {}ms\n    deadLetterSubject: {}\n",
+            self.stream,
+            self.consumer,
+            self.subject,
+            self.ack_wait.as_millis(),
+            self.dead_letter_subject
+        )
+    }
+
+    fn dedup_key_yaml(&self) -> String {
+        String::new()
+    }
+
+    fn secrets(&self) -> Secrets {
+        Secrets {
+            broker_url: Some(URL.to_string()),
+            ..Secrets::default()
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![("IDEMQ_BROKER_URL".to_string(), URL.to_string())]
+    }
+
+    /// Publishes in chunks, each waiting for JetStream's acks.
+    async fn publish(&self, messages: Vec<Message>) {
+        for chunk in messages.chunks(1000) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for Message { key, body } in chunk {
+                let mut headers = HeaderMap::new();
+                headers.insert("Content-Type", "application/json");
+                if let Some(id) = key {
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                }
+                acks.push(
+                    self.js
+                        .publish_with_headers(self.subject.clone(), headers, body.clone().into())
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for ack in acks {
+                ack.await.expect("JetStream stored the message");
+            }
+        }
+    }
+
+    /// Messages the consumer has not delivered yet, or delivered and not
+    /// acknowledged; the whole stream before the consumer exists.
+    async fn backlog(&self) -> u64 {
+        match self.consumer_info().await {
+            Some(info) => info.num_pending + info.num_ack_pending as u64,
+            None => {
+                let mut stream = self.js.get_stream(&self.stream).await.expect("stream");
+                stream.info().await.expect("stream info").state.messages
+            }
+        }
+    }
+
+    /// Reads every dead letter, with its `Idemq-Reason` and `Nats-Msg-Id`,
+    /// then purges the dead-letter stream.
+    async fn dead_letters(&self) -> Vec<DeadLetter> {
+        let mut stream = self
+            .js
+            .get_stream(&self.dead_letters)
+            .await
+            .expect("dead-letter stream");
+        let state = stream.info().await.expect("stream info").state.clone();
+        let mut out = Vec::new();
+        if state.messages > 0 {
+            for seq in state.first_sequence..=state.last_sequence {
+                let Ok(message) = stream.get_raw_message(seq).await else {
+                    continue;
+                };
+                let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
+                out.push(DeadLetter {
+                    reason: header("Idemq-Reason").unwrap_or_default(),
+                    key: header("Nats-Msg-Id"),
+                });
+            }
+            stream.purge().await.expect("purge dead letters");
+        }
+        out
+    }
+
+    async fn delete(self) {
+        for name in [&self.stream, &self.dead_letters] {
+            let _ = self.js.delete_stream(name).await;
+        }
+    }
+}
