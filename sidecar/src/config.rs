@@ -366,7 +366,7 @@ pub enum SaslMechanism {
 
 /// A NATS JetStream durable pull consumer with explicit acks. The sidecar
 /// creates the consumer when it does not exist yet (the operator does too).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JetStreamConfig {
     /// Server URL without secrets (`nats://host:4222`); overridden by

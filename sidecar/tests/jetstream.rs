@@ -71,12 +71,11 @@ async fn a_slow_application_outlasting_ack_wait_is_not_redelivered() {
     let store = scenarios::Store::new("slowapp").await;
     let n = 4;
     t.publish((0..n).map(scenarios::keyed).collect()).await;
-    let sidecar = scenarios::start(
-        &t,
-        scenarios::config(&t, &app, "slowapp", n as u32, ""),
-        store.dyn_store(),
-    )
-    .await;
+    let mut config = scenarios::config(&t, &app, "slowapp", n as u32, "");
+    if let Some(delivery) = config.delivery.as_mut() {
+        delivery.timeout = Duration::from_secs(10);
+    }
+    let sidecar = scenarios::start(&t, config, store.dyn_store()).await;
     let done = app.wait_until(scenarios::WAIT, |a| a.distinct() == n).await;
     let settled = scenarios::wait_for(scenarios::WAIT, async || {
         scenarios::messages(&sidecar, "delivered").await == n as u64

@@ -345,11 +345,17 @@ impl Source {
     }
 }
 
-/// The durable consumer's settings from the config.
+/// The durable consumer's settings from the config. One filter subject goes
+/// in `filter_subject`, which servers before 2.10 understand too.
 pub fn consumer_config(cfg: &JetStreamConfig) -> pull::Config {
+    let (filter_subject, filter_subjects) = match cfg.filter_subjects.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
     pull::Config {
         durable_name: Some(cfg.consumer.clone()),
-        filter_subjects: cfg.filter_subjects.clone(),
+        filter_subject,
+        filter_subjects,
         ack_policy: AckPolicy::Explicit,
         ack_wait: cfg.ack_wait,
         max_ack_pending: i64::from(cfg.max_ack_pending),
@@ -542,7 +548,15 @@ fn envelope(headers: &HeaderMap, body: Bytes, redelivered: bool) -> Envelope {
             pairs.push((name.to_string(), value.as_str().to_string()));
         }
     }
-    let first = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+    // Not `HeaderMap::get`: a name parsed off the wire (`Nats-Msg-Id` is one
+    // of the client's standard names) and the same name given as text are
+    // different keys to it.
+    let first = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
     Envelope {
         message_id: first(MSG_ID),
         content_type: first("Content-Type"),
@@ -560,7 +574,8 @@ mod tests {
     #[test]
     fn the_message_id_is_nats_msg_id_and_headers_are_kept() {
         let mut headers = HeaderMap::new();
-        headers.insert(MSG_ID, "order-7");
+        // As parsed off the wire: the client's standard name, not text.
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, "order-7");
         headers.insert("X-Tenant", "acme");
         let e = envelope(&headers, Bytes::from_static(b"{}"), false);
         assert_eq!(e.message_id.as_deref(), Some("order-7"));
@@ -578,7 +593,7 @@ mod tests {
         .expect("valid");
         let c = consumer_config(&cfg);
         assert_eq!(c.durable_name.as_deref(), Some("billing"));
-        assert_eq!(c.filter_subjects, ["orders.created"]);
+        assert_eq!(c.filter_subject, "orders.created");
         assert_eq!(c.ack_policy, AckPolicy::Explicit);
         assert_eq!(
             (c.ack_wait, c.max_ack_pending, c.max_deliver),

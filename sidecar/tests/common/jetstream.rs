@@ -4,7 +4,7 @@
 //! durable consumer has not settled, and deleting only those two streams
 //! (the consumer goes with its stream).
 //!
-//! The test stream's duplicate window is 1 ms: JetStream's own publish
+//! The test stream's duplicate window is 100 ms (the least JetStream takes): JetStream's own publish
 //! dedup (two minutes by default) would otherwise drop the copies before the
 //! sidecar sees them. The copies stand for those that come later than the
 //! window, or are redelivered to the consumer, which JetStream does not
@@ -59,7 +59,7 @@ impl BrokerUnderTest for JetStream {
         js.create_stream(stream::Config {
             name: stream.clone(),
             subjects: vec![subject.clone()],
-            duplicate_window: Duration::from_millis(1),
+            duplicate_window: Duration::from_millis(100),
             ..Default::default()
         })
         .await
@@ -158,7 +158,16 @@ impl BrokerUnderTest for JetStream {
                 let Ok(message) = stream.get_raw_message(seq).await else {
                     continue;
                 };
-                let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
+                // By text: `HeaderMap::get` tells a standard name parsed off
+                // the wire from the same name given as text.
+                let header = |name: &str| {
+                    message
+                        .headers
+                        .iter()
+                        .find(|(k, _)| k.to_string().eq_ignore_ascii_case(name))
+                        .and_then(|(_, v)| v.first())
+                        .map(|v| v.as_str().to_string())
+                };
                 out.push(DeadLetter {
                     reason: header("Idemq-Reason").unwrap_or_default(),
                     key: header("Nats-Msg-Id"),
