@@ -192,7 +192,7 @@ async fn scenario(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> an
     let config = idemq_sidecar::Config::from_yaml(&cm.data.expect("data")["sidecar.yaml"])?;
     assert_eq!(config.consumer, format!("{ns}.orders"));
     for owned in [
-        Api::<Deployment>::namespaced(client.clone(), ns)
+        Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(client.clone(), ns)
             .get("orders-idemq-redis")
             .await?
             .metadata,

@@ -16,13 +16,24 @@ pub struct Args {
     /// Concurrent store calls.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// The consumer's declared rate (messages/s), which sizes a window's
+    /// shards before its rate is observed. The run completes every key in one
+    /// window (a quarter of the 24 h retention), so the default declares the
+    /// rate that makes `keys` per window; 0 declares none.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
 const LEASE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = crate::redis_admin::fresh_store(&args.redis, "bench-mem")?;
+    let rate = args
+        .rate
+        .unwrap_or(args.keys as f64 / (RETENTION.as_secs_f64() / 4.0));
+    let store = crate::redis_admin::fresh_store_with(&args.redis, "bench-mem", |o| {
+        o.expected_rate = (rate > 0.0).then_some(rate);
+    })?;
     let mut admin = crate::redis_admin::connection(&args.redis).await?;
     let before = crate::redis_admin::used_memory(&mut admin).await?;
     let started = Instant::now();
@@ -50,6 +61,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let deleted = crate::redis_admin::delete_prefix(&mut admin, store.prefix()).await?;
     let per_key = (after.saturating_sub(before)) as f64 / args.keys as f64;
     println!("keys completed:        {}", args.keys);
+    println!("declared rate:         {rate:.1} msg/s");
     println!("time:                  {:.1} s", elapsed.as_secs_f64());
     println!("used_memory before:    {before} B");
     println!("used_memory after:     {after} B");

@@ -9,7 +9,16 @@ use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
 /// A Redis store under a namespace of its own (`<label>-<random>`), so that a
 /// run touches no key it did not create.
 pub fn fresh_store(url: &str, label: &str) -> anyhow::Result<Arc<RedisStore>> {
-    Ok(Arc::new(RedisStore::new(RedisOptions {
+    fresh_store_with(url, label, |_| {})
+}
+
+/// [`fresh_store`] with options adjusted by `adjust`.
+pub fn fresh_store_with(
+    url: &str,
+    label: &str,
+    adjust: impl FnOnce(&mut RedisOptions),
+) -> anyhow::Result<Arc<RedisStore>> {
+    let mut options = RedisOptions {
         timeout: Duration::from_secs(5),
         ..RedisOptions::new(
             url,
@@ -18,7 +27,9 @@ pub fn fresh_store(url: &str, label: &str) -> anyhow::Result<Arc<RedisStore>> {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
         )
-    })?))
+    };
+    adjust(&mut options);
+    Ok(Arc::new(RedisStore::new(options)?))
 }
 
 pub async fn connection(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {

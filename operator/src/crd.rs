@@ -253,6 +253,39 @@ pub struct StoreSpec {
     /// What the sidecar does while the store does not answer.
     #[serde(default)]
     pub unavailable: Unavailable,
+    /// What the sidecar does when the store lost its state (default
+    /// failClosed: consumption pauses until the reset is acknowledged with
+    /// the annotation `idemq.dev/acknowledge-store-reset`).
+    #[serde(default)]
+    pub on_reset: OnReset,
+    /// Hash tags (Redis Cluster slots) the consumer's keys spread over
+    /// (default 1). Changing it forgets what was completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub partitions: Option<u16>,
+    /// Peak messages per second, if known: sizes the store's hashes ahead of
+    /// the observed rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub expected_rate: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnReset {
+    #[default]
+    FailClosed,
+    Continue,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AppendFsync {
+    /// At most a second of completions lost on a crash of the node.
+    #[default]
+    Everysec,
+    /// Nothing acknowledged is lost; every write waits for the disk.
+    Always,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -267,8 +300,28 @@ pub struct ExternalStore {
 pub struct ManagedStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Default: derived from `expectedKeys` (see the README).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Keep nothing on disk (a Deployment with an emptyDir, as before): a
+    /// restart of the Redis pod forgets every completed key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<bool>,
+    /// Size of the PersistentVolumeClaim (default 1Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub storage_size: Option<String>,
+    /// StorageClass of the claim (default: the cluster's default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// When the append-only file is flushed to disk (default everysec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_fsync: Option<AppendFsync>,
+    /// Completed keys retained at the peak (rate × retention; default
+    /// 1,000,000): sizes the memory request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub expected_keys: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
@@ -301,6 +354,10 @@ pub struct IdempotentConsumerStatus {
     /// changes, and on a periodic check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binding_hash: Option<String>,
+    /// Hash of what decides where a message's key lives in the store (the
+    /// key definition and the partitions): a change forgets what was completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_definition: Option<String>,
 }
 
 /// Condition types and reasons, as they appear in status and Events.
@@ -330,5 +387,14 @@ pub mod conditions {
     pub const REDIS_NOT_READY: &str = "RedisNotReady";
     pub const EXTERNAL_SECRET_FOUND: &str = "ExternalSecretFound";
     pub const ALL_READY: &str = "AllReady";
+    /// The store lost its state (its epoch marker changed).
+    pub const STORE_RESET: &str = "StoreReset";
+    pub const RESET_DETECTED: &str = "ResetDetected";
+    pub const NO_RESET: &str = "NoReset";
+    pub const RESET_ACKNOWLEDGED: &str = "ResetAcknowledged";
+    /// Whether a policy change keeps what was completed.
+    pub const STATE_PRESERVED: &str = "StatePreserved";
+    pub const KEY_DEFINITION_CHANGED: &str = "KeyDefinitionChanged";
+    pub const POLICY_COMPATIBLE: &str = "PolicyCompatible";
     pub const NOT_READY: &str = "NotReady";
 }

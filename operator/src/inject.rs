@@ -85,7 +85,12 @@ pub fn inject(policy: &str, workload: &str, default_image: &str) -> Result<Strin
         });
         documents.push(secret);
         documents.push(to_value(&render::redis::service(&ic)?));
-        documents.push(to_value(&render::redis::deployment(&ic)?));
+        if render::redis::is_ephemeral(&ic) {
+            documents.push(to_value(&render::redis::deployment(&ic)?));
+        } else {
+            documents.push(to_value(&render::redis::stateful_set(&ic)?));
+            documents.push(to_value(&render::redis::pod_disruption_budget(&ic)?));
+        }
     }
     for doc in documents.iter_mut().skip(1) {
         if let Some(meta) = doc["metadata"].as_object_mut() {

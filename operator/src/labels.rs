@@ -10,6 +10,9 @@ pub const MANAGER: &str = "idemq-operator";
 pub const FINALIZER: &str = "idemq.dev/cleanup";
 /// Pod-template annotation: changes with the sidecar config, so pods roll.
 pub const CONFIG_HASH: &str = "idemq.dev/config-hash";
+/// Annotation whose value, a store reset record as the StoreReset condition
+/// quotes it, acknowledges that reset and lets consumption resume.
+pub const ACKNOWLEDGE_STORE_RESET: &str = "idemq.dev/acknowledge-store-reset";
 pub const CONSUMER_LABEL: &str = "idemq.dev/consumer";
 /// Annotation on a target workload: the resource whose sidecar it runs. The
 /// first resource to claim a workload keeps it; others report a conflict.

@@ -41,7 +41,15 @@ fn deployment_gets_a_native_sidecar_and_every_owned_object() {
         .collect();
     assert_eq!(
         kinds,
-        ["Deployment", "ConfigMap", "Secret", "Service", "Deployment"]
+        [
+            "Deployment",
+            "ConfigMap",
+            "Secret",
+            "Service",
+            "StatefulSet",
+            "PodDisruptionBudget"
+        ],
+        "the managed store is durable by default"
     );
 
     let workload: Deployment = serde_yaml::from_value(docs[0].clone()).expect("a Deployment");
@@ -101,8 +109,13 @@ fn deployment_gets_a_native_sidecar_and_every_owned_object() {
     let secret: Secret = serde_yaml::from_value(docs[2].clone()).expect("a Secret");
     assert_eq!(secret.data.expect("data")["password"].0.len(), 32);
     let _: Service = serde_yaml::from_value(docs[3].clone()).expect("a Service");
-    let redis: Deployment = serde_yaml::from_value(docs[4].clone()).expect("the Redis Deployment");
+    let redis: k8s_openapi::api::apps::v1::StatefulSet =
+        serde_yaml::from_value(docs[4].clone()).expect("the Redis StatefulSet");
     assert_eq!(redis.metadata.name.as_deref(), Some("orders-idemq-redis"));
+    assert!(redis
+        .spec
+        .and_then(|s| s.volume_claim_templates)
+        .is_some_and(|claims| claims.len() == 1));
     assert!(
         docs.iter()
             .all(|d| d["metadata"]["ownerReferences"].is_null()),

@@ -312,6 +312,7 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
                 &[verdict(READY, false, INVALID_SPEC, message.clone())],
                 None,
                 None,
+                None,
             )
             .await?;
             publish(ctx, ic, EventType::Warning, INVALID_SPEC, message).await;
@@ -327,20 +328,48 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
     )
     .await?;
     let store = store::ensure(ic, ctx, &ns).await?;
+    // Only a store that answers can say whether it lost its state.
+    let reset = if store.ok {
+        store::reset(ic, ctx, &ns).await
+    } else {
+        None
+    };
     let (broker, binding) = broker::bind(ic, ctx, &ns).await;
+    // Said before the pods roll: a new key definition forgets what was completed.
+    let key_definition =
+        render::config::sidecar_config(ic).map(|config| render::config::key_definition(&config))?;
+    let preserved = status::state_preserved(ic, &key_definition);
+    if let Some(v) = preserved
+        .as_ref()
+        .filter(|v| v.reason == KEY_DEFINITION_CHANGED)
+    {
+        if status::is_new(ic, v) {
+            publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
+        }
+    }
     let injected = target::inject(ic, ctx, &ns, &hash).await?;
 
     // Status.
     let ready = status::ready(&[&store, &broker, &injected]);
     let all_ok = ready.ok;
     let previous_hash = ic.status.as_ref().and_then(|s| s.config_hash.clone());
-    let verdicts = [store, broker, injected.clone(), ready];
+    if let Some(v) = reset.as_ref().filter(|v| v.ok) {
+        if status::is_new(ic, v) {
+            publish(ctx, ic, EventType::Warning, STORE_RESET, v.message.clone()).await;
+        }
+    }
+    let verdicts: Vec<Verdict> = [store, broker, injected.clone(), ready]
+        .into_iter()
+        .chain(reset)
+        .chain(preserved)
+        .collect();
     let changed = status::write(
         ic,
         ctx,
         &verdicts,
         injected.ok.then(|| hash.clone()),
         binding,
+        injected.ok.then(|| key_definition.clone()),
     )
     .await?;
     if injected.ok && previous_hash.as_deref() != Some(hash.as_str()) {
@@ -372,8 +401,12 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
         }
     }
     if changed {
-        // Ready only repeats the others' reasons.
-        for v in verdicts.iter().filter(|v| !v.ok && v.type_ != READY) {
+        // Ready only repeats the others' reasons; StatePreserved was
+        // announced before the pods rolled, and a StoreReset when it was
+        // found, above (no reset is no news).
+        for v in verdicts.iter().filter(|v| {
+            !v.ok && v.type_ != READY && v.type_ != STATE_PRESERVED && v.type_ != STORE_RESET
+        }) {
             publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
         }
     }

@@ -15,6 +15,8 @@ const REDIS_SECRET: &str = "/api/v1/namespaces/shop/secrets/orders-idemq-redis";
 const BROKER_SECRET: &str = "/api/v1/namespaces/shop/secrets/rabbitmq-orders";
 const REDIS_SVC: &str = "/api/v1/namespaces/shop/services/orders-idemq-redis";
 const REDIS_DEPLOY: &str = "/apis/apps/v1/namespaces/shop/deployments/orders-idemq-redis";
+const REDIS_STS: &str = "/apis/apps/v1/namespaces/shop/statefulsets/orders-idemq-redis";
+const REDIS_PDB: &str = "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/orders-idemq-redis";
 const TARGET: &str = "/apis/apps/v1/namespaces/shop/deployments/orders-worker";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 
@@ -53,8 +55,15 @@ fn apply_prefix() -> Vec<Expect> {
             .with_body(|s| assert_eq!(s["data"]["password"].as_str().map(str::len), Some(44))),
         Expect::get(REDIS_SVC, StatusCode::NOT_FOUND, not_found()),
         Expect::apply(REDIS_SVC),
+        // No Deployment from an earlier version is left to serve beside it.
         Expect::get(REDIS_DEPLOY, StatusCode::NOT_FOUND, not_found()),
-        Expect::apply(REDIS_DEPLOY),
+        Expect::get(REDIS_STS, StatusCode::NOT_FOUND, not_found()),
+        Expect::apply(REDIS_STS).with_body(|s| {
+            let claims = &s["spec"]["volumeClaimTemplates"];
+            assert_eq!(claims[0]["spec"]["resources"]["requests"]["storage"], "1Gi");
+        }),
+        Expect::get(REDIS_PDB, StatusCode::NOT_FOUND, not_found()),
+        Expect::apply(REDIS_PDB),
         Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
     ]
 }
@@ -87,6 +96,18 @@ fn status_patch(into: Arc<Mutex<Option<Value>>>) -> Expect {
     .with_body(move |b| {
         *into.lock().expect("lock") = Some(b["status"].clone());
     })
+}
+
+fn with_status(mut ic: IdempotentConsumer, status: &Mutex<Option<Value>>) -> IdempotentConsumer {
+    let value = status
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("a status was written");
+    ic.status = Some(
+        serde_json::from_value::<crate::crd::IdempotentConsumerStatus>(value).expect("status"),
+    );
+    ic
 }
 
 fn conditions(status: &Mutex<Option<Value>>) -> Vec<(String, String, String)> {
@@ -275,9 +296,11 @@ async fn deletion_withdraws_the_sidecar_deletes_owned_objects_and_drops_the_fina
         Expect::new(
             Method::DELETE,
             REDIS_DEPLOY,
-            StatusCode::OK,
-            deleted.clone(),
+            StatusCode::NOT_FOUND,
+            not_found(),
         ),
+        Expect::new(Method::DELETE, REDIS_STS, StatusCode::OK, deleted.clone()),
+        Expect::new(Method::DELETE, REDIS_PDB, StatusCode::OK, deleted.clone()),
         Expect::new(
             Method::DELETE,
             REDIS_SVC,
@@ -300,4 +323,195 @@ async fn deletion_withdraws_the_sidecar_deletes_owned_objects_and_drops_the_fina
         }),
     ];
     run(ic, expected).await.expect("cleans up");
+}
+
+#[tokio::test]
+async fn upgrade_from_the_redis_deployment_deletes_it_before_the_stateful_set_is_applied() {
+    let deleted = json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 });
+    let mut expected = apply_prefix();
+    // The Deployment of the former, ephemeral store exists: it goes first,
+    // then the StatefulSet comes (the verifier checks the order).
+    let old = json!({ "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": "orders-idemq-redis", "namespace": "shop" } });
+    expected.splice(
+        7..8,
+        [
+            Expect::get(REDIS_DEPLOY, StatusCode::OK, old),
+            Expect::new(Method::DELETE, REDIS_DEPLOY, StatusCode::OK, deleted),
+        ],
+    );
+    expected.push(Expect::get(TARGET, StatusCode::OK, target()));
+    expected.push(Expect::apply(TARGET));
+    expected.push(status_patch(Arc::new(Mutex::new(None))));
+    expected.push(event("Injected"));
+    expected.push(event("RedisNotReady"));
+    run(fixtures::policy(), expected).await.expect("reconciles");
+}
+
+#[tokio::test]
+async fn an_ephemeral_store_is_a_deployment_and_no_stateful_set_remains() {
+    let mut ic = fixtures::policy();
+    ic.spec.store.managed = Some(crate::crd::ManagedStore {
+        ephemeral: Some(true),
+        ..Default::default()
+    });
+    let deleted = json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 });
+    let mut expected = apply_prefix();
+    expected.splice(
+        7..12,
+        [
+            Expect::get(
+                REDIS_STS,
+                StatusCode::OK,
+                json!({ "apiVersion": "apps/v1", "kind": "StatefulSet",
+                    "metadata": { "name": "orders-idemq-redis", "namespace": "shop" } }),
+            ),
+            Expect::new(Method::DELETE, REDIS_STS, StatusCode::OK, deleted),
+            Expect::get(REDIS_PDB, StatusCode::NOT_FOUND, not_found()),
+            Expect::get(REDIS_DEPLOY, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(REDIS_DEPLOY).with_body(|d| {
+                assert!(d["spec"]["template"]["spec"]["volumes"][0]
+                    .get("emptyDir")
+                    .is_some())
+            }),
+        ],
+    );
+    expected.push(Expect::get(TARGET, StatusCode::OK, target()));
+    expected.push(Expect::apply(TARGET));
+    expected.push(status_patch(Arc::new(Mutex::new(None))));
+    expected.push(event("Injected"));
+    expected.push(event("RedisNotReady"));
+    run(ic, expected).await.expect("reconciles");
+}
+
+/// A redis-server of the test's own (it is written to), stopped on drop.
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
+        let redis = Self { port, child };
+        for _ in 0..100 {
+            if redis.connection().await.is_ok() {
+                return redis;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("own redis-server did not answer");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_store_reset_is_reported_and_the_annotation_acknowledges_it() {
+    const STORE_SECRET: &str = "/api/v1/namespaces/shop/secrets/orders-redis";
+    let redis = OwnRedis::start().await;
+    // What a sidecar writes when it finds the epoch changed.
+    let record = "0a1b2c3d4e5f6071>8091a2b3c4d5e6f7@1764400000000";
+    let mut conn = redis.connection().await.expect("own redis");
+    let _: () = redis::cmd("HSET")
+        .arg("idemq:{shop.orders}:m")
+        .arg("reset")
+        .arg(record)
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+
+    let mut ic = fixtures::policy();
+    ic.spec.store = serde_json::from_value(
+        json!({ "mode": "external", "external": { "secretRef": { "name": "orders-redis", "key": "url" } } }),
+    )
+    .expect("store spec");
+    let store_secret = json!({ "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": "orders-redis", "namespace": "shop" },
+        "data": { "url": serde_json::to_value(k8s_openapi::ByteString(redis.url().into_bytes())).expect("base64") } });
+    let reconcile_with =
+        |status: Arc<Mutex<Option<Value>>>, before: Vec<Expect>, after: Vec<Expect>| {
+            let mut expected = vec![
+                Expect::get(CM, StatusCode::NOT_FOUND, not_found()),
+                Expect::apply(CM),
+                Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+                Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+                Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
+                Expect::get(TARGET, StatusCode::OK, target()),
+                Expect::apply(TARGET),
+            ];
+            expected.extend(before);
+            expected.push(status_patch(status));
+            expected.extend(after);
+            expected
+        };
+
+    // Found: StoreReset True, quoting the record, and a Warning Event.
+    let status = Arc::new(Mutex::new(None));
+    let expected = reconcile_with(
+        status.clone(),
+        vec![event("StoreReset").with_body(move |e| {
+            assert!(
+                e["note"].as_str().is_some_and(|n| n.contains(record)),
+                "{e}"
+            )
+        })],
+        vec![event("Injected")],
+    );
+    run(ic.clone(), expected).await.expect("reconciles");
+    assert!(conditions(&status).contains(&(
+        "StoreReset".into(),
+        "True".into(),
+        "ResetDetected".into()
+    )));
+
+    // Acknowledged by the annotation: the record goes, the condition turns False.
+    let mut acknowledged = with_status(ic, &status);
+    acknowledged.metadata.annotations = Some(
+        [(
+            crate::labels::ACKNOWLEDGE_STORE_RESET.to_string(),
+            record.to_string(),
+        )]
+        .into(),
+    );
+    let after = Arc::new(Mutex::new(None));
+    // No Event: nothing new happened to the workload, and no reset is no news.
+    let expected = reconcile_with(after.clone(), vec![], vec![]);
+    run(acknowledged, expected).await.expect("reconciles");
+    assert!(conditions(&after).contains(&(
+        "StoreReset".into(),
+        "False".into(),
+        "ResetAcknowledged".into()
+    )));
+    let left: Option<String> = redis::cmd("HGET")
+        .arg("idemq:{shop.orders}:m")
+        .arg("reset")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert_eq!(left, None, "the record is removed");
 }

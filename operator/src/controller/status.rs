@@ -68,6 +68,49 @@ pub fn conditions(
         .collect()
 }
 
+/// Whether `v` differs from the condition of its type in the stored status
+/// (its Event is then news).
+pub fn is_new(ic: &IdempotentConsumer, v: &Verdict) -> bool {
+    let status = if v.ok { "True" } else { "False" };
+    !ic.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == v.type_ && c.status == status && c.message == v.message)
+    })
+}
+
+/// `StatePreserved`: False when the key definition changed since the
+/// injected one (what was completed is forgotten), kept False for the rest of
+/// that generation; None when nothing is to be said.
+pub fn state_preserved(ic: &IdempotentConsumer, key_definition: &str) -> Option<Verdict> {
+    let status = ic.status.as_ref()?;
+    let previous = status.key_definition.as_deref()?;
+    if previous != key_definition {
+        return Some(verdict(
+            STATE_PRESERVED,
+            false,
+            KEY_DEFINITION_CHANGED,
+            "the key definition (key source or store partitions) changed: messages get other keys, so duplicates of messages completed before this change will not be stopped",
+        ));
+    }
+    status
+        .conditions
+        .iter()
+        .find(|c| {
+            c.type_ == STATE_PRESERVED
+                && c.status == "False"
+                && c.observed_generation == ic.metadata.generation
+        })
+        .map(|c| {
+            verdict(
+                STATE_PRESERVED,
+                false,
+                KEY_DEFINITION_CHANGED,
+                c.message.clone(),
+            )
+        })
+}
+
 /// The Ready verdict that sums up the others.
 pub fn ready(verdicts: &[&Verdict]) -> Verdict {
     // A conflict is not something to wait for: say it as it is.
@@ -98,6 +141,7 @@ pub async fn write(
     verdicts: &[Verdict],
     hash: Option<String>,
     binding: Option<String>,
+    key_definition: Option<String>,
 ) -> Result<bool, Error> {
     let previous = ic.status.clone().unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -106,6 +150,7 @@ pub async fn write(
         conditions: conditions(verdicts, &previous.conditions, ic.metadata.generation, &now),
         config_hash: hash.or(previous.config_hash.clone()),
         binding_hash: binding.or(previous.binding_hash.clone()),
+        key_definition: key_definition.or(previous.key_definition.clone()),
     };
     if status == previous {
         return Ok(false);
@@ -155,6 +200,7 @@ pub async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<
         ),
         config_hash: None,
         binding_hash: None,
+        key_definition: None,
     };
     let written = Api::<Guarded>::namespaced(ctx.client.clone(), &ns)
         .patch_status(

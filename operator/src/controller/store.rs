@@ -1,9 +1,15 @@
 //! The key store step: an external Redis is checked (its Secret holds the
-//! URL), a managed Redis is applied (password Secret, Service, Deployment) and
-//! its rollout read back. Cleanup deletes the managed objects.
+//! URL), a managed Redis is applied (password Secret, Service, and a
+//! StatefulSet with its PodDisruptionBudget, or a Deployment when ephemeral)
+//! and its rollout read back. Cleanup deletes the managed objects.
+//!
+//! Switching between the two kinds (an upgrade from the former Deployment, or
+//! `ephemeral` toggled) deletes the other kind first, so that two Redis
+//! servers never serve one consumer behind its Service.
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams};
 
 use super::ssa::apply;
@@ -62,12 +68,35 @@ pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<
             .await?;
             let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
             apply(&services, &name, json(&render::redis::service(ic)?)).await?;
-            let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-            let applied = apply(&deployments, &name, json(&render::redis::deployment(ic)?)).await?;
-            let available = applied
-                .status
-                .and_then(|s| s.available_replicas)
-                .unwrap_or(0);
+            let client = &ctx.client;
+            let available = if render::redis::is_ephemeral(ic) {
+                delete_if_present(&Api::<StatefulSet>::namespaced(client.clone(), ns), &name)
+                    .await?;
+                delete_if_present(
+                    &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+                    &name,
+                )
+                .await?;
+                let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+                apply(&deployments, &name, json(&render::redis::deployment(ic)?))
+                    .await?
+                    .status
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0)
+            } else {
+                delete_if_present(&Api::<Deployment>::namespaced(client.clone(), ns), &name)
+                    .await?;
+                let sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+                let set = apply(&sets, &name, json(&render::redis::stateful_set(ic)?)).await?;
+                let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+                apply(
+                    &budgets,
+                    &name,
+                    json(&render::redis::pod_disruption_budget(ic)?),
+                )
+                .await?;
+                set.status.and_then(|s| s.available_replicas).unwrap_or(0)
+            };
             Ok(if available > 0 {
                 verdict(
                     STORE_READY,
@@ -87,6 +116,30 @@ pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<
     }
 }
 
+/// Deletes `name` unless it is already gone.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes `name` if it exists; a reconcile that finds nothing to delete
+/// writes nothing.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if api.get_opt(name).await?.is_some() {
+        delete(api, name).await?;
+    }
+    Ok(())
+}
+
 /// Deletes the ConfigMap and the managed Redis objects; absent ones are fine
 /// (cleanup must tolerate apply never having run).
 pub async fn delete_owned(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<(), Error> {
@@ -104,12 +157,13 @@ pub async fn delete_owned(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> R
             .map(|_| ()),
     )?;
     let redis = labels::redis(ic);
-    gone(
-        Api::<Deployment>::namespaced(client.clone(), ns)
-            .delete(&redis, &dp)
-            .await
-            .map(|_| ()),
-    )?;
+    delete(&Api::<Deployment>::namespaced(client.clone(), ns), &redis).await?;
+    delete(&Api::<StatefulSet>::namespaced(client.clone(), ns), &redis).await?;
+    delete(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        &redis,
+    )
+    .await?;
     gone(
         Api::<Service>::namespaced(client.clone(), ns)
             .delete(&redis, &dp)
@@ -127,4 +181,94 @@ pub async fn delete_owned(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> R
 
 fn json<T: serde::Serialize>(object: &T) -> serde_json::Value {
     serde_json::to_value(object).unwrap_or_default()
+}
+
+/// The URL and password of the consumer's store, as the operator reaches it.
+async fn store_address(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+) -> Option<(String, Option<String>)> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match ic.spec.store.mode {
+        StoreMode::External => {
+            let r = &ic.spec.store.external.as_ref()?.secret_ref;
+            let url = secret_value(&secrets, &r.name, &r.key).await.ok()??;
+            Some((url, None))
+        }
+        StoreMode::Managed => {
+            let name = labels::redis(ic);
+            let password = secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY)
+                .await
+                .ok()??;
+            let url = format!("redis://{name}.{ns}.svc:{}", labels::REDIS_PORT);
+            Some((url, Some(password)))
+        }
+    }
+}
+
+/// Dereference: reads the store's reset records, acknowledges the one the
+/// resource's annotation names, and says whether the store lost its state
+/// (`StoreReset` True, quoting the record to acknowledge). None when the
+/// store cannot be read now: no verdict rather than a wrong one.
+pub async fn reset(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<Verdict> {
+    use idemq_sidecar::store::redis::admin;
+    let (url, password) = store_address(ic, ctx, ns).await?;
+    let namespace = labels::consumer(ic);
+    let target = admin::Target {
+        url: &url,
+        password: password.as_deref(),
+        namespace: &namespace,
+        partitions: ic.spec.store.partitions.unwrap_or(1),
+        timeout: std::time::Duration::from_secs(2),
+    };
+    let acknowledged = ic
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(labels::ACKNOWLEDGE_STORE_RESET))
+        .cloned();
+    if let Some(record) = &acknowledged {
+        match admin::acknowledge_reset(&target, record).await {
+            Ok(released) if released > 0 => {
+                tracing::info!(%record, released, "store reset acknowledged");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not acknowledge the store reset");
+                return None;
+            }
+        }
+    }
+    match admin::reset_records(&target).await {
+        Ok(records) => Some(match records.first() {
+            Some((prefix, record)) => verdict(
+                STORE_RESET,
+                true,
+                RESET_DETECTED,
+                format!(
+                    "the key store lost its state ({} of {} partitions, {prefix}...: reset {record}); duplicates of messages completed before it will not be stopped. With onReset=failClosed consumption is paused: after checking, acknowledge with the annotation {}={record}",
+                    records.len(),
+                    target.partitions,
+                    labels::ACKNOWLEDGE_STORE_RESET
+                ),
+            ),
+            None if acknowledged.is_some() => verdict(
+                STORE_RESET,
+                false,
+                RESET_ACKNOWLEDGED,
+                "the last store reset was acknowledged",
+            ),
+            None => verdict(
+                STORE_RESET,
+                false,
+                NO_RESET,
+                "the key store kept its state",
+            ),
+        }),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the store's reset records");
+            None
+        }
+    }
 }

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use idemq_sidecar::config::{
     AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, KeySource, MissingKeyPolicy,
-    Mode, RabbitMqConfig, ReadinessCheck, ReadinessConfig, StoreConfig, StoreKind,
+    Mode, RabbitMqConfig, ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind,
     UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
 
 use super::{owned_meta, RenderError};
-use crate::crd::{DeliveryMode, IdempotentConsumer, KeyFrom, MissingKey, Unavailable};
+use crate::crd::{DeliveryMode, IdempotentConsumer, KeyFrom, MissingKey, OnReset, Unavailable};
 use crate::labels;
 
 fn duration(
@@ -65,6 +65,12 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 Unavailable::FailClosed => UnavailablePolicy::FailClosed,
                 Unavailable::PassThrough => UnavailablePolicy::PassThrough,
             },
+            on_reset: match spec.store.on_reset {
+                OnReset::FailClosed => ResetPolicy::FailClosed,
+                OnReset::Continue => ResetPolicy::Continue,
+            },
+            partitions: spec.store.partitions.unwrap_or(1),
+            expected_rate: spec.store.expected_rate.map(f64::from),
             ..StoreConfig::default()
         },
         dedup: DedupConfig {
@@ -164,6 +170,18 @@ pub fn dead_letter_exchange(ic: &IdempotentConsumer) -> String {
         .dead_letter_exchange
         .clone()
         .unwrap_or_else(|| "idemq.dlx".to_string())
+}
+
+/// A digest of what decides where a message's key lives in the store: the
+/// key definition and the partitions. A change of any other field (the
+/// retention, the lease) keeps what was completed; a change of this digest
+/// does not.
+pub fn key_definition(config: &Config) -> String {
+    let placement = serde_json::json!({
+        "key": config.dedup.key,
+        "partitions": config.store.partitions,
+    });
+    hash(&placement.to_string())
 }
 
 /// A short, stable digest of the rendered configuration.

@@ -626,3 +626,99 @@ impl KeyStore for RedisStore {
         self.resets.load(Ordering::Relaxed)
     }
 }
+
+/// What an administrator (the operator) reads and does in a consumer's
+/// store: its unacknowledged reset records, and their acknowledgement.
+pub mod admin {
+    use std::time::Duration;
+
+    use redis::IntoConnectionInfo;
+
+    use super::partition_prefixes;
+    use crate::store::StoreError;
+
+    /// Where a consumer's store is, and how its keys are spread.
+    pub struct Target<'a> {
+        pub url: &'a str,
+        pub password: Option<&'a str>,
+        pub namespace: &'a str,
+        pub partitions: u16,
+        pub timeout: Duration,
+    }
+
+    async fn connection(
+        target: &Target<'_>,
+    ) -> Result<redis::aio::MultiplexedConnection, StoreError> {
+        let err = |source| StoreError::Redis {
+            op: "connect",
+            source,
+        };
+        let mut info = target.url.into_connection_info().map_err(err)?;
+        if let Some(password) = target.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(err)?;
+        bounded(target, "connect", client.get_multiplexed_async_connection()).await
+    }
+
+    async fn bounded<T>(
+        target: &Target<'_>,
+        op: &'static str,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(target.timeout, call).await {
+            Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                timeout: target.timeout,
+            }),
+        }
+    }
+
+    /// The reset records waiting for acknowledgement, one per partition
+    /// that has one: `(partition prefix, record)`.
+    pub async fn reset_records(target: &Target<'_>) -> Result<Vec<(String, String)>, StoreError> {
+        let mut conn = connection(target).await?;
+        let mut records = Vec::new();
+        for prefix in partition_prefixes(target.namespace, target.partitions) {
+            let record: Option<String> = bounded(
+                target,
+                "read reset",
+                redis::cmd("HGET")
+                    .arg(format!("{prefix}m"))
+                    .arg("reset")
+                    .query_async(&mut conn),
+            )
+            .await?;
+            if let Some(record) = record {
+                records.push((prefix, record));
+            }
+        }
+        Ok(records)
+    }
+
+    /// Acknowledges the reset `record`: removes it wherever it is still the
+    /// record (a newer reset is not acknowledged by an older word). Returns
+    /// how many partitions it released.
+    pub async fn acknowledge_reset(target: &Target<'_>, record: &str) -> Result<u64, StoreError> {
+        let script = redis::Script::new(
+            "if redis.call('HGET', KEYS[1], 'reset') == ARGV[1] then \
+               return redis.call('HDEL', KEYS[1], 'reset') end return 0",
+        );
+        let mut conn = connection(target).await?;
+        let mut released = 0;
+        for prefix in partition_prefixes(target.namespace, target.partitions) {
+            let mut invocation = script.prepare_invoke();
+            invocation.key(format!("{prefix}m")).arg(record);
+            let n: u64 = bounded(
+                target,
+                "acknowledge reset",
+                invocation.invoke_async(&mut conn),
+            )
+            .await?;
+            released += n;
+        }
+        Ok(released)
+    }
+}
