@@ -226,8 +226,10 @@ pub async fn raw(
                 _ = tick.tick() => { commit(&consumer, &offsets); continue; }
                 slot = slots.clone().acquire_owned() => slot?,
             };
+            // The tick also commits while no record comes (the backlog drained).
             let message = tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = tick.tick() => { commit(&consumer, &offsets); continue; }
                 m = consumer.recv() => m?,
             };
             let tp = TopicPartition::new(message.topic(), message.partition());
