@@ -39,8 +39,10 @@ local function open_meta(prefix, candidate, width, retention)
     meta.epoch, meta.width, meta.r, meta.u = candidate, w, 0, 0
     redis.call('HSET', key, 'e', candidate, 'w', width)
     -- Buckets written before the meta hash existed used 12 shard bits and
-    -- this same width (a quarter of the retention): keep them readable.
-    for window = math.floor((now - retention) / w), math.floor(now / w) do
+    -- this same width (a quarter of the retention): keep the past windows
+    -- readable. The current window is left to be sized by its first
+    -- completion (12 bits too unless a rate is declared).
+    for window = math.floor((now - retention) / w), math.floor(now / w) - 1 do
       redis.call('HSET', key, 'b:' .. win(window), DEFAULT_BITS)
     end
   else
