@@ -46,7 +46,7 @@ ensure_redis_cluster() {
     mkdir -p "$REDIS_CLUSTER_DIR/$port"
     redis-server --daemonize yes --bind 127.0.0.1 --port "$port" \
       --cluster-enabled yes --cluster-config-file "$REDIS_CLUSTER_DIR/$port/nodes.conf" \
-      --cluster-node-timeout 2000 --appendonly no --save '' \
+      --cluster-node-timeout 2000 --appendonly no --save '' --repl-diskless-sync-delay 0 \
       --dir "$REDIS_CLUSTER_DIR/$port" --logfile "$REDIS_CLUSTER_DIR/$port/redis.log"
   done
   for port in $REDIS_CLUSTER_PORTS; do wait_port "redis cluster node" "$port" 30 || return 1; done
@@ -55,12 +55,13 @@ ensure_redis_cluster() {
     redis-cli --cluster create $(printf '127.0.0.1:%s ' $REDIS_CLUSTER_PORTS) \
       --cluster-replicas 1 --cluster-yes >/dev/null || return 1
   fi
-  # Ready when every slot is served and each primary has its replica (the
-  # replicas attach a moment after the slots are assigned).
+  # Ready when every slot is served and each primary has a replica in sync
+  # (the replicas attach and sync a moment after the slots are assigned).
   local replicas
   for _ in $(seq 60); do
     state=$(redis-cli -p 7000 cluster info | tr -d '\r' | grep '^cluster_state:')
-    replicas=$(redis-cli -p 7000 cluster nodes | grep -c ' slave ')
+    # shellcheck disable=SC2086 # one port per word
+    replicas=$(for port in $REDIS_CLUSTER_PORTS; do redis-cli -p "$port" info replication; done | grep -c 'state=online')
     [ "$state" = "cluster_state:ok" ] && [ "$replicas" -ge 3 ] && return 0
     sleep 0.5
   done

@@ -88,9 +88,14 @@ pub struct StoreConfig {
     /// `redis` (production) or `memory` (embedded, one process only, lost on restart).
     #[serde(default)]
     pub kind: StoreKind,
-    /// Redis URL without secrets; overridden by `IDEMQ_REDIS_URL`.
+    /// Redis URL without secrets; overridden by `IDEMQ_REDIS_URL`. With
+    /// `cluster`, seed nodes of the Cluster separated by commas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The URL names nodes of a Redis Cluster: calls are routed by slot, and
+    /// the consumer's keys spread over `partitions` slots.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
     /// Timeout of every store call.
     #[serde(default = "defaults::store_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -575,6 +580,7 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::default(),
             url: None,
+            cluster: false,
             timeout: defaults::store_timeout(),
             unavailable: UnavailablePolicy::default(),
             on_reset: ResetPolicy::default(),
@@ -927,9 +933,9 @@ impl Config {
         }
         if let Some(url) = &self.store.url {
             check(
-                url.starts_with("redis://") || url.starts_with("rediss://"),
+                redis_url_problem(url, self.store.cluster).is_none(),
                 "store.url",
-                "must start with redis:// or rediss://",
+                redis_url_problem(url, self.store.cluster).unwrap_or_default(),
             );
         }
         check(
@@ -973,8 +979,32 @@ impl Config {
                 ),
             });
         }
+        if self.store.cluster && self.store.partitions < 2 {
+            warnings.push(Problem {
+                field: "store.partitions".into(),
+                message: "is 1 with store.cluster: every key of the consumer lives in one slot, so on one node of the Cluster; set it to a few times the number of primaries".into(),
+            });
+        }
         warnings
     }
+}
+
+/// What is wrong with a store URL, if anything: one `redis://` or
+/// `rediss://` URL, or with `cluster` one or more separated by commas.
+pub fn redis_url_problem(url: &str, cluster: bool) -> Option<&'static str> {
+    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+    if !cluster && urls.len() > 1 {
+        return Some(
+            "names several URLs: only a Cluster (store.cluster: true) takes a list of seed nodes",
+        );
+    }
+    if urls
+        .iter()
+        .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+    {
+        return Some("must start with redis:// or rediss:// (each seed node, with store.cluster)");
+    }
+    None
 }
 
 /// The problems of a `broker.kafka` section.
@@ -1093,6 +1123,33 @@ delivery:
             Some(200)
         );
         assert_eq!(config.shutdown_grace, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn a_cluster_store_takes_seed_nodes_and_warns_of_one_partition() {
+        let cluster = PIPELINE.replace(
+            "  url: redis://127.0.0.1:6379",
+            "  url: redis://10.0.0.1:6379, rediss://10.0.0.2:6379\n  cluster: true",
+        );
+        let config = Config::from_yaml(&cluster).expect("a list of seed nodes is valid");
+        assert!(config.store.cluster);
+        assert!(config
+            .warnings()
+            .iter()
+            .any(|w| w.field == "store.partitions"));
+        let spread = cluster.replace("  cluster: true", "  cluster: true\n  partitions: 12");
+        let config = Config::from_yaml(&spread).expect("valid");
+        assert!(config
+            .warnings()
+            .iter()
+            .all(|w| w.field != "store.partitions"));
+
+        let list_without_cluster = cluster.replace("  cluster: true\n", "");
+        let err = Config::from_yaml(&list_without_cluster).expect_err("a list needs cluster");
+        assert!(err.to_string().contains("store.url"), "{err}");
+        let bad_seed = cluster.replace("rediss://10.0.0.2", "http://10.0.0.2");
+        let err = Config::from_yaml(&bad_seed).expect_err("every seed is a redis URL");
+        assert!(err.to_string().contains("store.url"), "{err}");
     }
 
     #[test]

@@ -56,9 +56,11 @@ pub fn open_store(config: &Config, secrets: &Secrets) -> Result<Arc<dyn KeyStore
         StoreKind::Memory => Arc::new(MemoryStore::new()),
         StoreKind::Redis => {
             let url = secrets.redis_url.clone().unwrap_or_default();
-            tracing::info!(redis = %redact(&url), "using the redis key store");
+            let shown: Vec<String> = url.split(',').map(|u| redact(u.trim())).collect();
+            tracing::info!(redis = %shown.join(","), cluster = config.store.cluster, "using the redis key store");
             Arc::new(RedisStore::new(RedisOptions {
                 url,
+                cluster: config.store.cluster,
                 password: secrets.redis_password.clone(),
                 namespace: config.consumer.clone(),
                 timeout: config.store.timeout,

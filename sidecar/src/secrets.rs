@@ -40,6 +40,12 @@ pub enum SecretError {
     },
     #[error("{0}")]
     Missing(String),
+    /// The value is there but unusable; the message never quotes it.
+    #[error("{var}: {problem}")]
+    Invalid {
+        var: &'static str,
+        problem: &'static str,
+    },
 }
 
 /// The secrets the sidecar needs, resolved from the environment and the config.
@@ -150,6 +156,16 @@ impl Secrets {
                 "store.kind is redis but neither store.url nor {} is set",
                 SecretEnv::REDIS_URL
             )));
+        }
+        if let Some(problem) = secrets
+            .redis_url
+            .as_deref()
+            .and_then(|url| crate::config::redis_url_problem(url, config.store.cluster))
+        {
+            return Err(SecretError::Invalid {
+                var: SecretEnv::REDIS_URL,
+                problem,
+            });
         }
         let kind = match broker {
             Some(BrokerKind::RabbitMq(_)) => Some("rabbitmq"),

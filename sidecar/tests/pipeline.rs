@@ -57,3 +57,9 @@ async fn broker_connection_loss_reconnects_and_processes_once() {
 async fn crash_loses_nothing_and_reprocesses_at_most_prefetch() {
     scenarios::crash_loses_nothing_and_reprocesses_at_most_max_in_flight::<RabbitMq>().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failover_loses_nothing_and_reprocesses_at_most_prefetch() {
+    scenarios::store_failover_loses_nothing_and_reprocesses_at_most_max_in_flight::<RabbitMq>()
+        .await;
+}

@@ -1,5 +1,6 @@
-//! The key store's behaviour, as one suite run against both stores: the real
-//! Redis on loopback and the in-memory twin.
+//! The key store's behaviour, as one suite run against every store: the real
+//! Redis on loopback, the local Redis Cluster (keys spread over many slots)
+//! and the in-memory twin.
 
 mod common;
 
@@ -11,7 +12,7 @@ const LEASE: Duration = Duration::from_secs(30);
 const RETENTION: Duration = Duration::from_secs(3600);
 
 /// Runs each behaviour below once per store, as tests named `<store>::<behaviour>`.
-macro_rules! for_both_stores {
+macro_rules! for_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory {
             $(
@@ -31,10 +32,20 @@ macro_rules! for_both_stores {
                 }
             )*
         }
+        mod redis_cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = crate::common::redis::cluster::store(stringify!($name)).await;
+                    super::$name(&store).await;
+                    crate::common::redis::cluster::cleanup(store.prefix()).await;
+                }
+            )*
+        }
     };
 }
 
-for_both_stores!(
+for_every_store!(
     absent_key_is_acquired,
     held_key_is_in_flight_until_its_lease_ends,
     completed_key_is_reported_completed,
@@ -365,6 +376,52 @@ async fn redis_keeps_one_hash_field_per_completed_key_and_no_claim_behind() {
     assert!((1..=50).contains(&buckets), "{buckets} buckets");
     common::redis::cleanup(store.prefix()).await;
     assert_eq!(common::redis::count(store.prefix()).await, 0);
+}
+
+/// Keys spread over the consumer's hash tags, so over the primaries serving
+/// their slots; a batch of mixed keys still runs (a script call naming keys
+/// of two slots would fail with CROSSSLOT).
+#[tokio::test]
+async fn redis_cluster_spreads_a_consumers_keys_over_the_primaries_of_its_slots() {
+    use common::redis::cluster;
+    let store = cluster::store("spread").await;
+    let keys: Vec<String> = (0..300).map(|i| format!("order-{i}")).collect();
+    futures::future::join_all(keys.iter().map(|key| {
+        let store = store.clone();
+        async move {
+            let token = acquire(&store, key, Some("fp"), LEASE).await;
+            let done = store.complete(key, &token, RETENTION).await;
+            assert_eq!(done.expect("complete"), Transition::Done);
+        }
+    }))
+    .await;
+    let mut expected = std::collections::BTreeSet::new();
+    for prefix in store.partition_prefixes() {
+        expected.insert(cluster::primary_of(&prefix).await);
+    }
+    let counts = cluster::count_per_primary(store.prefix()).await;
+    let holding: std::collections::BTreeSet<u16> = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(port, _)| *port)
+        .collect();
+    println!(
+        "{} keys over {} partitions: keys per primary {counts:?}",
+        keys.len(),
+        cluster::PARTITIONS
+    );
+    assert_eq!(holding, expected, "keys sit where their slots are served");
+    assert!(holding.len() > 1, "one consumer spans several primaries");
+    for key in &keys {
+        assert_eq!(claim(&store, key, Some("fp")).await, Claim::Completed);
+    }
+    cluster::cleanup(store.prefix()).await;
+    let left: usize = cluster::count_per_primary(store.prefix())
+        .await
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(left, 0);
 }
 
 #[tokio::test]

@@ -218,6 +218,7 @@ pub async fn reset(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<V
     let target = admin::Target {
         url: &url,
         password: password.as_deref(),
+        cluster: false,
         namespace: &namespace,
         partitions: ic.spec.store.partitions.unwrap_or(1),
         timeout: std::time::Duration::from_secs(2),

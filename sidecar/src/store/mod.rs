@@ -21,6 +21,7 @@
 //! local runs. Both pass the same behavioural test suite.
 
 pub mod batch;
+pub mod connection;
 pub mod instrumented;
 pub mod memory;
 pub mod redis;

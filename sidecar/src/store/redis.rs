@@ -28,11 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, Script};
+use redis::Script;
 use sha2::{Digest, Sha256};
 
 use super::batch::Batcher;
+use super::connection::{Connection, Endpoint};
 use super::{Claim, KeyStore, StoreError, Token, Transition};
 
 /// The field of a completed key is the digest past its first two bytes.
@@ -47,8 +47,11 @@ pub use crate::config::ResetPolicy;
 /// Where and how to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://` or `rediss://` URL, possibly with credentials.
+    /// `redis://` or `rediss://` URL, possibly with credentials; for a
+    /// Cluster, seed nodes separated by commas.
     pub url: String,
+    /// Whether `url` names Redis Cluster nodes.
+    pub cluster: bool,
     /// Password, when it is not in the URL.
     pub password: Option<String>,
     /// Scope of the keys: the consumer's name.
@@ -69,6 +72,7 @@ impl RedisOptions {
     pub fn new(url: impl Into<String>, namespace: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            cluster: false,
             password: None,
             namespace: namespace.into(),
             timeout: Duration::from_millis(500),
@@ -100,7 +104,7 @@ struct Partition {
 /// The connection, with the timeout of every call.
 #[derive(Clone)]
 struct Redis {
-    conn: ConnectionManager,
+    conn: Connection,
     timeout: Duration,
 }
 
@@ -193,30 +197,12 @@ impl RedisStore {
     /// tasks). It connects lazily and reconnects by itself, so it can be built
     /// while Redis is down; `ping` tells when it answers.
     pub fn new(options: RedisOptions) -> Result<Self, StoreError> {
-        let redis_err = |source| StoreError::Redis {
-            op: "connect",
-            source,
-        };
-        let mut info = options
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(redis_err)?;
-        if let Some(password) = &options.password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-            // rustls needs one process-wide crypto provider (the binary installs
-            // it too); a second install only reports that one is there.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = redis::Client::open(info).map_err(redis_err)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.timeout))
-            .set_response_timeout(Some(options.timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(redis_err)?;
+        let conn = Connection::open(&Endpoint {
+            url: &options.url,
+            password: options.password.as_deref(),
+            cluster: options.cluster,
+            timeout: options.timeout,
+        })?;
         let redis = Redis {
             conn,
             timeout: options.timeout,
@@ -632,34 +618,28 @@ impl KeyStore for RedisStore {
 pub mod admin {
     use std::time::Duration;
 
-    use redis::IntoConnectionInfo;
-
     use super::partition_prefixes;
+    use crate::store::connection::{Connection, Endpoint};
     use crate::store::StoreError;
 
     /// Where a consumer's store is, and how its keys are spread.
     pub struct Target<'a> {
         pub url: &'a str,
         pub password: Option<&'a str>,
+        /// Whether `url` names Redis Cluster nodes.
+        pub cluster: bool,
         pub namespace: &'a str,
         pub partitions: u16,
         pub timeout: Duration,
     }
 
-    async fn connection(
-        target: &Target<'_>,
-    ) -> Result<redis::aio::MultiplexedConnection, StoreError> {
-        let err = |source| StoreError::Redis {
-            op: "connect",
-            source,
-        };
-        let mut info = target.url.into_connection_info().map_err(err)?;
-        if let Some(password) = target.password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info).map_err(err)?;
-        bounded(target, "connect", client.get_multiplexed_async_connection()).await
+    fn connection(target: &Target<'_>) -> Result<Connection, StoreError> {
+        Connection::open(&Endpoint {
+            url: target.url,
+            password: target.password,
+            cluster: target.cluster,
+            timeout: target.timeout,
+        })
     }
 
     async fn bounded<T>(
@@ -679,7 +659,7 @@ pub mod admin {
     /// The reset records waiting for acknowledgement, one per partition
     /// that has one: `(partition prefix, record)`.
     pub async fn reset_records(target: &Target<'_>) -> Result<Vec<(String, String)>, StoreError> {
-        let mut conn = connection(target).await?;
+        let mut conn = connection(target)?;
         let mut records = Vec::new();
         for prefix in partition_prefixes(target.namespace, target.partitions) {
             let record: Option<String> = bounded(
@@ -706,7 +686,7 @@ pub mod admin {
             "if redis.call('HGET', KEYS[1], 'reset') == ARGV[1] then \
                return redis.call('HDEL', KEYS[1], 'reset') end return 0",
         );
-        let mut conn = connection(target).await?;
+        let mut conn = connection(target)?;
         let mut released = 0;
         for prefix in partition_prefixes(target.namespace, target.partitions) {
             let mut invocation = script.prepare_invoke();

@@ -510,6 +510,75 @@ pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
     t.delete().await;
 }
 
+/// Kills (SIGKILL) the primary serving the consumer's first slot mid-stream,
+/// on a Redis Cluster of the test's own; its replica takes over. Nothing is
+/// lost, only what was in flight at the kill (at most `max_in_flight`) may be
+/// processed twice, and the failover is not mistaken for a store reset (which
+/// would pause consumption under the default `failClosed`).
+pub async fn store_failover_loses_nothing_and_reprocesses_at_most_max_in_flight<
+    B: BrokerUnderTest,
+>() {
+    let mut cluster = super::redis::OwnCluster::start(7100).await;
+    let consumer = super::unique("failover");
+    let store = RedisStore::new(RedisOptions {
+        cluster: true,
+        partitions: 4,
+        timeout: Duration::from_millis(500),
+        ..RedisOptions::new(cluster.seeds(), &consumer)
+    })
+    .expect("options");
+    let watched = store.partition_prefixes()[0].clone();
+    let victim = cluster.primary_of(&watched).await;
+    let t = B::create("failover").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(5)).await;
+    let (n, max_in_flight) = (3000, 20);
+    t.publish((0..n).map(keyed).collect()).await;
+    let sidecar = start(
+        &t,
+        config(&t, &app, &consumer, max_in_flight, ""),
+        Arc::new(store),
+    )
+    .await;
+    assert!(app.wait_until(WAIT, |a| a.distinct() >= 500).await);
+
+    cluster.kill(victim);
+    let at_kill = app.processed();
+    let takeover = cluster
+        .wait_for_takeover(&watched, victim, Duration::from_secs(30))
+        .await;
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let resets = metric(&sidecar, "idemq_store_resets_total").await;
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "store failover ({}): {n} messages, primary :{victim} killed after {at_kill} processed, {}; {} processed in all, {} lost, {} processed twice (bound: max in flight {max_in_flight}), store resets {resets}",
+        B::NAME,
+        match takeover {
+            Some((port, after)) => format!("replica :{port} took over after {after:.1?}"),
+            None => "no replica took over".into(),
+        },
+        app.processed(),
+        n - app.distinct(),
+        app.processed_twice()
+    );
+    assert!(
+        takeover.is_some(),
+        "a replica takes over the killed primary's slots"
+    );
+    assert!(done, "processed {} of {n}", app.distinct());
+    assert!(
+        app.processed_twice() <= max_in_flight as usize,
+        "{} processed twice",
+        app.processed_twice()
+    );
+    assert_eq!(
+        resets, 0,
+        "a failover to an up-to-date replica is no store reset"
+    );
+    assert_eq!(t.backlog().await, 0);
+    assert!(t.dead_letters().await.is_empty());
+    t.delete().await;
+}
+
 pub async fn broker_connection_loss_reconnects_and_processes_once<B: DropsConnections>() {
     let t = B::create("connloss").await;
     let app = app::start_slow(app::always_ok(), Duration::from_millis(100)).await;
