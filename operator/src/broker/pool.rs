@@ -22,9 +22,15 @@ use super::BindError;
 /// Opens and closes one broker's clients.
 #[async_trait::async_trait]
 pub trait Connector: Send + Sync + 'static {
+    /// What a client connects to, credentials included: a URL, or Kafka's
+    /// bootstrap servers with their credentials.
+    type Endpoint: ?Sized + Sync;
     type Client: Send + Sync + 'static;
-    /// Opens a client to the endpoint `url` names (with its credentials).
-    async fn connect(&self, url: &str) -> Result<Self::Client, BindError>;
+    /// The bytes that tell two endpoints apart (credentials included); the
+    /// pool keeps only their digest.
+    fn identity(endpoint: &Self::Endpoint) -> Vec<u8>;
+    /// Opens a client to `endpoint`.
+    async fn connect(&self, endpoint: &Self::Endpoint) -> Result<Self::Client, BindError>;
     /// False once the client cannot be used any more (then it is replaced).
     fn usable(&self, client: &Self::Client) -> bool;
     async fn close(&self, client: &Self::Client);
@@ -47,7 +53,7 @@ impl Default for PoolConfig {
     }
 }
 
-/// The pool's key: a digest of the URL, so the map holds no credentials.
+/// The pool's key: a digest of the endpoint, so the map holds no credentials.
 type Key = [u8; 32];
 
 /// A slot's client, set once connected; the async mutex makes concurrent
@@ -134,9 +140,9 @@ impl<C: Connector> Pool<C> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The client for `url`, connecting if there is none.
-    pub async fn get(self: &Arc<Self>, url: &str) -> Result<Lease<C>, BindError> {
-        let key: Key = Sha256::digest(url.as_bytes()).into();
+    /// The client for `endpoint`, connecting if there is none.
+    pub async fn get(self: &Arc<Self>, endpoint: &C::Endpoint) -> Result<Lease<C>, BindError> {
+        let key: Key = Sha256::digest(C::identity(endpoint)).into();
         let reserved = self.reserve(key).await;
         let held = Held {
             pool: self.clone(),
@@ -162,7 +168,7 @@ impl<C: Connector> Pool<C> {
         if let Some(broken) = client.take() {
             self.connector.close(&broken).await;
         }
-        let fresh = Arc::new(self.connector.connect(url).await?);
+        let fresh = Arc::new(self.connector.connect(endpoint).await?);
         *client = Some(fresh.clone());
         Ok(Lease {
             client: fresh,
@@ -287,7 +293,11 @@ pub(crate) mod tests {
 
     #[async_trait::async_trait]
     impl Connector for Arc<Counting> {
+        type Endpoint = str;
         type Client = String;
+        fn identity(url: &str) -> Vec<u8> {
+            url.as_bytes().to_vec()
+        }
         async fn connect(&self, url: &str) -> Result<String, BindError> {
             if url.contains("unreachable") {
                 return Err(BindError::Unreachable("refused".into()));

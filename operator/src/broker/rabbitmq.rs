@@ -56,7 +56,12 @@ pub struct AmqpConnector;
 
 #[async_trait::async_trait]
 impl Connector for AmqpConnector {
+    type Endpoint = str;
     type Client = Connection;
+
+    fn identity(url: &str) -> Vec<u8> {
+        url.as_bytes().to_vec()
+    }
 
     async fn connect(&self, url: &str) -> Result<Connection, BindError> {
         connect(url).await
