@@ -30,6 +30,11 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
         json_path = ".spec.broker.rabbitmq.queue"
     ),
     printcolumn(
+        name = "Topics",
+        type_ = "string",
+        json_path = ".spec.broker.kafka.topics"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -43,6 +48,12 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.retention) || !has(self.lease) || duration(self.retention) >= duration(self.lease)"
 ).message("retention must be at least as long as lease"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.kafka) || !has(self.key) || !has(self.key.from) || self.key.from != 'messageId'"
+).message("Kafka records have no message id: set key.from to recordKey, header, jsonPointer, bodyHash, cloudEvent or coordinates"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.rabbitmq) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
+).message("recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent"))]
 #[serde(rename_all = "camelCase")]
 pub struct IdempotentConsumerSpec {
     /// The workload whose pods get the sidecar.
@@ -92,10 +103,37 @@ pub struct Target {
     pub name: String,
 }
 
+/// Exactly one broker kind: the schema says so (a CEL rule) and the
+/// operator checks again ([`Broker::kind`]) for objects stored before the rule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka)].exists_one(set, set)").message("set exactly one broker: rabbitmq or kafka"))]
 pub struct Broker {
-    pub rabbitmq: RabbitMqBinding,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitMqBinding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaBinding>,
+}
+
+/// The one broker a [`Broker`] names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BrokerKind<'a> {
+    RabbitMq(&'a RabbitMqBinding),
+    Kafka(&'a KafkaBinding),
+}
+
+impl Broker {
+    /// The field names of the broker kinds.
+    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka"];
+
+    /// The configured broker; `None` unless exactly one kind is set.
+    pub fn kind(&self) -> Option<BrokerKind<'_>> {
+        match (&self.rabbitmq, &self.kafka) {
+            (Some(rabbit), None) => Some(BrokerKind::RabbitMq(rabbit)),
+            (None, Some(kafka)) => Some(BrokerKind::Kafka(kafka)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -124,6 +162,120 @@ pub struct RabbitMqBinding {
     pub delete_on_cleanup: bool,
 }
 
+/// A Kafka consumer group: the operator checks that the topics exist and
+/// creates the dead-letter topics; the sidecar joins the group.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.securityProtocol) && self.securityProtocol in ['saslPlaintext', 'saslSsl']) == has(self.saslMechanism)"
+).message("saslMechanism is required with securityProtocol saslPlaintext or saslSsl, and only with them"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.connectionSecretRef.caKey) || (has(self.securityProtocol) && self.securityProtocol in ['ssl', 'saslSsl'])"
+).message("connectionSecretRef.caKey needs securityProtocol ssl or saslSsl"))]
+pub struct KafkaBinding {
+    /// Secret holding the connection: key `bootstrapServers`
+    /// (`host:port[,host:port…]`), and `username` and `password` with SASL.
+    pub connection_secret_ref: KafkaSecretRef,
+    /// Topics to consume. They must exist: their producers own them.
+    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 249), regex(pattern = KAFKA_TOPIC)))]
+    pub topics: Vec<String>,
+    /// The consumer group (default `<namespace>.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub group_id: Option<String>,
+    /// Where dead letters go (default `<topic>.dead` for each topic);
+    /// created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = KAFKA_TOPIC))]
+    pub dead_letter_topic: Option<String>,
+    /// Partitions of a dead-letter topic the operator creates (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub dead_letter_partitions: Option<i32>,
+    /// Replication factor of a dead-letter topic the operator creates
+    /// (default: the brokers' `default.replication.factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32))]
+    pub dead_letter_replication_factor: Option<i32>,
+    /// Records taken and not yet settled, per sidecar, over all partitions
+    /// (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub max_in_flight: Option<u32>,
+    /// Which records may be delivered at the same time (default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<KafkaOrdering>,
+    /// How long the group waits for a silent member (default 45s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub session_timeout: Option<String>,
+    /// Where a group without a committed offset starts (default earliest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_offset_reset: Option<OffsetReset>,
+    /// Settled offsets are committed at least this often (default 1s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub commit_interval: Option<String>,
+    /// How the brokers are reached (default plaintext).
+    #[serde(default)]
+    pub security_protocol: KafkaSecurityProtocol,
+    /// With a SASL protocol: plain, scramSha256 or scramSha512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+}
+
+/// Kafka's legal topic names.
+const KAFKA_TOPIC: &str = r"^[a-zA-Z0-9._-]+$";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// A key of this Secret holding the PEM CA bundle that verifies the
+    /// brokers (with ssl or saslSsl; default: the system's CAs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<String>,
+}
+
+/// `none`: up to `maxInFlight` records at once, in any order. `perKey`: one
+/// record per idempotency key at a time. `perPartition`: one record per
+/// partition at a time, in offset order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum KafkaOrdering {
+    None,
+    PerKey,
+    PerPartition,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum KafkaSecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
@@ -147,6 +299,11 @@ pub enum KeyFrom {
     JsonPointer,
     BodyHash,
     CloudEvent,
+    /// The Kafka record key (often an entity id rather than one per event).
+    RecordKey,
+    /// The Kafka record's topic/partition/offset: catches the redeliveries
+    /// after rebalances and crashes, not producer retries.
+    Coordinates,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
@@ -382,6 +539,10 @@ pub mod conditions {
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const QUEUE_MISMATCH: &str = "QueueArgumentsMismatch";
     pub const EXCHANGE_NOT_FOUND: &str = "ExchangeNotFound";
+    /// A Kafka topic to consume does not exist (its producers create it).
+    pub const TOPIC_NOT_FOUND: &str = "TopicNotFound";
+    /// The broker refused the credentials.
+    pub const BROKER_AUTH_FAILED: &str = "BrokerAuthenticationFailed";
     pub const BROKER_REFUSED: &str = "BrokerRefused";
     pub const REDIS_READY: &str = "RedisReady";
     pub const REDIS_NOT_READY: &str = "RedisNotReady";

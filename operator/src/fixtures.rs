@@ -15,7 +15,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
 use serde_json::{json, Value};
 
-use crate::broker::{BindError, Binder, Plan};
+use crate::broker::{BindError, Binder, Connection, Plan};
 use crate::controller::Context;
 use crate::crd::IdempotentConsumer;
 use crate::metrics::Metrics;
@@ -27,10 +27,10 @@ pub struct NoBroker;
 
 #[async_trait::async_trait]
 impl Binder for NoBroker {
-    async fn bind(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+    async fn bind(&self, _connection: &Connection, _plan: &Plan) -> Result<(), BindError> {
         Ok(())
     }
-    async fn delete_queues(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+    async fn delete_queues(&self, _connection: &Connection, _plan: &Plan) -> Result<(), BindError> {
         Ok(())
     }
 }
@@ -156,8 +156,16 @@ pub async fn serve(mut handle: Handle, expected: Vec<Expect>) {
 
 /// The sample policy as the API server returns it, with a finalizer.
 pub fn policy() -> IdempotentConsumer {
-    let mut ic: IdempotentConsumer =
-        serde_yaml::from_str(include_str!("../tests/data/policy.yaml")).expect("sample");
+    stored(include_str!("../tests/data/policy.yaml"))
+}
+
+/// The sample Kafka policy (topics `orders` and `refunds`), as stored.
+pub fn kafka_policy() -> IdempotentConsumer {
+    stored(include_str!("../tests/data/kafka-policy.yaml"))
+}
+
+fn stored(yaml: &str) -> IdempotentConsumer {
+    let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample");
     ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".into());
     ic.metadata.generation = Some(1);
     ic.metadata.resource_version = Some("100".into());

@@ -25,6 +25,20 @@ pub const CONFIG_VOLUME: &str = "idemq-config";
 pub const CONFIG_KEY: &str = "sidecar.yaml";
 pub const CONFIG_MOUNT: &str = "/etc/idemq";
 pub const REDIS_PASSWORD_KEY: &str = "password";
+/// Keys of a Kafka connection Secret.
+pub const KAFKA_BOOTSTRAP_SERVERS_KEY: &str = "bootstrapServers";
+pub const KAFKA_USERNAME_KEY: &str = "username";
+pub const KAFKA_PASSWORD_KEY: &str = "password";
+/// The Kafka CA bundle, mounted from the connection Secret (a file, since
+/// librdkafka reads a CA location; not a secret, but it lives beside them).
+pub const KAFKA_CA_VOLUME: &str = "idemq-kafka-ca";
+pub const KAFKA_CA_MOUNT: &str = "/etc/idemq-kafka";
+pub const KAFKA_CA_NAME: &str = "ca.crt";
+
+/// Where the sidecar reads the Kafka CA bundle.
+pub fn kafka_ca_file() -> String {
+    format!("{KAFKA_CA_MOUNT}/{KAFKA_CA_NAME}")
+}
 pub const ADMIN_PORT: u16 = 9090;
 pub const GATE_PORT: u16 = 7071;
 pub const REDIS_PORT: u16 = 6379;

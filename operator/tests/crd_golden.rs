@@ -46,12 +46,15 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(columns, ["Target", "Queue", "Ready", "Age"]);
+    assert_eq!(columns, ["Target", "Queue", "Topics", "Ready", "Age"]);
     let schema = serde_json::to_string(&version.schema).expect("schema");
     for rule in [
         "self.mode != 'external' || has(self.external)",
         "self.mode != 'http' || has(self.port)",
         "duration(self.retention) >= duration(self.lease)",
+        "[has(self.rabbitmq), has(self.kafka)].exists_one(set, set)",
+        "self.key.from != 'messageId'",
+        "== has(self.saslMechanism)",
     ] {
         assert!(schema.contains(rule), "missing CEL rule {rule}");
     }

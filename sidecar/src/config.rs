@@ -638,6 +638,28 @@ impl DeliveryConfig {
     }
 }
 
+impl KafkaConfig {
+    /// A member of `group_id` consuming `topics`, with every other setting at
+    /// its default.
+    pub fn new(topics: Vec<String>, group_id: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: None,
+            topics,
+            group_id: group_id.into(),
+            max_in_flight: defaults::max_in_flight(),
+            ordering: Ordering::default(),
+            session_timeout: defaults::session_timeout(),
+            auto_offset_reset: OffsetReset::default(),
+            dead_letter_topic: None,
+            commit_interval: defaults::commit_interval(),
+            assignment_strategy: defaults::assignment_strategy(),
+            security_protocol: SecurityProtocol::default(),
+            sasl_mechanism: None,
+            ca_file: None,
+        }
+    }
+}
+
 impl Default for GateConfig {
     fn default() -> Self {
         Self {
@@ -1242,6 +1264,13 @@ delivery:
         assert_eq!(kafka.auto_offset_reset, OffsetReset::Earliest);
         assert_eq!(kafka.assignment_strategy, "cooperative-sticky");
         assert_eq!(Config::from_yaml(&config.to_yaml()).expect("valid"), config);
+    }
+
+    #[test]
+    fn kafka_config_new_has_the_parsed_defaults() {
+        let parsed: KafkaConfig =
+            serde_yaml::from_str("topics: [orders]\ngroupId: g\n").expect("parses");
+        assert_eq!(KafkaConfig::new(vec!["orders".into()], "g"), parsed);
     }
 
     #[test]

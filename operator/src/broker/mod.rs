@@ -1,9 +1,10 @@
 //! Broker bindings: what a consumer needs declared on its broker (queues,
 //! bindings, dead-letter routes), behind one [`Binder`] trait.
 //!
-//! Each broker lives in its own module (`rabbitmq.rs`, and one file per
-//! broker added later) and contributes a variant of [`Plan`], built from the
-//! resource's spec by [`Plan::of`]. [`Brokers`] is the production binder: it
+//! Each broker lives in its own module (`rabbitmq.rs`, `kafka.rs`) and
+//! contributes a variant of [`Plan`], built from the resource's spec by
+//! [`Plan::of`], and of [`Connection`], read from the resource's Secret by
+//! [`Connection::from_secret`]. [`Brokers`] is the production binder: it
 //! sends each plan to its broker's binder. Controller tests substitute a fake.
 //!
 //! Every broker keeps one [`pool::Pool`] of clients, one per endpoint and
@@ -14,20 +15,31 @@
 //! declared with other arguments, a user without permissions) is reported to
 //! the user, not fought: redeclaring would mean deleting their messages.
 
+pub mod kafka;
 pub mod pool;
 pub mod rabbitmq;
 
-use crate::crd::{IdempotentConsumer, SecretKeyRef};
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+
+use crate::crd::{BrokerKind, IdempotentConsumer};
 
 /// What to declare for one consumer, on the broker its spec names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     RabbitMq(rabbitmq::Plan),
+    Kafka(kafka::Plan),
 }
 
 impl Plan {
-    pub fn of(ic: &IdempotentConsumer) -> Self {
-        Plan::RabbitMq(rabbitmq::Plan::of(ic))
+    /// `None` when the spec does not name exactly one broker (validation
+    /// refuses such a spec before anything is bound).
+    pub fn of(ic: &IdempotentConsumer) -> Option<Self> {
+        Some(match ic.spec.broker.kind()? {
+            BrokerKind::RabbitMq(rabbit) => Plan::RabbitMq(rabbitmq::Plan::of(rabbit)),
+            BrokerKind::Kafka(k) => Plan::Kafka(kafka::Plan::of(k)),
+        })
     }
 
     /// A sentence for the status: what is declared once bound.
@@ -37,24 +49,102 @@ impl Plan {
                 "queue {} and dead-letter queue {} are declared",
                 p.queue, p.dead_letter_queue
             ),
+            Plan::Kafka(p) => {
+                let plural = |n: usize, one: &'static str, many: &'static str| {
+                    if n == 1 {
+                        one
+                    } else {
+                        many
+                    }
+                };
+                format!(
+                    "{} {} {} and dead-letter {} {} {} present",
+                    plural(p.topics.len(), "topic", "topics"),
+                    p.topics.join(", "),
+                    plural(p.topics.len(), "exists", "exist"),
+                    plural(p.dead_letter_topics.len(), "topic", "topics"),
+                    p.dead_letter_topics.join(", "),
+                    plural(p.dead_letter_topics.len(), "is", "are"),
+                )
+            }
         }
     }
 }
 
-/// The Secret key holding the broker's connection URL (with credentials).
-pub fn connection_secret(ic: &IdempotentConsumer) -> &SecretKeyRef {
-    &ic.spec.broker.rabbitmq.connection_secret_ref
+/// A broker's endpoint and credentials, read from the resource's Secret.
+/// Secret: its `Debug` shows no value, and nothing prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Connection {
+    /// An AMQP URL with its credentials.
+    RabbitMq {
+        url: String,
+    },
+    Kafka(kafka::Connection),
 }
 
-/// Whether the queues go with the resource when it is deleted.
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connection::RabbitMq { .. } => f.write_str("Connection::RabbitMq(..)"),
+            Connection::Kafka(_) => f.write_str("Connection::Kafka(..)"),
+        }
+    }
+}
+
+impl Connection {
+    /// The name of the Secret `ic`'s broker connection comes from.
+    pub fn secret_name(ic: &IdempotentConsumer) -> Option<&str> {
+        Some(match ic.spec.broker.kind()? {
+            BrokerKind::RabbitMq(rabbit) => &rabbit.connection_secret_ref.name,
+            BrokerKind::Kafka(kafka) => &kafka.connection_secret_ref.name,
+        })
+    }
+
+    /// The connection from the Secret's `data`; `Err(key)` names a key the
+    /// spec needs and the Secret lacks.
+    pub fn from_secret(
+        ic: &IdempotentConsumer,
+        data: &BTreeMap<String, ByteString>,
+    ) -> Result<Self, String> {
+        let value = |key: &str| {
+            data.get(key)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                .ok_or_else(|| key.to_string())
+        };
+        match ic.spec.broker.kind() {
+            Some(BrokerKind::RabbitMq(rabbit)) => Ok(Connection::RabbitMq {
+                url: value(&rabbit.connection_secret_ref.key)?,
+            }),
+            Some(BrokerKind::Kafka(k)) => {
+                Ok(Connection::Kafka(kafka::Connection::from_secret(k, value)?))
+            }
+            None => Err("(no broker in the spec)".to_string()),
+        }
+    }
+
+    /// The bytes that tell two connections apart, credentials included: only
+    /// ever digested.
+    pub fn identity(&self) -> Vec<u8> {
+        match self {
+            Connection::RabbitMq { url } => url.as_bytes().to_vec(),
+            Connection::Kafka(k) => kafka::Connection::identity(k),
+        }
+    }
+}
+
+/// Whether the queues go with the resource when it is deleted. Kafka topics
+/// never do: the consumed ones are the producers', and dead letters are kept.
 pub fn delete_on_cleanup(ic: &IdempotentConsumer) -> bool {
-    ic.spec.broker.rabbitmq.delete_on_cleanup
+    matches!(ic.spec.broker.kind(), Some(BrokerKind::RabbitMq(r)) if r.delete_on_cleanup)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BindError {
     #[error("the broker is unreachable: {0}")]
     Unreachable(String),
+    /// The broker refused the credentials.
+    #[error("the broker refused the credentials: {0}")]
+    AuthenticationFailed(String),
     /// The queue (or topic, stream) exists with other arguments.
     #[error("the queue exists with other arguments: {0}")]
     ArgumentsMismatch(String),
@@ -65,22 +155,27 @@ pub enum BindError {
     /// idemq binds to it but does not guess its type to declare it.
     #[error("exchange {0:?} does not exist; declare it (its producers own it) or remove `exchange` from the spec")]
     ExchangeNotFound(String),
+    /// A topic to consume does not exist. It belongs to its producers: idemq
+    /// does not create it (a typo would otherwise become a new, empty topic).
+    #[error("topic {0:?} does not exist (or the user may not describe it); create it (its producers own it) or correct `topics`")]
+    TopicNotFound(String),
 }
 
 /// Declares and removes bindings; a trait so controller tests can substitute it.
 ///
-/// `url` is the connection URL read from the resource's Secret; it carries
-/// credentials and must never appear in an error, a log line or a status.
+/// `connection` comes from the resource's Secret; it carries credentials,
+/// which must never appear in an error, a log line or a status.
 #[async_trait::async_trait]
 pub trait Binder: Send + Sync {
-    async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError>;
-    async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError>;
+    async fn bind(&self, connection: &Connection, plan: &Plan) -> Result<(), BindError>;
+    async fn delete_queues(&self, connection: &Connection, plan: &Plan) -> Result<(), BindError>;
 }
 
 /// The production binder: each plan goes to its broker.
 #[derive(Default)]
 pub struct Brokers {
     pub rabbitmq: rabbitmq::Amqp,
+    pub kafka: kafka::Kafka,
 }
 
 impl Brokers {
@@ -88,21 +183,35 @@ impl Brokers {
     pub fn new(pool: pool::PoolConfig) -> Self {
         Self {
             rabbitmq: rabbitmq::Amqp::new(pool),
+            kafka: kafka::Kafka::new(pool),
         }
     }
 }
 
+/// A plan and a connection of two brokers: both come from one spec, so
+/// this is a bug, said rather than panicked on.
+fn mismatch() -> BindError {
+    BindError::Refused("the connection Secret was read for another broker kind".into())
+}
+
 #[async_trait::async_trait]
 impl Binder for Brokers {
-    async fn bind(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
-        match plan {
-            Plan::RabbitMq(p) => self.rabbitmq.bind(url, p).await,
+    async fn bind(&self, connection: &Connection, plan: &Plan) -> Result<(), BindError> {
+        match (plan, connection) {
+            (Plan::RabbitMq(p), Connection::RabbitMq { url }) => self.rabbitmq.bind(url, p).await,
+            (Plan::Kafka(p), Connection::Kafka(c)) => self.kafka.bind(c, p).await,
+            _ => Err(mismatch()),
         }
     }
 
-    async fn delete_queues(&self, url: &str, plan: &Plan) -> Result<(), BindError> {
-        match plan {
-            Plan::RabbitMq(p) => self.rabbitmq.delete_queues(url, p).await,
+    async fn delete_queues(&self, connection: &Connection, plan: &Plan) -> Result<(), BindError> {
+        match (plan, connection) {
+            (Plan::RabbitMq(p), Connection::RabbitMq { url }) => {
+                self.rabbitmq.delete_queues(url, p).await
+            }
+            // Nothing to delete (see `delete_on_cleanup`).
+            (Plan::Kafka(_), Connection::Kafka(_)) => Ok(()),
+            _ => Err(mismatch()),
         }
     }
 }

@@ -18,7 +18,7 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
 use super::pool::{Connector, Pool, PoolConfig};
 use super::BindError;
-use crate::crd::IdempotentConsumer;
+use crate::crd::RabbitMqBinding;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,13 +33,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn of(ic: &IdempotentConsumer) -> Self {
-        let rabbit = &ic.spec.broker.rabbitmq;
+    pub fn of(rabbit: &RabbitMqBinding) -> Self {
         Self {
             queue: rabbit.queue.clone(),
             exchange: rabbit.exchange.clone(),
             routing_keys: rabbit.routing_keys.clone(),
-            dead_letter_exchange: crate::render::config::dead_letter_exchange(ic),
+            dead_letter_exchange: crate::render::config::dead_letter_exchange(rabbit),
             dead_letter_queue: format!("{}.dead", rabbit.queue),
         }
     }

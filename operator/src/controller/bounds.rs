@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::reconcile;
 use crate::broker::pool::tests::Counting;
 use crate::broker::pool::{Pool, PoolConfig};
-use crate::broker::{BindError, Binder, Plan};
+use crate::broker::{BindError, Binder, Connection, Plan};
 use crate::crd::IdempotentConsumer;
 use crate::fixtures::{self, Cluster};
 
@@ -25,7 +25,10 @@ struct PooledFake {
 
 #[async_trait::async_trait]
 impl Binder for PooledFake {
-    async fn bind(&self, url: &str, _plan: &Plan) -> Result<(), BindError> {
+    async fn bind(&self, connection: &Connection, _plan: &Plan) -> Result<(), BindError> {
+        let Connection::RabbitMq { url } = connection else {
+            return Err(BindError::Refused("a RabbitMQ test".into()));
+        };
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let client = self.pool.get(url).await;
@@ -35,7 +38,7 @@ impl Binder for PooledFake {
         self.bound.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    async fn delete_queues(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+    async fn delete_queues(&self, _connection: &Connection, _plan: &Plan) -> Result<(), BindError> {
         Ok(())
     }
 }
@@ -55,9 +58,10 @@ fn resource(i: usize, endpoints: usize, cluster: &Cluster) -> IdempotentConsumer
     ic.metadata.name = Some(name.clone());
     ic.metadata.uid = Some(format!("uid-{i}"));
     ic.spec.target.name = format!("worker-{i}");
-    ic.spec.broker.rabbitmq.queue = format!("orders-{i}");
     let broker = format!("rabbitmq-{}", i % endpoints);
-    ic.spec.broker.rabbitmq.connection_secret_ref.name = broker.clone();
+    let rabbit = ic.spec.broker.rabbitmq.as_mut().expect("a RabbitMQ policy");
+    rabbit.queue = format!("orders-{i}");
+    rabbit.connection_secret_ref.name = broker.clone();
     ic.spec.store.mode = crate::crd::StoreMode::External;
     ic.spec.store.external = Some(crate::crd::ExternalStore {
         secret_ref: crate::crd::SecretKeyRef {

@@ -1,5 +1,6 @@
 //! The broker step: reads the connection Secret and has the [`Binder`]
-//! declare the consumer's queues; on cleanup, deletes them if asked to.
+//! declare the consumer's queues (or check its topics); on cleanup, deletes
+//! them if asked to.
 //!
 //! [`Binder`]: crate::broker::Binder
 
@@ -9,38 +10,59 @@ use kube::runtime::events::EventType;
 use sha2::{Digest, Sha256};
 
 use super::status::{publish, verdict, Verdict};
-use super::{secret_value, Context};
-use crate::broker::{self, BindError, Plan};
+use super::{key_missing, secret_data, Context};
+use crate::broker::{self, BindError, Connection, Plan};
 use crate::crd::conditions::*;
 use crate::crd::IdempotentConsumer;
 
-/// The connection URL, or the verdict saying why there is none.
-async fn url(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<String, Verdict> {
+/// The broker connection from the resource's Secret, or the verdict saying
+/// why there is none.
+async fn connection(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Connection, Verdict> {
+    let Some(name) = Connection::secret_name(ic) else {
+        return Err(no_broker());
+    };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let r = broker::connection_secret(ic);
-    match secret_value(&secrets, &r.name, &r.key).await {
-        Ok(Some(url)) => Ok(url),
+    let in_broker = |v: Verdict| Verdict {
+        type_: BROKER_BOUND,
+        ..v
+    };
+    match secret_data(&secrets, name).await {
+        Ok(Some(data)) => {
+            Connection::from_secret(ic, &data).map_err(|key| in_broker(key_missing(name, &key)))
+        }
         Ok(None) => Err(verdict(
             BROKER_BOUND,
             false,
             SECRET_NOT_FOUND,
-            format!("Secret {} does not exist", r.name),
+            format!("Secret {name} does not exist"),
         )),
-        Err(v) => Err(Verdict {
-            type_: BROKER_BOUND,
-            ..v
-        }),
+        Err(v) => Err(in_broker(v)),
     }
 }
 
-/// The digest of what the bindings depend on: the plan and the URL (with
-/// its credentials), salted with the resource's uid so that the status shows
-/// nothing that could be checked against a guessed password.
-fn digest(ic: &IdempotentConsumer, plan: &Plan, url: &str) -> String {
+/// A spec without exactly one broker: validation stops it before this step,
+/// so this is said for completeness.
+fn no_broker() -> Verdict {
+    verdict(
+        BROKER_BOUND,
+        false,
+        INVALID_SPEC,
+        crate::render::RenderError::Broker.to_string(),
+    )
+}
+
+/// The digest of what the bindings depend on: the plan and the connection
+/// (with its credentials), salted with the resource's uid so that the status
+/// shows nothing that could be checked against a guessed password.
+fn digest(ic: &IdempotentConsumer, plan: &Plan, connection: &Connection) -> String {
     let mut h = Sha256::new();
     h.update(ic.metadata.uid.as_deref().unwrap_or_default());
     h.update(format!("{plan:?}"));
-    h.update(url);
+    h.update(connection.identity());
     hex::encode(&h.finalize()[..12])
 }
 
@@ -48,12 +70,14 @@ fn digest(ic: &IdempotentConsumer, plan: &Plan, url: &str) -> String {
 /// Secret's content differ from what was last bound) or a periodic check is
 /// due; returns the verdict and, once bound, the digest to record.
 pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict, Option<String>) {
-    let url = match url(ic, ctx, ns).await {
-        Ok(url) => url,
+    let Some(plan) = Plan::of(ic) else {
+        return (no_broker(), None);
+    };
+    let connection = match connection(ic, ctx, ns).await {
+        Ok(connection) => connection,
         Err(v) => return (v, None),
     };
-    let plan = Plan::of(ic);
-    let digest = digest(ic, &plan, &url);
+    let digest = digest(ic, &plan, &connection);
     let status = ic.status.as_ref();
     let unchanged = status.and_then(|s| s.binding_hash.as_deref()) == Some(digest.as_str())
         && status.is_some_and(|s| {
@@ -69,7 +93,7 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict,
     }
     let bound = {
         let _permit = ctx.broker_operations.acquire().await;
-        ctx.binder.bind(&url, &plan).await
+        ctx.binder.bind(&connection, &plan).await
     };
     let verdict = match bound {
         Ok(()) => {
@@ -85,6 +109,12 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict,
         Err(e @ BindError::ExchangeNotFound(_)) => {
             verdict(BROKER_BOUND, false, EXCHANGE_NOT_FOUND, e.to_string())
         }
+        Err(e @ BindError::TopicNotFound(_)) => {
+            verdict(BROKER_BOUND, false, TOPIC_NOT_FOUND, e.to_string())
+        }
+        Err(e @ BindError::AuthenticationFailed(_)) => {
+            verdict(BROKER_BOUND, false, BROKER_AUTH_FAILED, e.to_string())
+        }
         Err(BindError::Refused(e)) => verdict(BROKER_BOUND, false, BROKER_REFUSED, e),
     };
     (verdict, None)
@@ -96,12 +126,15 @@ pub async fn unbind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) {
     if !broker::delete_on_cleanup(ic) {
         return;
     }
-    let Ok(url) = url(ic, ctx, ns).await else {
+    let Some(plan) = Plan::of(ic) else {
+        return;
+    };
+    let Ok(connection) = connection(ic, ctx, ns).await else {
         return;
     };
     let deleted = {
         let _permit = ctx.broker_operations.acquire().await;
-        ctx.binder.delete_queues(&url, &Plan::of(ic)).await
+        ctx.binder.delete_queues(&connection, &plan).await
     };
     if let Err(e) = deleted {
         publish(

@@ -277,17 +277,22 @@ pub(crate) async fn secret_value(
     name: &str,
     key: &str,
 ) -> Result<Option<String>, Verdict> {
-    match api.get_opt(name).await {
-        Ok(None) => Ok(None),
-        Ok(Some(secret)) => match secret.data.as_ref().and_then(|d| d.get(key)) {
+    match secret_data(api, name).await? {
+        None => Ok(None),
+        Some(data) => match data.get(key) {
             Some(value) => Ok(Some(String::from_utf8_lossy(&value.0).into_owned())),
-            None => Err(verdict(
-                "",
-                false,
-                SECRET_KEY_MISSING,
-                format!("Secret {name} has no key {key:?}"),
-            )),
+            None => Err(key_missing(name, key)),
         },
+    }
+}
+
+/// Dereference: the data of Secret `name`, Ok(None) when it is absent.
+pub(crate) async fn secret_data(
+    api: &Api<Secret>,
+    name: &str,
+) -> Result<Option<std::collections::BTreeMap<String, k8s_openapi::ByteString>>, Verdict> {
+    match api.get_opt(name).await {
+        Ok(secret) => Ok(secret.map(|s| s.data.unwrap_or_default())),
         Err(e) => Err(verdict(
             "",
             false,
@@ -295,6 +300,15 @@ pub(crate) async fn secret_value(
             format!("cannot read Secret {name}: {e}"),
         )),
     }
+}
+
+pub(crate) fn key_missing(name: &str, key: &str) -> Verdict {
+    verdict(
+        "",
+        false,
+        SECRET_KEY_MISSING,
+        format!("Secret {name} has no key {key:?}"),
+    )
 }
 
 /// Apply: validate, then each step in turn, then status.

@@ -515,3 +515,232 @@ async fn a_store_reset_is_reported_and_the_annotation_acknowledges_it() {
         .expect("HGET");
     assert_eq!(left, None, "the record is removed");
 }
+
+/// Kafka: the resource's topics on the real Kafka-protocol broker of
+/// 127.0.0.1:9092 (tansu, `.ci/services.sh`), through the production binder;
+/// the store is a Redis of the test's own, so that only the broker decides.
+mod kafka {
+    use std::time::Duration;
+
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::ClientConfig;
+
+    use super::*;
+    use crate::broker::Brokers;
+
+    const KAFKA_SECRET: &str = "/api/v1/namespaces/shop/secrets/kafka-orders";
+    const STORE_SECRET: &str = "/api/v1/namespaces/shop/secrets/orders-redis";
+    const BOOTSTRAP: &str = "127.0.0.1:9092";
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn admin() -> AdminClient<DefaultClientContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", BOOTSTRAP)
+            .create()
+            .expect("kafka admin client")
+    }
+
+    /// Partitions of `topic` on the broker; None when it does not exist.
+    fn partitions(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Option<usize> {
+        let metadata = admin.inner().fetch_metadata(None, TIMEOUT).expect(
+            "Kafka on 127.0.0.1:9092 (start it with: source .ci/services.sh && ensure_kafka)",
+        );
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+    }
+
+    fn secret(name: &str, key: &str, value: &str) -> Value {
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "shop" },
+                "data": { key: serde_json::to_value(k8s_openapi::ByteString(value.as_bytes().to_vec())).expect("base64") } })
+    }
+
+    /// The sample Kafka policy on `topic`, with the store of `redis`.
+    fn policy(topic: &str, redis: &OwnRedis) -> (IdempotentConsumer, Value) {
+        let mut ic = fixtures::kafka_policy();
+        let kafka = ic.spec.broker.kafka.as_mut().expect("kafka");
+        kafka.topics = vec![topic.to_string()];
+        kafka.dead_letter_partitions = Some(2);
+        ic.spec.store = serde_json::from_value(
+            json!({ "mode": "external", "external": { "secretRef": { "name": "orders-redis", "key": "url" } } }),
+        )
+        .expect("store spec");
+        (ic, secret("orders-redis", "url", &redis.url()))
+    }
+
+    /// Reconciles `ic` with the production binder; the API answers as given.
+    async fn reconcile_kafka(
+        ic: IdempotentConsumer,
+        store_secret: Value,
+        status: Arc<Mutex<Option<Value>>>,
+        events: Vec<Expect>,
+    ) {
+        let mut expected = vec![
+            Expect::get(CM, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(CM).with_body(|cm| {
+                let yaml = cm["data"]["sidecar.yaml"].as_str().unwrap_or_default();
+                assert!(
+                    yaml.contains("kafka:") && !yaml.contains(BOOTSTRAP),
+                    "{yaml}"
+                );
+            }),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
+            Expect::get(
+                KAFKA_SECRET,
+                StatusCode::OK,
+                secret("kafka-orders", "bootstrapServers", BOOTSTRAP),
+            ),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET).with_body(|p| {
+                let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
+                assert!(
+                    env.contains("IDEMQ_KAFKA_BOOTSTRAP_SERVERS") && !env.contains(BOOTSTRAP),
+                    "a reference, not the value: {env}"
+                );
+            }),
+            status_patch(status),
+        ];
+        expected.extend(events);
+        let (ctx, handle) = fixtures::context_with(
+            Arc::new(Brokers::default()),
+            crate::controller::DEFAULT_BROKER_OPERATIONS,
+        );
+        let server = tokio::spawn(fixtures::serve(handle, expected));
+        let result = reconcile(Arc::new(ic), ctx).await;
+        server.await.expect("every expected request came");
+        result.expect("reconciles");
+    }
+
+    fn condition(status: &Mutex<Option<Value>>, type_: &str) -> (String, String, String) {
+        let status = status.lock().expect("lock").clone().expect("status");
+        let c = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status}"));
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        (text("status"), text("reason"), text("message"))
+    }
+
+    #[tokio::test]
+    async fn a_missing_topic_is_topic_not_found_with_an_event_and_is_not_created() {
+        let redis = OwnRedis::start().await;
+        let topic = format!(
+            "op-scn-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let (ic, store_secret) = policy(&topic, &redis);
+        let status = Arc::new(Mutex::new(None));
+        let named = topic.clone();
+        let events = vec![
+            event("Injected"),
+            event("TopicNotFound").with_body(move |e| {
+                assert_eq!(e["type"], "Warning");
+                assert!(
+                    e["note"].as_str().is_some_and(|n| n.contains(&named)),
+                    "the Event names the topic: {e}"
+                );
+            }),
+        ];
+        reconcile_kafka(ic, store_secret, status.clone(), events).await;
+        let admin = admin();
+        let created = (
+            partitions(&admin, &topic),
+            partitions(&admin, &format!("{topic}.dead")),
+        );
+        let (bound, reason, message) = condition(&status, "BrokerBound");
+        println!("BrokerBound={bound} reason={reason}: {message}");
+        assert_eq!(
+            (bound.as_str(), reason.as_str()),
+            ("False", "TopicNotFound")
+        );
+        assert!(message.contains(&topic), "{message}");
+        assert_eq!(condition(&status, "Ready").0, "False");
+        assert_eq!(
+            created,
+            (None, None),
+            "neither the topic nor its dead-letter topic is created"
+        );
+    }
+
+    #[tokio::test]
+    async fn present_topics_bind_the_resource_ready_and_the_dead_letter_topic_is_created() {
+        let redis = OwnRedis::start().await;
+        let topic = format!(
+            "op-scn-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let dead = format!("{topic}.dead");
+        let admin = admin();
+        let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+        admin
+            .create_topics(
+                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                &opts,
+            )
+            .await
+            .expect(
+                "Kafka on 127.0.0.1:9092 (start it with: source .ci/services.sh && ensure_kafka)",
+            )
+            .into_iter()
+            .for_each(|r| {
+                r.expect("topic created");
+            });
+        let (ic, store_secret) = policy(&topic, &redis);
+        let status = Arc::new(Mutex::new(None));
+        reconcile_kafka(ic, store_secret, status.clone(), vec![event("Injected")]).await;
+        let dead_partitions = partitions(&admin, &dead);
+        let _ = admin.delete_topics(&[&topic, &dead], &opts).await;
+        for type_ in ["StoreReady", "BrokerBound", "SidecarInjected", "Ready"] {
+            let (value, reason, message) = condition(&status, type_);
+            println!("{type_}={value} reason={reason}: {message}");
+            assert_eq!(value, "True", "{type_}: {reason}: {message}");
+        }
+        assert!(condition(&status, "BrokerBound").2.contains(&dead));
+        assert_eq!(
+            dead_partitions,
+            Some(2),
+            "created with deadLetterPartitions"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_brokers_in_one_resource_are_an_invalid_spec_with_a_condition_and_an_event() {
+    // Stored before the schema's rule, or written past it.
+    let mut ic = fixtures::kafka_policy();
+    ic.spec.broker.rabbitmq = fixtures::policy().spec.broker.rabbitmq;
+    let status = Arc::new(Mutex::new(None));
+    let expected = vec![
+        status_patch(status.clone()),
+        event("InvalidSpec").with_body(|e| {
+            assert_eq!(e["type"], "Warning");
+            assert!(
+                e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("exactly one broker")),
+                "{e}"
+            );
+        }),
+    ];
+    let (ctx, handle) = fixtures::context();
+    let server = tokio::spawn(fixtures::serve(handle, expected));
+    let ic = Arc::new(ic);
+    let error = reconcile(ic.clone(), ctx.clone())
+        .await
+        .expect_err("an invalid spec is an error");
+    server.await.expect("every expected request came");
+    assert_eq!(
+        conditions(&status),
+        [("Ready".into(), "False".into(), "InvalidSpec".into())]
+    );
+    assert_eq!(
+        super::error_policy(ic, &error, ctx),
+        kube::runtime::controller::Action::await_change()
+    );
+}

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::{json, Value};
 
 use super::{reconcile, Context};
-use crate::broker::{BindError, Binder, Plan};
+use crate::broker::{BindError, Binder, Connection, Plan};
 use crate::crd::IdempotentConsumer;
 use crate::fixtures::{self, Cluster};
 
@@ -27,11 +27,11 @@ struct CountingBinder {
 
 #[async_trait::async_trait]
 impl Binder for CountingBinder {
-    async fn bind(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+    async fn bind(&self, _connection: &Connection, _plan: &Plan) -> Result<(), BindError> {
         self.binds.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    async fn delete_queues(&self, _url: &str, _plan: &Plan) -> Result<(), BindError> {
+    async fn delete_queues(&self, _connection: &Connection, _plan: &Plan) -> Result<(), BindError> {
         Ok(())
     }
 }
@@ -147,7 +147,12 @@ fn created(mut ic: IdempotentConsumer, name: &str, at: i64) -> IdempotentConsume
     ic.metadata.creation_timestamp = Some(Time(
         k8s_openapi::jiff::Timestamp::from_second(at).expect("time"),
     ));
-    ic.spec.broker.rabbitmq.queue = name.into();
+    ic.spec
+        .broker
+        .rabbitmq
+        .as_mut()
+        .expect("a RabbitMQ policy")
+        .queue = name.into();
     ic.spec.store.mode = crate::crd::StoreMode::External;
     ic.spec.store.external = Some(crate::crd::ExternalStore {
         secret_ref: crate::crd::SecretKeyRef {

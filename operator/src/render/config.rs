@@ -8,15 +8,19 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use idemq_sidecar::config::{
-    AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, KeySource, MissingKeyPolicy,
-    Mode, RabbitMqConfig, ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind,
-    UnavailablePolicy,
+    self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, KafkaConfig,
+    KeySource, MissingKeyPolicy, Mode, RabbitMqConfig, ReadinessCheck, ReadinessConfig,
+    ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
 
 use super::{owned_meta, RenderError};
-use crate::crd::{DeliveryMode, IdempotentConsumer, KeyFrom, MissingKey, OnReset, Unavailable};
+use crate::crd::{
+    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaOrdering,
+    KafkaSecurityProtocol, KeyFrom, MissingKey, OffsetReset, OnReset, RabbitMqBinding,
+    SaslMechanism, Unavailable,
+};
 use crate::labels;
 
 fn duration(
@@ -41,6 +45,8 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
         KeyFrom::MessageId => KeySource::MessageId,
         KeyFrom::BodyHash => KeySource::BodyHash,
         KeyFrom::CloudEvent => KeySource::CloudEvent,
+        KeyFrom::RecordKey => KeySource::RecordKey,
+        KeyFrom::Coordinates => KeySource::Coordinates,
         KeyFrom::Header => KeySource::Header {
             name: spec.key.name.clone().unwrap_or_default(),
         },
@@ -49,7 +55,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
         },
     };
     let gate = spec.delivery.mode == DeliveryMode::Gate;
-    let rabbit = &spec.broker.rabbitmq;
+    let broker = spec.broker.kind().ok_or(RenderError::Broker)?;
     let delivery_defaults = (
         Duration::from_secs(10),
         Duration::from_millis(200),
@@ -85,17 +91,20 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
             retention: duration("retention", &spec.retention, defaults.retention)?,
             max_attempts: spec.max_attempts.unwrap_or(defaults.max_attempts),
         },
-        broker: (!gate).then(|| BrokerConfig {
-            rabbitmq: Some(RabbitMqConfig {
-                url: None,
-                queue: rabbit.queue.clone(),
-                prefetch: rabbit.prefetch.unwrap_or(100),
-                dead_letter_exchange: dead_letter_exchange(ic),
-                dead_letter_routing_key: None,
-                audit_exchange: None,
-            }),
-            ..BrokerConfig::default()
-        }),
+        broker: if gate {
+            None
+        } else {
+            Some(match broker {
+                BrokerKind::RabbitMq(rabbit) => BrokerConfig {
+                    rabbitmq: Some(rabbitmq_config(rabbit)),
+                    ..BrokerConfig::default()
+                },
+                BrokerKind::Kafka(kafka) => BrokerConfig {
+                    kafka: Some(kafka_config(ic, kafka)?),
+                    ..BrokerConfig::default()
+                },
+            })
+        },
         delivery: if gate {
             None
         } else {
@@ -143,15 +152,106 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
     Ok(config)
 }
 
+fn rabbitmq_config(rabbit: &RabbitMqBinding) -> RabbitMqConfig {
+    RabbitMqConfig {
+        url: None,
+        queue: rabbit.queue.clone(),
+        prefetch: rabbit.prefetch.unwrap_or(100),
+        dead_letter_exchange: dead_letter_exchange(rabbit),
+        dead_letter_routing_key: None,
+        audit_exchange: None,
+    }
+}
+
+/// The `broker.kafka` section: bootstrap servers and credentials stay out of
+/// it (they reach the sidecar from the Secret through the environment).
+fn kafka_config(ic: &IdempotentConsumer, kafka: &KafkaBinding) -> Result<KafkaConfig, RenderError> {
+    // The sidecar's own defaults, for what the spec leaves unset.
+    let defaults = KafkaConfig::new(kafka.topics.clone(), group_id(ic, kafka));
+    Ok(KafkaConfig {
+        max_in_flight: kafka.max_in_flight.unwrap_or(defaults.max_in_flight),
+        ordering: match kafka.ordering {
+            None => defaults.ordering,
+            Some(KafkaOrdering::None) => sidecar::Ordering::None,
+            Some(KafkaOrdering::PerKey) => sidecar::Ordering::PerKey,
+            Some(KafkaOrdering::PerPartition) => sidecar::Ordering::PerPartition,
+        },
+        session_timeout: duration(
+            "broker.kafka.sessionTimeout",
+            &kafka.session_timeout,
+            defaults.session_timeout,
+        )?,
+        auto_offset_reset: match kafka.auto_offset_reset {
+            None => defaults.auto_offset_reset,
+            Some(OffsetReset::Earliest) => sidecar::OffsetReset::Earliest,
+            Some(OffsetReset::Latest) => sidecar::OffsetReset::Latest,
+        },
+        dead_letter_topic: kafka.dead_letter_topic.clone(),
+        commit_interval: duration(
+            "broker.kafka.commitInterval",
+            &kafka.commit_interval,
+            defaults.commit_interval,
+        )?,
+        security_protocol: kafka_security_protocol(kafka.security_protocol),
+        sasl_mechanism: kafka.sasl_mechanism.map(kafka_sasl_mechanism),
+        ca_file: kafka
+            .connection_secret_ref
+            .ca_key
+            .as_ref()
+            .map(|_| labels::kafka_ca_file()),
+        ..defaults
+    })
+}
+
+pub fn kafka_security_protocol(p: KafkaSecurityProtocol) -> sidecar::SecurityProtocol {
+    match p {
+        KafkaSecurityProtocol::Plaintext => sidecar::SecurityProtocol::Plaintext,
+        KafkaSecurityProtocol::Ssl => sidecar::SecurityProtocol::Ssl,
+        KafkaSecurityProtocol::SaslPlaintext => sidecar::SecurityProtocol::SaslPlaintext,
+        KafkaSecurityProtocol::SaslSsl => sidecar::SecurityProtocol::SaslSsl,
+    }
+}
+
+pub fn kafka_sasl_mechanism(m: SaslMechanism) -> sidecar::SaslMechanism {
+    match m {
+        SaslMechanism::Plain => sidecar::SaslMechanism::Plain,
+        SaslMechanism::ScramSha256 => sidecar::SaslMechanism::ScramSha256,
+        SaslMechanism::ScramSha512 => sidecar::SaslMechanism::ScramSha512,
+    }
+}
+
+/// The consumer group: the spec's, or `<namespace>.<name>` (the consumer's
+/// name, unique in the cluster).
+pub fn group_id(ic: &IdempotentConsumer, kafka: &KafkaBinding) -> String {
+    kafka
+        .group_id
+        .clone()
+        .unwrap_or_else(|| labels::consumer(ic))
+}
+
+/// The dead-letter topic of each topic, as the sidecar chooses it: the
+/// spec's one topic, or `<topic>.dead` for each.
+pub fn dead_letter_topics(kafka: &KafkaBinding) -> Vec<String> {
+    match &kafka.dead_letter_topic {
+        Some(topic) => vec![topic.clone()],
+        None => kafka.topics.iter().map(|t| format!("{t}.dead")).collect(),
+    }
+}
+
 /// The sidecar's in-flight byte budget: the policy's `maxInFlightBytes`
-/// (default 32 MiB), lowered to `prefetch × expectedMessageBytes` when that is
-/// smaller, so the memory sized from it is not more than the policy needs.
+/// (default 32 MiB), lowered to `prefetch × expectedMessageBytes` (Kafka:
+/// `maxInFlight ×`) when that is smaller, so the memory sized from it is not
+/// more than the policy needs.
 pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
     let delivery = &ic.spec.delivery;
     let budget = delivery
         .max_in_flight_bytes
         .unwrap_or_else(|| DeliveryConfig::new("").max_in_flight_bytes);
-    let prefetch = u64::from(ic.spec.broker.rabbitmq.prefetch.unwrap_or(100));
+    let prefetch = match ic.spec.broker.kind() {
+        Some(BrokerKind::RabbitMq(rabbit)) => u64::from(rabbit.prefetch.unwrap_or(100)),
+        Some(BrokerKind::Kafka(kafka)) => u64::from(kafka.max_in_flight.unwrap_or(100)),
+        None => 100,
+    };
     match delivery.expected_message_bytes {
         Some(size) => budget
             .min(prefetch.saturating_mul(size))
@@ -163,10 +263,8 @@ pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
 /// The smallest budget the sidecar accepts.
 const MIN_IN_FLIGHT_BYTES: u64 = 64 * 1024;
 
-pub fn dead_letter_exchange(ic: &IdempotentConsumer) -> String {
-    ic.spec
-        .broker
-        .rabbitmq
+pub fn dead_letter_exchange(rabbit: &RabbitMqBinding) -> String {
+    rabbit
         .dead_letter_exchange
         .clone()
         .unwrap_or_else(|| "idemq.dlx".to_string())
@@ -266,6 +364,104 @@ mod tests {
         let config = sidecar_config(&ic).expect("renders");
         assert_eq!(config.mode, Mode::Gate);
         assert!(config.broker.is_none() && config.delivery.is_none());
+    }
+
+    #[test]
+    fn a_kafka_spec_renders_the_section_the_sidecar_parses() {
+        let config = sidecar_config(&sample::kafka_policy()).expect("renders");
+        assert_eq!(config.dedup.key, KeySource::RecordKey);
+        let yaml = config.to_yaml();
+        // What the sidecar reads at start: parsed and validated by its own code.
+        let parsed = Config::from_yaml(&yaml).expect("the sidecar accepts it");
+        let kafka = parsed.broker.and_then(|b| b.kafka).expect("a kafka broker");
+        assert_eq!(kafka.topics, ["orders", "refunds"]);
+        assert_eq!(
+            kafka.group_id, "shop.orders",
+            "derived from namespace and name"
+        );
+        assert_eq!(kafka.max_in_flight, 200);
+        assert_eq!(kafka.ordering, sidecar::Ordering::PerKey);
+        assert_eq!(kafka.session_timeout, Duration::from_secs(10));
+        assert_eq!(kafka.dead_letter_topic, None, "the sidecar's <topic>.dead");
+        assert_eq!(kafka.bootstrap_servers, None, "from the Secret, by env");
+        assert_eq!(kafka.ca_file, None);
+        assert!(
+            !yaml.contains("kafka-orders"),
+            "no Secret name or value: {yaml}"
+        );
+        // The byte budget follows maxInFlight as it follows prefetch.
+        let mut ic = sample::kafka_policy();
+        ic.spec.delivery.expected_message_bytes = Some(10_000);
+        assert_eq!(in_flight_budget(&ic), 2_000_000);
+    }
+
+    #[test]
+    fn kafka_settings_reach_the_sidecar() {
+        let mut ic = sample::kafka_policy();
+        let kafka = ic.spec.broker.kafka.as_mut().expect("kafka");
+        kafka.group_id = Some("billing".into());
+        kafka.dead_letter_topic = Some("orders-dlq".into());
+        kafka.auto_offset_reset = Some(OffsetReset::Latest);
+        kafka.commit_interval = Some("250ms".into());
+        kafka.security_protocol = KafkaSecurityProtocol::SaslSsl;
+        kafka.sasl_mechanism = Some(SaslMechanism::ScramSha512);
+        kafka.connection_secret_ref.ca_key = Some("ca.pem".into());
+        let config = sidecar_config(&ic).expect("renders");
+        let kafka = config.broker.and_then(|b| b.kafka).expect("kafka");
+        assert_eq!(kafka.group_id, "billing");
+        assert_eq!(kafka.dead_letter_topic.as_deref(), Some("orders-dlq"));
+        assert_eq!(kafka.auto_offset_reset, sidecar::OffsetReset::Latest);
+        assert_eq!(kafka.commit_interval, Duration::from_millis(250));
+        assert_eq!(kafka.security_protocol, sidecar::SecurityProtocol::SaslSsl);
+        assert_eq!(
+            kafka.sasl_mechanism,
+            Some(sidecar::SaslMechanism::ScramSha512)
+        );
+        assert_eq!(kafka.ca_file.as_deref(), Some("/etc/idemq-kafka/ca.crt"));
+        assert_eq!(
+            dead_letter_topics(ic.spec.broker.kafka.as_ref().expect("kafka")),
+            ["orders-dlq"]
+        );
+        assert_eq!(
+            dead_letter_topics(
+                sample::kafka_policy()
+                    .spec
+                    .broker
+                    .kafka
+                    .as_ref()
+                    .expect("kafka")
+            ),
+            ["orders.dead", "refunds.dead"]
+        );
+    }
+
+    #[test]
+    fn two_brokers_or_none_are_an_invalid_spec() {
+        let mut both = sample::kafka_policy();
+        both.spec.broker.rabbitmq = sample::policy().spec.broker.rabbitmq;
+        let error = sidecar_config(&both).expect_err("two brokers");
+        assert_eq!(error, RenderError::Broker);
+        assert!(error
+            .to_string()
+            .contains("exactly one broker, one of: rabbitmq, kafka"));
+        let mut none = sample::policy();
+        none.spec.broker.rabbitmq = None;
+        assert_eq!(sidecar_config(&none), Err(RenderError::Broker));
+    }
+
+    #[test]
+    fn a_key_of_the_other_broker_is_refused_by_field() {
+        let mut ic = sample::kafka_policy();
+        ic.spec.key.from = KeyFrom::MessageId;
+        let Err(RenderError::Config(problems)) = sidecar_config(&ic) else {
+            panic!("Kafka records have no message id");
+        };
+        assert!(problems.contains("dedup.key.from"), "{problems}");
+        let mut ic = sample::policy();
+        ic.spec.key.from = KeyFrom::Coordinates;
+        assert!(
+            matches!(sidecar_config(&ic), Err(RenderError::Config(p)) if p.contains("dedup.key.from"))
+        );
     }
 
     #[test]

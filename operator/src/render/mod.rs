@@ -17,6 +17,9 @@ pub enum RenderError {
     Duration { field: &'static str, value: String },
     #[error("the sidecar configuration is invalid: {0}")]
     Config(String),
+    /// Both broker kinds, or none (an object stored before the schema's rule).
+    #[error("spec.broker must set exactly one broker, one of: {}", crate::crd::Broker::KINDS.join(", "))]
+    Broker,
     #[error("the resource has no {0}; it must come from the API server")]
     Metadata(&'static str),
 }
@@ -48,9 +51,16 @@ pub(crate) mod sample {
     use crate::crd::IdempotentConsumer;
 
     pub fn policy() -> IdempotentConsumer {
-        let mut ic: IdempotentConsumer =
-            serde_yaml::from_str(include_str!("../../tests/data/policy.yaml"))
-                .expect("sample policy");
+        from_yaml(include_str!("../../tests/data/policy.yaml"))
+    }
+
+    /// A Kafka consumer of two topics.
+    pub fn kafka_policy() -> IdempotentConsumer {
+        from_yaml(include_str!("../../tests/data/kafka-policy.yaml"))
+    }
+
+    fn from_yaml(yaml: &str) -> IdempotentConsumer {
+        let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample policy");
         ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".to_string());
         ic.metadata.generation = Some(1);
         ic

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
-    Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -20,7 +20,10 @@ use serde_json::{json, Value};
 
 use idemq_sidecar::config::{memory_limit_bytes, memory_request_bytes, SecretEnv};
 
-use crate::crd::{DeliveryMode, IdempotentConsumer, StoreMode, TargetKind};
+use crate::crd::{
+    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaSecurityProtocol, StoreMode,
+    TargetKind,
+};
 use crate::labels;
 
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
@@ -145,8 +148,7 @@ pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
         ..ContainerPort::default()
     }];
     if spec.delivery.mode == DeliveryMode::Http {
-        let broker = &spec.broker.rabbitmq.connection_secret_ref;
-        env.push(secret_env(SecretEnv::BROKER_URL, &broker.name, &broker.key));
+        env.extend(broker_env(ic));
     } else {
         ports.push(ContainerPort {
             name: Some("idemq-gate".to_string()),
@@ -174,14 +176,93 @@ pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
                 .unwrap_or_else(|| default_resources(ic)),
         ),
         security_context: Some(restricted_security_context(65532)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: labels::CONFIG_VOLUME.to_string(),
-            mount_path: labels::CONFIG_MOUNT.to_string(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(volumes(ic).into_iter().map(|(_, mount)| mount).collect()),
         ..Container::default()
     }
+}
+
+/// The broker's connection, as references to its Secret (pipeline mode).
+fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
+    match ic.spec.broker.kind() {
+        Some(BrokerKind::RabbitMq(rabbit)) => {
+            let r = &rabbit.connection_secret_ref;
+            vec![secret_env(SecretEnv::BROKER_URL, &r.name, &r.key)]
+        }
+        Some(BrokerKind::Kafka(kafka)) => {
+            let name = &kafka.connection_secret_ref.name;
+            let mut env = vec![secret_env(
+                SecretEnv::KAFKA_BOOTSTRAP_SERVERS,
+                name,
+                labels::KAFKA_BOOTSTRAP_SERVERS_KEY,
+            )];
+            if sasl(kafka) {
+                env.push(secret_env(
+                    SecretEnv::KAFKA_USERNAME,
+                    name,
+                    labels::KAFKA_USERNAME_KEY,
+                ));
+                env.push(secret_env(
+                    SecretEnv::KAFKA_PASSWORD,
+                    name,
+                    labels::KAFKA_PASSWORD_KEY,
+                ));
+            }
+            env
+        }
+        // Refused by validation before anything is rendered.
+        None => Vec::new(),
+    }
+}
+
+fn sasl(kafka: &KafkaBinding) -> bool {
+    matches!(
+        kafka.security_protocol,
+        KafkaSecurityProtocol::SaslPlaintext | KafkaSecurityProtocol::SaslSsl
+    )
+}
+
+fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
+/// The sidecar's volumes and their mounts: its configuration, and the Kafka
+/// CA bundle when the connection Secret holds one (pipeline mode).
+fn volumes(ic: &IdempotentConsumer) -> Vec<(Volume, VolumeMount)> {
+    let mut volumes = vec![(
+        config_volume(ic),
+        read_only_mount(labels::CONFIG_VOLUME, labels::CONFIG_MOUNT),
+    )];
+    let ca = match ic.spec.broker.kind() {
+        Some(BrokerKind::Kafka(kafka)) if ic.spec.delivery.mode == DeliveryMode::Http => {
+            let r = &kafka.connection_secret_ref;
+            r.ca_key.as_ref().map(|key| (r.name.clone(), key.clone()))
+        }
+        _ => None,
+    };
+    if let Some((secret, key)) = ca {
+        volumes.push((
+            Volume {
+                name: labels::KAFKA_CA_VOLUME.to_string(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret),
+                    items: Some(vec![KeyToPath {
+                        key,
+                        path: labels::KAFKA_CA_NAME.to_string(),
+                        ..KeyToPath::default()
+                    }]),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            read_only_mount(labels::KAFKA_CA_VOLUME, labels::KAFKA_CA_MOUNT),
+        ));
+    }
+    volumes
 }
 
 pub fn config_volume(ic: &IdempotentConsumer) -> Volume {
@@ -222,7 +303,7 @@ pub fn workload_patch(ic: &IdempotentConsumer, config_hash: &str, default_image:
             },
             "spec": {
                 "initContainers": [container(ic, default_image)],
-                "volumes": [config_volume(ic)],
+                "volumes": volumes(ic).into_iter().map(|(volume, _)| volume).collect::<Vec<_>>(),
             }
         }}
     })
@@ -307,7 +388,9 @@ mod tests {
             ("288Mi".into(), "576Mi".into())
         );
         // 100 × 64 KiB = 6.25 MiB is all the policy can hold in flight.
-        ic.spec.broker.rabbitmq.prefetch = Some(100);
+        if let Some(rabbit) = ic.spec.broker.rabbitmq.as_mut() {
+            rabbit.prefetch = Some(100);
+        }
         ic.spec.delivery.expected_message_bytes = Some(64 * 1024);
         assert_eq!(
             memory(&container(&ic, "img")),
@@ -364,6 +447,70 @@ mod tests {
             .iter()
             .flatten()
             .all(|e| e.name != "IDEMQ_REDIS_PASSWORD"));
+    }
+
+    fn secret_ref(c: &Container, name: &str) -> (String, String) {
+        let r = env_of(c, name)
+            .value_from
+            .and_then(|v| v.secret_key_ref)
+            .unwrap_or_else(|| panic!("{name} is not a Secret reference"));
+        (r.name, r.key)
+    }
+
+    #[test]
+    fn kafka_connection_reaches_the_sidecar_only_as_secret_references() {
+        let mut ic = sample::kafka_policy();
+        let c = container(&ic, "img");
+        assert_eq!(
+            secret_ref(&c, "IDEMQ_KAFKA_BOOTSTRAP_SERVERS"),
+            ("kafka-orders".into(), "bootstrapServers".into())
+        );
+        assert!(
+            c.env
+                .iter()
+                .flatten()
+                .all(|e| e.name != "IDEMQ_KAFKA_PASSWORD" && e.name != "IDEMQ_BROKER_URL"),
+            "no credentials without SASL, no AMQP URL"
+        );
+        assert_eq!(c.volume_mounts.as_ref().map(Vec::len), Some(1));
+
+        let kafka = ic.spec.broker.kafka.as_mut().expect("kafka");
+        kafka.security_protocol = KafkaSecurityProtocol::SaslSsl;
+        kafka.sasl_mechanism = Some(crate::crd::SaslMechanism::ScramSha256);
+        kafka.connection_secret_ref.ca_key = Some("ca.pem".into());
+        let c = container(&ic, "img");
+        assert_eq!(
+            secret_ref(&c, "IDEMQ_KAFKA_USERNAME"),
+            ("kafka-orders".into(), "username".into())
+        );
+        assert_eq!(
+            secret_ref(&c, "IDEMQ_KAFKA_PASSWORD"),
+            ("kafka-orders".into(), "password".into())
+        );
+        assert!(
+            c.env.iter().flatten().all(|e| e
+                .value
+                .as_deref()
+                .is_none_or(|v| !v.contains("kafka-orders"))),
+            "every Kafka value is a reference"
+        );
+        // The CA bundle: a file from the Secret, where the config says.
+        let patch = workload_patch(&ic, "abc", "img");
+        let pod = &patch["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], "kafka-orders");
+        assert_eq!(pod["volumes"][1]["secret"]["items"][0]["key"], "ca.pem");
+        assert_eq!(pod["volumes"][1]["secret"]["items"][0]["path"], "ca.crt");
+        let mount = &pod["initContainers"][0]["volumeMounts"][1];
+        assert_eq!(
+            format!("{}/ca.crt", mount["mountPath"].as_str().unwrap_or_default()),
+            crate::render::config::sidecar_config(&ic)
+                .expect("renders")
+                .broker
+                .and_then(|b| b.kafka)
+                .and_then(|k| k.ca_file)
+                .expect("a CA file")
+        );
+        assert_eq!(mount["readOnly"], true);
     }
 
     #[test]
