@@ -25,7 +25,7 @@ crds: ## regenerate the CRD YAML (crds/ and the chart's copy) from the Rust type
 	cargo run -q -p idemq-operator -- crd | tee crds/idempotentconsumers.idemq.dev.yaml \
 	  charts/idemq/files/crds/idempotentconsumers.idemq.dev.yaml > /dev/null
 
-tools: ## install helm and kubernetes-validate into .tools/
+tools: ## install helm, kubernetes-validate and cel-python into .tools/
 	bash .ci/tools.sh
 
 manifests: tools ## helm lint/template and offline schema validation of every manifest

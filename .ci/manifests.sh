@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Lints and renders the Helm chart, and validates every manifest offline
 # against the Kubernetes schemas: the chart rendered with default and with
-# non-trivial values, crds/, examples/, and what `idemq-operator inject`
-# prints for each example. Needs `bash .ci/tools.sh` and a built operator.
+# non-trivial values, crds/, examples/ (our resources against the CRD's schema
+# and CEL rules), and what `idemq-operator inject` prints for each example.
+# Needs `bash .ci/tools.sh` and a built operator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HELM=.tools/bin/helm
@@ -59,3 +60,19 @@ echo "$report" | grep -v "Couldn't find schema for kind \(IdempotentConsumer\|Se
 passed=$(echo "$report" | grep -c ' passed for resource ' || true)
 echo "kubernetes-validate: $passed resources passed"
 $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml examples/*.yaml
+
+echo "== the CRD's CEL rules refuse a resource with two brokers and a Kafka messageId key"
+$PY - examples/kafka.yaml examples/rabbitmq-managed-redis.yaml "$out/two-brokers.yaml" <<'PY'
+import sys, yaml
+kafka, rabbit = ([d for d in yaml.safe_load_all(open(p)) if d and d["kind"] == "IdempotentConsumer"][0] for p in sys.argv[1:3])
+kafka["spec"]["broker"]["rabbitmq"] = rabbit["spec"]["broker"]["rabbitmq"]
+kafka["spec"]["key"] = {"from": "messageId"}
+yaml.safe_dump(kafka, open(sys.argv[3], "w"))
+PY
+if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/two-brokers.yaml" > "$out/cel.txt"; then
+  cat "$out/cel.txt" >&2
+  echo "a resource with two brokers was accepted" >&2
+  exit 1
+fi
+grep -q "exactly one broker" "$out/cel.txt" && grep -q "no message id" "$out/cel.txt" || { cat "$out/cel.txt" >&2; exit 1; }
+grep FAIL "$out/cel.txt"

