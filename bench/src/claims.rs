@@ -1,5 +1,7 @@
 //! Claim throughput of one Redis store with many concurrent callers, next to
-//! `redis-benchmark` doing plain SETs with as many clients, in the same run.
+//! `redis-benchmark` doing plain SETs with as many clients, in the same run;
+//! with `--cluster`, the same loops against a Redis Cluster too, and the
+//! ratio of the two.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use idemq_sidecar::store::redis::RedisStore;
 use idemq_sidecar::store::{Claim, KeyStore};
 
-use crate::redis_admin;
+use crate::redis_admin::{self, Servers};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,31 +23,96 @@ pub struct Args {
     seconds: u64,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis: String,
+    /// Seed nodes of a Redis Cluster (comma-separated URLs) to measure too.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Hash tags the Cluster store spreads a consumer's keys over.
+    #[arg(long, default_value_t = 12)]
+    partitions: u16,
 }
 
 const RETENTION: Duration = Duration::from_secs(3600);
 const LEASE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = redis_admin::fresh_store(&args.redis, "bench-claims")?;
-    store.ping().await?;
     let duration = Duration::from_secs(args.seconds);
-
+    let mut node = Servers::connect(&args.redis, false).await?;
+    let one = measure_store(&mut node, &args, duration).await?;
     let mut admin = redis_admin::connection(&args.redis).await?;
-    let (claims, claim_cpu) = measure(&store, &mut admin, args.callers, duration, false).await?;
-    let (cycles, cycle_cpu) = measure(&store, &mut admin, args.callers, duration, true).await?;
-    redis_admin::delete_prefix(&mut admin, store.prefix()).await?;
-
     let set = redis_benchmark_set(&args, &mut admin).await?;
+    let cluster = match &args.cluster {
+        Some(seeds) => {
+            let mut cluster = Servers::connect(seeds, true).await?;
+            Some(measure_store(&mut cluster, &args, duration).await?)
+        }
+        None => None,
+    };
+
     println!("callers:                          {}", args.callers);
-    println!("idemq claims/s (claim only):      {claims:.0}  (Redis CPU {claim_cpu:.2} s/100k)");
-    println!(
-        "idemq claim+complete cycles/s:    {cycles:.0}  ({:.0} store calls/s; Redis CPU {cycle_cpu:.2} s/100k cycles)",
-        cycles * 2.0
-    );
+    one.print();
     println!("redis-benchmark SET/s ({} clients): {set:.0}", args.callers);
-    println!("ratio claims/SET:                 {:.2}", claims / set);
+    println!("ratio claims/SET:                 {:.2}", one.claims / set);
+    if let Some(cluster) = cluster {
+        cluster.print();
+        println!(
+            "ratio Cluster/one node:           claims {:.2}, cycles {:.2}",
+            cluster.claims / one.claims,
+            cluster.cycles / one.cycles
+        );
+    }
     Ok(())
+}
+
+/// What one store setup did: claims alone, then claim+complete cycles.
+struct Figures {
+    setup: String,
+    claims: f64,
+    claim_cpu: f64,
+    cycles: f64,
+    cycle_cpu: f64,
+}
+
+impl Figures {
+    fn print(&self) {
+        println!("{}:", self.setup);
+        println!(
+            "  idemq claims/s (claim only):    {:.0}  (Redis CPU {:.2} s/100k)",
+            self.claims, self.claim_cpu
+        );
+        println!(
+            "  idemq claim+complete cycles/s:  {:.0}  ({:.0} store calls/s; Redis CPU {:.2} s/100k cycles)",
+            self.cycles,
+            self.cycles * 2.0,
+            self.cycle_cpu
+        );
+    }
+}
+
+async fn measure_store(
+    servers: &mut Servers,
+    args: &Args,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
+    let store = servers.store("bench-claims", args.partitions, |_| {})?;
+    store.ping().await?;
+    let (claims, claim_cpu) = measure(&store, servers, args.callers, duration, false).await?;
+    let (cycles, cycle_cpu) = measure(&store, servers, args.callers, duration, true).await?;
+    servers.delete_prefix(store.prefix()).await?;
+    Ok(Figures {
+        setup: if servers.cluster {
+            format!(
+                "{}, {} partitions",
+                servers.describe(),
+                store.partition_prefixes().len()
+            )
+        } else {
+            servers.describe()
+        },
+        claims,
+        claim_cpu,
+        cycles,
+        cycle_cpu,
+    })
 }
 
 /// Runs `callers` loops for `duration`, each claiming fresh keys (and
@@ -53,13 +120,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// Redis server's CPU seconds per 100,000 operations.
 async fn measure(
     store: &Arc<RedisStore>,
-    admin: &mut redis::aio::MultiplexedConnection,
+    servers: &mut Servers,
     callers: usize,
     duration: Duration,
     complete: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let done = Arc::new(AtomicU64::new(0));
-    let cpu_before = redis_admin::cpu_seconds(admin).await?;
+    let cpu_before = servers.cpu_seconds().await?;
     let started = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|caller| {
@@ -88,7 +155,7 @@ async fn measure(
         task.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = redis_admin::cpu_seconds(admin).await? - cpu_before;
+    let cpu = servers.cpu_seconds().await? - cpu_before;
     let done = done.load(Ordering::Relaxed) as f64;
     Ok((done / elapsed, cpu * 100_000.0 / done.max(1.0)))
 }

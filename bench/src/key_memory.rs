@@ -1,5 +1,6 @@
 //! Redis memory per retained key: completes N keys through the real store
-//! scripts and divides the growth of `used_memory` by N.
+//! scripts and divides the growth of `used_memory` (summed over the
+//! primaries, on a Cluster) by N.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,12 @@ pub struct Args {
     keys: u64,
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis: String,
+    /// `--redis` names seed nodes of a Redis Cluster (comma-separated URLs).
+    #[arg(long)]
+    cluster: bool,
+    /// Hash tags the Cluster store spreads the keys over.
+    #[arg(long, default_value_t = 12)]
+    partitions: u16,
     /// Concurrent store calls.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -31,11 +38,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let rate = args
         .rate
         .unwrap_or(args.keys as f64 / (RETENTION.as_secs_f64() / 4.0));
-    let store = crate::redis_admin::fresh_store_with(&args.redis, "bench-mem", |o| {
+    let mut servers = crate::redis_admin::Servers::connect(&args.redis, args.cluster).await?;
+    let store = servers.store("bench-mem", args.partitions, |o| {
         o.expected_rate = (rate > 0.0).then_some(rate);
     })?;
-    let mut admin = crate::redis_admin::connection(&args.redis).await?;
-    let before = crate::redis_admin::used_memory(&mut admin).await?;
+    let before = servers.used_memory().await?;
     let started = Instant::now();
     futures::stream::iter(0..args.keys)
         .map(|i| {
@@ -57,9 +64,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .collect::<anyhow::Result<Vec<()>>>()?;
     let elapsed = started.elapsed();
-    let after = crate::redis_admin::used_memory(&mut admin).await?;
-    let deleted = crate::redis_admin::delete_prefix(&mut admin, store.prefix()).await?;
+    let after = servers.used_memory().await?;
+    let deleted = servers.delete_prefix(store.prefix()).await?;
     let per_key = (after.saturating_sub(before)) as f64 / args.keys as f64;
+    println!(
+        "store:                 {}, {} partitions",
+        servers.describe(),
+        store.partition_prefixes().len()
+    );
     println!("keys completed:        {}", args.keys);
     println!("declared rate:         {rate:.1} msg/s");
     println!("time:                  {:.1} s", elapsed.as_secs_f64());

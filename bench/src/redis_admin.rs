@@ -1,5 +1,6 @@
 //! The benchmarks' own Redis chores: connections, stores under fresh
-//! namespaces, cleaning up what a run wrote, and figures from `INFO`.
+//! namespaces, cleaning up what a run wrote, and figures from `INFO`, of one
+//! node or summed over a Cluster's primaries ([`Servers`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,12 +8,7 @@ use std::time::Duration;
 use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
 
 /// A Redis store under a namespace of its own (`<label>-<random>`), so that a
-/// run touches no key it did not create.
-pub fn fresh_store(url: &str, label: &str) -> anyhow::Result<Arc<RedisStore>> {
-    fresh_store_with(url, label, |_| {})
-}
-
-/// [`fresh_store`] with options adjusted by `adjust`.
+/// run touches no key it did not create; options adjusted by `adjust`.
 pub fn fresh_store_with(
     url: &str,
     label: &str,
@@ -55,8 +51,14 @@ pub async fn delete_prefix(
             .query_async(conn)
             .await?;
         if !keys.is_empty() {
-            let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            deleted += n;
+            // One key per UNLINK: on a Cluster node a command may not name
+            // keys of two slots.
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("UNLINK").arg(key);
+            }
+            let unlinked: Vec<u64> = pipe.query_async(conn).await?;
+            deleted += unlinked.iter().sum::<u64>();
         }
         if next == 0 {
             return Ok(deleted);
@@ -90,4 +92,91 @@ fn field(info: &str, name: &str) -> anyhow::Result<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("INFO has no numeric {name}"))
+}
+
+/// The servers a run measures: one node, or every primary of a Redis Cluster
+/// (found from the first seed's `CLUSTER NODES`), whose figures are summed.
+pub struct Servers {
+    /// The store URL: one node, or the Cluster's seeds separated by commas.
+    pub url: String,
+    pub cluster: bool,
+    nodes: Vec<redis::aio::MultiplexedConnection>,
+}
+
+impl Servers {
+    pub async fn connect(url: &str, cluster: bool) -> anyhow::Result<Self> {
+        let first = url.split(',').next().unwrap_or(url).trim();
+        let mut seed = connection(first).await?;
+        let nodes = if cluster {
+            let text: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut seed)
+                .await?;
+            let mut nodes = Vec::new();
+            for line in text.lines() {
+                // <id> <ip:port@bus> <flags> ...
+                let fields: Vec<&str> = line.split(' ').collect();
+                if fields.len() > 2 && fields[2].contains("master") && !fields[2].contains("fail") {
+                    let addr = fields[1].split('@').next().unwrap_or_default();
+                    nodes.push(connection(&format!("redis://{addr}")).await?);
+                }
+            }
+            anyhow::ensure!(!nodes.is_empty(), "{first} lists no live primary");
+            nodes
+        } else {
+            vec![seed]
+        };
+        Ok(Self {
+            url: url.to_string(),
+            cluster,
+            nodes,
+        })
+    }
+
+    /// A store on these servers under a fresh namespace; on a Cluster its
+    /// keys spread over `partitions` hash tags.
+    pub fn store(
+        &self,
+        label: &str,
+        partitions: u16,
+        adjust: impl FnOnce(&mut RedisOptions),
+    ) -> anyhow::Result<Arc<RedisStore>> {
+        fresh_store_with(&self.url, label, |o| {
+            o.cluster = self.cluster;
+            o.partitions = if self.cluster { partitions } else { 1 };
+            adjust(o);
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        if self.cluster {
+            format!("Redis Cluster ({} primaries)", self.nodes.len())
+        } else {
+            format!("one Redis node ({})", self.url)
+        }
+    }
+
+    pub async fn used_memory(&mut self) -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for node in &mut self.nodes {
+            sum += used_memory(node).await?;
+        }
+        Ok(sum)
+    }
+
+    pub async fn cpu_seconds(&mut self) -> anyhow::Result<f64> {
+        let mut sum = 0.0;
+        for node in &mut self.nodes {
+            sum += cpu_seconds(node).await?;
+        }
+        Ok(sum)
+    }
+
+    pub async fn delete_prefix(&mut self, prefix: &str) -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for node in &mut self.nodes {
+            sum += delete_prefix(node, prefix).await?;
+        }
+        Ok(sum)
+    }
 }
