@@ -8,9 +8,10 @@
 //! more, so a rule the operator needs and the chart lacks fails here), and
 //! checks what a user would: the injected sidecar, the owned objects, the
 //! status conditions and Events, a policy change rolling the pods, and the
-//! cleanup on deletion. The broker Secret points at the RabbitMQ on this
-//! machine (the operator runs here too). Without a kubelet, pods stay Pending,
-//! so the managed Redis is never available: StoreReady must then say so.
+//! cleanup on deletion. The broker Secret points at the RabbitMQ or the Kafka
+//! (tansu) on this machine (the operator runs here too). Without a kubelet,
+//! pods stay Pending, so the managed Redis is never available: StoreReady
+//! must then say so.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const KAFKA: &str = "127.0.0.1:9092";
 
 struct Operator(Child);
 
@@ -465,5 +467,259 @@ async fn conflict(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> an
         after.metadata.generation, after.metadata.resource_version
     );
     assert_eq!(after.metadata.generation, before, "no rollout in a loop");
+    Ok(())
+}
+
+fn kafka_policy(name: &str, target: &str, topic: &str) -> IdempotentConsumer {
+    serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "target": { "kind": "Deployment", "name": target },
+            "broker": { "kafka": { "connectionSecretRef": { "name": "kafka" }, "topics": [topic],
+                                   "deadLetterPartitions": 2, "ordering": "perKey" } },
+            "key": { "from": "recordKey" },
+            "delivery": { "port": 8080, "path": "/events" }
+        }
+    }))
+    .expect("a valid IdempotentConsumer")
+}
+
+/// The test's admin client on the local Kafka: makes the producers' topic,
+/// looks at what exists, deletes what the test made.
+fn kafka_admin(
+) -> anyhow::Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>> {
+    Ok(rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .create()?)
+}
+
+/// Partitions of `topic`, None when it does not exist (asks for every topic,
+/// so looking never creates one).
+fn kafka_partitions(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: &str,
+) -> anyhow::Result<Option<usize>> {
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "Kafka on {KAFKA} ({e}); start it with: source .ci/services.sh && ensure_kafka"
+            )
+        })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len()))
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn a_kafka_policy_reports_a_missing_topic_then_binds_and_creates_its_dead_letter_topic(
+) -> anyhow::Result<()> {
+    let kubeconfig = e2e_kubeconfig()?;
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let ns = unique("idemq-e2e-kafka");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let topic = unique("e2e-billing");
+    let dead = format!("{topic}.dead");
+    let result = kafka_scenario(&client, &kubeconfig, &ns, &topic).await;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    let _ = ics.delete("billing", &DeleteParams::default()).await;
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    let admin = kafka_admin()?;
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let _ = admin.delete_topics(&[&topic, &dead], &opts).await;
+    result
+}
+
+async fn kafka_scenario(
+    client: &Client,
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
+    // The API server itself refuses two brokers, and a Kafka key Kafka lacks.
+    let mut both = kafka_policy("both", "worker", topic);
+    both.spec.broker.rabbitmq = policy("x", "worker", "q").spec.broker.rabbitmq;
+    let refused = ics
+        .create(&PostParams::default(), &both)
+        .await
+        .expect_err("two brokers are refused");
+    println!("e2e kafka: two brokers refused: {refused}");
+    assert!(
+        refused.to_string().contains("set exactly one broker"),
+        "{refused}"
+    );
+    let mut message_id = kafka_policy("message-id", "worker", topic);
+    message_id.spec.key.from = idemq_operator::crd::KeyFrom::MessageId;
+    let refused = ics
+        .create(&PostParams::default(), &message_id)
+        .await
+        .expect_err("messageId on Kafka is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("Kafka records have no message id"),
+        "{refused}"
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "kafka" }, "stringData": { "bootstrapServers": KAFKA } }),
+            )?,
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("worker"))
+        .await?;
+    ics.create(
+        &PostParams::default(),
+        &kafka_policy("billing", "worker", topic),
+    )
+    .await?;
+    let identity = chart_identity(client, kubeconfig, ns).await?;
+    let _operator = start_operator(identity.path(), ns)?;
+    let admin = kafka_admin()?;
+
+    // The topic does not exist yet: TopicNotFound, a Warning Event, nothing created.
+    let missing = eventually(WAIT, "BrokerBound=False TopicNotFound", || async {
+        let ic = ics.get("billing").await?;
+        Ok(
+            (condition(&ic, "BrokerBound") == Some(("False".into(), "TopicNotFound".into())))
+                .then_some(ic),
+        )
+    })
+    .await?;
+    let message = missing
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "BrokerBound"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains(topic), "names the topic: {message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    eventually(WAIT, "a TopicNotFound Warning Event", || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("TopicNotFound")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.message.as_deref().is_some_and(|n| n.contains(topic))
+            })
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        kafka_partitions(&admin, topic)?,
+        None,
+        "not created by the operator"
+    );
+    assert_eq!(kafka_partitions(&admin, &format!("{topic}.dead"))?, None);
+
+    // Its producers create it: the operator's next attempt binds.
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin
+        .create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                topic,
+                3,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &opts,
+        )
+        .await?
+    {
+        result.map_err(|(t, code)| anyhow::anyhow!("create topic {t}: {code}"))?;
+    }
+    let created_at = std::time::Instant::now();
+    let bound = eventually(Duration::from_secs(120), "BrokerBound=True", || async {
+        let ic = ics.get("billing").await?;
+        Ok((condition(&ic, "BrokerBound") == Some(("True".into(), "Bound".into()))).then_some(ic))
+    })
+    .await?;
+    let dead_partitions = kafka_partitions(&admin, &format!("{topic}.dead"))?;
+    assert_eq!(
+        dead_partitions,
+        Some(2),
+        "the dead-letter topic, with deadLetterPartitions"
+    );
+    assert_eq!(
+        kafka_partitions(&admin, topic)?,
+        Some(3),
+        "the topic is untouched"
+    );
+    assert_eq!(
+        condition(&bound, "SidecarInjected"),
+        Some(("True".into(), "Injected".into()))
+    );
+
+    // The sidecar reads the connection from the Secret, the rest from its config.
+    let worker = deployments.get("worker").await?;
+    let sidecar = worker
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.init_containers)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "idemq-sidecar")
+        .expect("sidecar");
+    let bootstrap = sidecar
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "IDEMQ_KAFKA_BOOTSTRAP_SERVERS")
+        .and_then(|e| e.value_from)
+        .and_then(|v| v.secret_key_ref)
+        .expect("a Secret reference");
+    assert_eq!(
+        (bootstrap.name.as_str(), bootstrap.key.as_str()),
+        ("kafka", "bootstrapServers")
+    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("billing-idemq")
+        .await?;
+    let yaml = cm.data.expect("data")["sidecar.yaml"].clone();
+    assert!(!yaml.contains(KAFKA), "no connection in the ConfigMap");
+    let config = idemq_sidecar::Config::from_yaml(&yaml)?;
+    let kafka = config
+        .broker
+        .and_then(|b| b.kafka)
+        .expect("a Kafka section");
+    assert_eq!(kafka.topics, [topic.to_string()]);
+    assert_eq!(kafka.group_id, format!("{ns}.billing"));
+
+    // Deletion withdraws the sidecar; the topics stay (they are not idemq's to delete).
+    ics.delete("billing", &DeleteParams::default()).await?;
+    eventually(WAIT, "the policy to be gone (finalizer done)", || async {
+        Ok(ics.get_opt("billing").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        kafka_partitions(&admin, topic)?,
+        Some(3),
+        "kept after deletion"
+    );
+    println!(
+        "e2e kafka: TopicNotFound reported ({message}); bound {:.1?} after the topic was created, {topic}.dead created with {} partitions; sidecar env from Secret; cleaned up",
+        created_at.elapsed(),
+        dead_partitions.unwrap_or_default()
+    );
     Ok(())
 }
