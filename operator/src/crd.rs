@@ -427,6 +427,13 @@ pub struct StoreSpec {
     pub expected_rate: Option<u32>,
 }
 
+impl StoreSpec {
+    /// Whether the store is an external Redis Cluster.
+    pub fn cluster(&self) -> bool {
+        self.mode == StoreMode::External && self.external.as_ref().is_some_and(|e| e.cluster)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum OnReset {
@@ -448,8 +455,14 @@ pub enum AppendFsync {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalStore {
-    /// Secret holding the Redis URL (`redis://` or `rediss://`, with its password).
+    /// Secret holding the Redis URL (`redis://` or `rediss://`, with its
+    /// password); with `cluster`, seed nodes separated by commas.
     pub secret_ref: SecretKeyRef,
+    /// The Secret's URL names nodes of a Redis Cluster: the sidecar routes
+    /// each call by slot and spreads the consumer's keys over
+    /// `store.partitions` slots (set it to a few times the primaries).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]

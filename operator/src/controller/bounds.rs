@@ -68,6 +68,7 @@ fn resource(i: usize, endpoints: usize, cluster: &Cluster) -> IdempotentConsumer
             name: "redis".into(),
             key: "url".into(),
         },
+        cluster: false,
     });
     let ns = "/api/v1/namespaces/shop";
     cluster.put(

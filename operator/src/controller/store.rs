@@ -218,7 +218,7 @@ pub async fn reset(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<V
     let target = admin::Target {
         url: &url,
         password: password.as_deref(),
-        cluster: false,
+        cluster: ic.spec.store.cluster(),
         namespace: &namespace,
         partitions: ic.spec.store.partitions.unwrap_or(1),
         timeout: std::time::Duration::from_secs(2),

@@ -159,6 +159,7 @@ fn created(mut ic: IdempotentConsumer, name: &str, at: i64) -> IdempotentConsume
             name: "rabbitmq-orders".into(),
             key: "url".into(),
         },
+        cluster: false,
     });
     ic
 }

@@ -75,6 +75,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 OnReset::FailClosed => ResetPolicy::FailClosed,
                 OnReset::Continue => ResetPolicy::Continue,
             },
+            cluster: spec.store.cluster(),
             partitions: spec.store.partitions.unwrap_or(1),
             expected_rate: spec.store.expected_rate.map(f64::from),
             ..StoreConfig::default()
@@ -331,6 +332,35 @@ mod tests {
             config.delivery.expect("delivery").url,
             "http://127.0.0.1:8080/messages"
         );
+    }
+
+    #[test]
+    fn an_external_redis_cluster_reaches_the_sidecar_and_one_partition_is_warned_of() {
+        use crate::crd::{ExternalStore, SecretKeyRef, StoreMode};
+        let mut ic = sample::policy();
+        assert!(!sidecar_config(&ic).expect("renders").store.cluster);
+        ic.spec.store.mode = StoreMode::External;
+        ic.spec.store.external = Some(ExternalStore {
+            secret_ref: SecretKeyRef {
+                name: "orders-redis".into(),
+                key: "url".into(),
+            },
+            cluster: true,
+        });
+        let config = sidecar_config(&ic).expect("renders");
+        assert!(config.store.cluster);
+        assert_eq!(config.store.url, None, "the seed nodes stay in the Secret");
+        assert!(config
+            .warnings()
+            .iter()
+            .any(|w| w.field == "store.partitions"));
+        ic.spec.store.partitions = Some(12);
+        let config = sidecar_config(&ic).expect("renders");
+        assert_eq!(config.store.partitions, 12);
+        assert!(config
+            .warnings()
+            .iter()
+            .all(|w| w.field != "store.partitions"));
     }
 
     #[test]

@@ -432,6 +432,7 @@ mod tests {
                 name: "shared-redis".into(),
                 key: "uri".into(),
             },
+            cluster: false,
         });
         let c = container(&ic, "img");
         let url = env_of(&c, "IDEMQ_REDIS_URL")
