@@ -97,30 +97,43 @@ impl Topics {
 }
 
 #[tokio::test]
-async fn a_missing_topic_is_reported_by_name_and_never_created() {
+async fn missing_topics_are_reported_by_name_and_never_created() {
     let topics = Topics::new();
     let present = unique("op-kafka-present");
     let missing = unique("op-kafka-missing");
+    let also = unique("op-kafka-also-missing");
     topics.create(&present, 1).await;
     let kafka = Kafka::default();
     let result = kafka
         .bind(
             &connection(BOOTSTRAP),
-            &plan(&[&present, &missing], 1, Some(1)),
+            &plan(&[&present, &missing, &also], 1, Some(1)),
         )
         .await;
-    let missing_exists = topics.partitions(&missing);
+    let missing_exist = [topics.partitions(&missing), topics.partitions(&also)];
     let dead_created = topics.partitions(&format!("{present}.dead"));
     topics
-        .delete(&[&present, &missing, &format!("{present}.dead")])
+        .delete(&[&present, &missing, &also, &format!("{present}.dead")])
         .await;
-    assert_eq!(result, Err(BindError::TopicNotFound(missing.clone())));
+    assert_eq!(
+        result,
+        Err(BindError::TopicNotFound(vec![
+            missing.clone(),
+            also.clone()
+        ]))
+    );
     let message = result.expect_err("missing").to_string();
+    println!("{message}");
     assert!(
-        message.contains(&missing) && message.contains("its producers own it"),
+        message.contains(&format!("topics {missing:?}, {also:?} do not exist"))
+            && message.contains("their producers own them"),
         "{message}"
     );
-    assert_eq!(missing_exists, None, "the consumer's topic is not created");
+    assert_eq!(
+        missing_exist,
+        [None, None],
+        "the consumer's topics are not created"
+    );
     assert_eq!(
         dead_created, None,
         "nothing is created while a topic is missing"

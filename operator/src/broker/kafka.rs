@@ -326,8 +326,14 @@ impl Kafka {
             Ok(existing) => existing,
             Err(code) => return Err(failure(connection, code, "list the topics").await),
         };
-        if let Some(missing) = plan.topics.iter().find(|t| !existing.contains(t)) {
-            return Err(BindError::TopicNotFound(missing.clone()));
+        let absent: Vec<String> = plan
+            .topics
+            .iter()
+            .filter(|t| !existing.contains(t))
+            .cloned()
+            .collect();
+        if !absent.is_empty() {
+            return Err(BindError::TopicNotFound(absent));
         }
         let missing: Vec<&String> = plan
             .dead_letter_topics

@@ -157,8 +157,22 @@ pub enum BindError {
     ExchangeNotFound(String),
     /// A topic to consume does not exist. It belongs to its producers: idemq
     /// does not create it (a typo would otherwise become a new, empty topic).
-    #[error("topic {0:?} does not exist (or the user may not describe it); create it (its producers own it) or correct `topics`")]
-    TopicNotFound(String),
+    #[error("{}", topic_not_found(.0))]
+    TopicNotFound(Vec<String>),
+}
+
+/// The sentence of a [`BindError::TopicNotFound`], for one topic or several.
+fn topic_not_found(topics: &[String]) -> String {
+    let names = topics
+        .iter()
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if topics.len() == 1 {
+        format!("topic {names} does not exist (or the user may not describe it); create it (its producers own it) or correct `topics`")
+    } else {
+        format!("topics {names} do not exist (or the user may not describe them); create them (their producers own them) or correct `topics`")
+    }
 }
 
 /// Declares and removes bindings; a trait so controller tests can substitute it.
