@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idemq_sidecar::store::redis::RedisStore;
+use idemq_sidecar::store::redis::{Durability, RedisStore};
 use idemq_sidecar::store::{Claim, KeyStore};
 
 use crate::redis_admin::{self, Servers};
@@ -29,6 +29,10 @@ pub struct Args {
     /// Hash tags the Cluster store spreads a consumer's keys over.
     #[arg(long, default_value_t = 12)]
     partitions: u16,
+    /// Measure the Cluster a second time with `durability: replicated`
+    /// (each completion batch waits for a replica), and the ratio.
+    #[arg(long, requires = "cluster")]
+    replicated: bool,
 }
 
 const RETENTION: Duration = Duration::from_secs(3600);
@@ -37,27 +41,36 @@ const LEASE: Duration = Duration::from_secs(30);
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     let mut node = Servers::connect(&args.redis, false).await?;
-    let one = measure_store(&mut node, &args, duration).await?;
+    let one = measure_store(&mut node, &args, duration, Durability::Local).await?;
     let mut admin = redis_admin::connection(&args.redis).await?;
     let set = redis_benchmark_set(&args, &mut admin).await?;
-    let cluster = match &args.cluster {
-        Some(seeds) => {
-            let mut cluster = Servers::connect(seeds, true).await?;
-            Some(measure_store(&mut cluster, &args, duration).await?)
+    let (mut cluster, mut replicated) = (None, None);
+    if let Some(seeds) = &args.cluster {
+        let mut servers = Servers::connect(seeds, true).await?;
+        cluster = Some(measure_store(&mut servers, &args, duration, Durability::Local).await?);
+        if args.replicated {
+            replicated =
+                Some(measure_store(&mut servers, &args, duration, Durability::Replicated).await?);
         }
-        None => None,
-    };
+    }
 
     println!("callers:                          {}", args.callers);
     one.print();
     println!("redis-benchmark SET/s ({} clients): {set:.0}", args.callers);
     println!("ratio claims/SET:                 {:.2}", one.claims / set);
-    if let Some(cluster) = cluster {
+    if let Some(cluster) = &cluster {
         cluster.print();
         println!(
             "ratio Cluster/one node:           claims {:.2}, cycles {:.2}",
             cluster.claims / one.claims,
             cluster.cycles / one.cycles
+        );
+    }
+    if let (Some(cluster), Some(replicated)) = (&cluster, &replicated) {
+        replicated.print();
+        println!(
+            "ratio replicated/local cycles:    {:.2} (Cluster)",
+            replicated.cycles / cluster.cycles
         );
     }
     Ok(())
@@ -92,8 +105,11 @@ async fn measure_store(
     servers: &mut Servers,
     args: &Args,
     duration: Duration,
+    durability: Durability,
 ) -> anyhow::Result<Figures> {
-    let store = servers.store("bench-claims", args.partitions, |_| {})?;
+    let store = servers.store("bench-claims", args.partitions, |o| {
+        o.durability = durability
+    })?;
     store.ping().await?;
     let (claims, claim_cpu) = measure(&store, servers, args.callers, duration, false).await?;
     let (cycles, cycle_cpu) = measure(&store, servers, args.callers, duration, true).await?;
@@ -101,7 +117,7 @@ async fn measure_store(
     Ok(Figures {
         setup: if servers.cluster {
             format!(
-                "{}, {} partitions",
+                "{}, {} partitions, durability {durability:?}",
                 servers.describe(),
                 store.partition_prefixes().len()
             )

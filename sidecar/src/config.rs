@@ -106,6 +106,10 @@ pub struct StoreConfig {
     /// What to do when the store is found to have lost its state.
     #[serde(default)]
     pub on_reset: ResetPolicy,
+    /// `replicated`: a completion is confirmed by a replica (`WAIT 1`) before
+    /// the message is acknowledged to the broker.
+    #[serde(default)]
+    pub durability: Durability,
     /// Hash tags (Redis Cluster slots) the consumer's keys spread over.
     /// Changing it moves every key: what was completed is forgotten.
     #[serde(default = "defaults::partitions")]
@@ -126,6 +130,21 @@ pub enum ResetPolicy {
     Continue,
     #[default]
     FailClosed,
+}
+
+/// `local`: a completion is acknowledged once the primary holds it.
+/// `replicated`: once a replica holds it too (`WAIT 1 <store.timeout>`), so a
+/// failover loses no completion whose message was acknowledged; if no
+/// replica confirms in time the message is acknowledged anyway and
+/// `idemq_store_errors_total{kind="unreplicated"}` counts it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Durability {
+    #[default]
+    Local,
+    Replicated,
 }
 
 #[derive(
@@ -584,6 +603,7 @@ impl Default for StoreConfig {
             timeout: defaults::store_timeout(),
             unavailable: UnavailablePolicy::default(),
             on_reset: ResetPolicy::default(),
+            durability: Durability::default(),
             partitions: defaults::partitions(),
             expected_rate: None,
         }

@@ -288,6 +288,11 @@ impl Engine {
                     tracing::warn!("the lease expired during delivery and another holder took the key; raise dedup.lease above the application's processing time");
                     return;
                 }
+                Err(e @ StoreError::Unreplicated { .. }) => {
+                    // The primary holds it; trying again would find it done.
+                    tracing::warn!(error = %e, "the completion is recorded on the primary only");
+                    return;
+                }
                 Err(e) if try_ < COMPLETE_TRIES => {
                     tracing::warn!(error = %e, "recording the completion failed: retrying");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(try_))).await;

@@ -56,7 +56,7 @@ const MESSAGE_OUTCOMES: &[&str] = &[
 ];
 const CLAIM_OUTCOMES: &[&str] = &["acquired", "completed", "in_flight", "conflict"];
 const STORE_OPS: &[&str] = &["claim", "complete", "release", "renew", "ping"];
-const STORE_ERROR_KINDS: &[&str] = &["timeout", "error"];
+const STORE_ERROR_KINDS: &[&str] = &["timeout", "error", "unreplicated"];
 const RENEWAL_OUTCOMES: &[&str] = &["renewed", "lost", "error"];
 
 fn latency_histogram() -> Histogram {

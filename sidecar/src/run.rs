@@ -66,6 +66,7 @@ pub fn open_store(config: &Config, secrets: &Secrets) -> Result<Arc<dyn KeyStore
                 timeout: config.store.timeout,
                 partitions: config.store.partitions,
                 on_reset: config.store.on_reset,
+                durability: config.store.durability,
                 expected_rate: config.store.expected_rate,
             })?)
         }

@@ -741,3 +741,90 @@ fn store_namespace(store: &idemq_sidecar::store::redis::RedisStore) -> String {
         .trim_end_matches("}:")
         .to_string()
 }
+
+fn replicated_store(redis: &common::redis::OwnRedis) -> idemq_sidecar::store::redis::RedisStore {
+    use idemq_sidecar::store::redis::{Durability, RedisOptions, RedisStore};
+    RedisStore::new(RedisOptions {
+        durability: Durability::Replicated,
+        timeout: Duration::from_millis(400),
+        ..RedisOptions::new(redis.url(), common::unique("replicated"))
+    })
+    .expect("options")
+}
+
+/// `durability: replicated`: when `complete` answers, the replica already
+/// holds the completed key.
+#[tokio::test]
+async fn replicated_completion_is_on_the_replica_when_it_answers() {
+    let primary = common::redis::OwnRedis::start(&["--save", "", "--appendonly", "no"]).await;
+    let replica_of = format!("127.0.0.1 {}", primary.port);
+    let replica = common::redis::OwnRedis::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--repl-diskless-sync-delay",
+        "0",
+        "--replicaof",
+        &replica_of,
+    ])
+    .await;
+    let mut on_replica = replica.connection().await.expect("replica answers");
+    let linked = common::scenarios::wait_for(Duration::from_secs(20), async || {
+        let info: String = ::redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut on_replica)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    assert!(linked, "the replica synced with its primary");
+    let store = replicated_store(&primary);
+    for i in 0..20 {
+        let key = format!("order-{i}");
+        let token = acquire(&store, &key, Some("fp"), LEASE).await;
+        let done = store.complete(&key, &token, RETENTION).await;
+        assert_eq!(done.expect("a replica confirms"), Transition::Done);
+        // Read on the replica at once: the completion bucket is there.
+        let (_, buckets): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(0)
+            .arg("MATCH")
+            .arg(format!("{}c:*", store.prefix()))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut on_replica)
+            .await
+            .expect("SCAN on the replica");
+        let mut fields = 0u64;
+        for bucket in &buckets {
+            let n: u64 = ::redis::cmd("HLEN")
+                .arg(bucket)
+                .query_async(&mut on_replica)
+                .await
+                .expect("HLEN");
+            fields += n;
+        }
+        assert_eq!(fields, i + 1, "the replica holds every completion so far");
+    }
+}
+
+/// Without a replica, `complete` still records the key on the primary but
+/// says it was not confirmed.
+#[tokio::test]
+async fn replicated_completion_without_a_replica_is_reported_unreplicated() {
+    let primary = common::redis::OwnRedis::start(&["--save", "", "--appendonly", "no"]).await;
+    let store = replicated_store(&primary);
+    let token = acquire(&store, "order-1", None, LEASE).await;
+    let started = std::time::Instant::now();
+    let err = store
+        .complete("order-1", &token, RETENTION)
+        .await
+        .expect_err("no replica can confirm");
+    assert!(
+        matches!(err, idemq_sidecar::store::StoreError::Unreplicated { .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400), "it waited");
+    assert_eq!(claim(&store, "order-1", None).await, Claim::Completed);
+}

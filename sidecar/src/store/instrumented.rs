@@ -33,6 +33,7 @@ impl Instrumented {
             let kind = match e {
                 StoreError::Timeout { .. } => "timeout",
                 StoreError::ResetUnacknowledged { .. } => "reset",
+                StoreError::Unreplicated { .. } => "unreplicated",
                 StoreError::Redis { .. } | StoreError::Protocol { .. } => "error",
             };
             self.metrics

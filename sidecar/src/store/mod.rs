@@ -67,6 +67,12 @@ pub enum StoreError {
     ResetUnacknowledged { partition: String, record: String },
     #[error("store answered {op} unexpectedly: {detail}")]
     Protocol { op: &'static str, detail: String },
+    /// `durability: replicated`: the completion is on the primary, but no
+    /// replica confirmed it within the timeout.
+    #[error(
+        "no replica confirmed the completion within {timeout:?} (store.durability=replicated)"
+    )]
+    Unreplicated { timeout: Duration },
 }
 
 /// The dedup state of idempotency keys.

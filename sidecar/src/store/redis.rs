@@ -42,7 +42,7 @@ const FIELD_FROM: usize = 2;
 const WINDOWS_PER_RETENTION: u32 = 4;
 const TOKEN_LEN: usize = 32;
 
-pub use crate::config::ResetPolicy;
+pub use crate::config::{Durability, ResetPolicy};
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone)]
@@ -62,6 +62,8 @@ pub struct RedisOptions {
     pub partitions: u16,
     /// What a detected store reset does.
     pub on_reset: ResetPolicy,
+    /// Whether a completion waits for a replica.
+    pub durability: Durability,
     /// Completions per second the consumer expects, if declared: sizes the
     /// shards of a window before its rate has been observed.
     pub expected_rate: Option<f64>,
@@ -78,6 +80,7 @@ impl RedisOptions {
             timeout: Duration::from_millis(500),
             partitions: 1,
             on_reset: ResetPolicy::default(),
+            durability: Durability::default(),
             expected_rate: None,
         }
     }
@@ -190,6 +193,10 @@ struct BatchContext {
     on_reset: ResetPolicy,
     /// Declared completions per second and partition, or 0.
     rate_per_partition: f64,
+    /// With `durability: replicated`, the connection completions are written
+    /// and `WAIT`ed on. Its own: `WAIT` blocks the connection it is sent on,
+    /// and claims must not queue behind it.
+    replicated: Option<Redis>,
 }
 
 impl RedisStore {
@@ -207,6 +214,19 @@ impl RedisStore {
             conn,
             timeout: options.timeout,
         };
+        let replicated = match options.durability {
+            Durability::Local => None,
+            // Calls may take twice the timeout: a WAIT waits up to one.
+            Durability::Replicated => Some(Redis {
+                conn: Connection::open(&Endpoint {
+                    url: &options.url,
+                    password: options.password.as_deref(),
+                    cluster: options.cluster,
+                    timeout: options.timeout * 2,
+                })?,
+                timeout: options.timeout * 2,
+            }),
+        };
         let partitions: Arc<[Partition]> =
             partition_prefixes(&options.namespace, options.partitions)
                 .into_iter()
@@ -220,6 +240,7 @@ impl RedisStore {
             partitions: partitions.clone(),
             resets: Arc::new(AtomicU64::new(0)),
             on_reset: options.on_reset,
+            replicated,
             rate_per_partition: options.expected_rate.unwrap_or(0.0).max(0.0)
                 / f64::from(options.partitions.max(1)),
         });
@@ -399,12 +420,13 @@ async fn complete_batch(
     items: Vec<CompleteItem>,
 ) -> Result<Vec<i64>, StoreError> {
     let width = window_width(items.iter().map(|i| i.retention_ms).max().unwrap_or(1000));
-    per_partition(
+    let answers = per_partition(
         items,
         |i| i.digest.partition,
         |p, items| {
             let context = context.clone();
             async move {
+                let redis = context.replicated.as_ref().unwrap_or(&context.redis);
                 let mut invocation = scripts()[1].prepare_invoke();
                 invocation
                     .arg(&context.partitions[p].prefix)
@@ -419,11 +441,29 @@ async fn complete_batch(
                         .arg(&item.token)
                         .arg(item.retention_ms);
                 }
-                context.redis.invoke("complete", &invocation).await
+                redis.invoke("complete", &invocation).await
             }
         },
     )
-    .await
+    .await?;
+    if let Some(redis) = &context.replicated {
+        // WAIT covers every write sent on this connection so far, so one
+        // call confirms the whole batch (on a Cluster, the client asks every
+        // primary and answers the fewest replicas).
+        let wait_ms = redis.timeout.as_millis() / 2;
+        let replicas: i64 = redis
+            .query(
+                "wait replica",
+                redis::cmd("WAIT").arg(1).arg(wait_ms as u64),
+            )
+            .await?;
+        if replicas < 1 {
+            return Err(StoreError::Unreplicated {
+                timeout: redis.timeout / 2,
+            });
+        }
+    }
+    Ok(answers)
 }
 
 async fn renew_batch(
