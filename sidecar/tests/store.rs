@@ -828,3 +828,47 @@ async fn replicated_completion_without_a_replica_is_reported_unreplicated() {
     assert!(started.elapsed() >= Duration::from_millis(400), "it waited");
     assert_eq!(claim(&store, "order-1", None).await, Claim::Completed);
 }
+
+/// An external Redis with ACL users: the user and password come from the
+/// URL (the Secret's value), and the store needs nothing outside its keys.
+#[tokio::test]
+async fn redis_acl_user_from_the_url_runs_the_store_within_its_own_keys() {
+    use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+    // The default user may only PING (the helper's readiness check). `idemq`
+    // may touch `idemq:*` keys and run scripts, nothing administrative;
+    // `other` may do anything, but on `other:*` keys only.
+    let acl = "--user default on nopass -@all +ping \
+               --user idemq on >s3cret ~idemq:* +@read +@write +@scripting +ping +time +wait -@dangerous \
+               --user other on >s3cret ~other:* +@all";
+    let mut args = vec!["--save", "", "--appendonly", "no"];
+    args.extend(acl.split_whitespace());
+    let redis = common::redis::OwnRedis::start(&args).await;
+    let url =
+        |user: &str, password: &str| format!("redis://{user}:{password}@127.0.0.1:{}", redis.port);
+    let store_as = |url: String| {
+        RedisStore::new(RedisOptions {
+            timeout: Duration::from_secs(1),
+            ..RedisOptions::new(url, common::unique("acl"))
+        })
+        .expect("options")
+    };
+
+    let store = store_as(url("idemq", "s3cret"));
+    store.ping().await.expect("the ACL user logs in");
+    let token = acquire(&store, "order-1", Some("fp"), LEASE).await;
+    let done = store.complete("order-1", &token, RETENTION).await;
+    assert_eq!(done.expect("complete"), Transition::Done);
+    assert_eq!(claim(&store, "order-1", Some("fp")).await, Claim::Completed);
+
+    let wrong = store_as(url("idemq", "wrong"));
+    assert!(wrong.ping().await.is_err(), "a wrong password is refused");
+    let outside = store_as(url("other", "s3cret"));
+    let err = outside
+        .claim("order-1", None, LEASE, RETENTION)
+        .await
+        .expect_err("a user without idemq:* keys is refused");
+    assert!(
+        err.to_string().contains("NOPERM") || err.to_string().contains("permission"),
+        "{err}"
+    );
+}
