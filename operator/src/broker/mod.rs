@@ -229,3 +229,80 @@ impl Binder for Brokers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{KafkaSecurityProtocol, SaslMechanism};
+    use crate::render::sample;
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn a_kafka_connection_takes_the_keys_its_spec_needs_and_names_a_missing_one() {
+        let mut ic = sample::kafka_policy();
+        let plain = Connection::from_secret(&ic, &data(&[("bootstrapServers", "k:9092")]));
+        let Ok(Connection::Kafka(c)) = plain else {
+            panic!("a Kafka connection: {plain:?}");
+        };
+        assert_eq!(
+            (c.bootstrap_servers.as_str(), c.username, c.password),
+            ("k:9092", None, None)
+        );
+        let kafka = ic.spec.broker.kafka.as_mut().expect("kafka");
+        kafka.security_protocol = KafkaSecurityProtocol::SaslSsl;
+        kafka.sasl_mechanism = Some(SaslMechanism::Plain);
+        kafka.connection_secret_ref.ca_key = Some("ca.pem".into());
+        let without_password = data(&[("bootstrapServers", "k:9092"), ("username", "u")]);
+        assert_eq!(
+            Connection::from_secret(&ic, &without_password),
+            Err("password".to_string())
+        );
+        let without_ca = data(&[
+            ("bootstrapServers", "k:9092"),
+            ("username", "u"),
+            ("password", "p4ss"),
+        ]);
+        assert_eq!(
+            Connection::from_secret(&ic, &without_ca),
+            Err("ca.pem".to_string())
+        );
+        let mut full = without_ca;
+        full.insert("ca.pem".into(), ByteString(b"PEM".to_vec()));
+        let connection = Connection::from_secret(&ic, &full).expect("complete");
+        assert!(
+            !format!("{connection:?}").contains("p4ss"),
+            "Debug shows no secret"
+        );
+        assert_eq!(Connection::secret_name(&ic), Some("kafka-orders"));
+    }
+
+    #[test]
+    fn the_plan_of_a_kafka_resource_checks_its_topics_and_creates_their_dead_letter_topics() {
+        let Some(Plan::Kafka(plan)) = Plan::of(&sample::kafka_policy()) else {
+            panic!("a Kafka plan");
+        };
+        assert_eq!(plan.topics, ["orders", "refunds"]);
+        assert_eq!(plan.dead_letter_topics, ["orders.dead", "refunds.dead"]);
+        assert_eq!(
+            (
+                plan.dead_letter_partitions,
+                plan.dead_letter_replication_factor
+            ),
+            (1, None)
+        );
+        assert_eq!(
+            Plan::Kafka(plan).describe(),
+            "topics orders, refunds exist and dead-letter topics orders.dead, refunds.dead are present"
+        );
+        let mut both = sample::kafka_policy();
+        both.spec.broker.rabbitmq = sample::policy().spec.broker.rabbitmq;
+        assert_eq!(Plan::of(&both), None, "two brokers: nothing to bind");
+        assert!(!delete_on_cleanup(&sample::kafka_policy()));
+    }
+}
