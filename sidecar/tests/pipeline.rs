@@ -50,7 +50,7 @@ async fn store_outage_pauses_delivery_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connection_loss_reconnects_and_processes_once() {
-    scenarios::broker_connection_loss_reconnects_and_processes_once::<RabbitMq>().await;
+    scenarios::broker_loss_reconnects_and_processes_once::<RabbitMq>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

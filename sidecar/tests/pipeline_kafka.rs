@@ -14,6 +14,7 @@ use common::app;
 use common::broker::BrokerUnderTest;
 use common::kafka::{Kafka, PARTITIONS};
 use common::scenarios::{self, keyed, metric, Store, WAIT};
+use common::tansu::OwnKafka;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_duplicates_are_delivered_exactly_once() {
@@ -67,6 +68,13 @@ async fn store_outage_pauses_delivery_and_loses_nothing() {
         assert_eq!(revoked, 0, "paused, not revoked");
     })
     .await;
+}
+
+/// The broker is killed mid-stream and started again (a broker of the
+/// test's own, on storage that outlives it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_loss_reconnects_and_processes_once() {
+    scenarios::broker_loss_reconnects_and_processes_once::<OwnKafka>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

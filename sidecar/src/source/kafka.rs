@@ -156,8 +156,11 @@ impl Source {
             health: self.health.clone(),
         });
         let session_ms = kafka.session_timeout.as_millis();
-        // librdkafka's pre-fetch queue is bounded by the byte budget too.
-        let queued_kb = (self.flow.budget() / 1024).clamp(1024, 2_097_151);
+        // librdkafka's pre-fetch queue comes on top of the bodies in flight
+        // (the byte budget): a quarter of the budget keeps the sidecar within
+        // the memory the operator gives it (64 MiB + 2 × budget) with large
+        // records, and still holds thousands of small ones.
+        let queued_kb = (self.flow.budget() / 4 / 1024).clamp(1024, 2_097_151);
         let mut consumer_config = client_config(kafka, &self.secrets, &client_id);
         consumer_config
             .set("group.id", &kafka.group_id)
@@ -674,7 +677,6 @@ impl Dispatch {
             offsets.taken(&tp, offset);
             generation
         };
-        self.shared.connected(true);
         let record = record(message, tp, generation);
         let permit = self.flow.take(record.envelope.body.len());
         let (wait_for, done) = self.lane(&record);

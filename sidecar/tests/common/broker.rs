@@ -3,6 +3,8 @@
 //! every broker the sidecar consumes. A broker adds an implementation here
 //! (see `rabbitmq.rs`), and its test file instantiates the scenarios.
 
+use std::time::Duration;
+
 use idemq_sidecar::secrets::Secrets;
 
 /// One message to publish: its idempotency key (none when `None`) and body.
@@ -73,11 +75,21 @@ pub trait BrokerUnderTest: Sized {
     async fn delete(self);
 }
 
-/// A broker whose connections a test can close from the broker's side.
-pub trait DropsConnections: BrokerUnderTest {
-    /// The broker's id of the live connection of the sidecar `consumer`.
-    fn connection(&self, consumer: &str) -> Option<String>;
+/// A broker the sidecar can lose mid-stream and get back.
+#[allow(async_fn_in_trait)]
+pub trait LosesBroker: BrokerUnderTest {
+    /// How the broker is lost, in printed figures.
+    const LOSS: &'static str;
+    /// How long the broker stays away before [`LosesBroker::restore`]; zero
+    /// when only the sidecar's connection is cut and the broker stays up.
+    const AWAY: Duration;
+    /// Messages published before the loss: enough that it lands mid-stream.
+    const MESSAGES: usize;
 
-    /// Closes that connection, as a broker restart or a network cut would.
-    fn close_connection(&self, id: &str);
+    /// Cuts the sidecar `consumer` off the broker, as a broker restart or a
+    /// network cut would.
+    async fn cut(&self, consumer: &str);
+
+    /// Brings the broker back (when it went away) and waits until it answers.
+    async fn restore(&self);
 }

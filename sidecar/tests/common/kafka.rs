@@ -22,9 +22,15 @@ const START: &str = "source .ci/services.sh && ensure_kafka";
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Partitions of a test topic: enough for two sidecars to share them.
 pub const PARTITIONS: i32 = 4;
+/// The largest record a test topic takes (`max.message.bytes`; Kafka's
+/// default is about 1 MB) and the test's producer sends: the large-message
+/// scenario sends 2 MiB bodies.
+pub const MAX_MESSAGE_BYTES: &str = "8388608";
 
 /// A topic (and `<topic>.dead`) and a consumer group of one test.
 pub struct Kafka {
+    /// The broker's address: the shared one, or a test's own ([`super::tansu`]).
+    pub bootstrap: String,
     pub topic: String,
     pub dead: String,
     pub group: String,
@@ -38,32 +44,39 @@ pub struct Kafka {
     dead_next: Mutex<i64>,
 }
 
-fn client() -> ClientConfig {
+fn client(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", BOOTSTRAP);
+    c.set("bootstrap.servers", bootstrap);
     c
 }
 
 impl Kafka {
-    /// A topology whose topic has `partitions` partitions.
+    /// A topology on the shared broker whose topic has `partitions` partitions.
     pub async fn with_partitions(test: &str, partitions: i32) -> Self {
+        Self::on(BOOTSTRAP, test, partitions).await
+    }
+
+    /// A topology on the broker at `bootstrap`.
+    pub async fn on(bootstrap: &str, test: &str, partitions: i32) -> Self {
         let topic = super::unique(test);
         let dead = format!("{topic}.dead");
         let group = format!("{topic}-group");
         let admin: AdminClient<DefaultClientContext> =
-            client().create().expect("kafka admin client");
+            client(bootstrap).create().expect("kafka admin client");
         let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
         let created = admin
             .create_topics(
                 &[
-                    NewTopic::new(&topic, partitions, TopicReplication::Fixed(1)),
-                    NewTopic::new(&dead, 1, TopicReplication::Fixed(1)),
+                    NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))
+                        .set("max.message.bytes", MAX_MESSAGE_BYTES),
+                    NewTopic::new(&dead, 1, TopicReplication::Fixed(1))
+                        .set("max.message.bytes", MAX_MESSAGE_BYTES),
                 ],
                 &opts,
             )
             .await
             .unwrap_or_else(|e| {
-                panic!("Kafka does not answer on {BOOTSTRAP} ({e}); start it with: {START}")
+                panic!("Kafka does not answer on {bootstrap} ({e}); start it with: {START}")
             });
         for result in created {
             if let Err((name, code)) = result {
@@ -72,23 +85,25 @@ impl Kafka {
         }
         // One record per batch: tansu's high watermark counts a batch as one
         // record past its base offset, and backlog() needs it exact.
-        let producer: FutureProducer = client()
+        let producer: FutureProducer = client(bootstrap)
             .set("linger.ms", "0")
             .set("batch.num.messages", "1")
+            .set("message.max.bytes", MAX_MESSAGE_BYTES)
             .create()
             .expect("kafka producer");
-        let offsets: BaseConsumer = client()
+        let offsets: BaseConsumer = client(bootstrap)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .create()
             .expect("kafka offsets reader");
         // assign() needs a group id; this one never joins or commits.
-        let dead_reader: BaseConsumer = client()
+        let dead_reader: BaseConsumer = client(bootstrap)
             .set("group.id", format!("{group}-dead-reader"))
             .set("enable.auto.commit", "false")
             .create()
             .expect("kafka dead-letter reader");
         let kafka = Self {
+            bootstrap: bootstrap.to_string(),
             topic,
             dead,
             group,
@@ -162,8 +177,8 @@ impl BrokerUnderTest for Kafka {
     fn broker_yaml(&self, max_in_flight: u32) -> String {
         // A short session timeout: a group assigns partitions after about half of it.
         format!(
-            "  kafka:\n    bootstrapServers: {BOOTSTRAP}\n    topics: [{}]\n    groupId: {}\n    maxInFlight: {max_in_flight}\n    sessionTimeout: 6s\n    commitInterval: 200ms\n",
-            self.topic, self.group
+            "  kafka:\n    bootstrapServers: {}\n    topics: [{}]\n    groupId: {}\n    maxInFlight: {max_in_flight}\n    sessionTimeout: 6s\n    commitInterval: 200ms\n",
+            self.bootstrap, self.topic, self.group
         )
     }
 
@@ -174,7 +189,7 @@ impl BrokerUnderTest for Kafka {
     fn secrets(&self) -> Secrets {
         Secrets {
             kafka: Some(KafkaSecrets {
-                bootstrap_servers: BOOTSTRAP.to_string(),
+                bootstrap_servers: self.bootstrap.clone(),
                 ..KafkaSecrets::default()
             }),
             ..Secrets::default()
@@ -184,7 +199,7 @@ impl BrokerUnderTest for Kafka {
     fn env(&self) -> Vec<(String, String)> {
         vec![(
             "IDEMQ_KAFKA_BOOTSTRAP_SERVERS".to_string(),
-            BOOTSTRAP.to_string(),
+            self.bootstrap.clone(),
         )]
     }
 

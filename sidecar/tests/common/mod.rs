@@ -11,6 +11,7 @@ pub mod rabbitmq;
 pub mod redis;
 pub mod scenarios;
 pub mod sidecar;
+pub mod tansu;
 
 /// A name no other test (or earlier run) uses: `<base>-<random>`.
 pub fn unique(base: &str) -> String {

@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::broker::{BrokerUnderTest, DeadLetter, DropsConnections, Message};
+use super::broker::{BrokerUnderTest, DeadLetter, LosesBroker, Message};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -205,7 +205,7 @@ impl BrokerUnderTest for RabbitMq {
     }
 }
 
-impl DropsConnections for RabbitMq {
+impl RabbitMq {
     /// The broker-side process id of the connection named after `consumer`.
     fn connection(&self, consumer: &str) -> Option<String> {
         let out = Command::new("rabbitmqctl")
@@ -224,10 +224,22 @@ impl DropsConnections for RabbitMq {
             .and_then(|l| l.split_whitespace().next())
             .map(str::to_string)
     }
+}
 
-    fn close_connection(&self, id: &str) {
+/// The shared RabbitMQ stays up: the broker closes the sidecar's connection.
+impl LosesBroker for RabbitMq {
+    const LOSS: &'static str = "its connection closed by the broker";
+    const AWAY: std::time::Duration = std::time::Duration::ZERO;
+    /// About 8 s at 50 in flight and 100 ms per message: rabbitmqctl may be
+    /// slow to start and close the connection.
+    const MESSAGES: usize = 4000;
+
+    async fn cut(&self, consumer: &str) {
+        let id = self
+            .connection(consumer)
+            .expect("the sidecar's connection is listed");
         let closed = Command::new("rabbitmqctl")
-            .args(["close_connection", id, "test closes the connection"])
+            .args(["close_connection", &id, "test closes the connection"])
             .output()
             .expect("run rabbitmqctl");
         assert!(
@@ -236,4 +248,6 @@ impl DropsConnections for RabbitMq {
             String::from_utf8_lossy(&closed.stderr)
         );
     }
+
+    async fn restore(&self) {}
 }

@@ -15,7 +15,7 @@ use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
 use idemq_sidecar::store::KeyStore;
 
 use super::app::{self, App};
-use super::broker::{BrokerUnderTest, DropsConnections, Message};
+use super::broker::{BrokerUnderTest, LosesBroker, Message};
 use super::sidecar::Running;
 
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -579,14 +579,25 @@ pub async fn store_failover_loses_nothing_and_reprocesses_at_most_max_in_flight<
     t.delete().await;
 }
 
-pub async fn broker_connection_loss_reconnects_and_processes_once<B: DropsConnections>() {
+/// `/readyz`: its status and body.
+pub async fn readyz(sidecar: &Running) -> (u16, String) {
+    let response = reqwest::get(sidecar.admin_url("/readyz"))
+        .await
+        .expect("readyz");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("text"))
+}
+
+/// The broker is lost mid-stream and comes back: the sidecar reconnects by
+/// itself, says meanwhile (readiness, `idemq_broker_connected`) that it has
+/// no broker, loses nothing and processes nothing twice. Records published
+/// after the broker came back show that consumption resumed.
+pub async fn broker_loss_reconnects_and_processes_once<B: LosesBroker>() {
     let t = B::create("connloss").await;
     let app = app::start_slow(app::always_ok(), Duration::from_millis(100)).await;
     let store = Store::new("connloss").await;
     let consumer = super::unique("connloss");
-    // Long enough (about 8 s at 50 in flight and 100 ms per message) that the
-    // close lands mid-stream even when the broker's tool is slow to start.
-    let n = 4000;
+    let (n, later) = (B::MESSAGES, 500);
     t.publish((0..n).map(keyed).collect()).await;
     let sidecar = start(
         &t,
@@ -595,33 +606,62 @@ pub async fn broker_connection_loss_reconnects_and_processes_once<B: DropsConnec
     )
     .await;
     assert!(app.wait_until(WAIT, |a| a.distinct() >= 150).await);
-    let before = t
-        .connection(&consumer)
-        .expect("the sidecar's connection is listed");
-    t.close_connection(&before);
-    let at_close = app.processed();
-    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
-    let after = t.connection(&consumer);
+    t.cut(&consumer).await;
+    let at_cut = app.processed();
+    let mut while_away = None;
+    if !B::AWAY.is_zero() {
+        let cut = tokio::time::Instant::now();
+        let said = wait_for(B::AWAY, async || {
+            readyz(&sidecar).await.0 == 503 && metric(&sidecar, "idemq_broker_connected").await == 0
+        })
+        .await;
+        let (status, text) = readyz(&sidecar).await;
+        let said_after = cut.elapsed();
+        tokio::time::sleep_until(cut + B::AWAY).await;
+        while_away = Some((said.then_some(said_after), status, text));
+    }
+    t.restore().await;
+    let restored = tokio::time::Instant::now();
+    let connected = wait_for(WAIT, async || {
+        metric(&sidecar, "idemq_broker_connected").await == 1 && readyz(&sidecar).await.0 == 200
+    })
+    .await;
+    let connected_after = restored.elapsed();
+    t.publish((n..n + later).map(keyed).collect()).await;
+    let total = n + later;
+    let done = app.wait_until(WAIT, |a| a.distinct() == total).await;
+    let all_after = restored.elapsed();
+    let drained = wait_for(WAIT, async || t.backlog().await == 0).await;
     sidecar.stop().await.expect("clean stop");
     println!(
-        "broker connection loss ({}): {n} messages, {at_close} processed when the connection was closed, {} in all, {} twice, reconnected: {}",
+        "broker loss ({}, {}, away {:?}): {n} messages, {at_cut} processed at the loss; while away: {}; connected again {connected_after:.1?} after it came back; {later} published after, {} processed in all ({all_after:.1?} after it came back), {} twice, {} lost",
         B::NAME,
+        B::LOSS,
+        B::AWAY,
+        match &while_away {
+            Some((said, status, text)) => format!(
+                "not ready and idemq_broker_connected 0 after {said:.1?} (/readyz {status} {:?})",
+                text.trim()
+            ),
+            None => "(the broker took the sidecar back at once)".to_string(),
+        },
         app.processed(),
         app.processed_twice(),
-        after.as_ref().is_some_and(|a| *a != before)
+        total - app.distinct()
     );
     assert!(
-        at_close < n as u32,
-        "the connection was closed only after the stream ended"
+        at_cut < n as u32,
+        "the broker was lost only after the stream ended"
     );
-    assert!(done, "processed {} of {n}", app.distinct());
-    assert!(
-        after.is_some_and(|a| a != before),
-        "a new connection replaced the closed one"
-    );
+    if let Some((said, _, text)) = &while_away {
+        assert!(said.is_some(), "readiness still said up: {text}");
+        assert!(text.contains("broker: down"), "{text}");
+    }
+    assert!(connected, "the sidecar said it was connected again");
+    assert!(done, "processed {} of {total}", app.distinct());
+    assert!(drained, "everything settled on the broker");
     assert_eq!(app.processed_twice(), 0);
-    assert_eq!(app.processed(), n as u32);
-    assert_eq!(t.backlog().await, 0);
+    assert_eq!(app.processed(), total as u32);
     store.cleanup().await;
     t.delete().await;
 }
