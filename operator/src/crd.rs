@@ -400,6 +400,7 @@ pub enum Unavailable {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("self.mode != 'external' || has(self.external)").message("store.external is required when store.mode is external"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.durability) || self.durability != 'replicated' || self.mode == 'external'").message("store.durability replicated needs an external store with replicas: the managed Redis has none"))]
 pub struct StoreSpec {
     #[serde(default)]
     pub mode: StoreMode,
@@ -410,6 +411,11 @@ pub struct StoreSpec {
     /// What the sidecar does while the store does not answer.
     #[serde(default)]
     pub unavailable: Unavailable,
+    /// `replicated`: a completion waits until a replica holds it (`WAIT 1`)
+    /// before the message is acknowledged; needs an external store with
+    /// replicas (a Redis Cluster, or a primary with replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<StoreDurability>,
     /// What the sidecar does when the store lost its state (default
     /// failClosed: consumption pauses until the reset is acknowledged with
     /// the annotation `idemq.dev/acknowledge-store-reset`).
@@ -432,6 +438,16 @@ impl StoreSpec {
     pub fn cluster(&self) -> bool {
         self.mode == StoreMode::External && self.external.as_ref().is_some_and(|e| e.cluster)
     }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StoreDurability {
+    /// A completion is acknowledged once the primary holds it.
+    #[default]
+    Local,
+    /// Once a replica holds it too.
+    Replicated,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use idemq_sidecar::config::{
-    self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, KafkaConfig,
-    KeySource, MissingKeyPolicy, Mode, RabbitMqConfig, ReadinessCheck, ReadinessConfig,
-    ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
+    self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, Durability,
+    KafkaConfig, KeySource, MissingKeyPolicy, Mode, RabbitMqConfig, ReadinessCheck,
+    ReadinessConfig, ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
@@ -19,7 +19,7 @@ use super::{owned_meta, RenderError};
 use crate::crd::{
     BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaOrdering,
     KafkaSecurityProtocol, KeyFrom, MissingKey, OffsetReset, OnReset, RabbitMqBinding,
-    SaslMechanism, Unavailable,
+    SaslMechanism, StoreDurability, Unavailable,
 };
 use crate::labels;
 
@@ -76,6 +76,10 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 OnReset::Continue => ResetPolicy::Continue,
             },
             cluster: spec.store.cluster(),
+            durability: match spec.store.durability {
+                Some(StoreDurability::Replicated) => Durability::Replicated,
+                Some(StoreDurability::Local) | None => Durability::Local,
+            },
             partitions: spec.store.partitions.unwrap_or(1),
             expected_rate: spec.store.expected_rate.map(f64::from),
             ..StoreConfig::default()
@@ -355,8 +359,13 @@ mod tests {
             .iter()
             .any(|w| w.field == "store.partitions"));
         ic.spec.store.partitions = Some(12);
+        ic.spec.store.durability = Some(crate::crd::StoreDurability::Replicated);
         let config = sidecar_config(&ic).expect("renders");
         assert_eq!(config.store.partitions, 12);
+        assert_eq!(
+            config.store.durability,
+            idemq_sidecar::config::Durability::Replicated
+        );
         assert!(config
             .warnings()
             .iter()
