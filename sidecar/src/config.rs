@@ -22,6 +22,9 @@ impl SecretEnv {
     pub const REDIS_URL: &'static str = "IDEMQ_REDIS_URL";
     /// Redis password, when it is not in the URL.
     pub const REDIS_PASSWORD: &'static str = "IDEMQ_REDIS_PASSWORD";
+    /// PEM certificates of a private CA that signed a `rediss://` server's
+    /// certificate (usually given as `IDEMQ_REDIS_CA_FILE`).
+    pub const REDIS_CA: &'static str = "IDEMQ_REDIS_CA";
     /// Broker URL, `amqp://` or `amqps://`, with credentials.
     pub const BROKER_URL: &'static str = "IDEMQ_BROKER_URL";
     /// Kafka bootstrap servers, `host:port[,host:port…]`.

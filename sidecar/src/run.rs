@@ -62,6 +62,7 @@ pub fn open_store(config: &Config, secrets: &Secrets) -> Result<Arc<dyn KeyStore
                 url,
                 cluster: config.store.cluster,
                 password: secrets.redis_password.clone(),
+                ca: secrets.redis_ca.clone().map(String::into_bytes),
                 namespace: config.consumer.clone(),
                 timeout: config.store.timeout,
                 partitions: config.store.partitions,

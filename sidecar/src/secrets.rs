@@ -53,6 +53,7 @@ pub enum SecretError {
 pub struct Secrets {
     pub redis_url: Option<String>,
     pub redis_password: Option<String>,
+    pub redis_ca: Option<String>,
     pub broker_url: Option<String>,
     /// Kafka bootstrap servers and SASL credentials (a Kafka broker only).
     pub kafka: Option<crate::source::kafka::KafkaSecrets>,
@@ -142,6 +143,7 @@ impl Secrets {
         let secrets = Self {
             redis_url: read(env, SecretEnv::REDIS_URL)?.or_else(|| config.store.url.clone()),
             redis_password: read(env, SecretEnv::REDIS_PASSWORD)?,
+            redis_ca: read(env, SecretEnv::REDIS_CA)?,
             broker_url: read(env, SecretEnv::BROKER_URL)?.or(config_url),
             kafka,
             broker_auth: BrokerAuth {

@@ -872,3 +872,111 @@ async fn redis_acl_user_from_the_url_runs_the_store_within_its_own_keys() {
         "{err}"
     );
 }
+
+/// A `rediss://` store verified against a private CA (`IDEMQ_REDIS_CA`):
+/// with the CA it works; without it the server's certificate is refused.
+#[tokio::test]
+async fn rediss_with_a_private_ca_connects_and_without_it_is_refused() {
+    use idemq_sidecar::store::redis::{RedisOptions, RedisStore};
+    let certs = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| certs.path().join(name).to_string_lossy().into_owned();
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=idemq test CA",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.pem"),
+    ]);
+    std::fs::write(path("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &path("server.key"),
+        "-out",
+        &path("server.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &path("san.ext"),
+        "-out",
+        &path("server.pem"),
+    ]);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+        .to_string();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let redis = common::redis::OwnRedis::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ])
+    .await;
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let store_with = |ca: Option<Vec<u8>>| {
+        RedisStore::new(RedisOptions {
+            ca,
+            timeout: Duration::from_secs(2),
+            ..RedisOptions::new(url.clone(), common::unique("tls"))
+        })
+        .expect("options")
+    };
+
+    let store = store_with(Some(std::fs::read(path("ca.pem")).expect("read CA")));
+    store.ping().await.expect("TLS with the private CA");
+    let token = acquire(&store, "order-1", None, LEASE).await;
+    let done = store.complete("order-1", &token, RETENTION).await;
+    assert_eq!(done.expect("complete over TLS"), Transition::Done);
+    assert_eq!(claim(&store, "order-1", None).await, Claim::Completed);
+
+    let untrusted = store_with(None);
+    assert!(
+        untrusted.ping().await.is_err(),
+        "the system's roots do not trust the private CA"
+    );
+    drop(redis);
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::TlsCertificates;
 use redis::{Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
 use super::StoreError;
@@ -27,6 +28,9 @@ pub struct Endpoint<'a> {
     pub url: &'a str,
     /// Password, when it is not in the URL.
     pub password: Option<&'a str>,
+    /// PEM certificates to verify a `rediss://` server with, instead of the
+    /// system's roots (a private CA).
+    pub ca: Option<&'a [u8]>,
     /// Whether `url` names Redis Cluster nodes.
     pub cluster: bool,
     /// Connect and response timeout.
@@ -65,8 +69,16 @@ impl Connection {
             // it too); a second install only reports that one is there.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        let certs = || TlsCertificates {
+            client_tls: None,
+            root_cert: endpoint.ca.map(<[u8]>::to_vec),
+        };
         if endpoint.cluster {
-            let client = ClusterClientBuilder::new(seeds).build().map_err(err)?;
+            let mut builder = ClusterClientBuilder::new(seeds);
+            if endpoint.ca.is_some() {
+                builder = builder.certs(certs());
+            }
+            let client = builder.build().map_err(err)?;
             let config = redis::cluster::ClusterConfig::new()
                 .set_connection_timeout(endpoint.timeout)
                 .set_response_timeout(endpoint.timeout);
@@ -75,7 +87,11 @@ impl Connection {
             ))
         } else {
             let seed = seeds.into_iter().next().expect("one URL gives one seed");
-            let client = redis::Client::open(seed).map_err(err)?;
+            let client = match endpoint.ca {
+                Some(_) => redis::Client::build_with_tls(seed, certs()),
+                None => redis::Client::open(seed),
+            }
+            .map_err(err)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(endpoint.timeout))
                 .set_response_timeout(Some(endpoint.timeout))

@@ -54,6 +54,8 @@ pub struct RedisOptions {
     pub cluster: bool,
     /// Password, when it is not in the URL.
     pub password: Option<String>,
+    /// PEM certificates of a private CA to verify a `rediss://` server with.
+    pub ca: Option<Vec<u8>>,
     /// Scope of the keys: the consumer's name.
     pub namespace: String,
     /// Timeout of every call.
@@ -76,6 +78,7 @@ impl RedisOptions {
             url: url.into(),
             cluster: false,
             password: None,
+            ca: None,
             namespace: namespace.into(),
             timeout: Duration::from_millis(500),
             partitions: 1,
@@ -207,6 +210,7 @@ impl RedisStore {
         let conn = Connection::open(&Endpoint {
             url: &options.url,
             password: options.password.as_deref(),
+            ca: options.ca.as_deref(),
             cluster: options.cluster,
             timeout: options.timeout,
         })?;
@@ -221,6 +225,7 @@ impl RedisStore {
                 conn: Connection::open(&Endpoint {
                     url: &options.url,
                     password: options.password.as_deref(),
+                    ca: options.ca.as_deref(),
                     cluster: options.cluster,
                     timeout: options.timeout * 2,
                 })?,
@@ -677,6 +682,7 @@ pub mod admin {
         Connection::open(&Endpoint {
             url: target.url,
             password: target.password,
+            ca: None,
             cluster: target.cluster,
             timeout: target.timeout,
         })
