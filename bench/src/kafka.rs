@@ -3,10 +3,12 @@
 //! group has committed everything, and the two baselines:
 //! - `raw`: an rdkafka consumer → HTTP POST, no dedup, with idemq's in-flight
 //!   limit and commit strategy (per partition below the lowest unsettled
-//!   record, in batches), the same `Offsets` tracker as the sidecar;
+//!   record, every second and after every `maxInFlight` settlements), the
+//!   same `Offsets` tracker as the sidecar;
 //! - `naive`: one record at a time, `SET key 1 NX EX`, POST, synchronous
 //!   commit after each record.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -219,8 +221,15 @@ pub async fn raw(
                 .assign(TopicPartition::new(&topic, p));
         }
         let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(max_in_flight)));
+        // The sidecar's commit strategy: every second (`commitInterval`), and
+        // after every `maxInFlight` settlements.
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let settled = Arc::new(AtomicU64::new(0));
         loop {
+            if settled.load(Ordering::Relaxed) >= u64::from(max_in_flight) {
+                settled.store(0, Ordering::Relaxed);
+                commit(&consumer, &offsets);
+            }
             let slot = tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => { commit(&consumer, &offsets); continue; }
@@ -245,13 +254,14 @@ pub async fn raw(
             if let Some(sent) = sent(&message, sent_header) {
                 request = request.header(sent_header, sent);
             }
-            let offsets = offsets.clone();
+            let (offsets, settled) = (offsets.clone(), settled.clone());
             tokio::spawn(async move {
                 let _ = request.send().await;
                 offsets
                     .lock()
                     .expect("lock")
                     .settled(&tp, generation, offset);
+                settled.fetch_add(1, Ordering::Relaxed);
                 drop(slot);
             });
         }
