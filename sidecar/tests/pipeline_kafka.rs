@@ -10,8 +10,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use common::app;
-use common::broker::BrokerUnderTest;
+use common::broker::{BrokerUnderTest, Message};
 use common::kafka::{Kafka, PARTITIONS};
 use common::scenarios::{self, keyed, metric, Store, WAIT};
 use common::tansu::OwnKafka;
@@ -172,6 +173,52 @@ async fn per_partition_ordering_delivers_one_record_per_partition_at_a_time() {
     assert!(done, "processed {} of {n}", app.distinct());
     assert_eq!(app.max_concurrent(), 1);
     assert!(in_order, "{order:?}");
+    store.cleanup().await;
+    t.delete().await;
+}
+
+/// A poison record larger than a Kafka client sends by default (1 MB) still
+/// reaches the dead-letter topic, and its offset is committed after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_larger_than_1mb_is_dead_lettered() {
+    let t = Kafka::with_partitions("large-dead", 1).await;
+    let app = app::start_slow(
+        Arc::new(|key: &str, _| match key {
+            "m-1" => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::OK,
+        }),
+        Duration::ZERO,
+    )
+    .await;
+    let store = Store::new("large-dead").await;
+    let large = vec![b'x'; 2 * 1024 * 1024];
+    t.publish(vec![keyed(0), Message::keyed("m-1", large), keyed(2)])
+        .await;
+    let sidecar = scenarios::start(
+        &t,
+        scenarios::config(&t, &app, "large-dead", 50, ""),
+        store.dyn_store(),
+    )
+    .await;
+    let dead_lettered = scenarios::wait_for(Duration::from_secs(30), async || {
+        metric(&sidecar, "idemq_dead_letters_total{reason=\"poison\"}").await == 1
+    })
+    .await;
+    let committed = scenarios::wait_for(WAIT, async || t.backlog().await == 0).await;
+    sidecar.stop().await.expect("clean stop");
+    let dead = t.dead_letters().await;
+    println!(
+        "large poison (kafka): a 2 MiB record answered 422: dead letters {dead:?}, all committed: {committed}, the other two processed: {}",
+        app.distinct() == 2
+    );
+    assert!(dead_lettered, "the 2 MiB record was not dead-lettered");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].reason.as_str(), dead[0].key.as_deref()),
+        ("poison", Some("m-1"))
+    );
+    assert!(committed);
+    assert_eq!(app.distinct(), 2);
     store.cleanup().await;
     t.delete().await;
 }

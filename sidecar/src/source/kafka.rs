@@ -61,6 +61,9 @@ const STARVED_AFTER: Duration = Duration::from_secs(1);
 const STORE_POLL: Duration = Duration::from_millis(500);
 /// Statistics (lag, broker state) are refreshed this often.
 const STATS_INTERVAL_MS: &str = "2000";
+/// The largest dead letter the producer sends: the most a consumer receives
+/// (librdkafka's `receive.message.max.bytes` default).
+const DEAD_LETTER_MAX_BYTES: &str = "100000000";
 /// Waiting for a dead letter to be acknowledged by the brokers.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -204,6 +207,10 @@ impl Source {
         let producer: FutureProducer = client_config(kafka, &self.secrets, &client_id)
             .set("acks", "all")
             .set("linger.ms", "5")
+            // A dead letter is as large as the record it copies, and a topic
+            // may take records above librdkafka's default (1 MB), which would
+            // refuse to send it again and again: the brokers' limits decide.
+            .set("message.max.bytes", DEAD_LETTER_MAX_BYTES)
             .create()
             .map_err(|source| SourceError::Create {
                 what: "dead-letter producer",
