@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use idemq_operator::crd::IdempotentConsumer;
 use idemq_tests::{
-    chart_identity, client, e2e_kubeconfig, eventually, install_crd, unique, workspace_binary,
+    chart_identity, client, delete_in_order, e2e_kubeconfig, eventually, install_crd, unique,
+    workspace_binary,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
@@ -115,12 +116,19 @@ async fn operator_injects_reports_rolls_and_cleans_up() -> anyhow::Result<()> {
             &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
         )
         .await?;
-    let result = scenario(&client, &kubeconfig, &ns).await;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    let operator = start_operator(identity.path(), &ns)?;
+    let result = scenario(&client, &ns).await;
+    // The scenario deletes its policies; if it failed before, they go here,
+    // while the operator runs to finish them.
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    let cleaned = delete_in_order(&ics, &["ghost", "orders"], WAIT).await;
+    drop(operator);
     namespaces.delete(&ns, &DeleteParams::default()).await?;
-    result
+    result.and(cleaned)
 }
 
-async fn scenario(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> anyhow::Result<()> {
+async fn scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
     let queue = unique("e2e-orders");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     secrets
@@ -138,8 +146,6 @@ async fn scenario(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> an
     let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
     ics.create(&PostParams::default(), &policy("orders", "worker", &queue))
         .await?;
-    let identity = chart_identity(client, kubeconfig, ns).await?;
-    let _operator = start_operator(identity.path(), ns)?;
 
     // Injected and bound; the store's readiness is reported as it is.
     let ic = eventually(WAIT, "SidecarInjected and BrokerBound", || async {
@@ -360,16 +366,20 @@ async fn two_policies_on_one_deployment_one_serves_it_the_other_reports_target_c
             &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
         )
         .await?;
-    let result = conflict(&client, &kubeconfig, &ns).await;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    let operator = start_operator(identity.path(), &ns)?;
+    let result = conflict(&client, &ns).await;
+    // While the operator runs: payments first (deleting orders first would
+    // hand the worker to payments, a rollout for nothing), each gone before
+    // the next; then the operator stops, then the namespace goes.
     let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
-    for name in ["orders", "payments"] {
-        let _ = ics.delete(name, &DeleteParams::default()).await;
-    }
+    let cleaned = delete_in_order(&ics, &["payments", "orders"], WAIT).await;
+    drop(operator);
     namespaces.delete(&ns, &DeleteParams::default()).await?;
-    result
+    result.and(cleaned)
 }
 
-async fn conflict(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> anyhow::Result<()> {
+async fn conflict(client: &Client, ns: &str) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     secrets
         .create(
@@ -396,8 +406,6 @@ async fn conflict(client: &Client, kubeconfig: &std::path::Path, ns: &str) -> an
         &policy("payments", "worker", &unique("e2e-payments")),
     )
     .await?;
-    let identity = chart_identity(client, kubeconfig, ns).await?;
-    let _operator = start_operator(identity.path(), ns)?;
 
     let payments = eventually(WAIT, "payments: Ready=False TargetConflict", || async {
         let ic = ics.get("payments").await?;
@@ -532,22 +540,20 @@ async fn a_kafka_policy_reports_a_missing_topic_then_binds_and_creates_its_dead_
         .await?;
     let topic = unique("e2e-billing");
     let dead = format!("{topic}.dead");
-    let result = kafka_scenario(&client, &kubeconfig, &ns, &topic).await;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    let operator = start_operator(identity.path(), &ns)?;
+    let result = kafka_scenario(&client, &ns, &topic).await;
     let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
-    let _ = ics.delete("billing", &DeleteParams::default()).await;
+    let cleaned = delete_in_order(&ics, &["billing"], WAIT).await;
+    drop(operator);
     namespaces.delete(&ns, &DeleteParams::default()).await?;
     let admin = kafka_admin()?;
     let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let _ = admin.delete_topics(&[&topic, &dead], &opts).await;
-    result
+    result.and(cleaned)
 }
 
-async fn kafka_scenario(
-    client: &Client,
-    kubeconfig: &std::path::Path,
-    ns: &str,
-    topic: &str,
-) -> anyhow::Result<()> {
+async fn kafka_scenario(client: &Client, ns: &str, topic: &str) -> anyhow::Result<()> {
     let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
     // The API server itself refuses two brokers, and a Kafka key Kafka lacks.
     let mut both = kafka_policy("both", "worker", topic);
@@ -592,8 +598,6 @@ async fn kafka_scenario(
         &kafka_policy("billing", "worker", topic),
     )
     .await?;
-    let identity = chart_identity(client, kubeconfig, ns).await?;
-    let _operator = start_operator(identity.path(), ns)?;
     let admin = kafka_admin()?;
 
     // The topic does not exist yet: TopicNotFound, a Warning Event, nothing created.
@@ -720,6 +724,172 @@ async fn kafka_scenario(
         "e2e kafka: TopicNotFound reported ({message}); bound {:.1?} after the topic was created, {topic}.dead created with {} partitions; sidecar env from Secret; cleaned up",
         created_at.elapsed(),
         dead_partitions.unwrap_or_default()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn sidecars_ready_follows_the_pods_sidecar_readiness_both_ways() -> anyhow::Result<()> {
+    let kubeconfig = e2e_kubeconfig()?;
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let ns = unique("idemq-e2e-pods");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    let operator = start_operator(identity.path(), &ns)?;
+    let result = sidecars(&client, &ns).await;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    let cleaned = delete_in_order(&ics, &["orders"], WAIT).await;
+    drop(operator);
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    result.and(cleaned)
+}
+
+/// A pod of the worker as the injected template makes it. No scheduler or
+/// kubelet runs, so the test plays the kubelet: it writes the pod's status.
+fn injected_pod(name: &str) -> anyhow::Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { "app": "worker", "idemq.dev/consumer": "orders" } },
+        "spec": {
+            "automountServiceAccountToken": false,
+            "initContainers": [{ "name": "idemq-sidecar", "image": "example/idemq-sidecar:1", "restartPolicy": "Always" }],
+            "containers": [{ "name": "app", "image": "example/worker:1" }]
+        }
+    }))?)
+}
+
+/// The pod status a kubelet reports with the sidecar `ready` or not.
+fn kubelet_status(ready: bool) -> serde_json::Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    json!({ "status": {
+        "phase": "Running",
+        "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" } }],
+        "initContainerStatuses": [{
+            "name": "idemq-sidecar", "ready": ready, "started": true, "restartCount": 0,
+            "image": "example/idemq-sidecar:1", "imageID": "",
+            "state": { "running": { "startedAt": now } }
+        }],
+        "containerStatuses": [{
+            "name": "app", "ready": true, "started": true, "restartCount": 0,
+            "image": "example/worker:1", "imageID": "",
+            "state": { "running": { "startedAt": now } }
+        }]
+    }})
+}
+
+async fn sidecars(client: &Client, ns: &str) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "rabbitmq" }, "stringData": { "url": AMQP } }),
+            )?,
+        )
+        .await?;
+    // No replicas: the test's own pod is the worker's only one.
+    let mut worker = deployment("worker");
+    worker.spec.as_mut().expect("spec").replicas = Some(0);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    deployments.create(&PostParams::default(), &worker).await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
+    ics.create(
+        &PostParams::default(),
+        &policy("orders", "worker", &unique("e2e-pods")),
+    )
+    .await?;
+    let sidecars_ready = |want: (&'static str, &'static str, &'static str)| {
+        let ics = ics.clone();
+        async move {
+            let ic = ics.get("orders").await?;
+            let c = ic
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "SidecarsReady"))
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+            anyhow::Ok(
+                (c.as_ref()
+                    .is_some_and(|c| (c.0.as_str(), c.1.as_str(), c.2.as_str()) == want))
+                .then_some(ic),
+            )
+        }
+    };
+    eventually(WAIT, "SidecarsReady=False NoPods", || {
+        sidecars_ready(("False", "NoPods", "no running pod has the sidecar yet"))
+    })
+    .await?;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.create(&PostParams::default(), &injected_pod("worker-1")?)
+        .await?;
+    let mut flips = Vec::new();
+    for (ready, want) in [
+        (true, ("True", "PodsReady", "1 of 1 pods ready")),
+        (
+            false,
+            (
+                "False",
+                "PodsNotReady",
+                "0 of 1 pods ready; not ready: worker-1",
+            ),
+        ),
+        (true, ("True", "PodsReady", "1 of 1 pods ready")),
+    ] {
+        let patched = std::time::Instant::now();
+        pods.patch_status(
+            "worker-1",
+            &PatchParams::default(),
+            &Patch::Merge(kubelet_status(ready)),
+        )
+        .await?;
+        let ic = eventually(WAIT, &format!("SidecarsReady {want:?}"), || {
+            sidecars_ready(want)
+        })
+        .await?;
+        flips.push(format!("{} after {:.1?}", want.0, patched.elapsed()));
+        // Nothing changes now: the operator writes nothing.
+        let version = ic.metadata.resource_version.clone();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            ics.get("orders").await?.metadata.resource_version,
+            version,
+            "no status write while the pods hold still"
+        );
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let said: Vec<(String, String)> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref().is_some_and(|r| r.starts_with("Pods")))
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+        .collect();
+    assert!(
+        said.contains(&("Warning".into(), "PodsNotReady".into()))
+            && said.contains(&("Normal".into(), "PodsReady".into())),
+        "the flips are Events: {said:?}"
+    );
+
+    // The pod goes: no pod runs the sidecar any more.
+    pods.delete("worker-1", &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(
+        WAIT,
+        "SidecarsReady=False NoPods after the pod is gone",
+        || sidecars_ready(("False", "NoPods", "no running pod has the sidecar yet")),
+    )
+    .await?;
+    println!(
+        "e2e pods: SidecarsReady {}; then NoPods once the pod was deleted; events {said:?}",
+        flips.join(", ")
     );
     Ok(())
 }

@@ -552,6 +552,9 @@ pub mod conditions {
     pub const BROKER_BOUND: &str = "BrokerBound";
     pub const SIDECAR_INJECTED: &str = "SidecarInjected";
     pub const READY: &str = "Ready";
+    /// Whether the injected sidecars are ready, that is consuming: read from
+    /// the pods, apart from Ready (which says idemq did its part).
+    pub const SIDECARS_READY: &str = "SidecarsReady";
 
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
     /// Another resource already serves the same workload.
@@ -587,4 +590,7 @@ pub mod conditions {
     pub const KEY_DEFINITION_CHANGED: &str = "KeyDefinitionChanged";
     pub const POLICY_COMPATIBLE: &str = "PolicyCompatible";
     pub const NOT_READY: &str = "NotReady";
+    pub const PODS_READY: &str = "PodsReady";
+    pub const PODS_NOT_READY: &str = "PodsNotReady";
+    pub const NO_PODS: &str = "NoPods";
 }

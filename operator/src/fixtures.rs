@@ -173,6 +173,37 @@ fn stored(yaml: &str) -> IdempotentConsumer {
     ic
 }
 
+/// A pod of the sample policy's target as the kubelet reports it: the
+/// sidecar injected, its readiness `ready` (None: not started yet).
+pub fn pod(name: &str, consumer: &str, ready: Option<bool>) -> k8s_openapi::api::core::v1::Pod {
+    let statuses = match ready {
+        Some(ready) => json!([
+            { "name": "idemq-sidecar", "ready": ready, "restartCount": 0, "image": "img", "imageID": "",
+              "state": { "running": {} } }
+        ]),
+        None => json!([]),
+    };
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                      "labels": { "idemq.dev/consumer": consumer },
+                      "annotations": { "big": "x".repeat(1000) } },
+        "spec": { "containers": [{ "name": "app", "image": "app:1" }],
+                  "initContainers": [{ "name": "idemq-sidecar", "image": "img", "restartPolicy": "Always" }] },
+        "status": { "phase": "Running", "initContainerStatuses": statuses,
+                    "containerStatuses": [{ "name": "app", "ready": true, "restartCount": 0, "image": "app:1", "imageID": "" }] }
+    }))
+    .expect("pod")
+}
+
+/// Puts `pod` into a pod cache as the watch would: trimmed.
+pub fn cache_pod(
+    writer: &mut kube::runtime::reflector::store::Writer<k8s_openapi::api::core::v1::Pod>,
+    mut pod: k8s_openapi::api::core::v1::Pod,
+) {
+    crate::controller::pods::trim(&mut pod);
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(pod));
+}
+
 /// A context whose broker operations go to `binder`.
 pub fn context_with(binder: Arc<dyn Binder>, broker_operations: usize) -> (Arc<Context>, Handle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();

@@ -18,10 +18,10 @@ use idemq_operator::leader::Elector;
 use idemq_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -195,6 +195,19 @@ async fn control(
     .with_config(config);
     let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
     ctx.add_cache(controller.store());
+    // The injected pods, trimmed and cached for SidecarsReady; a change of
+    // what that condition reads reconciles the resource the pod's label names.
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    ctx.add_pod_cache(pods);
+    let pod_changes = controller::pods::changes(
+        watcher(
+            namespaced_or_all::<Pod>(&client, &scope),
+            watcher::Config::default().labels(labels::CONSUMER_LABEL),
+        )
+        .default_backoff()
+        .modify(controller::pods::trim)
+        .reflect(pods_writer),
+    );
     controller
         .owns(
             namespaced_or_all::<ConfigMap>(&client, &scope),
@@ -228,6 +241,7 @@ async fn control(
                 )
             },
         )
+        .watches_stream(pod_changes, |pod| controller::pods::owner(&pod))
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(
             controller::reconcile_guarded,

@@ -161,6 +161,33 @@ pub async fn chart_identity(
     Ok(file)
 }
 
+/// Deletes the resources `names` one after the other, each time waiting
+/// until it is gone, so that the running operator's finalizer has withdrawn
+/// its sidecar before the next goes (deleting several at once, or the
+/// namespace, races the operator's cleanup). The operator must still run.
+pub async fn delete_in_order(
+    api: &kube::Api<idemq_operator::crd::IdempotentConsumer>,
+    names: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    for name in names {
+        if api
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+            .is_err_and(|e| !matches!(&e, kube::Error::Api(s) if s.is_not_found()))
+        {
+            anyhow::bail!("could not delete IdempotentConsumer {name}");
+        }
+        eventually(
+            timeout,
+            &format!("{name} to be gone (finalizer done)"),
+            || async { Ok(api.get_opt(name).await?.is_none().then_some(())) },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Installs (or updates) the IdempotentConsumer CRD and waits until it is established.
 pub async fn install_crd(client: &kube::Client) -> anyhow::Result<()> {
     use idemq_operator::crd::IdempotentConsumer;

@@ -19,6 +19,7 @@
 #[cfg(test)]
 mod bounds;
 mod broker;
+pub mod pods;
 #[cfg(test)]
 mod scenarios;
 mod ssa;
@@ -32,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -94,6 +95,9 @@ pub struct Context {
     /// The controller's cache of resources, to find others naming the same
     /// target without asking the API server.
     caches: Mutex<Vec<kube::runtime::reflector::Store<Guarded>>>,
+    /// The injected pods (trimmed, see [`pods::trim`]), one cache per
+    /// watched scope, read for the SidecarsReady condition.
+    pod_caches: Mutex<Vec<kube::runtime::reflector::Store<Pod>>>,
     /// Malformed objects already reported, by uid and generation.
     pub(crate) malformed: Mutex<HashSet<(String, Option<i64>)>>,
 }
@@ -116,6 +120,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             rechecks: Mutex::new(HashMap::new()),
             caches: Mutex::new(Vec::new()),
+            pod_caches: Mutex::new(Vec::new()),
             malformed: Mutex::new(HashSet::new()),
         }
     }
@@ -127,6 +132,21 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(cache);
+    }
+
+    /// Also reads the pods of `cache` for the SidecarsReady condition.
+    pub fn add_pod_cache(&self, cache: kube::runtime::reflector::Store<Pod>) {
+        self.pod_caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cache);
+    }
+
+    /// The SidecarsReady verdict of `ic` from the cached pods.
+    fn sidecars_ready(&self, ic: &IdempotentConsumer) -> Verdict {
+        let caches = self.pod_caches.lock().unwrap_or_else(|e| e.into_inner());
+        let pods: Vec<Arc<Pod>> = caches.iter().flat_map(|cache| cache.state()).collect();
+        pods::sidecars_ready(ic, pods.iter().map(|p| p.as_ref()))
     }
 
     /// The other resources of `ic`'s namespace that name the same target.
@@ -362,6 +382,10 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
         }
     }
     let injected = target::inject(ic, ctx, &ns, &hash).await?;
+    // Said only of a workload this resource serves; not part of Ready,
+    // which says that idemq did its part (a Deployment at zero replicas is
+    // Ready with no pod).
+    let sidecars = injected.ok.then(|| ctx.sidecars_ready(ic));
 
     // Status.
     let ready = status::ready(&[&store, &broker, &injected]);
@@ -372,12 +396,24 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
             publish(ctx, ic, EventType::Warning, STORE_RESET, v.message.clone()).await;
         }
     }
+    // A change of the sidecars' readiness is news only when it flips a
+    // condition that was already there: pods starting are not.
+    let flipped = sidecars.as_ref().and_then(|v| {
+        let before = ic
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == SIDECARS_READY)?;
+        (before.status != if v.ok { "True" } else { "False" }).then(|| v.clone())
+    });
     let verdicts: Vec<Verdict> = [store, broker, injected.clone(), ready]
         .into_iter()
+        .chain(sidecars)
         .chain(reset)
         .chain(preserved)
         .collect();
-    let changed = status::write(
+    status::write(
         ic,
         ctx,
         &verdicts,
@@ -414,15 +450,24 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
             .await;
         }
     }
-    if changed {
-        // Ready only repeats the others' reasons; StatePreserved was
-        // announced before the pods rolled, and a StoreReset when it was
-        // found, above (no reset is no news).
-        for v in verdicts.iter().filter(|v| {
-            !v.ok && v.type_ != READY && v.type_ != STATE_PRESERVED && v.type_ != STORE_RESET
-        }) {
-            publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
-        }
+    // A failure is said once, when it is new. Ready only repeats the
+    // others' reasons; StatePreserved was announced before the pods rolled,
+    // and a StoreReset when it was found, above (no reset is no news);
+    // SidecarsReady speaks below, when it flips.
+    for v in verdicts.iter().filter(|v| {
+        !v.ok
+            && ![READY, STATE_PRESERVED, STORE_RESET, SIDECARS_READY].contains(&v.type_)
+            && status::is_new(ic, v)
+    }) {
+        publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
+    }
+    if let Some(v) = flipped {
+        let type_ = if v.ok {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        publish(ctx, ic, type_, v.reason, v.message).await;
     }
     Ok(ctx.requeue(ic, all_ok))
 }

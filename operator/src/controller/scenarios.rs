@@ -162,10 +162,91 @@ async fn create_applies_everything_writes_status_and_sends_events() {
             ("BrokerBound".into(), "True".into(), "Bound".into()),
             ("SidecarInjected".into(), "True".into(), "Injected".into()),
             ("Ready".into(), "False".into(), "NotReady".into()),
+            ("SidecarsReady".into(), "False".into(), "NoPods".into()),
         ]
     );
     let written = status.lock().expect("lock").clone().expect("status");
     assert!(written["bindingHash"].is_string(), "{written}");
+}
+
+#[tokio::test]
+async fn the_sidecars_readiness_in_the_pods_becomes_a_condition_and_a_flip_an_event() {
+    // Two pods of the worker: one sidecar ready, one not (its app is down).
+    let (cache, mut pods) = kube::runtime::reflector::store();
+    fixtures::cache_pod(&mut pods, fixtures::pod("worker-1", "orders", Some(true)));
+    fixtures::cache_pod(&mut pods, fixtures::pod("worker-2", "orders", Some(false)));
+    // A pod of another policy, and the managed Redis's pod with the same label.
+    fixtures::cache_pod(&mut pods, fixtures::pod("other-1", "payments", Some(false)));
+    let mut redis = fixtures::pod("orders-idemq-redis-0", "orders", None);
+    redis.spec.as_mut().expect("spec").init_containers = None;
+    fixtures::cache_pod(&mut pods, redis);
+
+    let status = Arc::new(Mutex::new(None));
+    let mut first = apply_prefix();
+    first.push(Expect::get(TARGET, StatusCode::OK, target()));
+    first.push(Expect::apply(TARGET));
+    first.push(status_patch(status.clone()));
+    first.push(event("Injected"));
+    // Pods starting are no news: no SidecarsReady event the first time.
+    first.push(event("RedisNotReady"));
+    let (ctx, handle) = fixtures::context();
+    ctx.add_pod_cache(cache);
+    let server = tokio::spawn(fixtures::serve(handle, first));
+    reconcile(Arc::new(fixtures::policy()), ctx.clone())
+        .await
+        .expect("reconciles");
+    server.await.expect("every expected request came");
+    let sidecars = |status: &Mutex<Option<Value>>| {
+        status.lock().expect("lock").as_ref().expect("status")["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["type"] == "SidecarsReady")
+            .cloned()
+            .expect("SidecarsReady")
+    };
+    let condition = sidecars(&status);
+    assert_eq!(condition["status"], "False");
+    assert_eq!(condition["reason"], "PodsNotReady");
+    assert_eq!(
+        condition["message"],
+        "1 of 2 pods ready; not ready: worker-2"
+    );
+    assert!(
+        conditions(&status).contains(&("Ready".into(), "False".into(), "NotReady".into())),
+        "Ready waits for the store only"
+    );
+
+    // worker-2's sidecar turns ready: the condition flips to True, with a
+    // Normal Event saying so, and nothing else is said again.
+    let ic = with_status(fixtures::policy(), &status);
+    let flipped = Arc::new(Mutex::new(None));
+    let mut second = apply_prefix();
+    second.push(Expect::get(TARGET, StatusCode::OK, target()));
+    second.push(Expect::apply(TARGET));
+    second.push(status_patch(flipped.clone()));
+    second.push(
+        Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+            assert_eq!(e["reason"], "PodsReady");
+            assert_eq!(e["type"], "Normal");
+            assert_eq!(e["note"], "2 of 2 pods ready");
+        }),
+    );
+    let (ctx2, handle) = fixtures::context();
+    let (cache2, mut pods2) = kube::runtime::reflector::store();
+    for name in ["worker-1", "worker-2"] {
+        fixtures::cache_pod(&mut pods2, fixtures::pod(name, "orders", Some(true)));
+    }
+    ctx2.add_pod_cache(cache2);
+    let server = tokio::spawn(fixtures::serve(handle, second));
+    reconcile(Arc::new(ic), ctx2).await.expect("reconciles");
+    server.await.expect("every expected request came");
+    let condition = sidecars(&flipped);
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("True"), Some("PodsReady"))
+    );
+    drop((ctx, pods));
 }
 
 #[tokio::test]

@@ -236,3 +236,74 @@ async fn the_second_resource_on_one_workload_gets_target_conflict_and_never_touc
     server.abort();
     server2.abort();
 }
+
+#[tokio::test]
+async fn sidecar_readiness_writes_status_once_per_change_and_never_when_it_holds() {
+    let binder = Arc::new(CountingBinder::default());
+    let (ctx, handle) = fixtures::context_with(binder, 4);
+    let (pods, mut writer) = kube::runtime::reflector::store();
+    ctx.add_pod_cache(pods);
+    for name in ["worker-1", "worker-2", "worker-3"] {
+        fixtures::cache_pod(&mut writer, fixtures::pod(name, "orders", Some(true)));
+    }
+    let cluster = cluster(&[&fixtures::policy()]);
+    let server = tokio::spawn(cluster.clone().serve(handle));
+    let status_writes = || {
+        cluster.writes_to(
+            "PATCH /apis/idemq.dev/v1alpha1/namespaces/shop/idempotentconsumers/orders/status",
+        )
+    };
+    let sidecars = || {
+        let ic = cluster.get(&ic_path("orders")).expect("stored");
+        let c = ic["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["type"] == "SidecarsReady")
+            .cloned()
+            .expect("SidecarsReady");
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["message"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+
+    reconcile_stored(&cluster, &ctx, "orders").await;
+    assert_eq!(sidecars(), ("True".into(), "3 of 3 pods ready".into()));
+    let (writes, events) = (status_writes(), cluster.writes_to("events"));
+    for _ in 0..3 {
+        reconcile_stored(&cluster, &ctx, "orders").await;
+    }
+    assert_eq!(status_writes(), writes, "pods unchanged: no write");
+
+    // worker-2's application goes down: its sidecar turns not ready.
+    fixtures::cache_pod(
+        &mut writer,
+        fixtures::pod("worker-2", "orders", Some(false)),
+    );
+    for _ in 0..3 {
+        reconcile_stored(&cluster, &ctx, "orders").await;
+    }
+    assert_eq!(
+        sidecars(),
+        (
+            "False".into(),
+            "2 of 3 pods ready; not ready: worker-2".into()
+        )
+    );
+    assert_eq!(status_writes(), writes + 1, "one write for the change");
+    assert_eq!(cluster.writes_to("events"), events + 1, "one Warning Event");
+
+    // It comes back: one write, one Normal Event; then quiet again.
+    fixtures::cache_pod(&mut writer, fixtures::pod("worker-2", "orders", Some(true)));
+    for _ in 0..3 {
+        reconcile_stored(&cluster, &ctx, "orders").await;
+    }
+    assert_eq!(sidecars().0, "True");
+    assert_eq!(status_writes(), writes + 2);
+    assert_eq!(cluster.writes_to("events"), events + 2);
+    println!(
+        "status writes: {writes} to settle, then 1 per readiness change over 9 reconciles; events: {events} + 2"
+    );
+    server.abort();
+}
