@@ -52,15 +52,57 @@ fn operator_binary() -> anyhow::Result<PathBuf> {
     }
 }
 
-fn start(kubeconfig: &std::path::Path, ns: &str) -> anyhow::Result<Operator> {
+/// Starts the operator; returns it and the address of its `/metrics`.
+fn start(kubeconfig: &std::path::Path, ns: &str) -> anyhow::Result<(Operator, String)> {
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let child = Command::new(operator_binary()?)
         .args(["run", "--watch-namespace", ns, "--lease-namespace", ns])
-        .args(["--admin-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", &admin.to_string()])
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()?;
-    Ok(Operator(child))
+    Ok((Operator(child), admin.to_string()))
+}
+
+/// What the operator's `/metrics` says of its reconciles so far: how many
+/// succeeded, how many failed, and their mean duration.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reconciles {
+    ok: u64,
+    failed: u64,
+    mean_seconds: f64,
+}
+
+async fn reconciles(admin: &str) -> anyhow::Result<Reconciles> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let mut r = Reconciles::default();
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value: f64 = value.parse().unwrap_or(0.0);
+        if series.starts_with("idemq_operator_reconciles_total") {
+            if series.contains("result=\"ok\"") {
+                r.ok += value as u64;
+            } else {
+                r.failed += value as u64;
+            }
+        } else if series == "idemq_operator_reconcile_duration_seconds_sum" {
+            sum = value;
+        } else if series == "idemq_operator_reconcile_duration_seconds_count" {
+            count = value;
+        }
+    }
+    r.mean_seconds = if count > 0.0 { sum / count } else { 0.0 };
+    Ok(r)
 }
 
 /// What `/proc` says about a process now.
@@ -263,13 +305,17 @@ async fn scale(
     let timeout = Duration::from_secs(60 + n as u64 / 2);
 
     let outcome = async {
-        let operator = start(identity.path(), ns)?;
+        let (operator, admin) = start(identity.path(), ns)?;
         let (took, peak, ready) = watch_until_ready(operator.0.id(), &ics, n, timeout).await?;
+        let work = reconciles(&admin).await?;
         println!(
-            "scale: first start with {n} resources: {ready}/{n} Ready after {took:.1?}; peak RSS {:.1} MiB, peak threads {}, peak AMQP connections {} (pool {POOL})",
+            "scale: first start with {n} resources: {ready}/{n} Ready after {took:.1?}; peak RSS {:.1} MiB, peak threads {}, peak AMQP connections {} (pool {POOL}); reconciles {} ok, {} failed, mean {:.3} s",
             peak.rss_kib as f64 / 1024.0,
             peak.threads,
-            peak.amqp_connections
+            peak.amqp_connections,
+            work.ok,
+            work.failed,
+            work.mean_seconds
         );
         let settled = sample(operator.0.id());
         println!(
@@ -280,20 +326,41 @@ async fn scale(
         );
         drop(operator);
 
-        // The restart: everything is Ready already; sample 30 s of it.
-        let operator = start(identity.path(), ns)?;
+        // The restart: every resource is Ready already and stays so; the
+        // restarted operator has verified them all again once it has
+        // reconciled each (ok count ≥ n). Then 30 s more are sampled.
+        let (operator, admin) = start(identity.path(), ns)?;
         let pid = operator.0.id();
-        let (_, mut restart_peak, _) = watch_until_ready(pid, &ics, n, timeout).await?;
+        let restarted = Instant::now();
+        let mut restart_peak = Sample::default();
+        let observe = |peak: &mut Sample| {
+            let s = sample(pid);
+            peak.rss_kib = peak.rss_kib.max(s.rss_kib);
+            peak.threads = peak.threads.max(s.threads);
+            peak.amqp_connections = peak.amqp_connections.max(s.amqp_connections);
+        };
+        let mut work = Reconciles::default();
+        while work.ok < n as u64 {
+            anyhow::ensure!(
+                restarted.elapsed() < timeout,
+                "the restarted operator reconciled only {work:?} of {n} in {timeout:?}"
+            );
+            observe(&mut restart_peak);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            work = reconciles(&admin).await.unwrap_or(work);
+        }
+        let reverified = restarted.elapsed();
         let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until {
-            let s = sample(pid);
-            restart_peak.rss_kib = restart_peak.rss_kib.max(s.rss_kib);
-            restart_peak.threads = restart_peak.threads.max(s.threads);
-            restart_peak.amqp_connections = restart_peak.amqp_connections.max(s.amqp_connections);
+            observe(&mut restart_peak);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let still_ready = watch_until_ready(pid, &ics, n, Duration::from_secs(5)).await?.2;
         println!(
-            "scale: restart with {n} Ready resources, first 30 s: peak RSS {:.1} MiB, peak threads {}, peak AMQP connections {}",
+            "scale: restart with {n} Ready resources: all {n} reconciled again after {reverified:.1?} (mean {:.3} s, {} failed), {still_ready}/{n} still Ready; first {:.0?} + 30 s: peak RSS {:.1} MiB, peak threads {}, peak AMQP connections {}",
+            work.mean_seconds,
+            work.failed,
+            reverified,
             restart_peak.rss_kib as f64 / 1024.0,
             restart_peak.threads,
             restart_peak.amqp_connections
@@ -309,19 +376,28 @@ async fn scale(
     // Cleanup: the operator deletes the queues it declared with the resources.
     let (operator, failed) = match outcome {
         Ok(operator) => (Some(operator), None),
-        Err(e) => (start(identity.path(), ns).ok(), Some(e)),
+        Err(e) => (start(identity.path(), ns).ok().map(|(o, _)| o), Some(e)),
     };
+    // A loaded API server may drop a connection now and then: an error
+    // here must not stop the operator before it has finished the resources
+    // (their finalizers would then hold the namespace for ever).
     let deleting = Instant::now();
-    ics.delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await?;
-    while !ics
-        .list(&ListParams::default().limit(1))
-        .await?
-        .items
-        .is_empty()
-        && deleting.elapsed() < timeout
-    {
+    let (mut remaining, mut asked) = (n, false);
+    while remaining > 0 && deleting.elapsed() < timeout {
+        if !asked {
+            match ics
+                .delete_collection(&DeleteParams::default(), &ListParams::default())
+                .await
+            {
+                Ok(_) => asked = true,
+                Err(e) => println!("scale: deleting the resources: {e} (trying again)"),
+            }
+        }
         tokio::time::sleep(Duration::from_secs(2)).await;
+        match ics.list(&ListParams::default().limit(1)).await {
+            Ok(list) => remaining = list.items.len(),
+            Err(e) => println!("scale: listing the resources: {e} (trying again)"),
+        }
     }
     println!(
         "scale: {n} resources deleted (queues with them) in {:.1?}",

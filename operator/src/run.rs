@@ -188,11 +188,20 @@ async fn control(
 ) {
     let owned = watcher::Config::default()
         .labels(&format!("app.kubernetes.io/managed-by={}", labels::MANAGER));
-    let controller = Controller::new(
+    // The resources, cached without their managedFields (half of each
+    // object, and never read), reconciled when what people change changed:
+    // not on the status writes of the operator's own reconciles.
+    let (resources, resources_writer) = reflector::store::<Guarded>();
+    let changed = watcher(
         namespaced_or_all::<Guarded>(&client, &scope),
         watcher::Config::default(),
     )
-    .with_config(config);
+    .default_backoff()
+    .modify(|resource| resource.managed_fields_mut().clear())
+    .reflect(resources_writer)
+    .applied_objects()
+    .predicate_filter(controller::changed_by_people, Default::default());
+    let controller = Controller::for_stream(changed, resources).with_config(config);
     let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
     ctx.add_cache(controller.store());
     // The injected pods, trimmed and cached for SidecarsReady; a change of

@@ -7,6 +7,7 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::events::EventType;
+use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use super::status::{publish, verdict, Verdict};
@@ -129,8 +130,23 @@ pub async fn unbind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) {
     let Some(plan) = Plan::of(ic) else {
         return;
     };
-    let Ok(connection) = connection(ic, ctx, ns).await else {
-        return;
+    // Deleting a namespace deletes its Secrets at once, while resources
+    // wait for this finalizer: the queues then stay, and only a log line
+    // can say so (no Event is accepted in a terminating namespace).
+    let connection = match connection(ic, ctx, ns).await {
+        Ok(connection) => connection,
+        Err(v) => {
+            tracing::warn!(name = %ic.name_any(), namespace = %ns, reason = v.reason, message = %v.message, "deleteOnCleanup: cannot read the broker Secret, the queues stay");
+            publish(
+                ctx,
+                ic,
+                EventType::Warning,
+                "QueueDeleteFailed",
+                format!("{}: the queues stay", v.message),
+            )
+            .await;
+            return;
+        }
     };
     let deleted = {
         let _permit = ctx.broker_operations.acquire().await;

@@ -150,14 +150,24 @@ impl Context {
     }
 
     /// The other resources of `ic`'s namespace that name the same target.
+    /// Only those are cloned: this runs in every reconcile, over every
+    /// cached resource.
     fn peers(&self, ic: &IdempotentConsumer) -> Vec<IdempotentConsumer> {
         let caches = self.caches.lock().unwrap_or_else(|e| e.into_inner());
+        let (ns, name) = (ic.namespace(), ic.name_any());
         caches
             .iter()
             .flat_map(|cache| cache.state())
-            .filter_map(|g| g.0.as_ref().ok().cloned())
-            .filter(|o| o.namespace() == ic.namespace() && o.spec.target == ic.spec.target)
-            .filter(|o| o.name_any() != ic.name_any())
+            .filter_map(|g| {
+                g.0.as_ref()
+                    .ok()
+                    .filter(|o| {
+                        o.spec.target == ic.spec.target
+                            && o.namespace() == ns
+                            && o.name_any() != name
+                    })
+                    .cloned()
+            })
             .collect()
     }
 
@@ -225,6 +235,25 @@ pub fn backoff(failures: u32) -> Duration {
 /// older schema) arrives as an error instead of breaking the watch of every
 /// other object.
 pub type Guarded = DeserializeGuard<IdempotentConsumer>;
+
+/// What people (or other tools) change in a resource, as a hash for a
+/// watch's predicate filter: its spec (through the generation, which its
+/// deletion also bumps), its annotations (the store-reset acknowledgement),
+/// its finalizers and its deletion. A status write is the operator's own,
+/// and reconciling after it would only read everything again.
+pub fn changed_by_people(resource: &Guarded) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = kube::Resource::meta(resource);
+    let mut hasher = std::hash::DefaultHasher::new();
+    (
+        meta.generation,
+        &meta.annotations,
+        &meta.finalizers,
+        meta.deletion_timestamp.as_ref().map(|t| t.0.as_second()),
+    )
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
 
 /// The controller's entry point: reconciles a well-formed object, reports a
 /// malformed one (a condition and an Event) and waits for it to change.
@@ -493,6 +522,37 @@ async fn cleanup(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_write_is_no_change_but_spec_annotations_finalizers_and_deletion_are() {
+        let guard = |ic: &IdempotentConsumer| -> Guarded {
+            serde_json::from_value(serde_json::to_value(ic).expect("json")).expect("guard")
+        };
+        let ic = crate::fixtures::policy();
+        let before = changed_by_people(&guard(&ic));
+        let mut status = ic.clone();
+        status.status = Some(crate::crd::IdempotentConsumerStatus {
+            config_hash: Some("abc".into()),
+            ..Default::default()
+        });
+        status.metadata.resource_version = Some("101".into());
+        assert_eq!(changed_by_people(&guard(&status)), before);
+        let mut spec = ic.clone();
+        spec.metadata.generation = Some(2);
+        let mut acknowledged = ic.clone();
+        acknowledged.metadata.annotations =
+            Some([(labels::ACKNOWLEDGE_STORE_RESET.to_string(), "r".to_string())].into());
+        let mut unfinalized = ic.clone();
+        unfinalized.metadata.finalizers = None;
+        let mut deleted = ic.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        for changed in [spec, acknowledged, unfinalized, deleted] {
+            assert_ne!(changed_by_people(&guard(&changed)), before);
+        }
+    }
 
     #[test]
     fn backoff_doubles_to_five_minutes() {
