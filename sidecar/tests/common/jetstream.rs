@@ -8,7 +8,10 @@
 //! dedup (two minutes by default) would otherwise drop the copies before the
 //! sidecar sees them. The copies stand for those that come later than the
 //! window, or are redelivered to the consumer, which JetStream does not
-//! deduplicate.
+//! deduplicate. Each publish waits out the window after its last message,
+//! so that copies published by a later call reach the stream however fast
+//! the machine publishes, and a copy the stream dropped anyway fails the
+//! test by name instead of leaving a count short.
 
 use std::time::Duration;
 
@@ -19,6 +22,9 @@ use idemq_sidecar::secrets::Secrets;
 use super::broker::{BrokerUnderTest, DeadLetter, Message};
 
 pub const URL: &str = "nats://127.0.0.1:4222";
+
+/// The test streams' publish dedup window.
+const DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
 
 /// A stream with one subject, its durable consumer's name, and a stream that
 /// collects dead letters.
@@ -59,7 +65,7 @@ impl BrokerUnderTest for JetStream {
         js.create_stream(stream::Config {
             name: stream.clone(),
             subjects: vec![subject.clone()],
-            duplicate_window: Duration::from_millis(100),
+            duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         })
         .await
@@ -108,7 +114,8 @@ impl BrokerUnderTest for JetStream {
         vec![("IDEMQ_BROKER_URL".to_string(), URL.to_string())]
     }
 
-    /// Publishes in chunks, each waiting for JetStream's acks.
+    /// Publishes in chunks, each waiting for JetStream's acks, then waits out
+    /// the duplicate window.
     async fn publish(&self, messages: Vec<Message>) {
         for chunk in messages.chunks(1000) {
             let mut acks = Vec::with_capacity(chunk.len());
@@ -126,9 +133,15 @@ impl BrokerUnderTest for JetStream {
                 );
             }
             for ack in acks {
-                ack.await.expect("JetStream stored the message");
+                let ack = ack.await.expect("JetStream stored the message");
+                assert!(
+                    !ack.duplicate,
+                    "JetStream dropped a copy within its {DUPLICATE_WINDOW:?} duplicate window (sequence {})",
+                    ack.sequence
+                );
             }
         }
+        tokio::time::sleep(2 * DUPLICATE_WINDOW).await;
     }
 
     /// Messages the consumer has not delivered yet, or delivered and not
