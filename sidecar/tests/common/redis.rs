@@ -136,19 +136,11 @@ impl OwnRedis {
             .spawn()
             .expect("start redis-server (apt-get install redis-server)");
         self.child = Some(child);
-        for _ in 0..100 {
-            if let Ok(mut conn) = self.connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("own redis-server on {} did not answer", self.port);
+        assert!(
+            answers_ping(self.port).await,
+            "own redis-server on {} did not answer",
+            self.port
+        );
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -326,7 +318,10 @@ impl OwnCluster {
             _dir: dir,
         };
         for port in &cluster.ports {
-            cluster.wait_for(*port).await;
+            assert!(
+                answers_ping(*port).await,
+                "own cluster node on {port} did not answer"
+            );
         }
         let created = tokio::process::Command::new("redis-cli")
             .arg("--cluster")
@@ -352,24 +347,6 @@ impl OwnCluster {
             .map(|p| format!("redis://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
-    }
-
-    async fn wait_for(&self, port: u16) {
-        for _ in 0..100 {
-            if let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) {
-                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                    if redis::cmd("PING")
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .is_ok()
-                    {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("own cluster node on {port} did not answer");
     }
 
     /// Waits until a live node says `cluster_state:ok` and at least
@@ -480,6 +457,23 @@ async fn serving(port: u16, key: &str) -> Option<u16> {
         }
     }
     None
+}
+
+/// Whether a server of the test's own on `port` answers PING within 5 s.
+async fn answers_ping(port: u16) -> bool {
+    for _ in 0..100 {
+        if let Ok(mut conn) = connection_to(port).await {
+            if redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 async fn connection_to(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
