@@ -570,6 +570,8 @@ pub mod conditions {
     pub const BOUND: &str = "Bound";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const QUEUE_MISMATCH: &str = "QueueArgumentsMismatch";
+    /// The dead-letter exchange exists with another type or other arguments.
+    pub const EXCHANGE_MISMATCH: &str = "ExchangeMismatch";
     pub const EXCHANGE_NOT_FOUND: &str = "ExchangeNotFound";
     /// A Kafka topic to consume does not exist (its producers create it).
     pub const TOPIC_NOT_FOUND: &str = "TopicNotFound";

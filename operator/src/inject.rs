@@ -71,7 +71,7 @@ pub fn inject(policy: &str, workload: &str, default_image: &str) -> Result<Strin
     ic.metadata.uid = Some(OFFLINE_UID.to_string());
 
     let (config_map, hash) = render::config::config_map(&ic)?;
-    let patch = render::sidecar::workload_patch(&ic, &hash, default_image);
+    let patch = render::sidecar::workload_patch(&ic, &hash, None, default_image);
     merge_patch(&mut workload, &patch)?;
 
     let mut documents = vec![workload, to_value(&config_map)];

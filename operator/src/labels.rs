@@ -10,6 +10,9 @@ pub const MANAGER: &str = "idemq-operator";
 pub const FINALIZER: &str = "idemq.dev/cleanup";
 /// Pod-template annotation: changes with the sidecar config, so pods roll.
 pub const CONFIG_HASH: &str = "idemq.dev/config-hash";
+/// Pod-template annotation: changes with the content of the Secrets the
+/// sidecar reads (broker connection, external store), so a rotation rolls.
+pub const SECRETS_HASH: &str = "idemq.dev/secrets-hash";
 /// Annotation whose value, a store reset record as the StoreReset condition
 /// quotes it, acknowledges that reset and lets consumption resume.
 pub const ACKNOWLEDGE_STORE_RESET: &str = "idemq.dev/acknowledge-store-reset";

@@ -19,6 +19,7 @@ use idemq_operator::metrics::Metrics;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
@@ -203,6 +204,16 @@ async fn control(
     .predicate_filter(controller::changed_by_people, Default::default());
     let controller = Controller::for_stream(changed, resources).with_config(config);
     let (deployments_store, statefulsets_store) = (controller.store(), controller.store());
+    // A Secret that resources name, created, changed or deleted: reconcile
+    // them now (Ready within seconds of creating a missing Secret; a rotated
+    // one rolls the sidecars). Metadata only: no Secret's data is listed.
+    let secrets_store = controller.store();
+    let secret_changes = watcher(
+        namespaced_or_all::<PartialObjectMeta<Secret>>(&client, &scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     ctx.add_cache(controller.store());
     // The injected pods, trimmed and cached for SidecarsReady; a change of
     // what that condition reads reconciles the resource the pod's label names.
@@ -251,6 +262,13 @@ async fn control(
             },
         )
         .watches_stream(pod_changes, |pod| controller::pods::owner(&pod))
+        .watches_stream(secret_changes, move |secret| {
+            controller::secrets::naming(
+                &secrets_store,
+                &secret.namespace().unwrap_or_default(),
+                &secret.name_any(),
+            )
+        })
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(
             controller::reconcile_guarded,

@@ -165,6 +165,50 @@ async fn an_existing_queue_with_other_arguments_is_reported_not_fought() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_exchange_of_another_type_is_reported_as_an_exchange_mismatch() {
+    let queue = unique("op-dlx-type");
+    let p = plan(&queue, None);
+    let (_conn, ch) = channel().await;
+    // Someone declared the dead-letter exchange as fanout; idemq's is direct.
+    ch.exchange_declare(
+        p.dead_letter_exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the other exchange");
+    match Amqp::default().bind(URL, &p).await {
+        Err(e @ BindError::ExchangeMismatch(..)) => {
+            let BindError::ExchangeMismatch(name, detail) = &e else {
+                unreachable!()
+            };
+            assert_eq!(name, &p.dead_letter_exchange);
+            assert!(detail.contains("inequivalent arg 'type'"), "{detail}");
+            assert!(!e.to_string().contains("queue exists"), "{e}");
+        }
+        other => panic!("expected an exchange mismatch, got {other:?}"),
+    }
+    // The other exchange is untouched: still there, still fanout.
+    let (_conn2, ch2) = channel().await;
+    ch2.exchange_declare(
+        p.dead_letter_exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("the fanout exchange is still there");
+    cleanup(&ch2, &p, None).await;
+}
+
+#[tokio::test]
 async fn a_missing_exchange_is_named_not_declared() {
     let queue = unique("op-noexchange");
     let exchange = unique("op-absent");

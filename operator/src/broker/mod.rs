@@ -148,6 +148,10 @@ pub enum BindError {
     /// The queue (or topic, stream) exists with other arguments.
     #[error("the queue exists with other arguments: {0}")]
     ArgumentsMismatch(String),
+    /// An exchange idemq declares (the dead-letter exchange) exists with
+    /// another type or other arguments.
+    #[error("exchange {0:?} exists with another type or other arguments; delete it or name another `deadLetterExchange`: {1}")]
+    ExchangeMismatch(String, String),
     /// Any other refusal (a user without permissions, …).
     #[error("the broker refused a declaration: {0}")]
     Refused(String),

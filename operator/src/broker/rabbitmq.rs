@@ -3,7 +3,8 @@
 //! connection Secret.
 //!
 //! An existing queue declared with other arguments makes the broker refuse
-//! (PRECONDITION_FAILED): that is [`BindError::ArgumentsMismatch`].
+//! (PRECONDITION_FAILED): that is [`BindError::ArgumentsMismatch`], and
+//! [`BindError::ExchangeMismatch`] for the dead-letter exchange.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,7 +155,12 @@ impl Amqp {
                 FieldTable::default(),
             )
             .await
-            .map_err(refused)?;
+            .map_err(|e| match refused(e) {
+                BindError::ArgumentsMismatch(detail) => {
+                    BindError::ExchangeMismatch(plan.dead_letter_exchange.clone(), detail)
+                }
+                other => other,
+            })?;
             ch.queue_declare(
                 plan.dead_letter_queue.as_str().into(),
                 durable,

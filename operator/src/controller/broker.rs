@@ -107,6 +107,9 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict,
         Err(e @ BindError::ArgumentsMismatch(_)) => {
             verdict(BROKER_BOUND, false, QUEUE_MISMATCH, e.to_string())
         }
+        Err(e @ BindError::ExchangeMismatch(..)) => {
+            verdict(BROKER_BOUND, false, EXCHANGE_MISMATCH, e.to_string())
+        }
         Err(e @ BindError::ExchangeNotFound(_)) => {
             verdict(BROKER_BOUND, false, EXCHANGE_NOT_FOUND, e.to_string())
         }

@@ -22,6 +22,7 @@ mod broker;
 pub mod pods;
 #[cfg(test)]
 mod scenarios;
+pub mod secrets;
 mod ssa;
 pub mod status;
 mod store;
@@ -296,6 +297,15 @@ pub async fn reconcile(ic: Arc<IdempotentConsumer>, ctx: Arc<Context>) -> Result
         {
             Ok(Action::await_change())
         }
+        // The cached object was older than the one on the server (its
+        // finalizers changed meanwhile), so the guarded patch was refused:
+        // an ordinary retry with the fresh object, not a fault to report.
+        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))
+            if s.code == 422 || s.is_conflict() =>
+        {
+            tracing::debug!(error = %s, "finalizer added concurrently; retrying");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
         e => Err(Error::Finalizer(Box::new(e))),
     });
     ctx.metrics.reconciled(&result, started.elapsed());
@@ -410,7 +420,8 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
             publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
         }
     }
-    let injected = target::inject(ic, ctx, &ns, &hash).await?;
+    let secrets = secrets::digest(ic, ctx, &ns).await?;
+    let injected = target::inject(ic, ctx, &ns, &hash, &secrets).await?;
     // Said only of a workload this resource serves; not part of Ready,
     // which says that idemq did its part (a Deployment at zero replicas is
     // Ready with no pod).

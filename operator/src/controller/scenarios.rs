@@ -65,6 +65,8 @@ fn apply_prefix() -> Vec<Expect> {
         Expect::get(REDIS_PDB, StatusCode::NOT_FOUND, not_found()),
         Expect::apply(REDIS_PDB),
         Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
+        // Read again for the digest of the Secrets' content in the pod template.
+        Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
     ]
 }
 
@@ -140,6 +142,26 @@ async fn a_new_policy_first_gets_the_finalizer() {
 }
 
 #[tokio::test]
+async fn a_finalizer_added_meanwhile_is_an_ordinary_retry_not_an_error() {
+    // The cached object predates a finalizer added by an earlier reconcile:
+    // the guarded patch is refused with 422, and the reconcile retries soon.
+    let mut ic = fixtures::policy();
+    ic.metadata.finalizers = None;
+    let refused = Expect::new(
+        Method::PATCH,
+        IC,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+                "code": 422, "message": "the server rejected our request due to an error in our request" }),
+    );
+    let action = run(ic, vec![refused]).await.expect("not an error");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
 async fn create_applies_everything_writes_status_and_sends_events() {
     let status = Arc::new(Mutex::new(None));
     let mut create = apply_prefix();
@@ -167,6 +189,63 @@ async fn create_applies_everything_writes_status_and_sends_events() {
     );
     let written = status.lock().expect("lock").clone().expect("status");
     assert!(written["bindingHash"].is_string(), "{written}");
+}
+
+#[tokio::test]
+async fn a_rotated_broker_secret_rolls_the_pods_and_an_unchanged_one_does_not() {
+    // The pod template's secrets-hash of one reconcile, given the Secret's URL.
+    async fn secrets_hash(url_base64: &'static str) -> (String, String) {
+        let seen = Arc::new(Mutex::new(None));
+        let secret = move || {
+            json!({ "apiVersion": "v1", "kind": "Secret",
+                    "metadata": { "name": "rabbitmq-orders", "namespace": "shop" },
+                    "data": { "url": url_base64 } })
+        };
+        let mut expected = apply_prefix();
+        expected.truncate(expected.len() - 2);
+        expected.push(Expect::get(BROKER_SECRET, StatusCode::OK, secret()));
+        expected.push(Expect::get(BROKER_SECRET, StatusCode::OK, secret()));
+        expected.push(Expect::get(TARGET, StatusCode::OK, target()));
+        let into = seen.clone();
+        expected.push(Expect::apply(TARGET).with_body(move |p| {
+            let annotations = &p["spec"]["template"]["metadata"]["annotations"];
+            *into.lock().expect("lock") = Some((
+                annotations["idemq.dev/config-hash"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                annotations["idemq.dev/secrets-hash"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            ));
+            assert!(
+                !p.to_string().contains("guest"),
+                "no credentials in the template"
+            );
+        }));
+        expected.push(status_patch(Arc::new(Mutex::new(None))));
+        expected.push(event("Injected"));
+        expected.push(event("RedisNotReady"));
+        run(fixtures::policy(), expected).await.expect("reconciles");
+        let hashes = seen
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("the target was applied");
+        hashes
+    }
+    // amqp://guest:guest@rabbit:5672, then the same with another password.
+    let before = secrets_hash("YW1xcDovL2d1ZXN0Omd1ZXN0QHJhYmJpdDo1Njcy").await;
+    let again = secrets_hash("YW1xcDovL2d1ZXN0Omd1ZXN0QHJhYmJpdDo1Njcy").await;
+    let rotated = secrets_hash("YW1xcDovL2d1ZXN0Om5ld3Bhc3NAcmFiYml0OjU2NzI=").await;
+    assert_eq!(before.1.len(), 24, "a digest: {before:?}");
+    assert_eq!(before, again, "the same Secret: nothing rolls");
+    assert_eq!(before.0, rotated.0, "the config is the same");
+    assert_ne!(
+        before.1, rotated.1,
+        "a rotated Secret changes the pod template"
+    );
 }
 
 #[tokio::test]
@@ -542,6 +621,9 @@ async fn a_store_reset_is_reported_and_the_annotation_acknowledges_it() {
                 Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
                 Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
                 Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
+                // The digest of both Secrets' content, in name order.
+                Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+                Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
                 Expect::get(TARGET, StatusCode::OK, target()),
                 Expect::apply(TARGET),
             ];
@@ -669,12 +751,19 @@ mod kafka {
                 );
             }),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
-            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(
                 KAFKA_SECRET,
                 StatusCode::OK,
                 secret("kafka-orders", "bootstrapServers", BOOTSTRAP),
             ),
+            // The digest of both Secrets' content, in name order.
+            Expect::get(
+                KAFKA_SECRET,
+                StatusCode::OK,
+                secret("kafka-orders", "bootstrapServers", BOOTSTRAP),
+            ),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
                 let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();

@@ -1,5 +1,5 @@
-//! The target step: the sidecar, its config volume and the config-hash
-//! annotation applied to the target workload's pod template (server-side
+//! The target step: the sidecar, its config volume and the config-hash and
+//! secrets-hash annotations applied to the target workload's pod template (server-side
 //! apply, so only idemq's fields are touched), and withdrawn on cleanup.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -128,6 +128,7 @@ pub async fn inject(
     ctx: &Context,
     ns: &str,
     hash: &str,
+    secrets: &str,
 ) -> Result<Verdict, Error> {
     let target = describe(ic);
     let Some(observed) = get_target(ic, &ctx.client, ns).await? else {
@@ -151,6 +152,7 @@ pub async fn inject(
     let desired = ssa::stamped(render::sidecar::workload_patch(
         ic,
         hash,
+        Some(secrets),
         &ctx.sidecar_image,
     ));
     if !ssa::up_to_date(&observed, &desired) {

@@ -284,8 +284,20 @@ fn api_version_kind(kind: &TargetKind) -> (&'static str, &'static str) {
 }
 
 /// The server-side-apply patch that injects the sidecar into the target.
-pub fn workload_patch(ic: &IdempotentConsumer, config_hash: &str, default_image: &str) -> Value {
+/// Either hash changing rolls the pods: the config's, and that of the
+/// Secrets' content (None offline, where no Secret can be read), which the
+/// sidecar reads from its environment at start.
+pub fn workload_patch(
+    ic: &IdempotentConsumer,
+    config_hash: &str,
+    secrets_hash: Option<&str>,
+    default_image: &str,
+) -> Value {
     let (api_version, kind) = api_version_kind(&ic.spec.target.kind);
+    let mut annotations = json!({ labels::CONFIG_HASH: config_hash });
+    if let Some(secrets_hash) = secrets_hash {
+        annotations[labels::SECRETS_HASH] = json!(secrets_hash);
+    }
     json!({
         "apiVersion": api_version,
         "kind": kind,
@@ -298,7 +310,7 @@ pub fn workload_patch(ic: &IdempotentConsumer, config_hash: &str, default_image:
         "spec": { "template": {
             // The consumer label lets the chart's PodMonitor find the sidecars.
             "metadata": {
-                "annotations": { labels::CONFIG_HASH: config_hash },
+                "annotations": annotations,
                 "labels": { labels::CONSUMER_LABEL: ic.name_any() },
             },
             "spec": {
@@ -496,7 +508,7 @@ mod tests {
             "every Kafka value is a reference"
         );
         // The CA bundle: a file from the Secret, where the config says.
-        let patch = workload_patch(&ic, "abc", "img");
+        let patch = workload_patch(&ic, "abc", Some("def"), "img");
         let pod = &patch["spec"]["template"]["spec"];
         assert_eq!(pod["volumes"][1]["secret"]["secretName"], "kafka-orders");
         assert_eq!(pod["volumes"][1]["secret"]["items"][0]["key"], "ca.pem");
@@ -525,13 +537,21 @@ mod tests {
 
     #[test]
     fn patch_holds_only_idemqs_fields() {
-        let patch = workload_patch(&sample::policy(), "abc", "img");
+        let patch = workload_patch(&sample::policy(), "abc", Some("def"), "img");
         assert_eq!(patch["kind"], "Deployment");
         assert_eq!(patch["metadata"]["name"], "orders-worker");
         assert_eq!(
             patch["spec"]["template"]["metadata"]["annotations"]["idemq.dev/config-hash"],
             "abc"
         );
+        assert_eq!(
+            patch["spec"]["template"]["metadata"]["annotations"]["idemq.dev/secrets-hash"],
+            "def"
+        );
+        let offline = workload_patch(&sample::policy(), "abc", None, "img");
+        assert!(offline["spec"]["template"]["metadata"]["annotations"]
+            .get("idemq.dev/secrets-hash")
+            .is_none());
         let pod = &patch["spec"]["template"]["spec"];
         assert_eq!(
             pod.as_object().map(|o| o.len()),
