@@ -67,6 +67,9 @@ pub struct Config {
     pub gate: GateConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// OpenTelemetry traces of each message (off without an endpoint).
+    #[serde(default, skip_serializing_if = "TracesConfig::is_default")]
+    pub traces: TracesConfig,
     /// How long in-flight deliveries may take to finish after SIGTERM.
     #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -519,6 +522,43 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
+/// Traces of each message through the sidecar, exported over OTLP/HTTP
+/// (protobuf). Off unless an endpoint is set here or in the standard
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracesConfig {
+    /// Base URL of an OTLP/HTTP receiver, e.g. `http://otel-collector:4318`;
+    /// spans go to `<endpoint>/v1/traces`, as with `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A message that carries no `traceparent` starts a new trace. With
+    /// false, such messages are not traced (only traces that producers
+    /// started are continued).
+    #[serde(default = "defaults::yes")]
+    pub new_traces: bool,
+    /// Record the idempotency key's value as the span attribute `idemq.key`.
+    /// Keys are often business identifiers; off unless asked.
+    #[serde(default)]
+    pub record_key: bool,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            new_traces: true,
+            record_key: false,
+        }
+    }
+}
+
+impl TracesConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
@@ -928,6 +968,13 @@ impl Config {
                     "must start with nats:// or tls://",
                 );
             }
+        }
+        if let Some(endpoint) = &self.traces.endpoint {
+            check(
+                endpoint.starts_with("http://"),
+                "traces.endpoint",
+                "must be an http:// URL of an OTLP/HTTP receiver (https is not built in: use a collector in the cluster or on the node)",
+            );
         }
         if let Some(delivery) = &self.delivery {
             check(

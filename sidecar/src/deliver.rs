@@ -3,7 +3,9 @@
 //!
 //! The application sees `Idempotency-Key` (absent for pass-through messages),
 //! `Idemq-Delivery-Attempt`, the original content type, and the message's
-//! headers as HTTP headers (W3C `traceparent` included, so traces continue).
+//! headers as HTTP headers. The W3C `traceparent`/`tracestate` go on as the
+//! message carries them, or, when the sidecar traces the message, name the
+//! sidecar's delivery span as parent (see [`crate::traces`]).
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 
 use crate::config::DeliveryConfig;
 use crate::source::Envelope;
+use crate::traces::TraceHeaders;
 
 /// How the application answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,12 +77,14 @@ impl Deliverer {
         })
     }
 
-    /// POSTs `message` to the application; returns its verdict and how long it took.
+    /// POSTs `message` to the application; returns its verdict and how long
+    /// it took. `trace` replaces the message's own trace context.
     pub async fn deliver(
         &self,
         message: &Envelope,
         key: Option<&str>,
         attempt: u32,
+        trace: Option<&TraceHeaders>,
     ) -> (Outcome, Duration) {
         let started = Instant::now();
         let mut request = self
@@ -95,7 +100,9 @@ impl Deliverer {
         }
         for (name, value) in &message.headers {
             let lower = name.to_ascii_lowercase();
-            if RESERVED.contains(&lower.as_str()) {
+            if RESERVED.contains(&lower.as_str())
+                || (trace.is_some() && (lower == "traceparent" || lower == "tracestate"))
+            {
                 continue;
             }
             // Headers that are not valid HTTP are left out rather than failing
@@ -105,6 +112,18 @@ impl Deliverer {
                 HeaderValue::from_str(value),
             ) {
                 request = request.header(n, v);
+            }
+        }
+        if let Some(trace) = trace {
+            if let Ok(v) = HeaderValue::from_str(&trace.traceparent) {
+                request = request.header("traceparent", v);
+            }
+            if let Some(v) = trace
+                .tracestate
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
+                request = request.header("tracestate", v);
             }
         }
         let outcome = match request.send().await {
@@ -124,6 +143,18 @@ impl Deliverer {
             },
         };
         (outcome, started.elapsed())
+    }
+}
+
+impl Outcome {
+    /// The span attribute `idemq.delivery.result`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Retry(_) => "retry",
+            Self::AppFailure { .. } => "app_failure",
+            Self::Poison(_) => "poison",
+        }
     }
 }
 

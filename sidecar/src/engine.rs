@@ -22,6 +22,9 @@
 //!
 //! While a delivery is in flight its claim's lease is renewed every third of
 //! the lease, so the lease runs out only when the holder is gone.
+//!
+//! Each claim, delivery attempt, completion and release is a step of the
+//! message's span ([`crate::traces`]), which the source starts and settles.
 
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -37,6 +40,7 @@ use crate::key::{self, KeyDecision};
 use crate::metrics::Metrics;
 use crate::source::{DeadLetterReason, Envelope, Verdict};
 use crate::store::{Claim, KeyStore, StoreError, Token, Transition};
+use crate::traces::{MessageSpan, Origin, Step, Tracer};
 
 /// An in-flight duplicate is requeued after at most this long, so the broker
 /// retries it soon after the first holder settles, without spinning.
@@ -50,6 +54,7 @@ pub struct Engine {
     deliverer: Deliverer,
     metrics: Arc<Metrics>,
     app: Arc<App>,
+    tracer: Tracer,
 }
 
 impl Engine {
@@ -59,6 +64,7 @@ impl Engine {
         deliverer: Deliverer,
         metrics: Arc<Metrics>,
         app: Arc<App>,
+        tracer: Tracer,
     ) -> Self {
         Self {
             config,
@@ -66,12 +72,24 @@ impl Engine {
             deliverer,
             metrics,
             app,
+            tracer,
         }
     }
 
-    /// Decides the fate of one message. Returns early with a requeue when
-    /// `shutdown` fires during a back-off.
-    pub async fn handle(&self, message: &Envelope, shutdown: &CancellationToken) -> Verdict {
+    /// Starts the span of a message that `origin` consumed; the source keeps
+    /// it until the message is settled.
+    pub fn trace(&self, message: &Envelope, origin: Origin<'_>) -> MessageSpan {
+        self.tracer.message(message, origin)
+    }
+
+    /// Decides the fate of one message, recording its steps under `span`.
+    /// Returns early with a requeue when `shutdown` fires during a back-off.
+    pub async fn handle(
+        &self,
+        message: &Envelope,
+        span: &MessageSpan,
+        shutdown: &CancellationToken,
+    ) -> Verdict {
         let dedup = &self.config.dedup;
         let key = match key::extract(&dedup.key, dedup.missing_key, message) {
             KeyDecision::Key(key) => key,
@@ -81,8 +99,11 @@ impl Engine {
                     attempts: 0,
                 }
             }
-            KeyDecision::PassThrough => return self.deliver_unchecked(message, shutdown).await,
+            KeyDecision::PassThrough => {
+                return self.deliver_unchecked(message, span, shutdown).await
+            }
         };
+        span.key(&key);
         let fingerprint = dedup.fingerprint.then(|| key::body_hash(&message.body));
         let identity = identity(key.as_bytes());
         let mut counted = Counted::default();
@@ -92,10 +113,16 @@ impl Engine {
             if !self.app.state().takes_messages() {
                 return Verdict::AppUnavailable;
             }
+            let mut step = span.step("claim");
             let claimed = self
                 .store
                 .claim(&key, fingerprint.as_deref(), dedup.lease, dedup.retention)
                 .await;
+            step.set("idemq.claim.result", claim_result(&claimed));
+            if let Err(e) = &claimed {
+                step.fail(e);
+            }
+            drop(step);
             let token = match claimed {
                 Ok(Claim::Acquired { token }) => token,
                 Ok(Claim::Completed) => return Verdict::Duplicate,
@@ -125,18 +152,24 @@ impl Engine {
                         UnavailablePolicy::PassThrough => {
                             self.metrics.passthrough.inc();
                             tracing::error!(error = %e, "key store unavailable: delivering WITHOUT deduplication (store.unavailable=passThrough)");
-                            self.deliver_unchecked(message, shutdown).await
+                            self.deliver_unchecked(message, span, shutdown).await
                         }
                     }
                 }
             };
-            let delivery = self.deliverer.deliver(message, Some(&key), attempt);
+            let mut step = span.delivery(attempt);
+            let headers = step.trace_headers();
+            let delivery = self
+                .deliverer
+                .deliver(message, Some(&key), attempt, headers.as_ref());
             let (outcome, took) = self.renewing(&key, &token, delivery).await;
             self.metrics.app_duration.observe(took.as_secs_f64());
+            delivered(&mut step, &outcome);
+            drop(step);
             match outcome {
                 Outcome::Success => {
                     self.app.succeeded();
-                    self.complete(&key, &token).await;
+                    self.complete(&key, &token, span).await;
                     return Verdict::Ack;
                 }
                 Outcome::Poison(status) => {
@@ -145,14 +178,14 @@ impl Engine {
                         attempt,
                         "application refused the message: dead-lettering it"
                     );
-                    self.release(&key, &token).await;
+                    self.release(&key, &token, span).await;
                     return Verdict::DeadLetter {
                         reason: DeadLetterReason::Poison,
                         attempts: attempt,
                     };
                 }
                 Outcome::AppFailure { refused, why } => {
-                    self.release(&key, &token).await;
+                    self.release(&key, &token, span).await;
                     if self.app.failed(identity, refused, &why) {
                         return Verdict::AppUnavailable;
                     }
@@ -164,7 +197,7 @@ impl Engine {
                     }
                 }
                 Outcome::Retry(why) => {
-                    self.release(&key, &token).await;
+                    self.release(&key, &token, span).await;
                     if let Some(verdict) = self
                         .after_failure(attempt, &mut counted, &why, shutdown)
                         .await
@@ -233,7 +266,12 @@ impl Engine {
     }
 
     /// Delivers without a claim (pass-through), with the same retries.
-    async fn deliver_unchecked(&self, message: &Envelope, shutdown: &CancellationToken) -> Verdict {
+    async fn deliver_unchecked(
+        &self,
+        message: &Envelope,
+        span: &MessageSpan,
+        shutdown: &CancellationToken,
+    ) -> Verdict {
         let identity = identity(&message.body);
         let mut counted = Counted::default();
         let mut attempt = 0;
@@ -245,8 +283,16 @@ impl Engine {
             if attempt == 1 {
                 self.metrics.message("passed_through");
             }
-            let (outcome, took) = self.deliverer.deliver(message, None, attempt).await;
+            let mut step = span.delivery(attempt);
+            step.set("idemq.passed_through", true);
+            let headers = step.trace_headers();
+            let (outcome, took) = self
+                .deliverer
+                .deliver(message, None, attempt, headers.as_ref())
+                .await;
             self.metrics.app_duration.observe(took.as_secs_f64());
+            delivered(&mut step, &outcome);
+            drop(step);
             let why = match outcome {
                 Outcome::Success => {
                     self.app.succeeded();
@@ -279,17 +325,21 @@ impl Engine {
     /// it is acked whatever happens here: requeueing it would process it
     /// again for certain, while a completion that could not be recorded only
     /// leaves a later duplicate unstopped.
-    async fn complete(&self, key: &str, token: &Token) {
+    async fn complete(&self, key: &str, token: &Token, span: &MessageSpan) {
         let retention = self.config.dedup.retention;
+        let mut step = span.step("complete");
         for try_ in 1..=COMPLETE_TRIES {
+            step.set("idemq.tries", i64::from(try_));
             match self.store.complete(key, token, retention).await {
                 Ok(Transition::Done) => return,
                 Ok(Transition::Stale) => {
+                    step.fail("stale: another holder took the key");
                     tracing::warn!("the lease expired during delivery and another holder took the key; raise dedup.lease above the application's processing time");
                     return;
                 }
                 Err(e @ StoreError::Unreplicated { .. }) => {
                     // The primary holds it; trying again would find it done.
+                    step.fail(&e);
                     tracing::warn!(error = %e, "the completion is recorded on the primary only");
                     return;
                 }
@@ -298,15 +348,18 @@ impl Engine {
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(try_))).await;
                 }
                 Err(e) => {
+                    step.fail(&e);
                     tracing::error!(error = %e, "could not record the completion; a later duplicate of this message will not be stopped");
                 }
             }
         }
     }
 
-    async fn release(&self, key: &str, token: &Token) {
+    async fn release(&self, key: &str, token: &Token, span: &MessageSpan) {
+        let mut step = span.step("release");
         // A failed release only delays the next attempt until the lease ends.
         if let Err(e) = self.store.release(key, token).await {
+            step.fail(&e);
             tracing::warn!(error = %e, "releasing the claim failed; it frees itself when the lease ends");
         }
     }
@@ -324,6 +377,27 @@ impl Engine {
             Ok(_) = states.wait_for(|s| !s.takes_messages()) => Some(Verdict::AppUnavailable),
             _ = tokio::time::sleep(delay) => None,
         }
+    }
+}
+
+/// `idemq.claim.result`: the store's answer to a claim, the dedup decision.
+fn claim_result(claimed: &Result<Claim, StoreError>) -> &'static str {
+    match claimed {
+        Ok(Claim::Acquired { .. }) => "acquired",
+        Ok(Claim::Completed) => "completed",
+        Ok(Claim::InFlight { .. }) => "in_flight",
+        Ok(Claim::Conflict) => "conflict",
+        Err(_) => "error",
+    }
+}
+
+/// Records a delivery's result on its step.
+fn delivered(step: &mut Step, outcome: &Outcome) {
+    step.set("idemq.delivery.result", outcome.as_str());
+    match outcome {
+        Outcome::Success => {}
+        Outcome::Poison(status) => step.fail(format!("status {status}")),
+        Outcome::Retry(why) | Outcome::AppFailure { why, .. } => step.fail(why),
     }
 }
 

@@ -16,7 +16,8 @@
 //! - [`app`]: whether the application takes messages (readiness check, circuit
 //!   breaker); [`flow`]: the admission every source asks before taking a
 //!   message (application available, in-flight byte budget).
-//! - [`api`]: the claim API; [`admin`]: probes and metrics; [`metrics`], [`health`].
+//! - [`api`]: the claim API; [`admin`]: probes and metrics; [`metrics`], [`health`];
+//!   [`traces`]: OpenTelemetry spans of each message.
 //! - [`run`]: wires it all and drains on shutdown.
 
 pub mod admin;
@@ -34,5 +35,6 @@ pub mod run;
 pub mod secrets;
 pub mod source;
 pub mod store;
+pub mod traces;
 
 pub use config::Config;

@@ -15,6 +15,7 @@ use crate::flow::Flow;
 use crate::health::Component;
 use crate::metrics::Metrics;
 use crate::store::KeyStore;
+use crate::traces::Tracer;
 
 /// Everything the pipeline shares.
 pub struct Context {
@@ -30,6 +31,7 @@ pub struct Context {
     pub broker_health: Component,
     /// Readiness of the application (`app: waiting` until it answers).
     pub app_health: Component,
+    pub tracer: Tracer,
 }
 
 /// Runs until `shutdown` fires and in-flight messages are settled.
@@ -64,6 +66,7 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         deliverer,
         ctx.metrics.clone(),
         app,
+        ctx.tracer,
     ));
     let broker = ctx
         .config

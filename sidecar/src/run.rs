@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Mode, StoreKind};
 use crate::health::{Component, Health};
 use crate::metrics::Metrics;
-use crate::secrets::{redact, Secrets};
+use crate::secrets::{redact, ProcessEnv, Secrets};
 use crate::store::instrumented::Instrumented;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::{KeyStore, StoreError};
+use crate::traces::Tracer;
 use crate::{admin, api};
 
 /// How often the store is pinged for readiness.
@@ -84,6 +85,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
+    // Only pipeline mode handles messages to trace.
+    let tracer = match config.mode {
+        Mode::Pipeline => Tracer::start(&config.traces, &config.consumer, &ProcessEnv)?,
+        Mode::Gate => Tracer::off(),
+    };
     let store: Arc<dyn KeyStore> = Arc::new(Instrumented::new(store, metrics.clone()));
 
     // The admin listener outlives the mode, so probes and metrics answer while
@@ -136,6 +142,7 @@ pub async fn run(
                     metrics: metrics.clone(),
                     broker_health: broker,
                     app_health: app,
+                    tracer: tracer.clone(),
                 },
                 shutdown.clone(),
             )
@@ -143,6 +150,7 @@ pub async fn run(
         }
     };
     shutdown.cancel();
+    tracer.shutdown().await;
     admin_stop.cancel();
     let _ = watcher.await;
     let _ = admin.await;

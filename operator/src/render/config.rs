@@ -143,6 +143,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
         admin: AdminConfig {
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], labels::ADMIN_PORT)),
         },
+        traces: Default::default(),
         shutdown_grace: Duration::from_secs(25),
     };
     config.validate().map_err(|problems| {

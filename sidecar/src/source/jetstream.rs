@@ -51,6 +51,7 @@ use crate::health::Component;
 use crate::metrics::Metrics;
 use crate::secrets::BrokerAuth;
 use crate::store::KeyStore;
+use crate::traces;
 
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 const STORE_POLL: Duration = Duration::from_millis(500);
@@ -390,14 +391,22 @@ async fn handle(
     let subject = message.subject.to_string();
     let headers = message.headers.unwrap_or_default();
     let envelope = envelope(&headers, message.payload, deliveries > 1);
+    let span = engine.trace(
+        &envelope,
+        traces::Origin {
+            system: "nats",
+            destination: &subject,
+        },
+    );
     let verdict = settle
-        .progressing(&acker, engine.handle(&envelope, &shutdown))
+        .progressing(&acker, engine.handle(&envelope, &span, &shutdown))
         .await;
     let verdict = settle.last_delivery(verdict, deliveries);
+    let step = span.settlement(&verdict);
     settle
         .apply(&acker, &subject, &origin, headers, envelope.body, verdict)
         .await;
-    drop(permit);
+    drop((step, span, permit));
     settle.metrics.in_flight.dec();
     settle
         .metrics

@@ -53,6 +53,7 @@ use crate::health::Component;
 use crate::key::{self, KeyDecision};
 use crate::metrics::{Metrics, PartitionLabels};
 use crate::store::KeyStore;
+use crate::traces;
 
 /// How long the poll thread waits in one call for a record or an event.
 const POLL: Duration = Duration::from_millis(100);
@@ -747,17 +748,30 @@ impl Dispatch {
     /// leaves it unsettled (false: its offset is not committed).
     async fn decide(&self, record: &Record) -> bool {
         let metrics = &self.shared.metrics;
+        let span = self.engine.trace(
+            &record.envelope,
+            traces::Origin {
+                system: "kafka",
+                destination: &record.tp.topic,
+            },
+        );
         loop {
             if self.stop.load(AtomicOrdering::SeqCst) {
                 return false;
             }
-            match self.engine.handle(&record.envelope, &self.work).await {
+            let verdict = self
+                .engine
+                .handle(&record.envelope, &span, &self.work)
+                .await;
+            match verdict {
                 Verdict::Ack => {
                     metrics.message("delivered");
+                    let _settled = span.settlement(&verdict);
                     return true;
                 }
                 Verdict::Duplicate => {
                     metrics.message("duplicate");
+                    let _settled = span.settlement(&verdict);
                     return true;
                 }
                 Verdict::Requeue { delay } => {
@@ -786,6 +800,7 @@ impl Dispatch {
                     }
                 }
                 Verdict::DeadLetter { reason, attempts } => {
+                    let _settling = span.settlement(&verdict);
                     return self.dead_letter(record, reason, attempts).await;
                 }
             }

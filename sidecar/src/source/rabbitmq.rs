@@ -53,6 +53,7 @@ use crate::flow::{Flow, Permit};
 use crate::health::Component;
 use crate::metrics::Metrics;
 use crate::store::KeyStore;
+use crate::traces::Origin;
 
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 const STORE_POLL: Duration = Duration::from_millis(500);
@@ -321,11 +322,19 @@ async fn handle(
     settle.metrics.in_flight.inc();
     let body = Bytes::from(std::mem::take(&mut delivery.data));
     let envelope = envelope(&delivery, body);
-    let verdict = engine.handle(&envelope, &shutdown).await;
+    let span = engine.trace(
+        &envelope,
+        Origin {
+            system: "rabbitmq",
+            destination: &settle.rabbit.queue,
+        },
+    );
+    let verdict = engine.handle(&envelope, &span, &shutdown).await;
+    let step = span.settlement(&verdict);
     settle
         .apply(&delivery, &envelope.body, verdict, &shutdown)
         .await;
-    drop(permit);
+    drop((step, span, permit));
     settle.metrics.in_flight.dec();
     settle
         .metrics
