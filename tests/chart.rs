@@ -84,17 +84,30 @@ fn crds_install_false_renders_no_crd_but_the_operator() {
 
 #[test]
 fn cluster_wide_by_default_and_namespaced_roles_when_namespaces_are_listed() {
+    let names = |docs: &[Value], kind: &str| -> Vec<String> {
+        of_kind(docs, kind)
+            .iter()
+            .map(|r| r["metadata"]["name"].as_str().expect("name").to_string())
+            .collect()
+    };
     let docs = render(&[]);
-    assert_eq!(of_kind(&docs, "ClusterRole").len(), 1);
-    assert_eq!(of_kind(&docs, "ClusterRoleBinding").len(), 1);
+    // The operator's, and the webhook configuration's (a cluster object).
+    assert_eq!(
+        names(&docs, "ClusterRole"),
+        ["idemq-operator", "idemq-operator-webhook"]
+    );
+    assert_eq!(names(&docs, "ClusterRoleBinding").len(), 2);
     // Only the leader-election Role, in the release namespace.
     let roles = of_kind(&docs, "Role");
     assert_eq!(roles.len(), 1);
     assert_eq!(roles[0]["metadata"]["namespace"], "idemq-system");
 
     let docs = render(&["--set", "watchNamespaces={payments,orders}"]);
-    assert!(of_kind(&docs, "ClusterRole").is_empty());
-    assert!(of_kind(&docs, "ClusterRoleBinding").is_empty());
+    assert_eq!(names(&docs, "ClusterRole"), ["idemq-operator-webhook"]);
+    assert_eq!(
+        names(&docs, "ClusterRoleBinding"),
+        ["idemq-operator-webhook"]
+    );
     // A Role and its binding in each watched namespace, and the leader's in
     // the release namespace.
     for kind in ["Role", "RoleBinding"] {
@@ -180,4 +193,73 @@ fn the_operators_bounds_reach_its_environment_and_a_zero_bound_is_refused() {
         refused.to_string().contains("brokerOperations"),
         "{refused}"
     );
+}
+
+#[test]
+fn the_webhook_takes_labelled_pods_only_fails_closed_and_its_rbac_names_its_objects() {
+    let docs = render(&[]);
+    let config = of_kind(&docs, "MutatingWebhookConfiguration");
+    assert_eq!(config.len(), 1);
+    let hook = &config[0]["webhooks"][0];
+    assert_eq!(
+        hook["objectSelector"]["matchLabels"]["idemq.dev/inject"],
+        "enabled"
+    );
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
+    assert!(hook["timeoutSeconds"].as_u64().is_some_and(|t| t <= 10));
+    assert_eq!(hook["rules"][0]["operations"][0], "CREATE");
+    assert_eq!(hook["rules"][0]["resources"][0], "pods");
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"][0]["values"][0], "kube-system",
+        "never kube-system"
+    );
+    let service = &hook["clientConfig"]["service"];
+    let svc = of_kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == service["name"])
+        .expect("the webhook's Service");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "webhook");
+    let container = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    assert!(container["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .any(|p| p["name"] == "webhook" && p["containerPort"] == 9443));
+    let args = container["args"].as_sequence().expect("args");
+    assert!(args.contains(&Value::from(
+        "--webhook-names=idemq-operator-webhook.idemq-system.svc"
+    )));
+    assert!(args.contains(&Value::from("--webhook-configuration=idemq-operator")));
+
+    // Least privilege: the configuration and the Secret by name.
+    let role = of_kind(&docs, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "idemq-operator-webhook")
+        .expect("the webhook's ClusterRole");
+    assert_eq!(
+        role["rules"][0]["resourceNames"][0],
+        config[0]["metadata"]["name"]
+    );
+    let leader = of_kind(&docs, "Role")[0];
+    let secret_rules: Vec<&Value> = leader["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["resources"][0] == "secrets")
+        .collect();
+    assert_eq!(secret_rules.len(), 2);
+    assert_eq!(secret_rules[0]["verbs"][0], "create");
+    assert_eq!(
+        secret_rules[1]["resourceNames"][0],
+        "idemq-operator-webhook-tls"
+    );
+
+    let docs = render(&["--set", "webhook.enabled=false"]);
+    assert!(of_kind(&docs, "MutatingWebhookConfiguration").is_empty());
+    assert_eq!(of_kind(&docs, "ClusterRole").len(), 1);
+    let args =
+        &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(!format!("{args:?}").contains("--webhook"));
 }

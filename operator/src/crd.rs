@@ -5,7 +5,7 @@
 //! so that most bad input is refused at `kubectl apply` time.
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,7 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
     shortname = "ic",
     status = "IdempotentConsumerStatus",
     printcolumn(name = "Target", type_ = "string", json_path = ".spec.target.name"),
+    printcolumn(name = "Injection", type_ = "string", json_path = ".spec.injection"),
     printcolumn(
         name = "Queue",
         type_ = "string",
@@ -54,9 +55,19 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.broker.rabbitmq) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
 ).message("recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.injection == 'pod' ? (has(self.target.selector) && !has(self.target.kind) && !has(self.target.name)) : (has(self.target.kind) && has(self.target.name) && !has(self.target.selector))"
+).message("injection: workload names the workload (target.kind and target.name); injection: pod selects the pods (target.selector, alone)"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.injection == oldSelf.injection"
+).message("spec.injection cannot change: delete the resource (which withdraws its sidecar) and create it again"))]
 #[serde(rename_all = "camelCase")]
 pub struct IdempotentConsumerSpec {
-    /// The workload whose pods get the sidecar.
+    /// How the sidecar reaches the pods (default workload).
+    #[serde(default)]
+    pub injection: Injection,
+    /// The workload (injection: workload) or the pods (injection: pod) that
+    /// get the sidecar.
     pub target: Target,
     /// Where messages come from.
     pub broker: Broker,
@@ -88,6 +99,23 @@ pub struct IdempotentConsumerSpec {
     pub sidecar: SidecarSpec,
 }
 
+/// `workload`: the operator adds the sidecar to the target workload's pod
+/// template (server-side apply of idemq's fields only), and a policy change
+/// rolls the pods. `pod`: the operator's admission webhook adds it to each
+/// selected pod when the pod is created, and the workload object is never
+/// written (GitOps tools see no drift; Jobs, CronJobs, DaemonSets and pods
+/// of any other owner can be served). Pods take a changed policy when they
+/// are re-created.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Injection {
+    #[default]
+    Workload,
+    Pod,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 pub enum TargetKind {
     Deployment,
@@ -96,11 +124,29 @@ pub enum TargetKind {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.selector) || (has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0) || (has(self.selector.matchExpressions) && size(self.selector.matchExpressions) > 0)"
+).message("target.selector must name at least one label: an empty selector would take every labelled pod of the namespace"))]
 pub struct Target {
-    pub kind: TargetKind,
-    /// Name of the workload, in the resource's namespace.
+    /// With injection: workload, the kind of the workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<TargetKind>,
+    /// With injection: workload, the name of the workload, in the resource's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    pub name: String,
+    pub name: Option<String>,
+    /// With injection: pod, the pods of the resource's namespace that get
+    /// the sidecar when they are created (they must also carry the label
+    /// `idemq.dev/inject: enabled`, which lets them reach the webhook).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+impl Target {
+    /// The workload to patch: its kind and name, with injection: workload.
+    pub fn workload(&self) -> Option<(&TargetKind, &str)> {
+        Some((self.kind.as_ref()?, self.name.as_deref()?))
+    }
 }
 
 /// Exactly one broker kind: the schema says so (a CEL rule) and the
@@ -544,6 +590,13 @@ pub struct IdempotentConsumerStatus {
     /// key definition and the partitions): a change forgets what was completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_definition: Option<String>,
+    /// With injection: pod, the running pods that carry the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injected_pods: Option<i32>,
+    /// With injection: pod, those of them whose sidecar runs the current
+    /// configuration (`configHash`); the others take it when re-created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_pods: Option<i32>,
 }
 
 /// Condition types and reasons, as they appear in status and Events.
@@ -565,6 +618,8 @@ pub mod conditions {
     /// The object does not deserialize into the resource's types.
     pub const MALFORMED: &str = "Malformed";
     pub const INJECTED: &str = "Injected";
+    /// injection: pod: the webhook adds the sidecar to each new selected pod.
+    pub const INJECTED_AT_CREATION: &str = "InjectedAtPodCreation";
     /// A legal setting the sidecar's `check-config` warns about (an Event).
     pub const CONFIG_WARNING: &str = "ConfigWarning";
     pub const BOUND: &str = "Bound";

@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use crate::crd::{IdempotentConsumer, StoreMode, TargetKind};
+use crate::crd::{IdempotentConsumer, Injection, StoreMode, TargetKind};
 use crate::labels;
 use crate::render::{self, RenderError};
 
@@ -25,6 +25,8 @@ pub enum InjectError {
     Name { expected: String, found: String },
     #[error("the workload has no spec.template.spec")]
     NoPodTemplate,
+    #[error("the policy has injection: pod, so no workload changes: the operator's admission webhook adds the sidecar to each selected pod when it is created")]
+    PodInjection,
     #[error(transparent)]
     Render(#[from] RenderError),
 }
@@ -36,7 +38,12 @@ const OFFLINE_UID: &str = "00000000-0000-0000-0000-000000000000";
 pub fn inject(policy: &str, workload: &str, default_image: &str) -> Result<String, InjectError> {
     let mut ic: IdempotentConsumer = serde_yaml::from_str(policy).map_err(InjectError::Policy)?;
     let mut workload: Value = serde_yaml::from_str(workload).map_err(InjectError::Workload)?;
-    let expected_kind = match ic.spec.target.kind {
+    if ic.spec.injection == Injection::Pod {
+        return Err(InjectError::PodInjection);
+    }
+    let (kind, name) = ic.spec.target.workload().ok_or(RenderError::Target)?;
+    let (kind, name) = (kind.clone(), name.to_string());
+    let expected_kind = match kind {
         TargetKind::Deployment => "Deployment",
         TargetKind::StatefulSet => "StatefulSet",
     };
@@ -51,9 +58,9 @@ pub fn inject(policy: &str, workload: &str, default_image: &str) -> Result<Strin
         .as_str()
         .unwrap_or_default()
         .to_string();
-    if found_name != ic.spec.target.name {
+    if found_name != name {
         return Err(InjectError::Name {
-            expected: ic.spec.target.name.clone(),
+            expected: name,
             found: found_name,
         });
     }
@@ -71,7 +78,7 @@ pub fn inject(policy: &str, workload: &str, default_image: &str) -> Result<Strin
     ic.metadata.uid = Some(OFFLINE_UID.to_string());
 
     let (config_map, hash) = render::config::config_map(&ic)?;
-    let patch = render::sidecar::workload_patch(&ic, &hash, None, default_image);
+    let patch = render::sidecar::workload_patch(&ic, &hash, None, default_image)?;
     merge_patch(&mut workload, &patch)?;
 
     let mut documents = vec![workload, to_value(&config_map)];

@@ -17,6 +17,10 @@ pub const SECRETS_HASH: &str = "idemq.dev/secrets-hash";
 /// quotes it, acknowledges that reset and lets consumption resume.
 pub const ACKNOWLEDGE_STORE_RESET: &str = "idemq.dev/acknowledge-store-reset";
 pub const CONSUMER_LABEL: &str = "idemq.dev/consumer";
+/// Pod label that lets a pod reach the admission webhook (its
+/// objectSelector): only pods that carry it ever wait on the webhook.
+pub const INJECT_LABEL: &str = "idemq.dev/inject";
+pub const INJECT_ENABLED: &str = "enabled";
 /// Annotation on a target workload: the resource whose sidecar it runs. The
 /// first resource to claim a workload keeps it; others report a conflict.
 pub const CONSUMER_ANNOTATION: &str = "idemq.dev/consumer";

@@ -6,6 +6,8 @@
 //! - [`render`]: pure functions from a resource to the objects it implies
 //!   (the sidecar's config, the pod-template patch, the managed Redis).
 //! - [`inject`]: the offline `inject` command, on the same rendering code.
+//! - [`webhook`]: the admission webhook of injection: pod, its certificate
+//!   and its HTTPS server, on the same rendering code.
 
 pub mod broker;
 pub mod controller;
@@ -17,3 +19,4 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod render;
+pub mod webhook;

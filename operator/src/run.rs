@@ -16,6 +16,7 @@ use idemq_operator::crd::TargetKind;
 use idemq_operator::labels;
 use idemq_operator::leader::Elector;
 use idemq_operator::metrics::Metrics;
+use idemq_operator::webhook;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -62,6 +63,31 @@ pub struct Args {
     /// How long an unused broker connection stays open.
     #[arg(long, env = "IDEMQ_BROKER_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     broker_idle_timeout: Duration,
+    /// Serve the admission webhook of injection: pod on this address (HTTPS);
+    /// every replica serves it, leader or not.
+    #[arg(long, env = "IDEMQ_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+    /// Names in the webhook's serving certificate: the DNS names of its
+    /// Service (or an IP address the API server calls).
+    #[arg(long, env = "IDEMQ_WEBHOOK_NAMES", value_delimiter = ',')]
+    webhook_names: Vec<String>,
+    /// Namespace of the webhook certificate Secret (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    webhook_namespace: String,
+    /// The Secret holding the webhook's CA and serving certificate.
+    #[arg(
+        long,
+        env = "IDEMQ_WEBHOOK_SECRET",
+        default_value = "idemq-webhook-tls"
+    )]
+    webhook_secret: String,
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps.
+    #[arg(long, env = "IDEMQ_WEBHOOK_CONFIGURATION", default_value = "idemq")]
+    webhook_configuration: String,
+    /// Lifetime of the serving certificate (renewed at two thirds of it; the
+    /// CA lives ten times as long).
+    #[arg(long, env = "IDEMQ_WEBHOOK_CERT_LIFETIME", default_value = "90d", value_parser = humantime::parse_duration)]
+    webhook_cert_lifetime: Duration,
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
@@ -96,6 +122,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
+    let scopes: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    // Every replica serves the webhook, and is ready once it serves and can
+    // list the resources: a standby is ready to take over.
+    if let Some(addr) = args.webhook_addr {
+        let settings = webhook::Settings {
+            addr,
+            namespace: args.webhook_namespace.clone(),
+            secret: args.webhook_secret.clone(),
+            configuration: args.webhook_configuration.clone(),
+            wanted: webhook::certs::Wanted {
+                names: args.webhook_names.clone(),
+                lifetime: args.webhook_cert_lifetime,
+            },
+        };
+        loop {
+            let started = webhook::start(
+                client.clone(),
+                settings.clone(),
+                args.sidecar_image.clone(),
+                shutdown.clone(),
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                started = started => match started {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(error = %e, "cannot serve the webhook yet"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        tracing::info!(%addr, "serving the admission webhook");
+    }
+    tokio::spawn(become_ready(client.clone(), scopes.clone(), ready));
+
     if !args.no_leader_election {
         let identity = std::env::var("POD_NAME")
             .or_else(|_| std::env::var("HOSTNAME"))
@@ -124,11 +188,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // One controller per watched namespace (or one for the whole cluster):
     // each needs only the permissions of its own namespace.
-    let scopes: Vec<Option<String>> = if args.watch_namespaces.is_empty() {
-        vec![None]
-    } else {
-        args.watch_namespaces.iter().cloned().map(Some).collect()
-    };
     let reporter = Reporter {
         controller: labels::MANAGER.to_string(),
         instance: std::env::var("POD_NAME").ok(),
@@ -147,7 +206,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_broker_operations(args.max_broker_operations),
     );
     let config = controller::Config::default().concurrency(args.max_concurrent_reconciles);
-    tokio::spawn(become_ready(client.clone(), scopes.clone(), ready));
     futures::future::join_all(scopes.into_iter().map(|scope| {
         control(
             client.clone(),
@@ -308,8 +366,7 @@ fn targeting(
         .filter(|guard| {
             guard.0.as_ref().is_ok_and(|ic| {
                 ic.namespace().as_deref() == Some(namespace)
-                    && ic.spec.target.kind == kind
-                    && ic.spec.target.name == name
+                    && ic.spec.target.workload() == Some((&kind, name))
             })
         })
         .map(|guard| ObjectRef::from(guard.as_ref()))

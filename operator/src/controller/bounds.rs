@@ -57,7 +57,7 @@ fn resource(i: usize, endpoints: usize, cluster: &Cluster) -> IdempotentConsumer
     let name = format!("orders-{i}");
     ic.metadata.name = Some(name.clone());
     ic.metadata.uid = Some(format!("uid-{i}"));
-    ic.spec.target.name = format!("worker-{i}");
+    ic.spec.target.name = Some(format!("worker-{i}"));
     let broker = format!("rabbitmq-{}", i % endpoints);
     let rabbit = ic.spec.broker.rabbitmq.as_mut().expect("a RabbitMQ policy");
     rabbit.queue = format!("orders-{i}");

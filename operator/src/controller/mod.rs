@@ -45,7 +45,7 @@ use kube::{Client, ResourceExt};
 
 use crate::broker::Binder;
 use crate::crd::conditions::*;
-use crate::crd::IdempotentConsumer;
+use crate::crd::{IdempotentConsumer, Injection};
 use crate::labels::{self, FINALIZER, MANAGER};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
@@ -141,6 +141,14 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(cache);
+    }
+
+    /// The running pods of `ic` and those with configuration `hash`, from
+    /// the cached pods.
+    fn pod_counts(&self, ic: &IdempotentConsumer, hash: &str) -> pods::Counts {
+        let caches = self.pod_caches.lock().unwrap_or_else(|e| e.into_inner());
+        let pods: Vec<Arc<Pod>> = caches.iter().flat_map(|cache| cache.state()).collect();
+        pods::counts(ic, hash, pods.iter().map(|p| p.as_ref()))
     }
 
     /// The SidecarsReady verdict of `ic` from the cached pods.
@@ -383,9 +391,7 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
                 ic,
                 ctx,
                 &[verdict(READY, false, INVALID_SPEC, message.clone())],
-                None,
-                None,
-                None,
+                status::Recorded::default(),
             )
             .await?;
             publish(ctx, ic, EventType::Warning, INVALID_SPEC, message).await;
@@ -453,13 +459,17 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
         .chain(reset)
         .chain(preserved)
         .collect();
+    let pods = (ic.spec.injection == Injection::Pod).then(|| ctx.pod_counts(ic, &hash));
     status::write(
         ic,
         ctx,
         &verdicts,
-        injected.ok.then(|| hash.clone()),
-        binding,
-        injected.ok.then(|| key_definition.clone()),
+        status::Recorded {
+            hash: injected.ok.then(|| hash.clone()),
+            binding,
+            key_definition: injected.ok.then(|| key_definition.clone()),
+            pods,
+        },
     )
     .await?;
     if injected.ok && previous_hash.as_deref() != Some(hash.as_str()) {

@@ -30,12 +30,16 @@ use crate::labels;
 /// Not-ready pods named in the condition's message; the rest are counted.
 const NAMED: usize = 5;
 
-/// Keeps only what [`sidecars_ready`] reads, so that a cache of many pods
-/// stays small: labels, the sidecar's place among the init containers, the
-/// phase and the sidecar's status.
+/// Keeps only what [`sidecars_ready`] and [`counts`] read, so that a cache
+/// of many pods stays small: labels, the config-hash annotation, the
+/// sidecar's place among the init containers, the phase and the sidecar's
+/// status.
 pub fn trim(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
+    pod.metadata.annotations = pod.metadata.annotations.take().and_then(|mut a| {
+        let hash = a.remove(labels::CONFIG_HASH)?;
+        Some(BTreeMap::from([(labels::CONFIG_HASH.to_string(), hash)]))
+    });
     pod.metadata.owner_references = None;
     let has_sidecar = pod
         .spec
@@ -71,7 +75,7 @@ fn injected(pod: &Pod) -> bool {
 }
 
 /// A pod that counts: injected, not terminating, not finished.
-fn counts(pod: &Pod) -> bool {
+fn running(pod: &Pod) -> bool {
     let finished = pod
         .status
         .as_ref()
@@ -115,7 +119,7 @@ pub fn sidecars_ready<'a>(
     for pod in pods {
         if pod.namespace() != ns
             || pod.labels().get(labels::CONSUMER_LABEL) != Some(&name)
-            || !counts(pod)
+            || !running(pod)
         {
             continue;
         }
@@ -165,6 +169,38 @@ pub fn sidecars_ready<'a>(
     )
 }
 
+fn config_hash(pod: &Pod) -> Option<&String> {
+    pod.annotations().get(labels::CONFIG_HASH)
+}
+
+/// The running pods of a resource with injection: pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Running pods that carry the sidecar.
+    pub injected: i32,
+    /// Those of them whose config-hash annotation is `hash`, the current one.
+    pub current: i32,
+}
+
+/// Counts the running pods of `ic` and those carrying configuration `hash`.
+pub fn counts<'a>(
+    ic: &IdempotentConsumer,
+    hash: &str,
+    pods: impl IntoIterator<Item = &'a Pod>,
+) -> Counts {
+    let (ns, name) = (ic.namespace(), ic.name_any());
+    pods.into_iter()
+        .filter(|pod| {
+            pod.namespace() == ns
+                && pod.labels().get(labels::CONSUMER_LABEL) == Some(&name)
+                && running(pod)
+        })
+        .fold(Counts::default(), |c, pod| Counts {
+            injected: c.injected + 1,
+            current: c.current + i32::from(config_hash(pod).is_some_and(|h| h == hash)),
+        })
+}
+
 /// The resource a pod's consumer label names.
 pub fn owner(pod: &Pod) -> Option<ObjectRef<Guarded>> {
     let name = pod.labels().get(labels::CONSUMER_LABEL)?;
@@ -176,8 +212,9 @@ fn fingerprint(pod: &Pod) -> u64 {
     let mut hasher = DefaultHasher::new();
     (
         pod.labels().get(labels::CONSUMER_LABEL),
-        counts(pod),
+        running(pod),
         sidecar_state(pod),
+        config_hash(pod),
     )
         .hash(&mut hasher);
     hasher.finish()
@@ -375,5 +412,43 @@ mod tests {
             ]
         );
         assert_eq!(owner(&other), Some(ObjectRef::new("orders").within("shop")));
+    }
+
+    #[test]
+    fn pods_with_the_current_hash_are_counted_and_the_hash_survives_trimming() {
+        let with_hash = |name: &str, hash: &str| {
+            let mut p = pod(name, "orders", Some(true));
+            p.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(labels::CONFIG_HASH.into(), hash.into());
+            trim(&mut p);
+            p
+        };
+        let mut done = with_hash("worker-done", "new");
+        done.status.as_mut().expect("status").phase = Some("Succeeded".into());
+        let pods = [
+            with_hash("worker-a", "new"),
+            with_hash("worker-b", "old"),
+            pod("worker-c", "orders", Some(true)),
+            with_hash("other", "new"),
+            done,
+        ];
+        let mut other = pods[3].clone();
+        other.metadata.labels = Some([(labels::CONSUMER_LABEL.into(), "payments".into())].into());
+        let pods = [
+            pods[0].clone(),
+            pods[1].clone(),
+            pods[2].clone(),
+            other,
+            pods[4].clone(),
+        ];
+        assert_eq!(
+            counts(&policy(), "new", &pods),
+            Counts {
+                injected: 3,
+                current: 1
+            }
+        );
     }
 }

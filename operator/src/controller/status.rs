@@ -135,22 +135,33 @@ pub fn ready(verdicts: &[&Verdict]) -> Verdict {
 }
 
 /// Writes status when it differs from what is there; returns whether it did.
+/// What a status write records besides the conditions; `None` keeps what
+/// is stored.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub hash: Option<String>,
+    pub binding: Option<String>,
+    pub key_definition: Option<String>,
+    /// With injection: pod, the running pods and those with the current configuration.
+    pub pods: Option<super::pods::Counts>,
+}
+
 pub async fn write(
     ic: &IdempotentConsumer,
     ctx: &Context,
     verdicts: &[Verdict],
-    hash: Option<String>,
-    binding: Option<String>,
-    key_definition: Option<String>,
+    recorded: Recorded,
 ) -> Result<bool, Error> {
     let previous = ic.status.clone().unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let status = IdempotentConsumerStatus {
         observed_generation: ic.metadata.generation,
         conditions: conditions(verdicts, &previous.conditions, ic.metadata.generation, &now),
-        config_hash: hash.or(previous.config_hash.clone()),
-        binding_hash: binding.or(previous.binding_hash.clone()),
-        key_definition: key_definition.or(previous.key_definition.clone()),
+        config_hash: recorded.hash.or(previous.config_hash.clone()),
+        binding_hash: recorded.binding.or(previous.binding_hash.clone()),
+        key_definition: recorded.key_definition.or(previous.key_definition.clone()),
+        injected_pods: recorded.pods.map(|p| p.injected).or(previous.injected_pods),
+        current_pods: recorded.pods.map(|p| p.current).or(previous.current_pods),
     };
     if status == previous {
         return Ok(false);
@@ -198,9 +209,7 @@ pub async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<
             meta.generation,
             &Time(k8s_openapi::jiff::Timestamp::now()),
         ),
-        config_hash: None,
-        binding_hash: None,
-        key_definition: None,
+        ..IdempotentConsumerStatus::default()
     };
     let written = Api::<Guarded>::namespaced(ctx.client.clone(), &ns)
         .patch_status(

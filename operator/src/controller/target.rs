@@ -1,6 +1,10 @@
-//! The target step: the sidecar, its config volume and the config-hash and
-//! secrets-hash annotations applied to the target workload's pod template (server-side
-//! apply, so only idemq's fields are touched), and withdrawn on cleanup.
+//! The target step. With injection: workload, the sidecar, its config volume
+//! and the config-hash and secrets-hash annotations applied to the target workload's pod
+//! template (server-side apply, so only idemq's fields are touched), and
+//! withdrawn on cleanup. With injection: pod, nothing is written: the
+//! admission webhook ([`crate::webhook`]) adds the sidecar to each new
+//! selected pod, and this step counts the running pods that carry the
+//! current configuration.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use kube::api::{Api, Patch};
@@ -10,7 +14,7 @@ use serde_json::Value;
 use super::status::{verdict, Verdict};
 use super::{apply_params, ssa, Context, Error};
 use crate::crd::conditions::*;
-use crate::crd::{IdempotentConsumer, TargetKind};
+use crate::crd::{IdempotentConsumer, Injection, TargetKind};
 use crate::{labels, render};
 
 pub fn kind_name(kind: &TargetKind) -> &'static str {
@@ -20,13 +24,17 @@ pub fn kind_name(kind: &TargetKind) -> &'static str {
     }
 }
 
-/// "Deployment orders-worker": the target as a sentence names it.
+/// "Deployment orders-worker", or "the pods selected by app=worker": the
+/// target as a sentence names it.
 pub fn describe(ic: &IdempotentConsumer) -> String {
-    format!(
-        "{} {}",
-        kind_name(&ic.spec.target.kind),
-        ic.spec.target.name
-    )
+    match (ic.spec.target.workload(), &ic.spec.target.selector) {
+        (Some((kind, name)), _) => format!("{} {name}", kind_name(kind)),
+        (None, Some(selector)) => match kube::core::Selector::try_from(selector.clone()) {
+            Ok(selector) => format!("the pods selected by {selector}"),
+            Err(_) => "the selected pods".to_string(),
+        },
+        (None, None) => "no target".to_string(),
+    }
 }
 
 /// The target workload as JSON, if it exists.
@@ -35,8 +43,12 @@ async fn get_target(
     client: &Client,
     ns: &str,
 ) -> Result<Option<Value>, Error> {
-    let name = &ic.spec.target.name;
-    let object = match ic.spec.target.kind {
+    let (kind, name) = ic
+        .spec
+        .target
+        .workload()
+        .ok_or(render::RenderError::Target)?;
+    let object = match kind {
         TargetKind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns)
             .get_opt(name)
             .await?
@@ -54,10 +66,14 @@ async fn patch_target(
     client: &Client,
     ns: &str,
     patch: &Value,
-) -> Result<(), kube::Error> {
-    let name = &ic.spec.target.name;
+) -> Result<(), Error> {
+    let (kind, name) = ic
+        .spec
+        .target
+        .workload()
+        .ok_or(render::RenderError::Target)?;
     let params = apply_params();
-    match ic.spec.target.kind {
+    match kind {
         TargetKind::Deployment => {
             Api::<Deployment>::namespaced(client.clone(), ns)
                 .patch(name, &params, &Patch::Apply(patch))
@@ -131,6 +147,15 @@ pub async fn inject(
     secrets: &str,
 ) -> Result<Verdict, Error> {
     let target = describe(ic);
+    if ic.spec.injection == Injection::Pod {
+        let counts = ctx.pod_counts(ic, hash);
+        return Ok(verdict(
+            SIDECAR_INJECTED,
+            true,
+            INJECTED_AT_CREATION,
+            at_creation(&target, counts),
+        ));
+    }
     let Some(observed) = get_target(ic, &ctx.client, ns).await? else {
         return Ok(verdict(
             SIDECAR_INJECTED,
@@ -154,7 +179,7 @@ pub async fn inject(
         hash,
         Some(secrets),
         &ctx.sidecar_image,
-    ));
+    )?);
     if !ssa::up_to_date(&observed, &desired) {
         patch_target(ic, &ctx.client, ns, &desired).await?;
     }
@@ -168,13 +193,37 @@ pub async fn inject(
 
 /// Applying a patch with none of idemq's fields makes the API server drop
 /// the fields only idemq owned: the sidecar, its volume, the annotation.
+///
+/// With injection: pod there is no workload to withdraw from: running pods
+/// keep their sidecar until they are re-created, without it.
 pub async fn withdraw(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<(), Error> {
+    if ic.spec.injection == Injection::Pod {
+        return Ok(());
+    }
     let Some(target) = get_target(ic, &ctx.client, ns).await? else {
         return Ok(());
     };
     // A resource that never got the workload leaves it alone.
     if claimed_by(&target).is_none_or(|owner| owner == ic.name_any()) {
-        patch_target(ic, &ctx.client, ns, &render::sidecar::withdrawal_patch(ic)).await?;
+        patch_target(ic, &ctx.client, ns, &render::sidecar::withdrawal_patch(ic)?).await?;
     }
     Ok(())
+}
+
+/// The SidecarInjected message with injection: pod: who gets the sidecar,
+/// and how many running pods carry the current configuration.
+pub fn at_creation(target: &str, counts: super::pods::Counts) -> String {
+    let mut message = format!("{target} get the sidecar when they are created (admission webhook)");
+    if counts.injected > 0 {
+        message.push_str(&format!(
+            "; {} of {} running pods carry the current configuration",
+            counts.current, counts.injected
+        ));
+        if counts.current < counts.injected {
+            message.push_str(
+                ", the others take it when they are re-created (e.g. kubectl rollout restart)",
+            );
+        }
+    }
+    message
 }

@@ -20,6 +20,9 @@ pub enum RenderError {
     /// Both broker kinds, or none (an object stored before the schema's rule).
     #[error("spec.broker must set exactly one broker, one of: {}", crate::crd::Broker::KINDS.join(", "))]
     Broker,
+    /// injection: workload without a workload (an object stored before the schema's rule).
+    #[error("spec.target must name the workload (kind and name) with injection: workload")]
+    Target,
     #[error("the resource has no {0}; it must come from the API server")]
     Metadata(&'static str),
 }

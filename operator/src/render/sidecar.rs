@@ -1,6 +1,9 @@
-//! The sidecar as injected into the target's pod template.
+//! The sidecar as injected: into the target's pod template (injection:
+//! workload), or into each pod at its creation (injection: pod, a JSON
+//! patch the admission webhook returns). Both add the same
+//! [`PodAdditions`].
 //!
-//! The patch holds only the fields idemq owns (one init container, one volume,
+//! The workload patch holds only the fields idemq owns (one init container, one volume,
 //! one annotation), for server-side apply under the `idemq-operator` field
 //! manager: the application's own fields stay the application owner's, and
 //! applying an empty patch later withdraws exactly what idemq added. Lists
@@ -10,7 +13,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    HTTPGetAction, KeyToPath, Pod, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
     SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -25,6 +28,7 @@ use crate::crd::{
     TargetKind,
 };
 use crate::labels;
+use crate::render::RenderError;
 
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
@@ -283,54 +287,130 @@ fn api_version_kind(kind: &TargetKind) -> (&'static str, &'static str) {
     }
 }
 
-/// The server-side-apply patch that injects the sidecar into the target.
-/// Either hash changing rolls the pods: the config's, and that of the
-/// Secrets' content (None offline, where no Secret can be read), which the
-/// sidecar reads from its environment at start.
+/// What idemq adds to a pod, whether into a workload's pod template or into
+/// a pod at its creation: one way to build the sidecar for both modes.
+pub struct PodAdditions {
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub init_container: Container,
+    pub volumes: Vec<Volume>,
+}
+
+pub fn pod_additions(
+    ic: &IdempotentConsumer,
+    config_hash: &str,
+    secrets_hash: Option<&str>,
+    default_image: &str,
+) -> PodAdditions {
+    let mut annotations =
+        BTreeMap::from([(labels::CONFIG_HASH.to_string(), config_hash.to_string())]);
+    if let Some(secrets_hash) = secrets_hash {
+        annotations.insert(labels::SECRETS_HASH.to_string(), secrets_hash.to_string());
+    }
+    PodAdditions {
+        // The consumer label lets the chart's PodMonitor and the operator's
+        // pod watch find the sidecars.
+        labels: BTreeMap::from([(labels::CONSUMER_LABEL.to_string(), ic.name_any())]),
+        annotations,
+        init_container: container(ic, default_image),
+        volumes: volumes(ic).into_iter().map(|(volume, _)| volume).collect(),
+    }
+}
+
+/// The server-side-apply patch that injects the sidecar into the target
+/// (injection: workload). Either hash changing rolls the pods: the
+/// config's, and that of the Secrets' content (None offline, where no
+/// Secret can be read), which the sidecar reads from its environment at start.
 pub fn workload_patch(
     ic: &IdempotentConsumer,
     config_hash: &str,
     secrets_hash: Option<&str>,
     default_image: &str,
-) -> Value {
-    let (api_version, kind) = api_version_kind(&ic.spec.target.kind);
-    let mut annotations = json!({ labels::CONFIG_HASH: config_hash });
-    if let Some(secrets_hash) = secrets_hash {
-        annotations[labels::SECRETS_HASH] = json!(secrets_hash);
-    }
-    json!({
+) -> Result<Value, RenderError> {
+    let (kind, name) = ic.spec.target.workload().ok_or(RenderError::Target)?;
+    let (api_version, kind) = api_version_kind(kind);
+    let add = pod_additions(ic, config_hash, secrets_hash, default_image);
+    Ok(json!({
         "apiVersion": api_version,
         "kind": kind,
         "metadata": {
-            "name": ic.spec.target.name,
+            "name": name,
             "namespace": ic.namespace(),
             // Claims the workload: a second resource naming it reports a conflict.
             "annotations": { labels::CONSUMER_ANNOTATION: ic.name_any() },
         },
         "spec": { "template": {
-            // The consumer label lets the chart's PodMonitor find the sidecars.
-            "metadata": {
-                "annotations": annotations,
-                "labels": { labels::CONSUMER_LABEL: ic.name_any() },
-            },
-            "spec": {
-                "initContainers": [container(ic, default_image)],
-                "volumes": volumes(ic).into_iter().map(|(volume, _)| volume).collect::<Vec<_>>(),
-            }
+            "metadata": { "annotations": add.annotations, "labels": add.labels },
+            "spec": { "initContainers": [add.init_container], "volumes": add.volumes },
         }}
-    })
+    }))
 }
 
 /// The patch that withdraws everything idemq added: applying it under the
 /// same field manager releases idemq's fields, and the API server removes
 /// those nobody else owns.
-pub fn withdrawal_patch(ic: &IdempotentConsumer) -> Value {
-    let (api_version, kind) = api_version_kind(&ic.spec.target.kind);
-    json!({
+pub fn withdrawal_patch(ic: &IdempotentConsumer) -> Result<Value, RenderError> {
+    let (kind, name) = ic.spec.target.workload().ok_or(RenderError::Target)?;
+    let (api_version, kind) = api_version_kind(kind);
+    Ok(json!({
         "apiVersion": api_version,
         "kind": kind,
-        "metadata": { "name": ic.spec.target.name, "namespace": ic.namespace() },
-    })
+        "metadata": { "name": name, "namespace": ic.namespace() },
+    }))
+}
+
+/// The JSON patch (RFC 6902) that adds the sidecar to `pod` at its creation
+/// (injection: pod): the same additions as the workload patch, appended to
+/// what the pod has. Empty when the pod already runs the sidecar (the
+/// webhook may be called again after other webhooks, and a workload may
+/// carry it from workload mode).
+pub fn pod_patch(pod: &Pod, additions: PodAdditions) -> Vec<Value> {
+    let spec = pod.spec.as_ref();
+    let init = spec.and_then(|s| s.init_containers.as_ref());
+    if init.is_some_and(|c| c.iter().any(|c| c.name == labels::SIDECAR_CONTAINER)) {
+        return Vec::new();
+    }
+    let mut ops = Vec::new();
+    let mut map = |path: &str, present: bool, entries: BTreeMap<String, String>| {
+        if present {
+            for (key, value) in entries {
+                let key = key.replace('~', "~0").replace('/', "~1");
+                ops.push(json!({ "op": "add", "path": format!("{path}/{key}"), "value": value }));
+            }
+        } else {
+            ops.push(json!({ "op": "add", "path": path, "value": entries }));
+        }
+    };
+    map(
+        "/metadata/labels",
+        pod.metadata.labels.is_some(),
+        additions.labels,
+    );
+    map(
+        "/metadata/annotations",
+        pod.metadata.annotations.is_some(),
+        additions.annotations,
+    );
+    let mut list = |path: &str, present: bool, items: Vec<Value>| {
+        if present {
+            for item in items {
+                ops.push(json!({ "op": "add", "path": format!("{path}/-"), "value": item }));
+            }
+        } else {
+            ops.push(json!({ "op": "add", "path": path, "value": items }));
+        }
+    };
+    list(
+        "/spec/initContainers",
+        init.is_some(),
+        vec![json!(additions.init_container)],
+    );
+    list(
+        "/spec/volumes",
+        spec.and_then(|s| s.volumes.as_ref()).is_some(),
+        additions.volumes.iter().map(|v| json!(v)).collect(),
+    );
+    ops
 }
 
 #[cfg(test)]
@@ -508,7 +588,7 @@ mod tests {
             "every Kafka value is a reference"
         );
         // The CA bundle: a file from the Secret, where the config says.
-        let patch = workload_patch(&ic, "abc", Some("def"), "img");
+        let patch = workload_patch(&ic, "abc", Some("def"), "img").expect("a workload");
         let pod = &patch["spec"]["template"]["spec"];
         assert_eq!(pod["volumes"][1]["secret"]["secretName"], "kafka-orders");
         assert_eq!(pod["volumes"][1]["secret"]["items"][0]["key"], "ca.pem");
@@ -537,7 +617,8 @@ mod tests {
 
     #[test]
     fn patch_holds_only_idemqs_fields() {
-        let patch = workload_patch(&sample::policy(), "abc", Some("def"), "img");
+        let patch =
+            workload_patch(&sample::policy(), "abc", Some("def"), "img").expect("a workload");
         assert_eq!(patch["kind"], "Deployment");
         assert_eq!(patch["metadata"]["name"], "orders-worker");
         assert_eq!(
@@ -548,7 +629,7 @@ mod tests {
             patch["spec"]["template"]["metadata"]["annotations"]["idemq.dev/secrets-hash"],
             "def"
         );
-        let offline = workload_patch(&sample::policy(), "abc", None, "img");
+        let offline = workload_patch(&sample::policy(), "abc", None, "img").expect("a workload");
         assert!(offline["spec"]["template"]["metadata"]["annotations"]
             .get("idemq.dev/secrets-hash")
             .is_none());
@@ -564,6 +645,81 @@ mod tests {
             patch["spec"].get("replicas").is_none(),
             "the app owner keeps replicas"
         );
-        assert_eq!(withdrawal_patch(&sample::policy()).get("spec"), None);
+        assert_eq!(
+            withdrawal_patch(&sample::policy())
+                .expect("a workload")
+                .get("spec"),
+            None
+        );
+    }
+
+    fn pod(json: Value) -> Pod {
+        serde_json::from_value(json).expect("pod")
+    }
+
+    /// `pod` with `patch` applied, as the API server would.
+    fn patched(pod: &Pod, patch: &[Value]) -> Pod {
+        let mut doc = serde_json::to_value(pod).expect("json");
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(patch.to_vec())).expect("a JSON patch");
+        json_patch::patch(&mut doc, &patch).expect("the patch applies");
+        serde_json::from_value(doc).expect("still a pod")
+    }
+
+    #[test]
+    fn a_pod_gets_what_the_pod_template_gets() {
+        let mut ic = sample::policy();
+        ic.spec.injection = crate::crd::Injection::Pod;
+        let bare = pod(json!({
+            "metadata": { "generateName": "worker-" },
+            "spec": { "containers": [{ "name": "app", "image": "app:1" }] }
+        }));
+        let full = pod(json!({
+            "metadata": { "generateName": "worker-", "labels": { "app": "worker" },
+                          "annotations": { "team": "orders" } },
+            "spec": { "initContainers": [{ "name": "migrate", "image": "app:1" }],
+                      "containers": [{ "name": "app", "image": "app:1" }],
+                      "volumes": [{ "name": "data", "emptyDir": {} }] }
+        }));
+        let template = {
+            let mut ic = sample::policy();
+            ic.spec.injection = crate::crd::Injection::Workload;
+            workload_patch(&ic, "abc", None, "img").expect("a workload")["spec"]["template"].clone()
+        };
+        for before in [bare, full] {
+            let after = patched(
+                &before,
+                &pod_patch(&before, pod_additions(&ic, "abc", None, "img")),
+            );
+            let json = serde_json::to_value(&after).expect("json");
+            for (key, value) in template["metadata"]["labels"].as_object().expect("labels") {
+                assert_eq!(&json["metadata"]["labels"][key], value);
+            }
+            assert_eq!(
+                json["metadata"]["annotations"]["idemq.dev/config-hash"],
+                "abc"
+            );
+            let spec = after.spec.clone().expect("spec");
+            let init = spec.init_containers.expect("init containers");
+            assert_eq!(
+                json!(init.last()),
+                template["spec"]["initContainers"][0],
+                "the same sidecar, after the pod's own init containers"
+            );
+            assert_eq!(
+                json!(spec.volumes.expect("volumes").last()),
+                template["spec"]["volumes"][0]
+            );
+            assert_eq!(spec.containers.len(), 1, "the app container is untouched");
+            if before.metadata.labels.is_some() {
+                assert_eq!(json["metadata"]["labels"]["app"], "worker");
+                assert_eq!(json["metadata"]["annotations"]["team"], "orders");
+                assert_eq!(init[0].name, "migrate");
+            }
+            assert!(
+                pod_patch(&after, pod_additions(&ic, "abc", None, "img")).is_empty(),
+                "a pod that has the sidecar is left as it is"
+            );
+        }
     }
 }

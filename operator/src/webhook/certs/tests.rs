@@ -1,0 +1,315 @@
+//! The certificate Secret and the webhook configuration's caBundle against
+//! a mocked API server, and the certificates themselves.
+
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::fixtures::{self, not_found, Expect};
+
+const SECRET: &str = "/api/v1/namespaces/idemq-system/secrets/idemq-webhook-tls";
+const CONFIG: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/idemq";
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn wanted() -> Wanted {
+    Wanted {
+        names: vec!["idemq-webhook.idemq-system.svc".into(), "127.0.0.1".into()],
+        lifetime: 90 * DAY,
+    }
+}
+
+fn secret_json(m: &Material, resource_version: &str) -> Value {
+    let mut s = serde_json::to_value(to_secret(
+        "idemq-webhook-tls",
+        m,
+        Some(resource_version.into()),
+    ))
+    .expect("json");
+    s["metadata"]["namespace"] = json!("idemq-system");
+    s
+}
+
+fn material_of(body: &Value) -> Material {
+    from_secret(&serde_json::from_value(body.clone()).expect("a Secret")).expect("every key")
+}
+
+fn client() -> (kube::Client, fixtures::Handle) {
+    let (service, handle) = tower_test::mock::pair();
+    (kube::Client::new(service, "idemq-system"), handle)
+}
+
+/// Issued `age` ago.
+fn issued(age: Duration) -> Material {
+    plan(None, &wanted(), SystemTime::now() - age)
+        .expect("issues")
+        .expect("something to store")
+}
+
+#[test]
+fn a_new_certificate_serves_its_names_and_is_renewed_at_two_thirds_of_its_life() {
+    let now = SystemTime::now();
+    let m = plan(None, &wanted(), now).expect("issues").expect("new");
+    let serving = facts(&m.cert, TLS_CERT).expect("readable");
+    let mut names = serving.names.clone();
+    names.sort();
+    assert_eq!(names, ["127.0.0.1", "idemq-webhook.idemq-system.svc"]);
+    let life = serving
+        .not_after
+        .duration_since(serving.not_before)
+        .expect("positive");
+    assert!(life.abs_diff(90 * DAY) < Duration::from_secs(2), "{life:?}");
+    let renew = serving
+        .renew_at()
+        .duration_since(serving.not_before)
+        .expect("after");
+    assert!(
+        renew.abs_diff(60 * DAY) < Duration::from_secs(2),
+        "{renew:?}"
+    );
+    let ca = facts(&m.ca, CA_CERT).expect("readable");
+    assert!(ca.not_after.duration_since(now).expect("later") > 800 * DAY);
+
+    assert_eq!(
+        plan(Some(&m), &wanted(), now + 59 * DAY).expect("plans"),
+        None,
+        "fresh: kept"
+    );
+    let renewed = plan(Some(&m), &wanted(), now + 61 * DAY)
+        .expect("plans")
+        .expect("due: renewed");
+    assert_eq!(
+        (&renewed.ca, &renewed.ca_key),
+        (&m.ca, &m.ca_key),
+        "the same CA, so the caBundle stays"
+    );
+    assert_ne!(renewed.cert, m.cert);
+
+    let mut moved = wanted();
+    moved.names = vec!["idemq-webhook.other.svc".into()];
+    let reissued = plan(Some(&m), &moved, now)
+        .expect("plans")
+        .expect("other names: reissued");
+    assert_eq!(reissued.ca, m.ca);
+    assert_eq!(
+        facts(&reissued.cert, TLS_CERT).expect("readable").names,
+        ["idemq-webhook.other.svc"]
+    );
+
+    let mut broken = m.clone();
+    broken.ca = "not a certificate".into();
+    let fresh = plan(Some(&broken), &wanted(), now)
+        .expect("plans")
+        .expect("unreadable: replaced");
+    assert_ne!(fresh.ca, m.ca, "a new CA");
+}
+
+#[tokio::test]
+async fn the_first_replica_creates_the_secret() {
+    let (client, handle) = client();
+    let created = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = created.clone();
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(SECRET, StatusCode::NOT_FOUND, not_found()),
+            Expect::new(
+                Method::POST,
+                "/api/v1/namespaces/idemq-system/secrets",
+                StatusCode::CREATED,
+                Value::Null,
+            )
+            .with_body(move |s| {
+                assert_eq!(s["metadata"]["name"], "idemq-webhook-tls");
+                assert_eq!(
+                    s["metadata"]["labels"]["app.kubernetes.io/component"],
+                    "webhook"
+                );
+                *seen.lock().expect("lock") = Some(material_of(s));
+            }),
+        ],
+    ));
+    let m = ensure_secret(
+        &kube::Api::namespaced(client, "idemq-system"),
+        "idemq-webhook-tls",
+        &wanted(),
+    )
+    .await
+    .expect("a certificate");
+    server.await.expect("every request came");
+    assert_eq!(
+        Some(m),
+        created.lock().expect("lock").clone(),
+        "serves what it stored"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_loses_the_race_to_create_serves_the_winners() {
+    let theirs = issued(Duration::ZERO);
+    let (client, handle) = client();
+    let exists = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "already exists" });
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(SECRET, StatusCode::NOT_FOUND, not_found()),
+            Expect::new(
+                Method::POST,
+                "/api/v1/namespaces/idemq-system/secrets",
+                StatusCode::CONFLICT,
+                exists,
+            ),
+            Expect::get(SECRET, StatusCode::OK, secret_json(&theirs, "7")),
+        ],
+    ));
+    let m = ensure_secret(
+        &kube::Api::namespaced(client, "idemq-system"),
+        "idemq-webhook-tls",
+        &wanted(),
+    )
+    .await
+    .expect("a certificate");
+    server.await.expect("every request came");
+    assert_eq!(m, theirs);
+}
+
+#[tokio::test]
+async fn a_fresh_certificate_is_read_and_nothing_is_written() {
+    let stored = issued(DAY);
+    let (client, handle) = client();
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![Expect::get(
+            SECRET,
+            StatusCode::OK,
+            secret_json(&stored, "7"),
+        )],
+    ));
+    let m = ensure_secret(
+        &kube::Api::namespaced(client, "idemq-system"),
+        "idemq-webhook-tls",
+        &wanted(),
+    )
+    .await
+    .expect("a certificate");
+    server.await.expect("every request came");
+    assert_eq!(m, stored);
+}
+
+#[tokio::test]
+async fn a_certificate_past_two_thirds_of_its_life_is_renewed_at_the_version_read() {
+    let stored = issued(61 * DAY);
+    let (client, handle) = client();
+    let expected = stored.clone();
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(SECRET, StatusCode::OK, secret_json(&stored, "7")),
+            Expect::new(Method::PUT, SECRET, StatusCode::OK, Value::Null).with_body(move |s| {
+                assert_eq!(s["metadata"]["resourceVersion"], "7", "conflict-safe");
+                let renewed = material_of(s);
+                assert_eq!(renewed.ca, expected.ca);
+                assert_ne!(renewed.cert, expected.cert);
+            }),
+        ],
+    ));
+    let m = ensure_secret(
+        &kube::Api::namespaced(client, "idemq-system"),
+        "idemq-webhook-tls",
+        &wanted(),
+    )
+    .await
+    .expect("a certificate");
+    server.await.expect("every request came");
+    assert_eq!(m.ca, stored.ca);
+    let serving = facts(&m.cert, TLS_CERT).expect("readable");
+    assert!(serving.renew_at() > SystemTime::now() + 59 * DAY);
+}
+
+#[tokio::test]
+async fn a_renewal_that_conflicts_serves_the_other_replicas_renewal() {
+    let stored = issued(61 * DAY);
+    let theirs = plan(Some(&stored), &wanted(), SystemTime::now())
+        .expect("plans")
+        .expect("renewed");
+    let (client, handle) = client();
+    let conflict = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified" });
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(SECRET, StatusCode::OK, secret_json(&stored, "7")),
+            Expect::new(Method::PUT, SECRET, StatusCode::CONFLICT, conflict),
+            Expect::get(SECRET, StatusCode::OK, secret_json(&theirs, "8")),
+        ],
+    ));
+    let m = ensure_secret(
+        &kube::Api::namespaced(client, "idemq-system"),
+        "idemq-webhook-tls",
+        &wanted(),
+    )
+    .await
+    .expect("a certificate");
+    server.await.expect("every request came");
+    assert_eq!(m, theirs);
+}
+
+fn configuration(bundles: &[Option<&str>]) -> Value {
+    let webhooks: Vec<Value> = bundles
+        .iter()
+        .enumerate()
+        .map(|(i, bundle)| {
+            let mut client = json!({ "url": "https://127.0.0.1:9443/mutate" });
+            if let Some(b) = bundle {
+                client["caBundle"] = json!(ByteString(b.as_bytes().to_vec()));
+            }
+            json!({ "name": format!("pods-{i}.idemq.dev"), "clientConfig": client,
+                    "sideEffects": "None", "admissionReviewVersions": ["v1"] })
+        })
+        .collect();
+    json!({ "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": { "name": "idemq" }, "webhooks": webhooks })
+}
+
+#[tokio::test]
+async fn the_ca_bundle_is_patched_into_each_webhook_that_lacks_it_and_only_then() {
+    let ca = issued(Duration::ZERO).ca;
+    let (client, handle) = client();
+    let want = ca.clone();
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(CONFIG, StatusCode::OK, configuration(&[None, Some(&ca)])),
+            Expect::new(
+                Method::PATCH,
+                CONFIG,
+                StatusCode::OK,
+                configuration(&[Some(&ca), Some(&ca)]),
+            )
+            .with_body(move |p| {
+                let webhooks = p["webhooks"].as_array().expect("webhooks");
+                assert_eq!(webhooks.len(), 1, "only the stale one: {p}");
+                assert_eq!(webhooks[0]["name"], "pods-0.idemq.dev");
+                let bundle: ByteString =
+                    serde_json::from_value(webhooks[0]["clientConfig"]["caBundle"].clone())
+                        .expect("base64");
+                assert_eq!(bundle.0, want.as_bytes());
+            }),
+            Expect::get(
+                CONFIG,
+                StatusCode::OK,
+                configuration(&[Some(&ca), Some(&ca)]),
+            ),
+            Expect::get(CONFIG, StatusCode::NOT_FOUND, not_found()),
+        ],
+    ));
+    let api = kube::Api::all(client);
+    assert!(ensure_ca_bundle(&api, "idemq", &ca).await.expect("patched"));
+    assert!(ensure_ca_bundle(&api, "idemq", &ca)
+        .await
+        .expect("current: no write"));
+    assert!(!ensure_ca_bundle(&api, "idemq", &ca)
+        .await
+        .expect("absent: said so"));
+    server.await.expect("every request came");
+}
