@@ -46,7 +46,10 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(columns, ["Target", "Queue", "Topics", "Ready", "Age"]);
+    assert_eq!(
+        columns,
+        ["Target", "Injection", "Queue", "Topics", "Ready", "Age"]
+    );
     let schema = serde_json::to_string(&version.schema).expect("schema");
     for rule in [
         "self.mode != 'external' || has(self.external)",
@@ -55,6 +58,8 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         "[has(self.rabbitmq), has(self.kafka)].exists_one(set, set)",
         "self.key.from != 'messageId'",
         "== has(self.saslMechanism)",
+        "self.injection == 'pod' ? (has(self.target.selector)",
+        "self.injection == oldSelf.injection",
     ] {
         assert!(schema.contains(rule), "missing CEL rule {rule}");
     }

@@ -115,7 +115,7 @@ mod tests {
         let (store, mut writer) = reflector::store::<Guarded>();
         let mut other = fixtures::policy();
         other.metadata.name = Some("refunds".into());
-        other.spec.target.name = "refunds-worker".into();
+        other.spec.target.name = Some("refunds-worker".into());
         let other = external(other, "redis-url");
         let mut elsewhere = fixtures::policy();
         elsewhere.metadata.namespace = Some("billing".into());
