@@ -204,7 +204,8 @@ pub struct DedupConfig {
 #[serde(rename_all = "camelCase", tag = "from", deny_unknown_fields)]
 pub enum KeySource {
     /// The broker's own message id: the AMQP `message_id` property, the
-    /// JetStream `Nats-Msg-Id` header (the producer's publish dedup id).
+    /// JetStream `Nats-Msg-Id` header (the producer's publish dedup id), the
+    /// MQTT 5 correlation data (as text, or hex when it is not UTF-8).
     #[default]
     MessageId,
     /// A message header.
@@ -248,6 +249,8 @@ pub struct BrokerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaConfig>,
     pub jetstream: Option<JetStreamConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttConfig>,
 }
 
 /// The one broker a [`BrokerConfig`] names.
@@ -256,11 +259,12 @@ pub enum BrokerKind<'a> {
     RabbitMq(&'a RabbitMqConfig),
     Kafka(&'a KafkaConfig),
     JetStream(&'a JetStreamConfig),
+    Mqtt(&'a MqttConfig),
 }
 
 impl BrokerConfig {
     /// The field names of the broker kinds, as the config spells them.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream"];
+    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream", "mqtt"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -276,6 +280,7 @@ impl BrokerConfig {
             self.rabbitmq.as_ref().map(BrokerKind::RabbitMq),
             self.kafka.as_ref().map(BrokerKind::Kafka),
             self.jetstream.as_ref().map(BrokerKind::JetStream),
+            self.mqtt.as_ref().map(BrokerKind::Mqtt),
         ]
         .into_iter()
         .flatten()
@@ -427,6 +432,60 @@ pub struct JetStreamConfig {
     pub max_deliver: Option<u32>,
     /// Subject dead letters are published to; a stream must capture it.
     pub dead_letter_subject: String,
+}
+
+/// An MQTT subscriber with a persistent session and manual acknowledgements.
+/// Nothing is declared on the broker: the subscription is the binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker URL without secrets, `mqtt://host:1883` or `mqtts://host:8883`
+    /// (TLS); overridden by `IDEMQ_BROKER_URL`. A user name and password come
+    /// from the URL or from `IDEMQ_BROKER_USER` and `IDEMQ_BROKER_PASSWORD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `v5` (user properties, correlation data, reason codes) or `v3.1.1`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// The session's client id; it must stay the same across restarts of one
+    /// replica and differ between replicas. `<consumer>-<HOSTNAME>` (the pod
+    /// name) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Topic filters to subscribe to (QoS 1); wildcards allowed.
+    pub topics: Vec<String>,
+    /// Subscribe as `$share/<group>/<filter>` so that replicas split the
+    /// messages between them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_group: Option<String>,
+    /// How long the broker keeps the session (its subscriptions and the
+    /// messages waiting for it) after the sidecar disconnects (MQTT 5; with
+    /// 3.1.1 the broker's own expiry applies).
+    #[serde(default = "defaults::session_expiry", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub session_expiry: Duration,
+    /// Messages the broker may send before they are acknowledged (MQTT 5
+    /// Receive Maximum); also the delivery concurrency. With 3.1.1 the
+    /// broker's own limit applies (Mosquitto: `max_inflight_messages`).
+    #[serde(default = "defaults::receive_maximum")]
+    pub receive_maximum: u16,
+    /// Topic dead letters are published to (QoS 1).
+    pub dead_letter_topic: String,
+    /// A CA bundle (PEM file) to verify an `mqtts://` broker with, instead of
+    /// the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum MqttProtocol {
+    #[default]
+    #[serde(rename = "v5")]
+    V5,
+    #[serde(rename = "v3.1.1")]
+    V311,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -604,6 +663,12 @@ mod defaults {
     }
     pub fn ack_wait() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn session_expiry() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn receive_maximum() -> u16 {
+        100
     }
     pub fn dead_letter_exchange() -> String {
         "idemq.dlx".to_string()
@@ -976,6 +1041,9 @@ impl Config {
                 "must be an http:// URL of an OTLP/HTTP receiver (https is not built in: use a collector in the cluster or on the node)",
             );
         }
+        if let Some(BrokerKind::Mqtt(mqtt)) = kind {
+            mqtt_problems(mqtt, &dedup.key, &mut check);
+        }
         if let Some(delivery) = &self.delivery {
             check(
                 delivery.url.starts_with("http://"),
@@ -1149,6 +1217,64 @@ fn kafka_problems(kafka: &KafkaConfig, key: &KeySource, check: &mut impl FnMut(b
     );
 }
 
+/// The problems of a `broker.mqtt` section.
+fn mqtt_problems(mqtt: &MqttConfig, key: &KeySource, check: &mut impl FnMut(bool, &str, &str)) {
+    check(
+        !mqtt.topics.is_empty()
+            && mqtt
+                .topics
+                .iter()
+                .all(|t| !t.is_empty() && !t.starts_with("$share/")),
+        "broker.mqtt.topics",
+        "must name at least one topic filter, none empty; subscribe shared with sharedGroup, not $share/",
+    );
+    check(
+        !mqtt.dead_letter_topic.is_empty() && !mqtt.dead_letter_topic.contains(['+', '#']),
+        "broker.mqtt.deadLetterTopic",
+        "must be a topic name, without wildcards",
+    );
+    if let Some(group) = &mqtt.shared_group {
+        check(
+            !group.is_empty() && !group.contains(['/', '+', '#']),
+            "broker.mqtt.sharedGroup",
+            "must not be empty or contain /, + or #",
+        );
+    }
+    if let Some(id) = &mqtt.client_id {
+        check(!id.is_empty(), "broker.mqtt.clientId", "must not be empty");
+    }
+    check(
+        mqtt.receive_maximum >= 1,
+        "broker.mqtt.receiveMaximum",
+        "must be at least 1",
+    );
+    check(
+        mqtt.session_expiry >= Duration::from_secs(1)
+            && mqtt.session_expiry.as_secs() < u64::from(u32::MAX),
+        "broker.mqtt.sessionExpiry",
+        "must be at least 1s and less than 136 years",
+    );
+    if let Some(url) = &mqtt.url {
+        check(
+            crate::source::mqtt::Endpoint::parse(url).is_ok(),
+            "broker.mqtt.url",
+            "must be mqtt://host[:port] or mqtts://host[:port]",
+        );
+    }
+    check(
+        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
+        "dedup.key.from",
+        "recordKey and coordinates are Kafka keys; with MQTT use messageId (MQTT 5 correlation data), header (an MQTT 5 user property), jsonPointer, bodyHash or cloudEvent",
+    );
+    if mqtt.protocol == MqttProtocol::V311 {
+        check(
+            !matches!(key, KeySource::MessageId | KeySource::Header { .. }),
+            "dedup.key.from",
+            "MQTT 3.1.1 messages have no properties: use jsonPointer, bodyHash or cloudEvent (structured)",
+        );
+    }
+}
+
 /// Kafka's legal topic names.
 fn is_topic_name(s: &str) -> bool {
     !s.is_empty()
@@ -1303,6 +1429,33 @@ gate:
         assert!(matches!(
             config.broker.as_ref().and_then(|b| b.kind()),
             Some(BrokerKind::RabbitMq(r)) if r.queue == "orders"
+        ));
+    }
+
+    #[test]
+    fn an_mqtt_broker_names_its_problems() {
+        let text = "consumer: a\ndedup:\n  key:\n    from: messageId\nbroker:\n  mqtt:\n    protocol: v3.1.1\n    topics: [$share/g/orders]\n    sharedGroup: a/b\n    deadLetterTopic: dead/#\n    url: amqp://broker\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(text) else {
+            panic!("expected invalid config");
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "broker.mqtt.topics",
+                "broker.mqtt.deadLetterTopic",
+                "broker.mqtt.sharedGroup",
+                "broker.mqtt.url",
+                "dedup.key.from"
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[4].message.contains("3.1.1"), "{}", problems[4]);
+        let valid = "consumer: a\nbroker:\n  mqtt:\n    topics: [orders/+]\n    deadLetterTopic: orders/dead\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let config = Config::from_yaml(valid).expect("valid");
+        assert!(matches!(
+            config.broker.as_ref().and_then(|b| b.kind()),
+            Some(BrokerKind::Mqtt(m)) if m.protocol == MqttProtocol::V5 && m.receive_maximum == 100
         ));
     }
 

@@ -131,6 +131,32 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
             };
             source.run(shutdown.clone()).await;
         }
+        BrokerKind::Mqtt(mqtt) => {
+            let url = ctx
+                .broker_url
+                .context("the MQTT source needs a broker URL")?;
+            let hostname = std::env::var("HOSTNAME").ok().or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            });
+            let options =
+                crate::source::mqtt::options(&ctx.config, mqtt, &url, &ctx.broker_auth, hostname)
+                    .map_err(anyhow::Error::msg)?;
+            let source = crate::source::mqtt::Source {
+                mqtt: mqtt.clone(),
+                config: ctx.config.clone(),
+                options,
+                engine,
+                store: ctx.store,
+                metrics: ctx.metrics,
+                health: ctx.broker_health,
+                flow,
+                largest_message,
+            };
+            source.run(shutdown.clone()).await;
+        }
     }
     shutdown.cancel();
     let _ = watcher.await;

@@ -134,6 +134,7 @@ impl Secrets {
         let config_url = match broker {
             Some(BrokerKind::RabbitMq(rabbit)) => rabbit.url.clone(),
             Some(BrokerKind::JetStream(js)) => js.url.clone(),
+            Some(BrokerKind::Mqtt(mqtt)) => mqtt.url.clone(),
             _ => None,
         };
         let kafka = match broker {
@@ -172,6 +173,7 @@ impl Secrets {
         let kind = match broker {
             Some(BrokerKind::RabbitMq(_)) => Some("rabbitmq"),
             Some(BrokerKind::JetStream(_)) => Some("jetstream"),
+            Some(BrokerKind::Mqtt(_)) => Some("mqtt"),
             _ => None,
         };
         if let Some(kind) = kind.filter(|_| secrets.broker_url.is_none()) {

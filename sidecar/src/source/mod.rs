@@ -8,6 +8,7 @@
 pub mod acks;
 pub mod jetstream;
 pub mod kafka;
+pub mod mqtt;
 pub mod offsets;
 pub mod rabbitmq;
 

@@ -7,6 +7,7 @@ pub mod availability;
 pub mod broker;
 pub mod jetstream;
 pub mod kafka;
+pub mod mqtt;
 pub mod otlp;
 pub mod rabbitmq;
 pub mod redis;
