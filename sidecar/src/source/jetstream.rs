@@ -390,7 +390,7 @@ async fn handle(
     let (message, acker) = message.split();
     let subject = message.subject.to_string();
     let headers = message.headers.unwrap_or_default();
-    let envelope = envelope(&headers, message.payload, deliveries > 1);
+    let envelope = envelope(&headers, own_allocation(message.payload), deliveries > 1);
     let span = engine.trace(
         &envelope,
         traces::Origin {
@@ -412,6 +412,22 @@ async fn handle(
         .metrics
         .end_to_end_duration
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// Bodies at least this large get an allocation of their own.
+const LARGE_BODY: usize = 64 * 1024;
+
+/// `payload`, in an allocation of its own when it is large. The client reads
+/// each message as a slice of its connection's read buffer, which it grows
+/// for a large message; a held slice keeps that whole buffer alive, so large
+/// messages held in flight would each cost more than their size, beyond what
+/// the byte budget accounts for. A small body is not worth the copy.
+fn own_allocation(payload: Bytes) -> Bytes {
+    if payload.len() >= LARGE_BODY {
+        Bytes::copy_from_slice(&payload)
+    } else {
+        payload
+    }
 }
 
 /// Where a message was stored.

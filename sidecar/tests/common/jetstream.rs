@@ -2,7 +2,8 @@
 //! stream and a dead-letter stream unique to one test, publishing with
 //! `Nats-Msg-Id` (the key the sidecar reads by default), counting what the
 //! durable consumer has not settled, and deleting only those two streams
-//! (the consumer goes with its stream).
+//! (the consumer goes with its stream). [`OwnJetStream`] is the same on a
+//! NATS server of the test's own (see there).
 //!
 //! The test stream's duplicate window is 100 ms (the least JetStream takes): JetStream's own publish
 //! dedup (two minutes by default) would otherwise drop the copies before the
@@ -18,8 +19,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use idemq_sidecar::secrets::Secrets;
+use idemq_sidecar::source::jetstream::MSG_ID;
 
 use super::broker::{BrokerUnderTest, DeadLetter, Message};
+use super::nats::OwnNats;
 
 pub const URL: &str = "nats://127.0.0.1:4222";
 
@@ -37,6 +40,10 @@ pub struct JetStream {
     /// AckWait of the consumer the sidecar creates.
     pub ack_wait: Duration,
     pub js: jetstream::Context,
+    /// The server's URL.
+    pub url: String,
+    /// The header each message's key travels in.
+    key_header: &'static str,
 }
 
 pub async fn connect() -> jetstream::Context {
@@ -47,17 +54,9 @@ pub async fn connect() -> jetstream::Context {
 }
 
 impl JetStream {
-    async fn consumer_info(&self) -> Option<jetstream::consumer::Info> {
-        let stream = self.js.get_stream(&self.stream).await.ok()?;
-        stream.consumer_info(&self.consumer).await.ok()
-    }
-}
-
-impl BrokerUnderTest for JetStream {
-    const NAME: &'static str = "jetstream";
-
-    async fn create(test: &str) -> Self {
-        let js = connect().await;
+    /// The streams of `test` on the server `js` is connected to, at `url`;
+    /// keys travel in `key_header`.
+    async fn on(js: jetstream::Context, url: &str, test: &str, key_header: &'static str) -> Self {
         let stream = super::unique(test);
         let subject = format!("{stream}.in");
         let dead_letters = format!("{stream}-dlq");
@@ -85,7 +84,22 @@ impl BrokerUnderTest for JetStream {
             dead_letter_subject,
             ack_wait: Duration::from_secs(5),
             js,
+            url: url.to_string(),
+            key_header,
         }
+    }
+
+    async fn consumer_info(&self) -> Option<jetstream::consumer::Info> {
+        let stream = self.js.get_stream(&self.stream).await.ok()?;
+        stream.consumer_info(&self.consumer).await.ok()
+    }
+}
+
+impl BrokerUnderTest for JetStream {
+    const NAME: &'static str = "jetstream";
+
+    async fn create(test: &str) -> Self {
+        Self::on(connect().await, URL, test, MSG_ID).await
     }
 
     fn broker_yaml(&self, max_in_flight: u32) -> String {
@@ -100,22 +114,26 @@ impl BrokerUnderTest for JetStream {
     }
 
     fn dedup_key_yaml(&self) -> String {
-        String::new()
+        if self.key_header == MSG_ID {
+            String::new()
+        } else {
+            format!("  key:\n    from: header\n    name: {}", self.key_header)
+        }
     }
 
     fn secrets(&self) -> Secrets {
         Secrets {
-            broker_url: Some(URL.to_string()),
+            broker_url: Some(self.url.clone()),
             ..Secrets::default()
         }
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        vec![("IDEMQ_BROKER_URL".to_string(), URL.to_string())]
+        vec![("IDEMQ_BROKER_URL".to_string(), self.url.clone())]
     }
 
-    /// Publishes in chunks, each waiting for JetStream's acks, then waits out
-    /// the duplicate window.
+    /// Publishes in chunks, each waiting for JetStream's acks, then (keys
+    /// in `Nats-Msg-Id`) waits out the duplicate window.
     async fn publish(&self, messages: Vec<Message>) {
         for chunk in messages.chunks(1000) {
             let mut acks = Vec::with_capacity(chunk.len());
@@ -123,7 +141,7 @@ impl BrokerUnderTest for JetStream {
                 let mut headers = HeaderMap::new();
                 headers.insert("Content-Type", "application/json");
                 if let Some(id) = key {
-                    headers.insert("Nats-Msg-Id", id.as_str());
+                    headers.insert(self.key_header, id.as_str());
                 }
                 acks.push(
                     self.js
@@ -141,7 +159,9 @@ impl BrokerUnderTest for JetStream {
                 );
             }
         }
-        tokio::time::sleep(2 * DUPLICATE_WINDOW).await;
+        if self.key_header == MSG_ID {
+            tokio::time::sleep(2 * DUPLICATE_WINDOW).await;
+        }
     }
 
     /// Messages the consumer has not delivered yet, or delivered and not
@@ -156,7 +176,7 @@ impl BrokerUnderTest for JetStream {
         }
     }
 
-    /// Reads every dead letter, with its `Idemq-Reason` and `Nats-Msg-Id`,
+    /// Reads every dead letter, with its `Idemq-Reason` and key,
     /// then purges the dead-letter stream.
     async fn dead_letters(&self) -> Vec<DeadLetter> {
         let mut stream = self
@@ -183,7 +203,7 @@ impl BrokerUnderTest for JetStream {
                 };
                 out.push(DeadLetter {
                     reason: header("Idemq-Reason").unwrap_or_default(),
-                    key: header("Nats-Msg-Id"),
+                    key: header(self.key_header),
                 });
             }
             stream.purge().await.expect("purge dead letters");
@@ -196,4 +216,67 @@ impl BrokerUnderTest for JetStream {
             let _ = self.js.delete_stream(name).await;
         }
     }
+}
+
+/// The header [`OwnJetStream`] carries keys in.
+const KEY_HEADER: &str = "Idemq-Key";
+
+/// A [`JetStream`] topology on a NATS server of the test's own
+/// ([`OwnNats`]: its own port and store, messages up to 8 MiB where the
+/// shared server takes 1 MiB), for the availability scenarios. Keys travel
+/// in the header `Idemq-Key`, not `Nats-Msg-Id`: a scenario that publishes
+/// copies back to back (two sidecars racing for one key) would otherwise
+/// have them dropped by JetStream's publish dedup, whose window is 100 ms at
+/// the least. The pipeline tests cover `Nats-Msg-Id` keys.
+pub struct OwnJetStream {
+    jetstream: JetStream,
+    _server: OwnNats,
+}
+
+impl BrokerUnderTest for OwnJetStream {
+    const NAME: &'static str = "jetstream";
+
+    async fn create(test: &str) -> Self {
+        let server = OwnNats::start().await;
+        let client = async_nats::connect(server.url())
+            .await
+            .expect("connect to the test's own NATS");
+        let jetstream =
+            JetStream::on(jetstream::new(client), &server.url(), test, KEY_HEADER).await;
+        Self {
+            jetstream,
+            _server: server,
+        }
+    }
+
+    fn broker_yaml(&self, max_in_flight: u32) -> String {
+        self.jetstream.broker_yaml(max_in_flight)
+    }
+
+    fn dedup_key_yaml(&self) -> String {
+        self.jetstream.dedup_key_yaml()
+    }
+
+    fn secrets(&self) -> Secrets {
+        self.jetstream.secrets()
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.jetstream.env()
+    }
+
+    async fn publish(&self, messages: Vec<Message>) {
+        self.jetstream.publish(messages).await
+    }
+
+    async fn backlog(&self) -> u64 {
+        self.jetstream.backlog().await
+    }
+
+    async fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.jetstream.dead_letters().await
+    }
+
+    /// The whole server goes, with its store.
+    async fn delete(self) {}
 }

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod jetstream;
 pub mod kafka;
 pub mod mqtt;
+pub mod nats;
 pub mod otlp;
 pub mod rabbitmq;
 pub mod redis;
