@@ -76,3 +76,18 @@ if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/two-
 fi
 grep -q "exactly one broker" "$out/cel.txt" && grep -q "no message id" "$out/cel.txt" || { cat "$out/cel.txt" >&2; exit 1; }
 grep FAIL "$out/cel.txt"
+
+echo "== the CRD's CEL rules refuse a JetStream resource with a Kafka key"
+$PY - examples/jetstream.yaml "$out/jetstream-record-key.yaml" <<'PY'
+import sys, yaml
+js = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+js["spec"]["key"] = {"from": "recordKey"}
+yaml.safe_dump(js, open(sys.argv[2], "w"))
+PY
+if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/jetstream-record-key.yaml" > "$out/cel-jetstream.txt"; then
+  cat "$out/cel-jetstream.txt" >&2
+  echo "a JetStream resource keyed by recordKey was accepted" >&2
+  exit 1
+fi
+grep -q "with JetStream use messageId" "$out/cel-jetstream.txt" || { cat "$out/cel-jetstream.txt" >&2; exit 1; }
+grep FAIL "$out/cel-jetstream.txt"

@@ -36,6 +36,11 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
         json_path = ".spec.broker.kafka.topics"
     ),
     printcolumn(
+        name = "Stream",
+        type_ = "string",
+        json_path = ".spec.broker.jetstream.stream"
+    ),
+    printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -61,6 +66,9 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
 #[x_kube(validation = kube::core::Rule::new(
     "self.injection == oldSelf.injection"
 ).message("spec.injection cannot change: delete the resource (which withdraws its sidecar) and create it again"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.jetstream) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
+).message("recordKey and coordinates are Kafka keys; with JetStream use messageId (Nats-Msg-Id), header, jsonPointer, bodyHash or cloudEvent"))]
 #[serde(rename_all = "camelCase")]
 pub struct IdempotentConsumerSpec {
     /// How the sidecar reaches the pods (default workload).
@@ -153,12 +161,14 @@ impl Target {
 /// operator checks again ([`Broker::kind`]) for objects stored before the rule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka)].exists_one(set, set)").message("set exactly one broker: rabbitmq or kafka"))]
+#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka or jetstream"))]
 pub struct Broker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<RabbitMqBinding>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaBinding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<JetStreamBinding>,
 }
 
 /// The one broker a [`Broker`] names.
@@ -166,17 +176,25 @@ pub struct Broker {
 pub enum BrokerKind<'a> {
     RabbitMq(&'a RabbitMqBinding),
     Kafka(&'a KafkaBinding),
+    JetStream(&'a JetStreamBinding),
 }
 
 impl Broker {
     /// The field names of the broker kinds.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka"];
+    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
-        match (&self.rabbitmq, &self.kafka) {
-            (Some(rabbit), None) => Some(BrokerKind::RabbitMq(rabbit)),
-            (None, Some(kafka)) => Some(BrokerKind::Kafka(kafka)),
+        let set: Vec<BrokerKind<'_>> = [
+            self.rabbitmq.as_ref().map(BrokerKind::RabbitMq),
+            self.kafka.as_ref().map(BrokerKind::Kafka),
+            self.jetstream.as_ref().map(BrokerKind::JetStream),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [one] => Some(*one),
             _ => None,
         }
     }
@@ -268,6 +286,80 @@ pub struct KafkaBinding {
     /// With a SASL protocol: plain, scramSha256 or scramSha512.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_mechanism: Option<SaslMechanism>,
+}
+
+/// A NATS JetStream durable pull consumer on an existing stream: the
+/// operator checks that the stream exists, creates the consumer when it is
+/// missing (one that exists with other settings is reported, never changed)
+/// and the dead-letter stream when asked; the sidecar consumes it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JetStreamBinding {
+    /// Secret holding the server URL (`nats://host:4222`, key `url` unless
+    /// `key` says otherwise) and the keys `auth` needs.
+    pub connection_secret_ref: SecretKeyRef,
+    /// How to authenticate (default none): `userPassword` reads the
+    /// Secret's keys `username` and `password`, `token` its key `token`,
+    /// `creds` its key `creds` (a `.creds` file's content).
+    #[serde(default)]
+    pub auth: NatsAuth,
+    /// The stream to consume. It must exist: its producers own it.
+    #[schemars(length(min = 1, max = 255), regex(pattern = NATS_NAME))]
+    pub stream: String,
+    /// The durable pull consumer (default `<namespace>_<name>`, dots as
+    /// underscores); created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = NATS_NAME))]
+    pub consumer: Option<String>,
+    /// Subjects of the stream the consumer takes (default all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 255), regex(pattern = NATS_SUBJECT)))]
+    pub filter_subjects: Vec<String>,
+    /// Messages delivered and not yet acknowledged, per consumer, and so
+    /// deliveries in flight (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub max_ack_pending: Option<u32>,
+    /// The consumer's AckWait (default 30s); the sidecar signals progress
+    /// every third of it while the application works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub ack_wait: Option<String>,
+    /// The consumer's MaxDeliver (default unlimited); a message on its last
+    /// delivery that would be given back is dead-lettered instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_deliver: Option<u32>,
+    /// The subject dead letters are published to; a stream must capture it
+    /// (`deadLetterStream`, or one of yours).
+    #[schemars(length(min = 1, max = 255), regex(pattern = NATS_SUBJECT))]
+    pub dead_letter_subject: String,
+    /// A stream capturing `deadLetterSubject`, created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = NATS_NAME))]
+    pub dead_letter_stream: Option<String>,
+}
+
+/// Stream and consumer names: no whitespace, dots, wildcards or path separators.
+const NATS_NAME: &str = r"^[^.*>\s/\\]+$";
+/// Subjects: dot-separated tokens without whitespace.
+const NATS_SUBJECT: &str = r"^[^\s]+$";
+
+/// Which keys of the connection Secret authenticate to NATS.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum NatsAuth {
+    /// The URL alone (it may hold `user:password@`).
+    #[default]
+    None,
+    /// Keys `username` and `password`.
+    UserPassword,
+    /// Key `token`.
+    Token,
+    /// Key `creds`: a `.creds` file (JWT and NKey seed).
+    Creds,
 }
 
 /// Kafka's legal topic names.
@@ -630,6 +722,10 @@ pub mod conditions {
     pub const EXCHANGE_NOT_FOUND: &str = "ExchangeNotFound";
     /// A Kafka topic to consume does not exist (its producers create it).
     pub const TOPIC_NOT_FOUND: &str = "TopicNotFound";
+    /// The JetStream stream to consume does not exist (its producers create it).
+    pub const STREAM_NOT_FOUND: &str = "StreamNotFound";
+    /// The durable JetStream consumer exists with other settings.
+    pub const CONSUMER_MISMATCH: &str = "ConsumerMismatch";
     /// The broker refused the credentials.
     pub const BROKER_AUTH_FAILED: &str = "BrokerAuthenticationFailed";
     pub const BROKER_REFUSED: &str = "BrokerRefused";

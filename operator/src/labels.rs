@@ -36,6 +36,11 @@ pub const REDIS_PASSWORD_KEY: &str = "password";
 pub const KAFKA_BOOTSTRAP_SERVERS_KEY: &str = "bootstrapServers";
 pub const KAFKA_USERNAME_KEY: &str = "username";
 pub const KAFKA_PASSWORD_KEY: &str = "password";
+/// Keys of a JetStream connection Secret, besides the URL's.
+pub const NATS_USERNAME_KEY: &str = "username";
+pub const NATS_PASSWORD_KEY: &str = "password";
+pub const NATS_TOKEN_KEY: &str = "token";
+pub const NATS_CREDS_KEY: &str = "creds";
 /// The Kafka CA bundle, mounted from the connection Secret (a file, since
 /// librdkafka reads a CA location; not a secret, but it lives beside them).
 pub const KAFKA_CA_VOLUME: &str = "idemq-kafka-ca";
@@ -56,6 +61,13 @@ pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.2-alpine";
 /// external Redis never share keys.
 pub fn consumer(ic: &IdempotentConsumer) -> String {
     format!("{}.{}", ic.namespace().unwrap_or_default(), ic.name_any())
+}
+
+/// The default durable JetStream consumer: the consumer's name with its dots
+/// as underscores (NATS names take no dots; namespaces take no underscores
+/// or dots, so no two resources share one).
+pub fn jetstream_consumer(ic: &IdempotentConsumer) -> String {
+    consumer(ic).replace('.', "_")
 }
 
 pub fn config_map(ic: &IdempotentConsumer) -> String {

@@ -48,14 +48,15 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         .collect();
     assert_eq!(
         columns,
-        ["Target", "Injection", "Queue", "Topics", "Ready", "Age"]
+        ["Target", "Injection", "Queue", "Topics", "Stream", "Ready", "Age"]
     );
     let schema = serde_json::to_string(&version.schema).expect("schema");
     for rule in [
         "self.mode != 'external' || has(self.external)",
         "self.mode != 'http' || has(self.port)",
         "duration(self.retention) >= duration(self.lease)",
-        "[has(self.rabbitmq), has(self.kafka)].exists_one(set, set)",
+        "[has(self.rabbitmq), has(self.kafka), has(self.jetstream)].exists_one(set, set)",
+        "with JetStream use messageId",
         "self.key.from != 'messageId'",
         "== has(self.saslMechanism)",
         "self.injection == 'pod' ? (has(self.target.selector)",

@@ -248,6 +248,7 @@ pub struct BrokerConfig {
     pub rabbitmq: Option<RabbitMqConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jetstream: Option<JetStreamConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<MqttConfig>,

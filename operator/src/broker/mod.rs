@@ -1,7 +1,8 @@
 //! Broker bindings: what a consumer needs declared on its broker (queues,
 //! bindings, dead-letter routes), behind one [`Binder`] trait.
 //!
-//! Each broker lives in its own module (`rabbitmq.rs`, `kafka.rs`) and
+//! Each broker lives in its own module (`rabbitmq.rs`, `kafka.rs`,
+//! `jetstream.rs`) and
 //! contributes a variant of [`Plan`], built from the resource's spec by
 //! [`Plan::of`], and of [`Connection`], read from the resource's Secret by
 //! [`Connection::from_secret`]. [`Brokers`] is the production binder: it
@@ -15,6 +16,7 @@
 //! declared with other arguments, a user without permissions) is reported to
 //! the user, not fought: redeclaring would mean deleting their messages.
 
+pub mod jetstream;
 pub mod kafka;
 pub mod pool;
 pub mod rabbitmq;
@@ -30,6 +32,7 @@ use crate::crd::{BrokerKind, IdempotentConsumer};
 pub enum Plan {
     RabbitMq(rabbitmq::Plan),
     Kafka(kafka::Plan),
+    JetStream(jetstream::Plan),
 }
 
 impl Plan {
@@ -39,6 +42,7 @@ impl Plan {
         Some(match ic.spec.broker.kind()? {
             BrokerKind::RabbitMq(rabbit) => Plan::RabbitMq(rabbitmq::Plan::of(rabbit)),
             BrokerKind::Kafka(k) => Plan::Kafka(kafka::Plan::of(k)),
+            BrokerKind::JetStream(js) => Plan::JetStream(jetstream::Plan::of(ic, js)?),
         })
     }
 
@@ -67,6 +71,7 @@ impl Plan {
                     plural(p.dead_letter_topics.len(), "is", "are"),
                 )
             }
+            Plan::JetStream(p) => p.describe(),
         }
     }
 }
@@ -80,6 +85,7 @@ pub enum Connection {
         url: String,
     },
     Kafka(kafka::Connection),
+    JetStream(jetstream::Connection),
 }
 
 impl std::fmt::Debug for Connection {
@@ -87,6 +93,7 @@ impl std::fmt::Debug for Connection {
         match self {
             Connection::RabbitMq { .. } => f.write_str("Connection::RabbitMq(..)"),
             Connection::Kafka(_) => f.write_str("Connection::Kafka(..)"),
+            Connection::JetStream(_) => f.write_str("Connection::JetStream(..)"),
         }
     }
 }
@@ -97,6 +104,7 @@ impl Connection {
         Some(match ic.spec.broker.kind()? {
             BrokerKind::RabbitMq(rabbit) => &rabbit.connection_secret_ref.name,
             BrokerKind::Kafka(kafka) => &kafka.connection_secret_ref.name,
+            BrokerKind::JetStream(js) => &js.connection_secret_ref.name,
         })
     }
 
@@ -118,6 +126,9 @@ impl Connection {
             Some(BrokerKind::Kafka(k)) => {
                 Ok(Connection::Kafka(kafka::Connection::from_secret(k, value)?))
             }
+            Some(BrokerKind::JetStream(js)) => Ok(Connection::JetStream(
+                jetstream::Connection::from_secret(js, value)?,
+            )),
             None => Err("(no broker in the spec)".to_string()),
         }
     }
@@ -128,12 +139,14 @@ impl Connection {
         match self {
             Connection::RabbitMq { url } => url.as_bytes().to_vec(),
             Connection::Kafka(k) => kafka::Connection::identity(k),
+            Connection::JetStream(c) => c.identity(),
         }
     }
 }
 
 /// Whether the queues go with the resource when it is deleted. Kafka topics
-/// never do: the consumed ones are the producers', and dead letters are kept.
+/// and JetStream streams never do: the consumed ones are the producers', and
+/// dead letters are kept (so is the durable JetStream consumer).
 pub fn delete_on_cleanup(ic: &IdempotentConsumer) -> bool {
     matches!(ic.spec.broker.kind(), Some(BrokerKind::RabbitMq(r)) if r.delete_on_cleanup)
 }
@@ -163,6 +176,14 @@ pub enum BindError {
     /// does not create it (a typo would otherwise become a new, empty topic).
     #[error("{}", topic_not_found(.0))]
     TopicNotFound(Vec<String>),
+    /// The JetStream stream to consume does not exist. It belongs to its
+    /// producers: idemq does not create it.
+    #[error("stream {0:?} does not exist; create it (its producers own it) or correct `stream`")]
+    StreamNotFound(String),
+    /// The durable JetStream consumer exists with other settings: a
+    /// sentence naming each.
+    #[error("{0}")]
+    ConsumerMismatch(String),
 }
 
 /// The sentence of a [`BindError::TopicNotFound`], for one topic or several.
@@ -194,6 +215,7 @@ pub trait Binder: Send + Sync {
 pub struct Brokers {
     pub rabbitmq: rabbitmq::Amqp,
     pub kafka: kafka::Kafka,
+    pub jetstream: jetstream::JetStream,
 }
 
 impl Brokers {
@@ -202,6 +224,7 @@ impl Brokers {
         Self {
             rabbitmq: rabbitmq::Amqp::new(pool),
             kafka: kafka::Kafka::new(pool),
+            jetstream: jetstream::JetStream::new(pool),
         }
     }
 }
@@ -218,6 +241,7 @@ impl Binder for Brokers {
         match (plan, connection) {
             (Plan::RabbitMq(p), Connection::RabbitMq { url }) => self.rabbitmq.bind(url, p).await,
             (Plan::Kafka(p), Connection::Kafka(c)) => self.kafka.bind(c, p).await,
+            (Plan::JetStream(p), Connection::JetStream(c)) => self.jetstream.bind(c, p).await,
             _ => Err(mismatch()),
         }
     }
@@ -228,7 +252,8 @@ impl Binder for Brokers {
                 self.rabbitmq.delete_queues(url, p).await
             }
             // Nothing to delete (see `delete_on_cleanup`).
-            (Plan::Kafka(_), Connection::Kafka(_)) => Ok(()),
+            (Plan::Kafka(_), Connection::Kafka(_))
+            | (Plan::JetStream(_), Connection::JetStream(_)) => Ok(()),
             _ => Err(mismatch()),
         }
     }

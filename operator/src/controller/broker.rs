@@ -116,6 +116,10 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict,
         Err(e @ BindError::TopicNotFound(_)) => {
             verdict(BROKER_BOUND, false, TOPIC_NOT_FOUND, e.to_string())
         }
+        Err(e @ BindError::StreamNotFound(_)) => {
+            verdict(BROKER_BOUND, false, STREAM_NOT_FOUND, e.to_string())
+        }
+        Err(BindError::ConsumerMismatch(e)) => verdict(BROKER_BOUND, false, CONSUMER_MISMATCH, e),
         Err(e @ BindError::AuthenticationFailed(_)) => {
             verdict(BROKER_BOUND, false, BROKER_AUTH_FAILED, e.to_string())
         }

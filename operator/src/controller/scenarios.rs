@@ -880,6 +880,217 @@ mod kafka {
     }
 }
 
+/// JetStream: the resource's stream on the real NATS of 127.0.0.1:4222
+/// (`.ci/services.sh`), through the production binder; the store is a Redis
+/// of the test's own, so that only the broker decides. Each test uses
+/// streams of its own and deletes them.
+mod jetstream {
+    use async_nats::jetstream::{self as js, stream};
+
+    use super::*;
+    use crate::broker::Brokers;
+
+    const NATS_SECRET: &str = "/api/v1/namespaces/shop/secrets/nats-orders";
+    const STORE_SECRET: &str = "/api/v1/namespaces/shop/secrets/orders-redis";
+    const URL: &str = "nats://127.0.0.1:4222";
+    const START: &str = "source .ci/services.sh && ensure_nats";
+
+    async fn context() -> js::Context {
+        let client = async_nats::connect(URL).await.unwrap_or_else(|e| {
+            panic!("NATS does not answer on {URL} ({e}); start it with: {START}")
+        });
+        js::new(client)
+    }
+
+    fn secret(name: &str, pairs: &[(&str, &str)]) -> Value {
+        let data: serde_json::Map<String, Value> = pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    serde_json::to_value(k8s_openapi::ByteString(v.as_bytes().to_vec()))
+                        .expect("base64"),
+                )
+            })
+            .collect();
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "shop" },
+                "data": data })
+    }
+
+    /// The connection Secret of the sample policy, for the shared NATS
+    /// (which takes any user and password: it requires none).
+    fn nats_secret() -> Value {
+        secret(
+            "nats-orders",
+            &[("url", URL), ("username", "orders"), ("password", "s3cret")],
+        )
+    }
+
+    /// The sample JetStream policy on `stream`, with the store of `redis`.
+    fn policy(stream: &str, redis: &OwnRedis) -> (IdempotentConsumer, Value) {
+        let mut ic = fixtures::jetstream_policy();
+        let binding = ic.spec.broker.jetstream.as_mut().expect("jetstream");
+        binding.stream = stream.to_string();
+        binding.filter_subjects = vec![format!("{stream}.in")];
+        binding.dead_letter_subject = format!("{stream}.dead");
+        binding.dead_letter_stream = Some(format!("{stream}-DEAD"));
+        ic.spec.store = serde_json::from_value(
+            json!({ "mode": "external", "external": { "secretRef": { "name": "orders-redis", "key": "url" } } }),
+        )
+        .expect("store spec");
+        (ic, secret("orders-redis", &[("url", &redis.url())]))
+    }
+
+    /// Reconciles `ic` with the production binder; the API answers as given.
+    async fn reconcile_jetstream(
+        ic: IdempotentConsumer,
+        store_secret: Value,
+        status: Arc<Mutex<Option<Value>>>,
+        events: Vec<Expect>,
+    ) {
+        let mut expected = vec![
+            Expect::get(CM, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(CM).with_body(|cm| {
+                let yaml = cm["data"]["sidecar.yaml"].as_str().unwrap_or_default();
+                assert!(
+                    yaml.contains("jetstream:")
+                        && yaml.contains("consumer: shop_orders")
+                        && !yaml.contains("rabbitmq")
+                        && !yaml.contains("kafka")
+                        && !yaml.contains(URL),
+                    "{yaml}"
+                );
+            }),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(NATS_SECRET, StatusCode::OK, nats_secret()),
+            // The digest of both Secrets' content, in name order.
+            Expect::get(NATS_SECRET, StatusCode::OK, nats_secret()),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET).with_body(|p| {
+                let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
+                for var in [
+                    "IDEMQ_BROKER_URL",
+                    "IDEMQ_BROKER_USER",
+                    "IDEMQ_BROKER_PASSWORD",
+                ] {
+                    assert!(env.contains(var), "{var} in {env}");
+                }
+                assert!(
+                    !env.contains(URL) && !env.contains("s3cret"),
+                    "references, not values: {env}"
+                );
+            }),
+            status_patch(status),
+        ];
+        expected.extend(events);
+        let (ctx, handle) = fixtures::context_with(
+            Arc::new(Brokers::default()),
+            crate::controller::DEFAULT_BROKER_OPERATIONS,
+        );
+        let server = tokio::spawn(fixtures::serve(handle, expected));
+        let result = reconcile(Arc::new(ic), ctx).await;
+        server.await.expect("every expected request came");
+        result.expect("reconciles");
+    }
+
+    fn condition(status: &Mutex<Option<Value>>, type_: &str) -> (String, String, String) {
+        let status = status.lock().expect("lock").clone().expect("status");
+        let c = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status}"));
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        (text("status"), text("reason"), text("message"))
+    }
+
+    fn unique() -> String {
+        format!(
+            "op-scn-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        )
+    }
+
+    #[tokio::test]
+    async fn a_missing_stream_is_stream_not_found_with_an_event_and_nothing_is_created() {
+        let redis = OwnRedis::start().await;
+        let name = unique();
+        let (ic, store_secret) = policy(&name, &redis);
+        let status = Arc::new(Mutex::new(None));
+        let named = name.clone();
+        let events = vec![
+            event("Injected"),
+            event("StreamNotFound").with_body(move |e| {
+                assert_eq!(e["type"], "Warning");
+                assert!(
+                    e["note"].as_str().is_some_and(|n| n.contains(&named)),
+                    "the Event names the stream: {e}"
+                );
+            }),
+        ];
+        reconcile_jetstream(ic, store_secret, status.clone(), events).await;
+        let js = context().await;
+        let dead_letter_stream = js.get_stream(format!("{name}-DEAD")).await.is_ok();
+        let (bound, reason, message) = condition(&status, "BrokerBound");
+        println!("BrokerBound={bound} reason={reason}: {message}");
+        assert_eq!(
+            (bound.as_str(), reason.as_str()),
+            ("False", "StreamNotFound")
+        );
+        assert!(message.contains(&name), "{message}");
+        assert_eq!(condition(&status, "Ready").0, "False");
+        assert!(
+            !dead_letter_stream,
+            "nothing is created before the stream exists"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_existing_stream_binds_ready_with_the_consumer_and_dead_letter_stream_created() {
+        let redis = OwnRedis::start().await;
+        let name = unique();
+        let js = context().await;
+        js.create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{name}.in")],
+            ..Default::default()
+        })
+        .await
+        .expect("create the producers' stream");
+        let (ic, store_secret) = policy(&name, &redis);
+        let status = Arc::new(Mutex::new(None));
+        reconcile_jetstream(ic, store_secret, status.clone(), vec![event("Injected")]).await;
+        let consumer = match js.get_stream(&name).await {
+            Ok(s) => s.consumer_info("shop_orders").await.ok(),
+            Err(_) => None,
+        };
+        let dead = js.get_stream(format!("{name}-DEAD")).await.ok();
+        let dead_subjects = dead.map(|s| s.cached_info().config.subjects.clone());
+        for s in [name.clone(), format!("{name}-DEAD")] {
+            let _ = js.delete_stream(s).await;
+        }
+        for type_ in ["StoreReady", "BrokerBound", "SidecarInjected", "Ready"] {
+            let (value, reason, message) = condition(&status, type_);
+            println!("{type_}={value} reason={reason}: {message}");
+            assert_eq!(value, "True", "{type_}: {reason}: {message}");
+        }
+        let consumer = consumer.expect("the durable consumer was created");
+        assert_eq!(
+            (
+                consumer.config.ack_wait,
+                consumer.config.max_ack_pending,
+                consumer.config.max_deliver
+            ),
+            (std::time::Duration::from_secs(20), 50, 10),
+            "with the spec's settings"
+        );
+        assert_eq!(dead_subjects, Some(vec![format!("{name}.dead")]));
+    }
+}
+
 #[tokio::test]
 async fn two_brokers_in_one_resource_are_an_invalid_spec_with_a_condition_and_an_event() {
     // Stored before the schema's rule, or written past it.

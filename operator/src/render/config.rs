@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use idemq_sidecar::config::{
     self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, Durability,
-    KafkaConfig, KeySource, MissingKeyPolicy, Mode, RabbitMqConfig, ReadinessCheck,
-    ReadinessConfig, ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
+    JetStreamConfig, KafkaConfig, KeySource, MissingKeyPolicy, Mode, RabbitMqConfig,
+    ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
 
 use super::{owned_meta, RenderError};
 use crate::crd::{
-    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaOrdering,
+    BrokerKind, DeliveryMode, IdempotentConsumer, JetStreamBinding, KafkaBinding, KafkaOrdering,
     KafkaSecurityProtocol, KeyFrom, MissingKey, OffsetReset, OnReset, RabbitMqBinding,
     SaslMechanism, StoreDurability, Unavailable,
 };
@@ -106,6 +106,10 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 },
                 BrokerKind::Kafka(kafka) => BrokerConfig {
                     kafka: Some(kafka_config(ic, kafka)?),
+                    ..BrokerConfig::default()
+                },
+                BrokerKind::JetStream(js) => BrokerConfig {
+                    jetstream: Some(jetstream_config(ic, js)?),
                     ..BrokerConfig::default()
                 },
             })
@@ -209,6 +213,37 @@ fn kafka_config(ic: &IdempotentConsumer, kafka: &KafkaBinding) -> Result<KafkaCo
     })
 }
 
+/// The `broker.jetstream` section: the URL and credentials stay out of it
+/// (they reach the sidecar from the Secret through the environment). The
+/// operator creates the consumer with the same settings
+/// ([`crate::broker::jetstream::Plan`]).
+pub fn jetstream_config(
+    ic: &IdempotentConsumer,
+    js: &JetStreamBinding,
+) -> Result<JetStreamConfig, RenderError> {
+    Ok(JetStreamConfig {
+        url: None,
+        stream: js.stream.clone(),
+        consumer: jetstream_consumer(ic, js),
+        filter_subjects: js.filter_subjects.clone(),
+        max_ack_pending: js.max_ack_pending.unwrap_or(100),
+        ack_wait: duration(
+            "broker.jetstream.ackWait",
+            &js.ack_wait,
+            Duration::from_secs(30),
+        )?,
+        max_deliver: js.max_deliver,
+        dead_letter_subject: js.dead_letter_subject.clone(),
+    })
+}
+
+/// The durable consumer: the spec's, or [`labels::jetstream_consumer`].
+pub fn jetstream_consumer(ic: &IdempotentConsumer, js: &JetStreamBinding) -> String {
+    js.consumer
+        .clone()
+        .unwrap_or_else(|| labels::jetstream_consumer(ic))
+}
+
 pub fn kafka_security_protocol(p: KafkaSecurityProtocol) -> sidecar::SecurityProtocol {
     match p {
         KafkaSecurityProtocol::Plaintext => sidecar::SecurityProtocol::Plaintext,
@@ -256,6 +291,7 @@ pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
     let prefetch = match ic.spec.broker.kind() {
         Some(BrokerKind::RabbitMq(rabbit)) => u64::from(rabbit.prefetch.unwrap_or(100)),
         Some(BrokerKind::Kafka(kafka)) => u64::from(kafka.max_in_flight.unwrap_or(100)),
+        Some(BrokerKind::JetStream(js)) => u64::from(js.max_ack_pending.unwrap_or(100)),
         None => 100,
     };
     match delivery.expected_message_bytes {
@@ -473,6 +509,46 @@ mod tests {
             ),
             ["orders.dead", "refunds.dead"]
         );
+    }
+
+    #[test]
+    fn a_jetstream_spec_renders_the_section_the_sidecar_parses_and_no_other_broker() {
+        let config = sidecar_config(&sample::jetstream_policy()).expect("renders");
+        let yaml = config.to_yaml();
+        // What the sidecar reads at start: parsed and validated by its own code.
+        let parsed = Config::from_yaml(&yaml).expect("the sidecar accepts it");
+        let js = parsed
+            .broker
+            .and_then(|b| b.jetstream)
+            .expect("a jetstream broker");
+        assert_eq!(
+            (js.stream.as_str(), js.consumer.as_str()),
+            ("ORDERS", "shop_orders")
+        );
+        assert_eq!(js.filter_subjects, ["orders.created"]);
+        assert_eq!(
+            (js.max_ack_pending, js.ack_wait, js.max_deliver),
+            (50, Duration::from_secs(20), Some(10))
+        );
+        assert_eq!(js.dead_letter_subject, "orders.dead");
+        assert_eq!(js.url, None, "from the Secret, by env");
+        assert_eq!(config.dedup.key, KeySource::MessageId, "Nats-Msg-Id");
+        assert!(
+            !yaml.contains("nats-orders") && !yaml.contains("rabbitmq") && !yaml.contains("kafka"),
+            "no Secret name, no other broker: {yaml}"
+        );
+        // Unset brokers are left out for the other kinds too.
+        let rabbit = sidecar_config(&sample::policy())
+            .expect("renders")
+            .to_yaml();
+        assert!(
+            !rabbit.contains("jetstream") && !rabbit.contains("null"),
+            "{rabbit}"
+        );
+        // The byte budget follows maxAckPending as it follows prefetch.
+        let mut ic = sample::jetstream_policy();
+        ic.spec.delivery.expected_message_bytes = Some(10_000);
+        assert_eq!(in_flight_budget(&ic), 500_000);
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub(crate) mod sample {
         from_yaml(include_str!("../../tests/data/kafka-policy.yaml"))
     }
 
+    /// A JetStream consumer with user and password, a dead-letter stream.
+    pub fn jetstream_policy() -> IdempotentConsumer {
+        from_yaml(include_str!("../../tests/data/jetstream-policy.yaml"))
+    }
+
     fn from_yaml(yaml: &str) -> IdempotentConsumer {
         let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample policy");
         ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".to_string());

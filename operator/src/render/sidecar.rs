@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use idemq_sidecar::config::{memory_limit_bytes, memory_request_bytes, SecretEnv};
 
 use crate::crd::{
-    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaSecurityProtocol, StoreMode,
-    TargetKind,
+    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaSecurityProtocol, NatsAuth,
+    StoreMode, TargetKind,
 };
 use crate::labels;
 use crate::render::RenderError;
@@ -211,6 +211,21 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
                     labels::KAFKA_PASSWORD_KEY,
                 ));
             }
+            env
+        }
+        Some(BrokerKind::JetStream(js)) => {
+            let r = &js.connection_secret_ref;
+            let mut env = vec![secret_env(SecretEnv::BROKER_URL, &r.name, &r.key)];
+            let keys: &[(&str, &str)] = match js.auth {
+                NatsAuth::None => &[],
+                NatsAuth::UserPassword => &[
+                    (SecretEnv::BROKER_USER, labels::NATS_USERNAME_KEY),
+                    (SecretEnv::BROKER_PASSWORD, labels::NATS_PASSWORD_KEY),
+                ],
+                NatsAuth::Token => &[(SecretEnv::NATS_TOKEN, labels::NATS_TOKEN_KEY)],
+                NatsAuth::Creds => &[(SecretEnv::NATS_CREDS, labels::NATS_CREDS_KEY)],
+            };
+            env.extend(keys.iter().map(|(var, key)| secret_env(var, &r.name, key)));
             env
         }
         // Refused by validation before anything is rendered.
@@ -548,6 +563,52 @@ mod tests {
             .and_then(|v| v.secret_key_ref)
             .unwrap_or_else(|| panic!("{name} is not a Secret reference"));
         (r.name, r.key)
+    }
+
+    #[test]
+    fn jetstream_credentials_reach_the_sidecar_only_as_secret_references() {
+        let mut ic = sample::jetstream_policy();
+        let refs = |ic: &IdempotentConsumer| -> Vec<(String, String, String)> {
+            broker_env(ic)
+                .into_iter()
+                .map(|e| {
+                    assert_eq!(e.value, None, "a reference, not a value");
+                    let r = e
+                        .value_from
+                        .and_then(|v| v.secret_key_ref)
+                        .expect("a secretKeyRef");
+                    (e.name, r.name, r.key)
+                })
+                .collect()
+        };
+        let pair =
+            |var: &str, key: &str| (var.to_string(), "nats-orders".to_string(), key.to_string());
+        assert_eq!(
+            refs(&ic),
+            [
+                pair("IDEMQ_BROKER_URL", "url"),
+                pair("IDEMQ_BROKER_USER", "username"),
+                pair("IDEMQ_BROKER_PASSWORD", "password")
+            ]
+        );
+        let js = ic.spec.broker.jetstream.as_mut().expect("jetstream");
+        js.auth = crate::crd::NatsAuth::Creds;
+        assert_eq!(
+            refs(&ic),
+            [
+                pair("IDEMQ_BROKER_URL", "url"),
+                pair("IDEMQ_NATS_CREDS", "creds")
+            ]
+        );
+        let js = ic.spec.broker.jetstream.as_mut().expect("jetstream");
+        js.auth = crate::crd::NatsAuth::Token;
+        assert_eq!(
+            refs(&ic),
+            [
+                pair("IDEMQ_BROKER_URL", "url"),
+                pair("IDEMQ_NATS_TOKEN", "token")
+            ]
+        );
     }
 
     #[test]
