@@ -48,7 +48,15 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         .collect();
     assert_eq!(
         columns,
-        ["Target", "Injection", "Queue", "Topics", "Stream", "Ready", "Age"]
+        [
+            "Target",
+            "Injection",
+            "Queue",
+            "Topics",
+            "Stream",
+            "Ready",
+            "Age"
+        ]
     );
     let schema = serde_json::to_string(&version.schema).expect("schema");
     for rule in [
