@@ -2,6 +2,7 @@
 //! the same run. See README's "Benchmarks" section.
 
 mod claims;
+mod jetstream;
 mod kafka;
 mod key_memory;
 mod pipeline;

@@ -9,7 +9,9 @@
 //! - `idemq-memory`: the sidecar binary with the in-memory store.
 //!
 //! `--broker kafka` runs the same scenarios on a topic of the Kafka broker
-//! on 127.0.0.1:9092 (see `kafka.rs` for its raw and naive consumers).
+//! on 127.0.0.1:9092 (see `kafka.rs` for its raw and naive consumers),
+//! `--broker jetstream` on a stream of the NATS server on 127.0.0.1:4222
+//! (see `jetstream.rs`).
 //!
 //! Throughput is measured draining a backlog (all messages published first).
 //! Latency is measured separately on a paced stream (a fixed publish rate well
@@ -36,8 +38,9 @@ const SENT_HEADER: &str = "x-bench-sent-us";
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
-    /// The broker: `rabbitmq` (127.0.0.1:5672) or `kafka` (127.0.0.1:9092).
-    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka"])]
+    /// The broker: `rabbitmq` (127.0.0.1:5672), `kafka` (127.0.0.1:9092) or
+    /// `jetstream` (NATS on 127.0.0.1:4222).
+    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka", "jetstream"])]
     pub broker: String,
     /// Messages in the backlog (throughput) phase.
     #[arg(long, default_value_t = 100_000)]
@@ -385,10 +388,10 @@ fn print_table(args: &Args, results: &[(String, Figures)]) {
                 "added p99 latency idemq vs raw: {:.2} ms",
                 idemq.p99_ms - raw.p99_ms
             );
-            let broker = if args.broker == "kafka" {
-                " (kafka)"
+            let broker = if args.broker == "rabbitmq" {
+                String::new()
             } else {
-                ""
+                format!(" ({})", args.broker)
             };
             println!(
                 "ratio idemq/raw throughput{broker}: {:.2}",
@@ -595,12 +598,19 @@ enum Topology {
         dlx: String,
     },
     Kafka(crate::kafka::Topic),
+    JetStream(crate::jetstream::Stream),
 }
 
 impl Topology {
     async fn create(args: &Args, queue: &str, dlx: &str) -> anyhow::Result<Self> {
-        if args.broker == "kafka" {
-            return Ok(Self::Kafka(crate::kafka::Topic::create(queue).await?));
+        match args.broker.as_str() {
+            "kafka" => return Ok(Self::Kafka(crate::kafka::Topic::create(queue).await?)),
+            "jetstream" => {
+                return Ok(Self::JetStream(
+                    crate::jetstream::Stream::create(queue).await?,
+                ))
+            }
+            _ => {}
         }
         let broker = Broker::connect().await?;
         broker.declare(queue, dlx).await?;
@@ -622,6 +632,7 @@ impl Topology {
                 broker.publish_all(queue, ids, body, rate).await
             }
             Self::Kafka(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
+            Self::JetStream(stream) => stream.publish_all(ids, body, rate, SENT_HEADER).await,
         }
     }
 
@@ -630,6 +641,7 @@ impl Topology {
         match self {
             Self::RabbitMq { broker, queue, .. } => broker.wait_empty(queue).await,
             Self::Kafka(topic) => topic.wait_committed().await,
+            Self::JetStream(stream) => stream.wait_settled().await,
         }
     }
 
@@ -638,6 +650,7 @@ impl Topology {
         match self {
             Self::RabbitMq { .. } => "beam.smp",
             Self::Kafka(_) => "tansu",
+            Self::JetStream(_) => "nats-server",
         }
     }
 
@@ -645,6 +658,7 @@ impl Topology {
         match self {
             Self::RabbitMq { broker, queue, dlx } => broker.delete(&queue, &dlx).await,
             Self::Kafka(topic) => topic.delete().await,
+            Self::JetStream(stream) => stream.delete().await,
         }
     }
 }
@@ -814,6 +828,29 @@ impl Consumer {
             };
             return Ok(Self::InProcess(task, stop));
         }
+        if args.broker == "jetstream" && matches!(scenario, "raw" | "naive") {
+            let stream = queue.to_string();
+            let task = if scenario == "raw" {
+                tokio::spawn(crate::jetstream::raw(
+                    stream,
+                    args.prefetch,
+                    app.url(),
+                    SENT_HEADER,
+                    stop.clone(),
+                ))
+            } else {
+                tokio::spawn(crate::jetstream::naive(
+                    stream,
+                    args.prefetch,
+                    app.url(),
+                    format!("naive:{run_id}:"),
+                    REDIS,
+                    SENT_HEADER,
+                    stop.clone(),
+                ))
+            };
+            return Ok(Self::InProcess(task, stop));
+        }
         Ok(match scenario {
             "raw" => Self::InProcess(
                 tokio::spawn(raw(
@@ -884,6 +921,16 @@ fn sidecar(
             crate::kafka::group(queue),
             args.prefetch
         )
+    } else if args.broker == "jetstream" {
+        let js = crate::jetstream::settings(queue, args.prefetch);
+        format!(
+            "dedup:\n  key:\n    from: header\n    name: {}\nbroker:\n  jetstream:\n    stream: {}\n    consumer: {}\n    maxAckPending: {}\n    ackWait: 30s\n    deadLetterSubject: {}\n",
+            crate::jetstream::KEY_HEADER,
+            js.stream,
+            js.consumer,
+            js.max_ack_pending,
+            js.dead_letter_subject
+        )
     } else {
         format!(
             "broker:\n  rabbitmq:\n    queue: {queue}\n    prefetch: {}\n    deadLetterExchange: {dlx}\n",
@@ -899,7 +946,14 @@ fn sidecar(
     Ok(Command::new(bin)
         .arg("--config")
         .arg(&path)
-        .env("IDEMQ_BROKER_URL", AMQP)
+        .env(
+            "IDEMQ_BROKER_URL",
+            if args.broker == "jetstream" {
+                crate::jetstream::URL
+            } else {
+                AMQP
+            },
+        )
         .env("IDEMQ_KAFKA_BOOTSTRAP_SERVERS", crate::kafka::BOOTSTRAP)
         .env("IDEMQ_REDIS_URL", REDIS)
         .env(
