@@ -1,6 +1,7 @@
 //! idemq benchmarks: each prints its figures, measured against a baseline in
 //! the same run. See README's "Benchmarks" section.
 
+mod chart;
 mod claims;
 mod jetstream;
 mod kafka;

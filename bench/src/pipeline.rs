@@ -77,6 +77,10 @@ pub struct Args {
     /// drifts during the run does not favour the scenario that ran first.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Where to write the SVG chart of the results (default:
+    /// `idemq-bench-<broker>.svg` in the current directory).
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
 }
 
 /// What a scenario measured.
@@ -137,7 +141,42 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         results.push((scenario, figures[figures.len() / 2].clone()));
     }
     print_table(&args, &results);
+    let path = args
+        .chart
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("idemq-bench-{}.svg", args.broker)));
+    write_chart(&args, &results, &path)?;
+    println!("chart: {}", path.display());
     Ok(())
+}
+
+fn write_chart(
+    args: &Args,
+    results: &[(String, Figures)],
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let bars: Vec<_> = results
+        .iter()
+        .map(|(name, f)| crate::chart::Bar {
+            scenario: name.clone(),
+            rate: f.rate(),
+            p50_ms: f.p50_ms,
+            p99_ms: f.p99_ms,
+            p999_ms: f.p999_ms,
+        })
+        .collect();
+    let title = format!("idemq pipeline benchmark: {}", args.broker);
+    let subtitle = format!(
+        "{} messages ({}% duplicates, {}-byte bodies), prefetch {}, median of {} rounds; latency at {} msg/s for {} s",
+        args.messages,
+        (args.dup_ratio * 100.0).round(),
+        args.body_bytes,
+        args.prefetch,
+        args.rounds.max(1),
+        args.paced_rate,
+        args.paced_seconds
+    );
+    crate::chart::write(path, &title, &subtitle, &bars)
 }
 
 /// The ids of `n` messages of which `dup_ratio` repeat an earlier id.
@@ -268,6 +307,7 @@ pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Resu
         scenarios: vec![],
         sidecar_bin,
         rounds: 1,
+        chart: None,
     };
     let app = App::start().await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
