@@ -23,7 +23,7 @@ use idemq_tests::{
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
 
@@ -34,18 +34,43 @@ const KAFKA: &str = "127.0.0.1:9092";
 struct Operator(Child);
 
 impl Drop for Operator {
+    /// SIGTERM, then SIGKILL if it has not stopped within 20 s (said on
+    /// stderr: a clean stop is expected).
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
+        for _ in 0..200 {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "the operator (pid {}) did not stop within 20 s of SIGTERM: killed",
+            self.0.id()
+        );
+        let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
 fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<Operator> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+    start_operator_with(kubeconfig, namespace, &[])
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
-        .port();
+        .port())
+}
+
+fn start_operator_with(
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    extra: &[String],
+) -> anyhow::Result<Operator> {
+    let port = free_port()?;
     let child = Command::new(workspace_binary("idemq-operator")?)
         .args([
             "run",
@@ -55,6 +80,7 @@ fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Resu
             namespace,
         ])
         .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+        .args(extra)
         // The child gets the e2e kubeconfig explicitly, and only it.
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
@@ -1004,5 +1030,405 @@ async fn secret_scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
         "e2e: the pod template rolled {:.1} s after the Secret changed",
         rotated.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The chart's webhook configuration as a test cluster can reach it: the API
+/// server calls 127.0.0.1 (no kube-proxy routes a Service here), for the
+/// labelled pods of namespace `ns` only.
+fn webhook_configuration(port: u16, ns: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": WEBHOOK_CONFIGURATION },
+        "webhooks": [{
+            "name": "pods.idemq.dev",
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": { "url": format!("https://127.0.0.1:{port}/mutate") },
+            "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                        "resources": ["pods"], "scope": "Namespaced" }],
+            "objectSelector": { "matchLabels": { "idemq.dev/inject": "enabled" } },
+            "namespaceSelector": { "matchLabels": { "kubernetes.io/metadata.name": ns } },
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "sideEffects": "None",
+            "reinvocationPolicy": "IfNeeded"
+        }]
+    })
+}
+
+/// The chart's names (release `idemq`): its RBAC grants these by name.
+const WEBHOOK_CONFIGURATION: &str = "idemq-operator";
+const WEBHOOK_SECRET: &str = "idemq-operator-webhook-tls";
+
+fn pod_policy(name: &str, queue: &str) -> anyhow::Result<IdempotentConsumer> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "injection": "pod",
+            "target": { "selector": { "matchLabels": { "app": "worker" } } },
+            "broker": { "rabbitmq": { "connectionSecretRef": { "name": "rabbitmq" }, "queue": queue, "deleteOnCleanup": true } },
+            "delivery": { "port": 8080, "path": "/messages" }
+        }
+    }))?)
+}
+
+fn bare_pod(name: &str, labels: serde_json::Value) -> anyhow::Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": labels },
+        "spec": { "containers": [{ "name": "app", "image": "example/worker:1" }] }
+    }))?)
+}
+
+fn has_sidecar(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.name == "idemq-sidecar"))
+}
+
+/// The certificate the webhook serves on `port`, verified against `ca` (PEM) for 127.0.0.1.
+fn served_certificate(port: u16, ca: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::io::Write;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1")?;
+    let mut connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    while connection.is_handshaking() {
+        connection.complete_io(&mut tcp)?;
+    }
+    connection.writer().flush()?;
+    let chain = connection
+        .peer_certificates()
+        .ok_or_else(|| anyhow::anyhow!("no certificate served"))?;
+    Ok(chain[0].to_vec())
+}
+
+fn pem_der(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    Ok(rustls::pki_types::CertificateDer::from_pem_slice(pem)?.to_vec())
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn the_webhook_injects_pods_and_leaves_their_workloads_alone() -> anyhow::Result<()> {
+    let kubeconfig = e2e_kubeconfig()?;
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let ns = unique("idemq-e2e-webhook");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let port = free_port()?;
+    // The configuration of an earlier run (its caBundle from another CA) goes first.
+    let configs: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::discovery::ApiResource::erase::<
+            k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+        >(&()),
+    );
+    if configs.get_opt(WEBHOOK_CONFIGURATION).await?.is_some() {
+        configs
+            .delete(WEBHOOK_CONFIGURATION, &DeleteParams::default())
+            .await?;
+    }
+    configs
+        .patch(
+            WEBHOOK_CONFIGURATION,
+            &PatchParams::apply("idemq-e2e").force(),
+            &Patch::Apply(webhook_configuration(port, &ns)),
+        )
+        .await?;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    // A 30-second certificate: renewed at 20 s, checked every 3 s.
+    let args: Vec<String> = [
+        format!("--webhook-addr=127.0.0.1:{port}"),
+        "--webhook-names=127.0.0.1".to_string(),
+        format!("--webhook-namespace={ns}"),
+        format!("--webhook-secret={WEBHOOK_SECRET}"),
+        format!("--webhook-configuration={WEBHOOK_CONFIGURATION}"),
+        "--webhook-cert-lifetime=30s".to_string(),
+    ]
+    .into();
+    let operator = start_operator_with(identity.path(), &ns, &args)?;
+    // The scenario stops the operator (the failure policy); it runs again to
+    // finish the resource (its queue), then everything goes.
+    let result = webhook_scenario(&client, &ns, port, operator).await;
+    let operator = start_operator_with(identity.path(), &ns, &args)?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    let cleaned = delete_in_order(&ics, &["orders"], WAIT).await;
+    drop(operator);
+    configs
+        .delete(WEBHOOK_CONFIGURATION, &DeleteParams::default())
+        .await?;
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    result.and(cleaned)
+}
+
+async fn webhook_scenario(
+    client: &Client,
+    ns: &str,
+    port: u16,
+    operator: Operator,
+) -> anyhow::Result<()> {
+    let configs: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        Api::all(client.clone());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    // The operator created its CA and certificate and made the API server trust them.
+    let ca = eventually(WAIT, "the caBundle patched in", || async {
+        let config = configs.get(WEBHOOK_CONFIGURATION).await?;
+        Ok(config
+            .webhooks
+            .unwrap_or_default()
+            .first()
+            .and_then(|w| w.client_config.ca_bundle.clone()))
+    })
+    .await?;
+    let tls = secrets.get(WEBHOOK_SECRET).await?.data.unwrap_or_default();
+    assert_eq!(
+        tls.get("ca.crt").map(|b| &b.0),
+        Some(&ca.0),
+        "the Secret's CA"
+    );
+
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "rabbitmq" }, "stringData": { "url": AMQP } }),
+            )?,
+        )
+        .await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
+    ics.create(
+        &PostParams::default(),
+        &pod_policy("orders", &unique("e2e-webhook"))?,
+    )
+    .await?;
+    let hash = eventually(WAIT, "SidecarInjected (at pod creation)", || async {
+        let ic = ics.get("orders").await?;
+        let injected = condition(&ic, "SidecarInjected")
+            .is_some_and(|c| c == ("True".into(), "InjectedAtPodCreation".into()));
+        Ok(injected
+            .then(|| ic.status.and_then(|s| s.config_hash))
+            .flatten())
+    })
+    .await?;
+
+    // A Deployment: its pods get the sidecar, the Deployment stays as it was.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let mut worker = deployment("worker");
+    if let Some(labels) = worker
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.metadata.as_mut())
+        .and_then(|m| m.labels.as_mut())
+    {
+        labels.insert("idemq.dev/inject".into(), "enabled".into());
+    }
+    let created = deployments.create(&PostParams::default(), &worker).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = eventually(WAIT, "a pod of the Deployment", || async {
+        let list = pods
+            .list(&ListParams::default().labels("app=worker"))
+            .await?;
+        Ok(list.items.into_iter().find(|p| {
+            p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "ReplicaSet")
+        }))
+    })
+    .await?;
+    assert!(has_sidecar(&pod), "the Deployment's pod has the sidecar");
+    let meta = &pod.metadata;
+    assert_eq!(
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get("idemq.dev/consumer")),
+        Some(&"orders".to_string())
+    );
+    assert_eq!(
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get("idemq.dev/config-hash")),
+        Some(&hash)
+    );
+    assert!(pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|v| v.iter().any(|v| v
+            .config_map
+            .as_ref()
+            .is_some_and(|c| c.name == "orders-idemq"))));
+    // Give the operator a reconcile or two: nothing writes the Deployment.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = deployments.get("worker").await?;
+    assert_eq!(
+        serde_json::to_string(&after.spec)?,
+        serde_json::to_string(&created.spec)?,
+        "the Deployment's spec is byte-for-byte what was created"
+    );
+    assert_eq!(after.metadata.generation, created.metadata.generation);
+    // (The Deployment controller adds its revision annotation; idemq adds none.)
+    assert!(after
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .all(|(k, _)| !k.starts_with("idemq.dev/")));
+    assert!(after
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .all(|f| f.manager.as_deref() != Some("idemq-operator")));
+    println!(
+        "webhook e2e: Deployment pod {} injected (config {hash}); Deployment generation {:?} and spec unchanged",
+        pod.metadata.name.clone().unwrap_or_default(),
+        after.metadata.generation
+    );
+
+    // A Job's pod gets it too.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), ns);
+    jobs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": { "name": "nightly" },
+            "spec": { "template": {
+                "metadata": { "labels": { "app": "worker", "idemq.dev/inject": "enabled" } },
+                "spec": { "restartPolicy": "Never",
+                          "containers": [{ "name": "app", "image": "example/worker:1" }] }
+            } }
+        }))?,
+    )
+    .await?;
+    let job_pod = eventually(WAIT, "a pod of the Job", || async {
+        Ok(pods
+            .list(&ListParams::default().labels("job-name=nightly"))
+            .await?
+            .items
+            .into_iter()
+            .next())
+    })
+    .await?;
+    assert!(has_sidecar(&job_pod), "the Job's pod has the sidecar");
+
+    // The status counts the running pods with the current configuration.
+    let counted = eventually(WAIT, "status.injectedPods", || async {
+        let status = ics.get("orders").await?.status.unwrap_or_default();
+        Ok(status
+            .injected_pods
+            .filter(|n| *n >= 2)
+            .map(|n| (n, status.current_pods)))
+    })
+    .await?;
+    assert_eq!(
+        counted.1,
+        Some(counted.0),
+        "every pod has the current configuration"
+    );
+    println!(
+        "webhook e2e: Job pod injected; status injectedPods {} currentPods {:?}",
+        counted.0, counted.1
+    );
+
+    // Rotation: the 30 s certificate is renewed from the same CA, and
+    // served without a restart; a pod created afterwards still gets its sidecar.
+    let first = tls.get("tls.crt").map(|b| b.0.clone()).unwrap_or_default();
+    assert_eq!(served_certificate(port, &ca.0)?, pem_der(&first)?);
+    let renewed = eventually(
+        Duration::from_secs(45),
+        "the certificate renewed",
+        || async {
+            let data = secrets.get(WEBHOOK_SECRET).await?.data.unwrap_or_default();
+            let cert = data.get("tls.crt").map(|b| b.0.clone()).unwrap_or_default();
+            Ok((cert != first).then_some((cert, data.get("ca.crt").map(|b| b.0.clone()))))
+        },
+    )
+    .await?;
+    assert_eq!(
+        renewed.1.as_ref(),
+        Some(&ca.0),
+        "the same CA: the caBundle stays"
+    );
+    let served = eventually(
+        Duration::from_secs(10),
+        "the renewed certificate served",
+        || async {
+            let served = served_certificate(port, &ca.0)?;
+            Ok((served == pem_der(&renewed.0)?).then_some(served))
+        },
+    )
+    .await?;
+    assert!(!served.is_empty());
+    pods.create(
+        &PostParams::default(),
+        &bare_pod(
+            "after-rotation",
+            json!({ "app": "worker", "idemq.dev/inject": "enabled" }),
+        )?,
+    )
+    .await?;
+    assert!(
+        has_sidecar(&pods.get("after-rotation").await?),
+        "served after rotation"
+    );
+    println!("webhook e2e: certificate renewed and served without a restart; a pod created after it was injected");
+
+    // With the operator down, the failure policy holds: a labelled pod is
+    // refused; an unlabelled one never reaches the webhook and is created.
+    drop(operator);
+    let refused = pods
+        .create(
+            &PostParams::default(),
+            &bare_pod(
+                "while-down",
+                json!({ "app": "worker", "idemq.dev/inject": "enabled" }),
+            )?,
+        )
+        .await;
+    match refused {
+        Err(kube::Error::Api(status)) => {
+            assert!(
+                status.message.contains("pods.idemq.dev"),
+                "{}",
+                status.message
+            );
+            println!(
+                "webhook e2e: operator down, labelled pod refused: {}",
+                status.message
+            );
+        }
+        other => anyhow::bail!("a labelled pod was not refused with the operator down: {other:?}"),
+    }
+    let unrelated = pods
+        .create(
+            &PostParams::default(),
+            &bare_pod("unrelated", json!({ "app": "worker" }))?,
+        )
+        .await?;
+    assert!(
+        !has_sidecar(&unrelated),
+        "not labelled: no webhook, no sidecar"
+    );
+    println!("webhook e2e: operator down, unlabelled pod created without the webhook");
     Ok(())
 }
