@@ -2,9 +2,10 @@
 //! scenario on the broker at 127.0.0.1:9092, publishing, waiting until the
 //! group has committed everything, and the two baselines:
 //! - `raw`: an rdkafka consumer → HTTP POST, no dedup, with idemq's in-flight
-//!   limit and commit strategy (per partition below the lowest unsettled
-//!   record, every second and after every `maxInFlight` settlements), the
-//!   same `Offsets` tracker as the sidecar;
+//!   limit, pre-fetch settings and commit strategy (per partition below the
+//!   lowest unsettled record, every second, after every `maxInFlight`
+//!   settlements, and when idle with everything settled), the same `Offsets`
+//!   tracker as the sidecar;
 //! - `naive`: one record at a time, `SET key 1 NX EX`, POST, synchronous
 //!   commit after each record.
 
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use idemq_sidecar::source::kafka::prefetch_settings;
 use idemq_sidecar::source::offsets::{Offsets, TopicPartition};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -25,7 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 pub const BOOTSTRAP: &str = "127.0.0.1:9092";
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// No record for this long: the consumer is idle (the sidecar's poll timeout).
+const IDLE: Duration = Duration::from_millis(100);
 pub const PARTITIONS: i32 = 4;
+/// The sidecar's byte budget in the benchmark (`delivery.maxInFlightBytes`'s default).
+const DEFAULT_BUDGET: u64 = 32 * 1024 * 1024;
 
 fn client() -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -167,14 +173,21 @@ impl Topic {
 }
 
 fn consumer(topic: &str) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = client()
+    let consumer = client()
         .set("group.id", group(topic))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "2000")
-        .create()?;
+        .clone();
+    // The sidecar's pre-fetch for its default byte budget, so that both
+    // fetch alike.
+    let mut consumer = consumer;
+    for (key, value) in prefetch_settings(DEFAULT_BUDGET) {
+        consumer.set(key, value);
+    }
+    let consumer: StreamConsumer = consumer.create()?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
 }
@@ -221,8 +234,8 @@ pub async fn raw(
                 .assign(TopicPartition::new(&topic, p));
         }
         let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(max_in_flight)));
-        // The sidecar's commit strategy: every second (`commitInterval`), and
-        // after every `maxInFlight` settlements.
+        // The sidecar's commit strategy: every second (`commitInterval`),
+        // after every `maxInFlight` settlements, and when idle.
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let settled = Arc::new(AtomicU64::new(0));
         loop {
@@ -239,7 +252,19 @@ pub async fn raw(
             let message = tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => { commit(&consumer, &offsets); continue; }
-                m = consumer.recv() => m?,
+                m = tokio::time::timeout(IDLE, consumer.recv()) => match m {
+                    Ok(m) => m?,
+                    // Idle with everything settled: commit at once, as the sidecar does.
+                    Err(_) => {
+                        drop(slot);
+                        if slots.available_permits() == usize::from(max_in_flight)
+                            && settled.swap(0, Ordering::Relaxed) > 0
+                        {
+                            commit(&consumer, &offsets);
+                        }
+                        continue;
+                    }
+                },
             };
             let tp = TopicPartition::new(message.topic(), message.partition());
             let offset = message.offset();

@@ -101,6 +101,8 @@ struct Figures {
     host_cpu_per_100k: f64,
     broker_cpu_per_100k: f64,
     redis_cpu_per_100k: f64,
+    /// This process: the app, and the raw or naive consumer.
+    bench_cpu_per_100k: f64,
 }
 
 impl Figures {
@@ -239,6 +241,7 @@ async fn scenario_run(
         host_cpu_per_100k: per_100k(cpu.host),
         broker_cpu_per_100k: per_100k(cpu.broker),
         redis_cpu_per_100k: per_100k(cpu.redis),
+        bench_cpu_per_100k: per_100k(cpu.bench),
         ..Default::default()
     };
     if scenario == "idemq" {
@@ -391,12 +394,12 @@ fn print_table(args: &Args, results: &[(String, Figures)]) {
     }
     println!("CPU seconds per 100k messages while draining the backlog (where the cost lands):");
     println!(
-        "{:<14} {:>9} {:>9} {:>9} {:>9}",
-        "scenario", "machine", args.broker, "redis", "sidecar"
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "scenario", "machine", args.broker, "redis", "sidecar", "bench"
     );
     for (name, f) in results {
         println!(
-            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9}",
+            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>9.2}",
             name,
             f.host_cpu_per_100k,
             f.broker_cpu_per_100k,
@@ -404,8 +407,10 @@ fn print_table(args: &Args, results: &[(String, Figures)]) {
             f.cpu_s_per_100k
                 .map(|c| format!("{c:.2}"))
                 .unwrap_or_else(|| "-".into()),
+            f.bench_cpu_per_100k,
         );
     }
+    println!("(bench: this process, the app and the in-process raw or naive consumer)");
     let get = |name: &str| results.iter().find(|(n, _)| n == name).map(|(_, f)| f);
     if let Some(idemq) = get("idemq") {
         if let Some(b) = idemq.redis_bytes_per_key {
@@ -460,12 +465,14 @@ pub(crate) fn now_us() -> u64 {
 }
 
 /// CPU seconds used so far: by the whole machine (busy time of all cores),
-/// by the broker (its processes: `beam.smp`, `tansu`) and by Redis (its own INFO).
+/// by the broker (its processes: `beam.smp`, `tansu`), by Redis (its own INFO)
+/// and by this process.
 #[derive(Default)]
 struct CpuSample {
     host: f64,
     broker: f64,
     redis: f64,
+    bench: f64,
 }
 
 impl CpuSample {
@@ -499,6 +506,7 @@ impl CpuSample {
             host: busy as f64 / 100.0,
             broker,
             redis: crate::redis_admin::cpu_seconds(redis).await?,
+            bench: process_usage(std::process::id())?.1,
         })
     }
 
@@ -507,6 +515,7 @@ impl CpuSample {
             host: self.host - before.host,
             broker: self.broker - before.broker,
             redis: self.redis - before.redis,
+            bench: self.bench - before.bench,
         }
     }
 }

@@ -3,9 +3,12 @@
 //! record that is not settled yet ([`super::offsets`]).
 //!
 //! librdkafka is driven from one thread of its own (the *poll thread*): it
-//! polls the consumer, hands each record to a task on the runtime, commits
-//! settled offsets in batches (every `commitInterval`, or after `maxInFlight`
-//! settlements), and pauses or resumes the assigned partitions. Rebalance
+//! polls the consumer, takes as many records as there are free in-flight
+//! slots and hands them to the runtime together (one wake-up of the poll
+//! thread per batch of settled records, not one per record), commits settled
+//! offsets in batches (every `commitInterval`, after `maxInFlight`
+//! settlements, and at once when no record comes and everything taken is
+//! settled), and pauses or resumes the assigned partitions. Rebalance
 //! callbacks run on that thread, so a revoke can block it: it stops taking
 //! records of the revoked partitions, waits (at most `shutdownGrace`) for their
 //! records in flight to settle, commits them, and only then gives them up.
@@ -57,6 +60,11 @@ use crate::traces;
 
 /// How long the poll thread waits in one call for a record or an event.
 const POLL: Duration = Duration::from_millis(100);
+/// How soon librdkafka fetches again after finding its pre-fetch queue full.
+const FETCH_QUEUE_BACKOFF_MS: u32 = 50;
+/// When every in-flight slot is busy, the poll thread waits for
+/// `maxInFlight / SLOT_BATCH` of them to be free before it takes records again.
+const SLOT_BATCH: u32 = 8;
 /// Every in-flight slot busy this long: pause the partitions and keep polling.
 const STARVED_AFTER: Duration = Duration::from_secs(1);
 const STORE_POLL: Duration = Duration::from_millis(500);
@@ -141,6 +149,27 @@ pub fn client_config(kafka: &KafkaConfig, secrets: &KafkaSecrets, client_id: &st
     c
 }
 
+/// librdkafka's pre-fetch settings for a byte budget (`delivery.maxInFlightBytes`).
+///
+/// The pre-fetch queue comes on top of the bodies in flight: a quarter of the
+/// budget keeps the sidecar within the memory the operator gives it
+/// (64 MiB + 2 × budget) with large records, and still holds thousands of
+/// small ones. librdkafka postpones the next fetch by `fetch.queue.backoff.ms`
+/// once the queue is full; with a queue this small its default (1 s) would
+/// leave the queue empty for most of that second under load, so the fetcher
+/// looks again soon.
+pub fn prefetch_settings(budget: u64) -> [(&'static str, String); 3] {
+    let queued_kb = (budget / 4 / 1024).clamp(1024, 2_097_151);
+    [
+        ("queued.max.messages.kbytes", queued_kb.to_string()),
+        (
+            "fetch.max.bytes",
+            (queued_kb * 1024).min(52_428_800).to_string(),
+        ),
+        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
+    ]
+}
+
 impl Source {
     /// Consumes until `shutdown` fires, then drains (within `shutdownGrace`)
     /// and commits what settled.
@@ -160,11 +189,6 @@ impl Source {
             health: self.health.clone(),
         });
         let session_ms = kafka.session_timeout.as_millis();
-        // librdkafka's pre-fetch queue comes on top of the bodies in flight
-        // (the byte budget): a quarter of the budget keeps the sidecar within
-        // the memory the operator gives it (64 MiB + 2 × budget) with large
-        // records, and still holds thousands of small ones.
-        let queued_kb = (self.flow.budget() / 4 / 1024).clamp(1024, 2_097_151);
         let mut consumer_config = client_config(kafka, &self.secrets, &client_id);
         consumer_config
             .set("group.id", &kafka.group_id)
@@ -184,12 +208,10 @@ impl Source {
                 (session_ms / 3).clamp(100, 3000).to_string(),
             )
             .set("partition.assignment.strategy", &kafka.assignment_strategy)
-            .set("statistics.interval.ms", STATS_INTERVAL_MS)
-            .set("queued.max.messages.kbytes", queued_kb.to_string())
-            .set(
-                "fetch.max.bytes",
-                (queued_kb * 1024).min(52_428_800).to_string(),
-            );
+            .set("statistics.interval.ms", STATS_INTERVAL_MS);
+        for (key, value) in prefetch_settings(self.flow.budget()) {
+            consumer_config.set(key, value);
+        }
         let consumer: BaseConsumer<KafkaContext> = consumer_config
             .create_with_context(KafkaContext {
                 shared: shared.clone(),
@@ -549,9 +571,16 @@ fn poll_loop(consumer: &BaseConsumer<KafkaContext>, d: &Arc<Dispatch>) {
     let mut starved_since: Option<Instant> = None;
     let mut starved = false;
     let mut paused = false;
+    // No record came in the last poll.
+    let mut idle = false;
     while !d.stop.load(AtomicOrdering::SeqCst) {
+        let settled = d.settled_since_commit.load(AtomicOrdering::Relaxed);
+        // Idle with everything settled: commit now rather than at the next
+        // interval, so that what a drained backlog settled is committed at once.
+        let all_settled = idle && settled > 0 && d.in_flight.load(AtomicOrdering::SeqCst) == 0;
         if last_commit.elapsed() >= d.kafka.commit_interval
-            || d.settled_since_commit.load(AtomicOrdering::Relaxed) >= commit_every
+            || settled >= commit_every
+            || all_settled
         {
             d.settled_since_commit.store(0, AtomicOrdering::Relaxed);
             commit(consumer, &d.shared, None, CommitMode::Async);
@@ -565,20 +594,16 @@ fn poll_loop(consumer: &BaseConsumer<KafkaContext>, d: &Arc<Dispatch>) {
             set_paused(consumer, &d.shared, want_paused, stopping, unavailable);
             paused = want_paused;
         }
-        let slot = if stopping || unavailable {
+        let slots = if stopping || unavailable {
             None
         } else {
-            d.slot()
+            d.free_slots()
         };
-        match slot {
-            Some(slot) => {
+        match slots {
+            Some(slots) => {
                 starved_since = None;
                 starved = false;
-                match consumer.poll(POLL) {
-                    Some(Ok(message)) => d.dispatch(&message, Some(slot)),
-                    Some(Err(e)) => poll_error(&d.shared, &e),
-                    None => {}
-                }
+                idle = !d.take_batch(consumer, slots);
             }
             None => {
                 if !stopping && !unavailable {
@@ -588,7 +613,9 @@ fn poll_loop(consumer: &BaseConsumer<KafkaContext>, d: &Arc<Dispatch>) {
                 if paused {
                     // Paused: only group events come; serve them.
                     match consumer.poll(POLL) {
-                        Some(Ok(message)) if !stopping => d.dispatch(&message, None),
+                        Some(Ok(message)) if !stopping => {
+                            d.start(d.take(&message, None).into_iter().collect())
+                        }
                         Some(Ok(_)) => {}
                         Some(Err(e)) => poll_error(&d.shared, &e),
                         None => {}
@@ -647,20 +674,32 @@ fn set_paused(
     }
 }
 
+/// A record taken from the consumer, with what it holds until it is settled.
+struct Taken {
+    record: Record,
+    slot: Option<OwnedSemaphorePermit>,
+    permit: crate::flow::Permit,
+    wait_for: Option<oneshot::Receiver<()>>,
+    done: Option<oneshot::Sender<()>>,
+}
+
 impl Dispatch {
-    /// A free slot within the in-flight limit and the byte budget, waiting a
-    /// short while for one; None when there is none yet.
-    fn slot(&self) -> Option<OwnedSemaphorePermit> {
-        let ready = || self.flow.ready(&self.work).now_or_never() == Some(true);
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            if ready() {
-                return Some(permit);
+    /// Free slots within the in-flight limit and the byte budget: all that
+    /// are free now, or else (waiting a short while) a batch of them, so that
+    /// the poll thread wakes once per batch of settled records and not once
+    /// per record. None when there are none yet.
+    fn free_slots(&self) -> Option<OwnedSemaphorePermit> {
+        let free = self.slots.available_permits();
+        if free > 0 && self.ready_now() {
+            if let Ok(permits) = self.slots.clone().try_acquire_many_owned(free as u32) {
+                return Some(permits);
             }
         }
+        let batch = (self.kafka.max_in_flight / SLOT_BATCH).max(1);
         self.runtime.block_on(async {
             tokio::time::timeout(POLL, async {
-                let permit = self.slots.clone().acquire_owned().await.ok()?;
-                self.flow.ready(&self.work).await.then_some(permit)
+                let permits = self.slots.clone().acquire_many_owned(batch).await.ok()?;
+                self.flow.ready(&self.work).await.then_some(permits)
             })
             .await
             .ok()
@@ -668,20 +707,57 @@ impl Dispatch {
         })
     }
 
-    /// Takes one record and starts its task.
-    fn dispatch(
+    /// The byte budget and the application let one more record in now.
+    fn ready_now(&self) -> bool {
+        self.flow.ready(&self.work).now_or_never() == Some(true)
+    }
+
+    /// Takes what the consumer holds, one record per slot of `slots` (and
+    /// within the byte budget), and starts their tasks together; waits at
+    /// most [`POLL`] for the first. False when no record came.
+    fn take_batch(
         self: &Arc<Self>,
+        consumer: &BaseConsumer<KafkaContext>,
+        mut slots: OwnedSemaphorePermit,
+    ) -> bool {
+        let mut batch = Vec::with_capacity(slots.num_permits());
+        let mut timeout = POLL;
+        let mut came = false;
+        while let Some(slot) = slots.split(1) {
+            match consumer.poll(timeout) {
+                Some(Ok(message)) => {
+                    came = true;
+                    batch.extend(self.take(&message, Some(slot)));
+                }
+                Some(Err(e)) => {
+                    poll_error(&self.shared, &e);
+                    break;
+                }
+                None => break,
+            }
+            // Only what librdkafka already holds: no waiting after the first.
+            timeout = Duration::ZERO;
+            if !self.ready_now() {
+                break;
+            }
+        }
+        self.start(batch);
+        came
+    }
+
+    /// Takes one record: its offset, its bytes and its ordering lane. None
+    /// when its partition was revoked since it was fetched.
+    fn take(
+        &self,
         message: &BorrowedMessage<'_>,
         slot: Option<OwnedSemaphorePermit>,
-    ) {
+    ) -> Option<Taken> {
         let tp = TopicPartition::new(message.topic(), message.partition());
         let offset = message.offset();
         let generation = {
             let mut offsets = self.shared.offsets();
-            let Some(generation) = offsets.generation(&tp) else {
-                // Revoked since it was fetched: the next owner takes it.
-                return;
-            };
+            // Revoked since it was fetched: the next owner takes it.
+            let generation = offsets.generation(&tp)?;
             offsets.taken(&tp, offset);
             generation
         };
@@ -690,31 +766,62 @@ impl Dispatch {
         let (wait_for, done) = self.lane(&record);
         self.in_flight.fetch_add(1, AtomicOrdering::SeqCst);
         self.shared.metrics.in_flight.inc();
+        Some(Taken {
+            record,
+            slot,
+            permit,
+            wait_for,
+            done,
+        })
+    }
+
+    /// Starts the tasks of taken records, in their order, with one hand-over
+    /// to the runtime for the whole batch.
+    fn start(self: &Arc<Self>, batch: Vec<Taken>) {
+        if batch.is_empty() {
+            return;
+        }
         let d = self.clone();
         self.runtime.spawn(async move {
-            let started = Instant::now();
-            if let Some(previous) = wait_for {
-                let _ = previous.await;
-            }
-            if d.decide(&record).await {
-                d.shared
-                    .offsets()
-                    .settled(&record.tp, record.generation, record.offset);
-                d.settled_since_commit.fetch_add(1, AtomicOrdering::Relaxed);
-            }
-            drop((slot, permit));
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-            d.shared.metrics.in_flight.dec();
-            d.shared
-                .metrics
-                .end_to_end_duration
-                .observe(started.elapsed().as_secs_f64());
-            if d.in_flight.fetch_sub(1, AtomicOrdering::SeqCst) == 1 {
-                d.drained.notify_waiters();
+            for taken in batch {
+                tokio::spawn(d.clone().settle(taken));
             }
         });
+    }
+
+    /// A record's task: waits for its lane, decides it, and releases what it
+    /// held.
+    async fn settle(self: Arc<Self>, taken: Taken) {
+        let Taken {
+            record,
+            slot,
+            permit,
+            wait_for,
+            done,
+        } = taken;
+        let started = Instant::now();
+        if let Some(previous) = wait_for {
+            let _ = previous.await;
+        }
+        if self.decide(&record).await {
+            self.shared
+                .offsets()
+                .settled(&record.tp, record.generation, record.offset);
+            self.settled_since_commit
+                .fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        drop((slot, permit));
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+        self.shared.metrics.in_flight.dec();
+        self.shared
+            .metrics
+            .end_to_end_duration
+            .observe(started.elapsed().as_secs_f64());
+        if self.in_flight.fetch_sub(1, AtomicOrdering::SeqCst) == 1 {
+            self.drained.notify_waiters();
+        }
     }
 
     /// The record's place in its ordering lane: what to wait for, and what
