@@ -105,6 +105,11 @@ pub struct IdempotentConsumerSpec {
     /// Overrides for the injected sidecar.
     #[serde(default)]
     pub sidecar: SidecarSpec,
+    /// OpenTelemetry traces of each message, exported over OTLP/HTTP to
+    /// `endpoint` (e.g. `http://otel-collector.observability:4318`); off
+    /// without one. See the README's "Traces".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<idemq_sidecar::config::TracesConfig>,
 }
 
 /// `workload`: the operator adds the sidecar to the target workload's pod

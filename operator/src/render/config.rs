@@ -147,7 +147,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
         admin: AdminConfig {
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], labels::ADMIN_PORT)),
         },
-        traces: Default::default(),
+        traces: spec.traces.clone().unwrap_or_default(),
         shutdown_grace: Duration::from_secs(25),
     };
     config.validate().map_err(|problems| {
@@ -407,6 +407,28 @@ mod tests {
             .warnings()
             .iter()
             .all(|w| w.field != "store.partitions"));
+    }
+
+    #[test]
+    fn traces_reach_the_sidecar_and_are_off_without_an_endpoint() {
+        let mut ic = sample::policy();
+        assert_eq!(sidecar_config(&ic).expect("renders").traces.endpoint, None);
+        ic.spec.traces = serde_json::from_value(serde_json::json!(
+            { "endpoint": "http://otel-collector.observability:4318", "newTraces": false }
+        ))
+        .expect("traces spec");
+        let config = sidecar_config(&ic).expect("renders");
+        assert_eq!(
+            config.traces.endpoint.as_deref(),
+            Some("http://otel-collector.observability:4318")
+        );
+        assert!(!config.traces.new_traces);
+        assert!(!config.traces.record_key, "the key's value only when asked");
+        // What the sidecar reads back from the ConfigMap says the same.
+        let (cm, _) = config_map(&ic).expect("renders");
+        let yaml = &cm.data.expect("data")["sidecar.yaml"];
+        let parsed = idemq_sidecar::Config::from_yaml(yaml).expect("the sidecar parses it");
+        assert_eq!(parsed.traces, config.traces);
     }
 
     #[test]
