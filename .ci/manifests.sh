@@ -91,3 +91,19 @@ if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/jets
 fi
 grep -q "with JetStream use messageId" "$out/cel-jetstream.txt" || { cat "$out/cel-jetstream.txt" >&2; exit 1; }
 grep FAIL "$out/cel-jetstream.txt"
+
+echo "== the CRD's CEL rules refuse an MQTT 3.1.1 resource keyed by messageId (3.1.1 has no properties)"
+$PY - examples/mqtt.yaml "$out/mqtt-311.yaml" <<'PY'
+import sys, yaml
+mqtt = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+mqtt["spec"]["broker"]["mqtt"]["protocol"] = "v3.1.1"
+mqtt["spec"]["key"] = {"from": "messageId"}
+yaml.safe_dump(mqtt, open(sys.argv[2], "w"))
+PY
+if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/mqtt-311.yaml" > "$out/cel-mqtt.txt"; then
+  cat "$out/cel-mqtt.txt" >&2
+  echo "an MQTT 3.1.1 resource keyed by messageId was accepted" >&2
+  exit 1
+fi
+grep -q "3.1.1 messages have no properties" "$out/cel-mqtt.txt" || { cat "$out/cel-mqtt.txt" >&2; exit 1; }
+grep FAIL "$out/cel-mqtt.txt"

@@ -61,6 +61,12 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
     "!has(self.broker.rabbitmq) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
 ).message("recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent"))]
 #[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.mqtt) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
+).message("recordKey and coordinates are Kafka keys; with MQTT use messageId (correlation data), header (a user property), jsonPointer, bodyHash or cloudEvent"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.mqtt) || !has(self.broker.mqtt.protocol) || self.broker.mqtt.protocol != 'v3.1.1' || (has(self.key) && has(self.key.from) && self.key.from in ['jsonPointer', 'bodyHash', 'cloudEvent'])"
+).message("MQTT 3.1.1 messages have no properties: set key.from to jsonPointer, bodyHash or cloudEvent"))]
+#[x_kube(validation = kube::core::Rule::new(
     "self.injection == 'pod' ? (has(self.target.selector) && !has(self.target.kind) && !has(self.target.name)) : (has(self.target.kind) && has(self.target.name) && !has(self.target.selector))"
 ).message("injection: workload names the workload (target.kind and target.name); injection: pod selects the pods (target.selector, alone)"))]
 #[x_kube(validation = kube::core::Rule::new(
@@ -166,7 +172,7 @@ impl Target {
 /// operator checks again ([`Broker::kind`]) for objects stored before the rule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka or jetstream"))]
+#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream), has(self.mqtt)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka, jetstream or mqtt"))]
 pub struct Broker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<RabbitMqBinding>,
@@ -174,6 +180,7 @@ pub struct Broker {
     pub kafka: Option<KafkaBinding>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jetstream: Option<JetStreamBinding>,
+    pub mqtt: Option<MqttBinding>,
 }
 
 /// The one broker a [`Broker`] names.
@@ -182,11 +189,12 @@ pub enum BrokerKind<'a> {
     RabbitMq(&'a RabbitMqBinding),
     Kafka(&'a KafkaBinding),
     JetStream(&'a JetStreamBinding),
+    Mqtt(&'a MqttBinding),
 }
 
 impl Broker {
     /// The field names of the broker kinds.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream"];
+    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream", "mqtt"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -194,6 +202,7 @@ impl Broker {
             self.rabbitmq.as_ref().map(BrokerKind::RabbitMq),
             self.kafka.as_ref().map(BrokerKind::Kafka),
             self.jetstream.as_ref().map(BrokerKind::JetStream),
+            self.mqtt.as_ref().map(BrokerKind::Mqtt),
         ]
         .into_iter()
         .flatten()
@@ -351,6 +360,45 @@ const NATS_NAME: &str = r"^[^.*>\s/\\]+$";
 const NATS_SUBJECT: &str = r"^[^\s]+$";
 
 /// Which keys of the connection Secret authenticate to NATS.
+/// An MQTT subscription. Nothing is declared on the broker: the subscription
+/// is the binding. The operator checks that the broker answers and accepts
+/// the credentials; the sidecar subscribes with QoS 1 in a persistent session.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttBinding {
+    /// Secret holding the broker URL (`mqtt://host:1883`, or `mqtts://` for
+    /// TLS; key `url` unless `key` says otherwise) and, with `auth:
+    /// userPassword`, the keys `username` and `password`.
+    pub connection_secret_ref: SecretKeyRef,
+    /// How to authenticate (default none).
+    #[serde(default)]
+    pub auth: MqttAuth,
+    /// `v5` (default) or `v3.1.1` (no properties: the key must come from the body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<MqttProtocol>,
+    /// Topic filters to subscribe to (QoS 1); wildcards allowed.
+    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 65535)))]
+    pub topics: Vec<String>,
+    /// The shared subscription's group, `$share/<group>/<filter>`, so the
+    /// workload's replicas split the messages (default `<namespace>.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^/+#]+$"))]
+    pub shared_group: Option<String>,
+    /// Topic dead letters are published to.
+    #[schemars(length(min = 1, max = 65535), regex(pattern = r"^[^+#]+$"))]
+    pub dead_letter_topic: String,
+    /// How long the broker keeps a sidecar's session, and the messages waiting
+    /// for it, after a disconnect (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub session_expiry: Option<String>,
+    /// Messages sent and not yet acknowledged per sidecar, and so deliveries
+    /// in flight (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub receive_maximum: Option<u16>,
+}
+
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
 )]
@@ -365,6 +413,25 @@ pub enum NatsAuth {
     Token,
     /// Key `creds`: a `.creds` file (JWT and NKey seed).
     Creds,
+}
+
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum MqttAuth {
+    #[default]
+    None,
+    /// The Secret's keys `username` and `password`.
+    UserPassword,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum MqttProtocol {
+    #[serde(rename = "v5")]
+    V5,
+    #[serde(rename = "v3.1.1")]
+    V311,
 }
 
 /// Kafka's legal topic names.

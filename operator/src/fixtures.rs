@@ -169,6 +169,11 @@ pub fn jetstream_policy() -> IdempotentConsumer {
     stored(include_str!("../tests/data/jetstream-policy.yaml"))
 }
 
+/// The sample MQTT policy (filter `devices/+/readings`), as stored.
+pub fn mqtt_policy() -> IdempotentConsumer {
+    stored(include_str!("../tests/data/mqtt-policy.yaml"))
+}
+
 fn stored(yaml: &str) -> IdempotentConsumer {
     let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample");
     ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".into());

@@ -41,6 +41,9 @@ pub const NATS_USERNAME_KEY: &str = "username";
 pub const NATS_PASSWORD_KEY: &str = "password";
 pub const NATS_TOKEN_KEY: &str = "token";
 pub const NATS_CREDS_KEY: &str = "creds";
+/// Keys of an MQTT connection Secret with `auth: userPassword`.
+pub const MQTT_USERNAME_KEY: &str = "username";
+pub const MQTT_PASSWORD_KEY: &str = "password";
 /// The Kafka CA bundle, mounted from the connection Secret (a file, since
 /// librdkafka reads a CA location; not a secret, but it lives beside them).
 pub const KAFKA_CA_VOLUME: &str = "idemq-kafka-ca";

@@ -18,6 +18,7 @@
 
 pub mod jetstream;
 pub mod kafka;
+pub mod mqtt;
 pub mod pool;
 pub mod rabbitmq;
 
@@ -33,6 +34,7 @@ pub enum Plan {
     RabbitMq(rabbitmq::Plan),
     Kafka(kafka::Plan),
     JetStream(jetstream::Plan),
+    Mqtt(mqtt::Plan),
 }
 
 impl Plan {
@@ -43,6 +45,7 @@ impl Plan {
             BrokerKind::RabbitMq(rabbit) => Plan::RabbitMq(rabbitmq::Plan::of(rabbit)),
             BrokerKind::Kafka(k) => Plan::Kafka(kafka::Plan::of(k)),
             BrokerKind::JetStream(js) => Plan::JetStream(jetstream::Plan::of(ic, js)?),
+            BrokerKind::Mqtt(m) => Plan::Mqtt(mqtt::Plan::of(ic, m)),
         })
     }
 
@@ -72,6 +75,7 @@ impl Plan {
                 )
             }
             Plan::JetStream(p) => p.describe(),
+            Plan::Mqtt(p) => p.describe(),
         }
     }
 }
@@ -86,6 +90,7 @@ pub enum Connection {
     },
     Kafka(kafka::Connection),
     JetStream(jetstream::Connection),
+    Mqtt(mqtt::Connection),
 }
 
 impl std::fmt::Debug for Connection {
@@ -94,6 +99,7 @@ impl std::fmt::Debug for Connection {
             Connection::RabbitMq { .. } => f.write_str("Connection::RabbitMq(..)"),
             Connection::Kafka(_) => f.write_str("Connection::Kafka(..)"),
             Connection::JetStream(_) => f.write_str("Connection::JetStream(..)"),
+            Connection::Mqtt(_) => f.write_str("Connection::Mqtt(..)"),
         }
     }
 }
@@ -105,6 +111,7 @@ impl Connection {
             BrokerKind::RabbitMq(rabbit) => &rabbit.connection_secret_ref.name,
             BrokerKind::Kafka(kafka) => &kafka.connection_secret_ref.name,
             BrokerKind::JetStream(js) => &js.connection_secret_ref.name,
+            BrokerKind::Mqtt(m) => &m.connection_secret_ref.name,
         })
     }
 
@@ -129,6 +136,20 @@ impl Connection {
             Some(BrokerKind::JetStream(js)) => Ok(Connection::JetStream(
                 jetstream::Connection::from_secret(js, value)?,
             )),
+            Some(BrokerKind::Mqtt(m)) => {
+                let (username, password) = match m.auth {
+                    crate::crd::MqttAuth::None => (None, None),
+                    crate::crd::MqttAuth::UserPassword => (
+                        Some(value(crate::labels::MQTT_USERNAME_KEY)?),
+                        Some(value(crate::labels::MQTT_PASSWORD_KEY)?),
+                    ),
+                };
+                Ok(Connection::Mqtt(mqtt::Connection {
+                    url: value(&m.connection_secret_ref.key)?,
+                    username,
+                    password,
+                }))
+            }
             None => Err("(no broker in the spec)".to_string()),
         }
     }
@@ -140,6 +161,7 @@ impl Connection {
             Connection::RabbitMq { url } => url.as_bytes().to_vec(),
             Connection::Kafka(k) => kafka::Connection::identity(k),
             Connection::JetStream(c) => c.identity(),
+            Connection::Mqtt(m) => m.identity(),
         }
     }
 }
@@ -242,6 +264,7 @@ impl Binder for Brokers {
             (Plan::RabbitMq(p), Connection::RabbitMq { url }) => self.rabbitmq.bind(url, p).await,
             (Plan::Kafka(p), Connection::Kafka(c)) => self.kafka.bind(c, p).await,
             (Plan::JetStream(p), Connection::JetStream(c)) => self.jetstream.bind(c, p).await,
+            (Plan::Mqtt(p), Connection::Mqtt(c)) => mqtt::bind(c, p).await,
             _ => Err(mismatch()),
         }
     }
@@ -253,7 +276,8 @@ impl Binder for Brokers {
             }
             // Nothing to delete (see `delete_on_cleanup`).
             (Plan::Kafka(_), Connection::Kafka(_))
-            | (Plan::JetStream(_), Connection::JetStream(_)) => Ok(()),
+            | (Plan::JetStream(_), Connection::JetStream(_))
+            | (Plan::Mqtt(_), Connection::Mqtt(_)) => Ok(()),
             _ => Err(mismatch()),
         }
     }
@@ -309,6 +333,34 @@ mod tests {
             "Debug shows no secret"
         );
         assert_eq!(Connection::secret_name(&ic), Some("kafka-orders"));
+    }
+
+    #[test]
+    fn an_mqtt_resource_subscribes_shared_and_reads_credentials_only_with_user_password() {
+        let mut ic = sample::mqtt_policy();
+        let Some(Plan::Mqtt(plan)) = Plan::of(&ic) else {
+            panic!("an MQTT plan");
+        };
+        assert_eq!(plan.filters, ["$share/shop.orders/devices/+/readings"]);
+        let url_only = data(&[("url", "mqtt://broker:1883")]);
+        let Ok(Connection::Mqtt(c)) = Connection::from_secret(&ic, &url_only) else {
+            panic!("an MQTT connection");
+        };
+        assert_eq!((c.username, c.password), (None, None));
+        ic.spec.broker.mqtt.as_mut().expect("mqtt").auth = crate::crd::MqttAuth::UserPassword;
+        let without_password = data(&[("url", "mqtt://broker:1883"), ("username", "u")]);
+        assert_eq!(
+            Connection::from_secret(&ic, &without_password),
+            Err("password".to_string())
+        );
+        let full = data(&[
+            ("url", "mqtt://broker:1883"),
+            ("username", "u"),
+            ("password", "p4ss"),
+        ]);
+        let connection = Connection::from_secret(&ic, &full).expect("complete");
+        assert!(!format!("{connection:?}").contains("p4ss"));
+        assert!(!delete_on_cleanup(&ic));
     }
 
     #[test]

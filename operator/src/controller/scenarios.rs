@@ -1091,6 +1091,250 @@ mod jetstream {
     }
 }
 
+/// MQTT: nothing to declare, the binding is the sidecar's subscription; the
+/// operator checks that the broker answers and takes the credentials, through
+/// the production binder, against the local Mosquitto (127.0.0.1:1883) and a
+/// Mosquitto of the test's own that requires a password.
+mod mqtt {
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+    use crate::broker::Brokers;
+
+    const MQTT_SECRET: &str = "/api/v1/namespaces/shop/secrets/mqtt-telemetry";
+    const STORE_SECRET: &str = "/api/v1/namespaces/shop/secrets/orders-redis";
+
+    fn secret(name: &str, pairs: &[(&str, &str)]) -> Value {
+        let data: serde_json::Map<String, Value> = pairs
+            .iter()
+            .map(|(k, v)| {
+                let value = serde_json::to_value(k8s_openapi::ByteString(v.as_bytes().to_vec()))
+                    .expect("base64");
+                (k.to_string(), value)
+            })
+            .collect();
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "shop" }, "data": data })
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    }
+
+    /// A Mosquitto of the test's own that takes only `user`/`password`.
+    struct OwnMosquitto {
+        port: u16,
+        child: Child,
+        dir: std::path::PathBuf,
+    }
+
+    impl OwnMosquitto {
+        async fn with_password(user: &str, password: &str) -> Self {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("idemq-op-mosquitto-{port}"));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let passwords = dir.join("passwords");
+            let made = Command::new("mosquitto_passwd")
+                .args(["-b", "-c"])
+                .arg(&passwords)
+                .args([user, password])
+                .status()
+                .expect("mosquitto_passwd (source .ci/services.sh && ensure_mosquitto)");
+            assert!(made.success());
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+                    passwords.display()
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let child = Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start mosquitto (source .ci/services.sh && ensure_mosquitto)");
+            let own = Self { port, child, dir };
+            for _ in 0..200 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return own;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("own mosquitto did not answer on {port}");
+        }
+    }
+
+    impl Drop for OwnMosquitto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The sample MQTT policy with the store of `redis`; `auth` sets
+    /// `auth: userPassword`.
+    fn policy(redis: &OwnRedis, auth: bool) -> (IdempotentConsumer, Value) {
+        let mut ic = fixtures::mqtt_policy();
+        if auth {
+            ic.spec.broker.mqtt.as_mut().expect("mqtt").auth = crate::crd::MqttAuth::UserPassword;
+        }
+        ic.spec.store = serde_json::from_value(
+            json!({ "mode": "external", "external": { "secretRef": { "name": "orders-redis", "key": "url" } } }),
+        )
+        .expect("store spec");
+        (ic, secret("orders-redis", &[("url", &redis.url())]))
+    }
+
+    /// Reconciles `ic` with the production binder; the broker Secret holds
+    /// `broker`. Returns the status written.
+    async fn reconcile_mqtt(
+        ic: IdempotentConsumer,
+        store_secret: Value,
+        broker: Value,
+        events: Vec<Expect>,
+    ) -> Arc<Mutex<Option<Value>>> {
+        let status = Arc::new(Mutex::new(None));
+        let mut expected = vec![
+            Expect::get(CM, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(CM).with_body(|cm| {
+                let yaml = cm["data"]["sidecar.yaml"].as_str().unwrap_or_default();
+                assert!(
+                    yaml.contains("mqtt:")
+                        && yaml.contains("sharedGroup: shop.orders")
+                        && !yaml.contains("mqtt://"),
+                    "{yaml}"
+                );
+            }),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(MQTT_SECRET, StatusCode::OK, broker.clone()),
+            // The digest of both Secrets' content, in name order.
+            Expect::get(MQTT_SECRET, StatusCode::OK, broker),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET).with_body(|p| {
+                let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
+                assert!(
+                    env.contains("IDEMQ_BROKER_URL") && !env.contains("mqtt://"),
+                    "a reference, not the value: {env}"
+                );
+            }),
+            status_patch(status.clone()),
+        ];
+        expected.extend(events);
+        let (ctx, handle) = fixtures::context_with(
+            Arc::new(Brokers::default()),
+            crate::controller::DEFAULT_BROKER_OPERATIONS,
+        );
+        let server = tokio::spawn(fixtures::serve(handle, expected));
+        let result = reconcile(Arc::new(ic), ctx).await;
+        server.await.expect("every expected request came");
+        result.expect("reconciles");
+        status
+    }
+
+    fn condition(status: &Mutex<Option<Value>>, type_: &str) -> (String, String, String) {
+        let status = status.lock().expect("lock").clone().expect("status");
+        let c = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status}"));
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        (text("status"), text("reason"), text("message"))
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_answers_binds_the_resource_ready() {
+        let redis = OwnRedis::start().await;
+        let (ic, store_secret) = policy(&redis, false);
+        let broker = secret("mqtt-telemetry", &[("url", "mqtt://127.0.0.1:1883")]);
+        let status = reconcile_mqtt(ic, store_secret, broker, vec![event("Injected")]).await;
+        for type_ in ["StoreReady", "BrokerBound", "SidecarInjected", "Ready"] {
+            let (value, reason, message) = condition(&status, type_);
+            println!("{type_}={value} reason={reason}: {message}");
+            assert_eq!(
+                value, "True",
+                "{type_}: {reason}: {message} (is Mosquitto on 127.0.0.1:1883? source .ci/services.sh && ensure_mosquitto)"
+            );
+        }
+        assert!(condition(&status, "BrokerBound")
+            .2
+            .contains("$share/shop.orders/devices/+/readings"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_broker_is_broker_unreachable_with_an_event() {
+        let redis = OwnRedis::start().await;
+        let (ic, store_secret) = policy(&redis, false);
+        let url = format!("mqtt://127.0.0.1:{}", free_port());
+        let broker = secret("mqtt-telemetry", &[("url", &url)]);
+        let events = vec![
+            event("Injected"),
+            event("BrokerUnreachable").with_body(|e| assert_eq!(e["type"], "Warning")),
+        ];
+        let status = reconcile_mqtt(ic, store_secret, broker, events).await;
+        let (bound, reason, message) = condition(&status, "BrokerBound");
+        println!("BrokerBound={bound} reason={reason}: {message}");
+        assert_eq!(
+            (bound.as_str(), reason.as_str()),
+            ("False", "BrokerUnreachable")
+        );
+        assert_eq!(condition(&status, "Ready").0, "False");
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_broker_authentication_failed_and_stay_out_of_the_status() {
+        let redis = OwnRedis::start().await;
+        let mosquitto = OwnMosquitto::with_password("telemetry", "right-s3cret").await;
+        let url = format!("mqtt://127.0.0.1:{}", mosquitto.port);
+        let (ic, store_secret) = policy(&redis, true);
+        let wrong = secret(
+            "mqtt-telemetry",
+            &[
+                ("url", &url),
+                ("username", "telemetry"),
+                ("password", "wrong-s3cret"),
+            ],
+        );
+        let events = vec![
+            event("Injected"),
+            event("BrokerAuthenticationFailed").with_body(|e| {
+                assert!(!e.to_string().contains("s3cret"), "{e}");
+            }),
+        ];
+        let status = reconcile_mqtt(ic.clone(), store_secret.clone(), wrong, events).await;
+        let (bound, reason, message) = condition(&status, "BrokerBound");
+        println!("BrokerBound={bound} reason={reason}: {message}");
+        assert_eq!(
+            (bound.as_str(), reason.as_str()),
+            ("False", "BrokerAuthenticationFailed")
+        );
+        assert!(!message.contains("s3cret"), "{message}");
+        let right = secret(
+            "mqtt-telemetry",
+            &[
+                ("url", &url),
+                ("username", "telemetry"),
+                ("password", "right-s3cret"),
+            ],
+        );
+        let status = reconcile_mqtt(ic, store_secret, right, vec![event("Injected")]).await;
+        assert_eq!(condition(&status, "BrokerBound").0, "True");
+    }
+}
+
 #[tokio::test]
 async fn two_brokers_in_one_resource_are_an_invalid_spec_with_a_condition_and_an_event() {
     // Stored before the schema's rule, or written past it.

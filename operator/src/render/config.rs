@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use idemq_sidecar::config::{
     self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, Durability,
-    JetStreamConfig, KafkaConfig, KeySource, MissingKeyPolicy, Mode, RabbitMqConfig,
+    JetStreamConfig, KafkaConfig, KeySource, MissingKeyPolicy, Mode, MqttConfig, RabbitMqConfig,
     ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use super::{owned_meta, RenderError};
 use crate::crd::{
     BrokerKind, DeliveryMode, IdempotentConsumer, JetStreamBinding, KafkaBinding, KafkaOrdering,
-    KafkaSecurityProtocol, KeyFrom, MissingKey, OffsetReset, OnReset, RabbitMqBinding,
-    SaslMechanism, StoreDurability, Unavailable,
+    KafkaSecurityProtocol, KeyFrom, MissingKey, MqttBinding, MqttProtocol, OffsetReset, OnReset,
+    RabbitMqBinding, SaslMechanism, StoreDurability, Unavailable,
 };
 use crate::labels;
 
@@ -110,6 +110,10 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 },
                 BrokerKind::JetStream(js) => BrokerConfig {
                     jetstream: Some(jetstream_config(ic, js)?),
+                    ..BrokerConfig::default()
+                },
+                BrokerKind::Mqtt(mqtt) => BrokerConfig {
+                    mqtt: Some(mqtt_config(ic, mqtt)?),
                     ..BrokerConfig::default()
                 },
             })
@@ -244,6 +248,37 @@ pub fn jetstream_consumer(ic: &IdempotentConsumer, js: &JetStreamBinding) -> Str
         .unwrap_or_else(|| labels::jetstream_consumer(ic))
 }
 
+/// The sidecar's `broker.mqtt`: the URL and credentials stay in the Secret
+/// (environment), the client id is the sidecar's default (`<consumer>-<pod
+/// name>`, one session per replica), and replicas share the subscription.
+fn mqtt_config(ic: &IdempotentConsumer, mqtt: &MqttBinding) -> Result<MqttConfig, RenderError> {
+    Ok(MqttConfig {
+        url: None,
+        protocol: match mqtt.protocol {
+            None | Some(MqttProtocol::V5) => sidecar::MqttProtocol::V5,
+            Some(MqttProtocol::V311) => sidecar::MqttProtocol::V311,
+        },
+        client_id: None,
+        topics: mqtt.topics.clone(),
+        shared_group: Some(shared_group(ic, mqtt)),
+        session_expiry: duration(
+            "broker.mqtt.sessionExpiry",
+            &mqtt.session_expiry,
+            Duration::from_secs(3600),
+        )?,
+        receive_maximum: mqtt.receive_maximum.unwrap_or(100),
+        dead_letter_topic: mqtt.dead_letter_topic.clone(),
+        ca_file: None,
+    })
+}
+
+/// The shared subscription's group: the spec's, or `<namespace>.<name>`.
+pub fn shared_group(ic: &IdempotentConsumer, mqtt: &MqttBinding) -> String {
+    mqtt.shared_group
+        .clone()
+        .unwrap_or_else(|| labels::consumer(ic))
+}
+
 pub fn kafka_security_protocol(p: KafkaSecurityProtocol) -> sidecar::SecurityProtocol {
     match p {
         KafkaSecurityProtocol::Plaintext => sidecar::SecurityProtocol::Plaintext,
@@ -292,6 +327,7 @@ pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
         Some(BrokerKind::RabbitMq(rabbit)) => u64::from(rabbit.prefetch.unwrap_or(100)),
         Some(BrokerKind::Kafka(kafka)) => u64::from(kafka.max_in_flight.unwrap_or(100)),
         Some(BrokerKind::JetStream(js)) => u64::from(js.max_ack_pending.unwrap_or(100)),
+        Some(BrokerKind::Mqtt(mqtt)) => u64::from(mqtt.receive_maximum.unwrap_or(100)),
         None => 100,
     };
     match delivery.expected_message_bytes {
@@ -491,6 +527,30 @@ mod tests {
         let mut ic = sample::kafka_policy();
         ic.spec.delivery.expected_message_bytes = Some(10_000);
         assert_eq!(in_flight_budget(&ic), 2_000_000);
+    }
+
+    #[test]
+    fn an_mqtt_spec_renders_the_section_the_sidecar_parses() {
+        let yaml = sidecar_config(&sample::mqtt_policy())
+            .expect("renders")
+            .to_yaml();
+        let parsed = Config::from_yaml(&yaml).expect("the sidecar accepts it");
+        let mqtt = parsed.broker.and_then(|b| b.mqtt).expect("an mqtt broker");
+        assert_eq!(mqtt.topics, ["devices/+/readings"]);
+        assert_eq!(
+            mqtt.shared_group.as_deref(),
+            Some("shop.orders"),
+            "derived from namespace and name"
+        );
+        assert_eq!(mqtt.receive_maximum, 50);
+        assert_eq!(mqtt.session_expiry, Duration::from_secs(3600));
+        assert_eq!(mqtt.protocol, sidecar::MqttProtocol::V5);
+        assert_eq!(
+            (mqtt.url, mqtt.client_id),
+            (None, None),
+            "the URL from the Secret by env, the client id from the pod name"
+        );
+        assert!(!yaml.contains("mqtt-telemetry"), "no Secret name: {yaml}");
     }
 
     #[test]

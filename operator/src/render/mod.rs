@@ -67,6 +67,11 @@ pub(crate) mod sample {
         from_yaml(include_str!("../../tests/data/jetstream-policy.yaml"))
     }
 
+    /// An MQTT 5 consumer of one topic filter.
+    pub fn mqtt_policy() -> IdempotentConsumer {
+        from_yaml(include_str!("../../tests/data/mqtt-policy.yaml"))
+    }
+
     fn from_yaml(yaml: &str) -> IdempotentConsumer {
         let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample policy");
         ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".to_string());

@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use idemq_sidecar::config::{memory_limit_bytes, memory_request_bytes, SecretEnv};
 
 use crate::crd::{
-    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaSecurityProtocol, NatsAuth,
-    StoreMode, TargetKind,
+    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaSecurityProtocol, MqttAuth,
+    NatsAuth, StoreMode, TargetKind,
 };
 use crate::labels;
 use crate::render::RenderError;
@@ -191,6 +191,23 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
         Some(BrokerKind::RabbitMq(rabbit)) => {
             let r = &rabbit.connection_secret_ref;
             vec![secret_env(SecretEnv::BROKER_URL, &r.name, &r.key)]
+        }
+        Some(BrokerKind::Mqtt(mqtt)) => {
+            let r = &mqtt.connection_secret_ref;
+            let mut env = vec![secret_env(SecretEnv::BROKER_URL, &r.name, &r.key)];
+            if mqtt.auth == MqttAuth::UserPassword {
+                env.push(secret_env(
+                    SecretEnv::BROKER_USER,
+                    &r.name,
+                    labels::MQTT_USERNAME_KEY,
+                ));
+                env.push(secret_env(
+                    SecretEnv::BROKER_PASSWORD,
+                    &r.name,
+                    labels::MQTT_PASSWORD_KEY,
+                ));
+            }
+            env
         }
         Some(BrokerKind::Kafka(kafka)) => {
             let name = &kafka.connection_secret_ref.name;
