@@ -6,6 +6,7 @@ mod claims;
 mod jetstream;
 mod kafka;
 mod key_memory;
+mod mqtt;
 mod pipeline;
 mod redis_admin;
 
