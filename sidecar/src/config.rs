@@ -41,6 +41,9 @@ impl SecretEnv {
     pub const NATS_TOKEN: &'static str = "IDEMQ_NATS_TOKEN";
     /// NATS credentials (a `.creds` file's content: JWT and NKey seed).
     pub const NATS_CREDS: &'static str = "IDEMQ_NATS_CREDS";
+    /// `host:port` of a Pub/Sub emulator; set, the Pub/Sub source talks to it
+    /// without credentials (Google's clients read the same variable).
+    pub const PUBSUB_EMULATOR_HOST: &'static str = "PUBSUB_EMULATOR_HOST";
 }
 
 /// The whole sidecar configuration.
@@ -205,11 +208,15 @@ pub struct DedupConfig {
 pub enum KeySource {
     /// The broker's own message id: the AMQP `message_id` property, the
     /// JetStream `Nats-Msg-Id` header (the producer's publish dedup id), the
-    /// MQTT 5 correlation data (as text, or hex when it is not UTF-8).
+    /// MQTT 5 correlation data (as text, or hex when it is not UTF-8), the
+    /// Pub/Sub message id (catches redeliveries, not publisher retries).
     #[default]
     MessageId,
     /// A message header.
     Header { name: String },
+    /// A Pub/Sub message attribute (catches publisher retries when producers
+    /// set one per event).
+    Attribute { name: String },
     /// A JSON pointer (RFC 6901) into a JSON body, e.g. `/order/id`.
     JsonPointer { pointer: String },
     /// A SHA-256 digest of the body.
@@ -252,6 +259,8 @@ pub struct BrokerConfig {
     pub jetstream: Option<JetStreamConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<MqttConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pubsub: Option<PubSubConfig>,
 }
 
 /// The one broker a [`BrokerConfig`] names.
@@ -261,11 +270,13 @@ pub enum BrokerKind<'a> {
     Kafka(&'a KafkaConfig),
     JetStream(&'a JetStreamConfig),
     Mqtt(&'a MqttConfig),
+    PubSub(&'a PubSubConfig),
 }
 
 impl BrokerConfig {
     /// The field names of the broker kinds, as the config spells them.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream", "mqtt"];
+    pub const KINDS: &'static [&'static str] =
+        &["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -282,6 +293,7 @@ impl BrokerConfig {
             self.kafka.as_ref().map(BrokerKind::Kafka),
             self.jetstream.as_ref().map(BrokerKind::JetStream),
             self.mqtt.as_ref().map(BrokerKind::Mqtt),
+            self.pubsub.as_ref().map(BrokerKind::PubSub),
         ]
         .into_iter()
         .flatten()
@@ -489,6 +501,53 @@ pub enum MqttProtocol {
     V311,
 }
 
+/// A Google Cloud Pub/Sub subscription, consumed by streaming pull. The
+/// subscription must exist; its own settings (ack
+/// deadline, ordering, exactly-once, dead-letter policy) are read at start.
+/// With `PUBSUB_EMULATOR_HOST` set the sidecar talks to that emulator without
+/// credentials; otherwise it authenticates with `credentialsFile`, or with
+/// Application Default Credentials (Workload Identity on GKE).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PubSubConfig {
+    /// The Google Cloud project id of the subscription and of the
+    /// dead-letter topic.
+    pub project: String,
+    /// The subscription's id within `project` (not its full path).
+    pub subscription: String,
+    /// Messages Pub/Sub sends without an acknowledgement, at most (streaming
+    /// pull flow control); also the delivery concurrency.
+    #[serde(default = "defaults::max_outstanding_messages")]
+    pub max_outstanding_messages: u32,
+    /// Bytes of messages Pub/Sub sends without an acknowledgement, at most.
+    #[serde(default = "defaults::max_outstanding_bytes")]
+    pub max_outstanding_bytes: u64,
+    /// Topic id (in `project`) dead letters are published to, with their
+    /// reason and attempts in attributes, when the subscription has no
+    /// dead-letter policy. With a policy, Pub/Sub moves them itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// A service-account key file (JSON), mounted from a Secret. Unset:
+    /// Application Default Credentials (Workload Identity, or the file
+    /// `GOOGLE_APPLICATION_CREDENTIALS` names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
+}
+
+impl PubSubConfig {
+    /// `subscription` of `project`, with every other setting at its default.
+    pub fn new(project: impl Into<String>, subscription: impl Into<String>) -> Self {
+        Self {
+            project: project.into(),
+            subscription: subscription.into(),
+            max_outstanding_messages: defaults::max_outstanding_messages(),
+            max_outstanding_bytes: defaults::max_outstanding_bytes(),
+            dead_letter_topic: None,
+            credentials_file: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeliveryConfig {
@@ -661,6 +720,12 @@ mod defaults {
     }
     pub fn max_ack_pending() -> u32 {
         100
+    }
+    pub fn max_outstanding_messages() -> u32 {
+        100
+    }
+    pub fn max_outstanding_bytes() -> u64 {
+        32 * 1024 * 1024
     }
     pub fn ack_wait() -> Duration {
         Duration::from_secs(30)
@@ -931,6 +996,11 @@ impl Config {
                 "dedup.key.name",
                 "must name a header",
             ),
+            KeySource::Attribute { name } => check(
+                !name.trim().is_empty(),
+                "dedup.key.name",
+                "must name an attribute",
+            ),
             KeySource::JsonPointer { pointer } => check(
                 pointer.starts_with('/'),
                 "dedup.key.pointer",
@@ -1044,6 +1114,15 @@ impl Config {
         }
         if let Some(BrokerKind::Mqtt(mqtt)) = kind {
             mqtt_problems(mqtt, &dedup.key, &mut check);
+        }
+        if let Some(BrokerKind::PubSub(pubsub)) = kind {
+            pubsub_problems(pubsub, &dedup.key, &mut check);
+        } else {
+            check(
+                !matches!(dedup.key, KeySource::Attribute { .. }),
+                "dedup.key.from",
+                "attribute is a Pub/Sub key; other brokers carry headers: use header",
+            );
         }
         if let Some(delivery) = &self.delivery {
             check(
@@ -1166,6 +1245,77 @@ pub fn redis_url_problem(url: &str, cluster: bool) -> Option<&'static str> {
         return Some("must start with redis:// or rediss:// (each seed node, with store.cluster)");
     }
     None
+}
+
+/// The problems of a `broker.pubsub` section.
+fn pubsub_problems(
+    pubsub: &PubSubConfig,
+    key: &KeySource,
+    check: &mut impl FnMut(bool, &str, &str),
+) {
+    check(
+        is_project_id(&pubsub.project),
+        "broker.pubsub.project",
+        "must be a project id: 6 to 30 lowercase letters, digits and '-', starting with a letter",
+    );
+    check(
+        is_pubsub_name(&pubsub.subscription),
+        "broker.pubsub.subscription",
+        "must be a subscription id (not a path): 3 to 255 letters, digits and '-_.~+%', starting with a letter",
+    );
+    if let Some(topic) = &pubsub.dead_letter_topic {
+        check(
+            is_pubsub_name(topic),
+            "broker.pubsub.deadLetterTopic",
+            "must be a topic id (not a path): 3 to 255 letters, digits and '-_.~+%', starting with a letter",
+        );
+    }
+    check(
+        pubsub.max_outstanding_messages >= 1,
+        "broker.pubsub.maxOutstandingMessages",
+        "must be at least 1",
+    );
+    check(
+        pubsub.max_outstanding_bytes >= 64 * 1024,
+        "broker.pubsub.maxOutstandingBytes",
+        "must be at least 65536 (64 KiB)",
+    );
+    check(
+        pubsub
+            .credentials_file
+            .as_deref()
+            .is_none_or(|f| f.starts_with('/')),
+        "broker.pubsub.credentialsFile",
+        "must be an absolute path",
+    );
+    check(
+        !matches!(
+            key,
+            KeySource::RecordKey | KeySource::Coordinates | KeySource::Header { .. }
+        ),
+        "dedup.key.from",
+        "with Pub/Sub use messageId, attribute, jsonPointer, bodyHash or cloudEvent (Pub/Sub messages carry attributes, not headers)",
+    );
+}
+
+/// A Google Cloud project id.
+fn is_project_id(id: &str) -> bool {
+    (6..=30).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_lowercase())
+        && !id.ends_with('-')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A Pub/Sub topic or subscription id.
+fn is_pubsub_name(name: &str) -> bool {
+    (3..=255).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !name.starts_with("goog")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.~+%".contains(c))
 }
 
 /// The problems of a `broker.kafka` section.
@@ -1569,6 +1719,37 @@ delivery:
             (js.max_ack_pending, js.ack_wait, js.max_deliver),
             (100, Duration::from_secs(30), None)
         );
+    }
+
+    #[test]
+    fn a_pubsub_broker_is_validated_with_its_own_keys() {
+        let bad = "consumer: a\ndedup:\n  key:\n    from: header\n    name: x\nbroker:\n  pubsub:\n    project: My_Project\n    subscription: projects/p/subscriptions/s\n    maxOutstandingMessages: 0\n    deadLetterTopic: goog-dead\n    credentialsFile: key.json\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(bad) else {
+            panic!("expected invalid config");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "broker.pubsub.project",
+                "broker.pubsub.subscription",
+                "broker.pubsub.deadLetterTopic",
+                "broker.pubsub.maxOutstandingMessages",
+                "broker.pubsub.credentialsFile",
+                "dedup.key.from",
+            ]
+        );
+        let ok = "consumer: a\ndedup:\n  key:\n    from: attribute\n    name: event-id\nbroker:\n  pubsub:\n    project: shop-prod\n    subscription: orders-billing\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let config = Config::from_yaml(ok).expect("valid");
+        let Some(BrokerKind::PubSub(pubsub)) = config.broker.as_ref().and_then(|b| b.kind()) else {
+            panic!("a pubsub broker");
+        };
+        assert_eq!(*pubsub, PubSubConfig::new("shop-prod", "orders-billing"));
+        let attribute_elsewhere = "consumer: a\ndedup:\n  key:\n    from: attribute\n    name: id\nbroker:\n  rabbitmq:\n    queue: q\ndelivery:\n  url: http://127.0.0.1:8080/\n";
+        let Err(ConfigError::Invalid(problems)) = Config::from_yaml(attribute_elsewhere) else {
+            panic!("attribute is a Pub/Sub key");
+        };
+        assert_eq!(problems[0].field, "dedup.key.from");
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub enum KeyDecision {
 pub fn extract(source: &KeySource, missing: MissingKeyPolicy, message: &Envelope) -> KeyDecision {
     let found = match source {
         KeySource::MessageId => message.message_id.clone(),
-        KeySource::Header { name } => message.header(name).map(str::to_string),
+        KeySource::Header { name } | KeySource::Attribute { name } => {
+            message.header(name).map(str::to_string)
+        }
         KeySource::JsonPointer { pointer } => from_json(&message.body, pointer),
         KeySource::BodyHash => Some(body_hash(&message.body)),
         KeySource::CloudEvent => cloud_event(message),

@@ -58,6 +58,8 @@ const CLAIM_OUTCOMES: &[&str] = &["acquired", "completed", "in_flight", "conflic
 const STORE_OPS: &[&str] = &["claim", "complete", "release", "renew", "ping"];
 const STORE_ERROR_KINDS: &[&str] = &["timeout", "error", "unreplicated"];
 const RENEWAL_OUTCOMES: &[&str] = &["renewed", "lost", "error"];
+const EXTENSION_OUTCOMES: &[&str] = &["extended", "failed"];
+const ACK_FAILURES: &[&str] = &["expired", "failed"];
 
 fn latency_histogram() -> Histogram {
     // 100µs .. ~13s: loopback store calls sit at the low end, slow apps at the top.
@@ -109,6 +111,13 @@ pub struct Metrics {
     pub assigned_partitions: Gauge,
     /// Kafka: partitions revoked from this member (rebalances, shutdown).
     pub revoked_partitions: Counter,
+    /// Pub/Sub: ack deadlines extended (modifyAckDeadline) for messages held,
+    /// by outcome: extended, failed.
+    pub broker_lease_extensions: Family<OutcomeLabel, Counter>,
+    /// Pub/Sub: acknowledgements that failed, by outcome: expired (the ack id
+    /// was no longer valid: the message comes again and is acked as a
+    /// duplicate), failed (no answer after the client's retries).
+    pub broker_ack_failures: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -139,6 +148,8 @@ impl Metrics {
             consumer_lag: Family::default(),
             assigned_partitions: Gauge::default(),
             revoked_partitions: Counter::default(),
+            broker_lease_extensions: Family::default(),
+            broker_ack_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register("claims", "Claims by outcome", metrics.claims.clone());
@@ -223,6 +234,26 @@ impl Metrics {
             "Kafka partitions revoked from this member",
             metrics.revoked_partitions.clone(),
         );
+        registry.register(
+            "broker_lease_extensions",
+            "Pub/Sub ack deadlines extended for messages held, by outcome",
+            metrics.broker_lease_extensions.clone(),
+        );
+        registry.register(
+            "broker_ack_failures",
+            "Pub/Sub acknowledgements that failed, by outcome",
+            metrics.broker_ack_failures.clone(),
+        );
+        for &outcome in EXTENSION_OUTCOMES {
+            let _ = metrics
+                .broker_lease_extensions
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        for &outcome in ACK_FAILURES {
+            let _ = metrics
+                .broker_ack_failures
+                .get_or_create(&OutcomeLabel { outcome });
+        }
         for &outcome in MESSAGE_OUTCOMES {
             let _ = metrics.messages.get_or_create(&OutcomeLabel { outcome });
         }

@@ -26,6 +26,8 @@ pub struct Context {
     pub kafka: Option<crate::source::kafka::KafkaSecrets>,
     /// Broker credentials given apart from the URL (JetStream, MQTT).
     pub broker_auth: crate::secrets::BrokerAuth,
+    /// A Pub/Sub emulator's `host:port` (`PUBSUB_EMULATOR_HOST`).
+    pub pubsub_emulator_host: Option<String>,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
@@ -154,6 +156,19 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 health: ctx.broker_health,
                 flow,
                 largest_message,
+            };
+            source.run(shutdown.clone()).await;
+        }
+        BrokerKind::PubSub(pubsub) => {
+            let source = crate::source::pubsub::Source {
+                pubsub: pubsub.clone(),
+                config: ctx.config.clone(),
+                emulator_host: ctx.pubsub_emulator_host,
+                engine,
+                store: ctx.store,
+                metrics: ctx.metrics,
+                health: ctx.broker_health,
+                flow,
             };
             source.run(shutdown.clone()).await;
         }

@@ -138,6 +138,7 @@ pub async fn run(
                     broker_url: secrets.broker_url,
                     kafka: secrets.kafka,
                     broker_auth: secrets.broker_auth,
+                    pubsub_emulator_host: secrets.pubsub_emulator_host,
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,

@@ -59,6 +59,9 @@ pub struct Secrets {
     pub kafka: Option<crate::source::kafka::KafkaSecrets>,
     /// Credentials of brokers that take them apart from the URL.
     pub broker_auth: BrokerAuth,
+    /// A Pub/Sub emulator's `host:port` (not a secret, but from the
+    /// environment like the broker addresses).
+    pub pubsub_emulator_host: Option<String>,
 }
 
 /// Broker credentials given apart from the URL (JetStream, MQTT).
@@ -105,6 +108,7 @@ impl std::fmt::Debug for Secrets {
                 }),
             )
             .field("broker_auth", &self.broker_auth)
+            .field("pubsub_emulator_host", &self.pubsub_emulator_host)
             .finish()
     }
 }
@@ -153,6 +157,9 @@ impl Secrets {
                 token: read(env, SecretEnv::NATS_TOKEN)?,
                 creds: read(env, SecretEnv::NATS_CREDS)?,
             },
+            pubsub_emulator_host: env
+                .var(SecretEnv::PUBSUB_EMULATOR_HOST)
+                .filter(|h| !h.is_empty()),
         };
         if config.store.kind == StoreKind::Redis && secrets.redis_url.is_none() {
             return Err(SecretError::Missing(format!(

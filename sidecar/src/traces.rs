@@ -53,7 +53,7 @@ pub enum TracesError {
 /// Where a message was consumed from: the message span's attributes.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
-    /// `messaging.system`: `rabbitmq`, `kafka`, `nats`.
+    /// `messaging.system`: `rabbitmq`, `kafka`, `nats`, `gcp_pubsub`.
     pub system: &'static str,
     /// `messaging.destination.name`: the queue, topic or subject.
     pub destination: &'a str,

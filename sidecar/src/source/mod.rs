@@ -10,6 +10,7 @@ pub mod jetstream;
 pub mod kafka;
 pub mod mqtt;
 pub mod offsets;
+pub mod pubsub;
 pub mod rabbitmq;
 
 use std::time::Duration;
@@ -20,7 +21,8 @@ use bytes::Bytes;
 #[derive(Debug, Clone, Default)]
 pub struct Envelope {
     pub message_id: Option<String>,
-    /// Headers whose values are text (or numbers, rendered as text).
+    /// Headers whose values are text (or numbers, rendered as text); a
+    /// Pub/Sub message's attributes.
     pub headers: Vec<(String, String)>,
     pub content_type: Option<String>,
     pub body: Bytes,

@@ -432,7 +432,7 @@ pub async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing<
     t.delete().await;
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -667,7 +667,7 @@ pub async fn broker_loss_reconnects_and_processes_once<B: LosesBroker>() {
 }
 
 /// The sidecar binary with a config file, as a child process.
-fn spawn_sidecar<B: BrokerUnderTest>(broker: &B, config_path: &std::path::Path) -> Child {
+pub fn spawn_sidecar<B: BrokerUnderTest>(broker: &B, config_path: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_idemq-sidecar"))
         .arg("--config")
         .arg(config_path)
