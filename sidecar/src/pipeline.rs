@@ -28,6 +28,8 @@ pub struct Context {
     pub broker_auth: crate::secrets::BrokerAuth,
     /// A Pub/Sub emulator's `host:port` (`PUBSUB_EMULATOR_HOST`).
     pub pubsub_emulator_host: Option<String>,
+    /// The ZeroMQ endpoint's CURVE keys (from the environment).
+    pub zeromq_curve: Option<crate::source::zeromq::CurveKeys>,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
     pub broker_health: Component,
@@ -171,6 +173,22 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 flow,
             };
             source.run(shutdown.clone()).await;
+        }
+        BrokerKind::ZeroMq(zeromq) => {
+            let source = crate::source::zeromq::Source {
+                zeromq: zeromq.clone(),
+                config: ctx.config.clone(),
+                curve: ctx.zeromq_curve,
+                engine,
+                store: ctx.store,
+                metrics: ctx.metrics,
+                health: ctx.broker_health,
+                flow,
+            };
+            let result = source.run(shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = watcher.await;
+            return result.map_err(anyhow::Error::from);
         }
     }
     shutdown.cancel();

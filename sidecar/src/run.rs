@@ -139,6 +139,7 @@ pub async fn run(
                     kafka: secrets.kafka,
                     broker_auth: secrets.broker_auth,
                     pubsub_emulator_host: secrets.pubsub_emulator_host,
+                    zeromq_curve: secrets.zeromq_curve,
                     store,
                     metrics: metrics.clone(),
                     broker_health: broker,

@@ -62,6 +62,8 @@ pub struct Secrets {
     /// A Pub/Sub emulator's `host:port` (not a secret, but from the
     /// environment like the broker addresses).
     pub pubsub_emulator_host: Option<String>,
+    /// The ZeroMQ endpoint's CURVE keys (unset with `plain: true`).
+    pub zeromq_curve: Option<crate::source::zeromq::CurveKeys>,
 }
 
 /// Broker credentials given apart from the URL (JetStream, MQTT).
@@ -109,6 +111,7 @@ impl std::fmt::Debug for Secrets {
             )
             .field("broker_auth", &self.broker_auth)
             .field("pubsub_emulator_host", &self.pubsub_emulator_host)
+            .field("zeromq_curve", &self.zeromq_curve)
             .finish()
     }
 }
@@ -145,6 +148,10 @@ impl Secrets {
             Some(BrokerKind::Kafka(kafka)) => Some(kafka_secrets(kafka, env)?),
             _ => None,
         };
+        let zeromq_curve = match broker {
+            Some(BrokerKind::ZeroMq(zmq)) => zeromq_curve(zmq, env)?,
+            _ => None,
+        };
         let secrets = Self {
             redis_url: read(env, SecretEnv::REDIS_URL)?.or_else(|| config.store.url.clone()),
             redis_password: read(env, SecretEnv::REDIS_PASSWORD)?,
@@ -160,6 +167,7 @@ impl Secrets {
             pubsub_emulator_host: env
                 .var(SecretEnv::PUBSUB_EMULATOR_HOST)
                 .filter(|h| !h.is_empty()),
+            zeromq_curve,
         };
         if config.store.kind == StoreKind::Redis && secrets.redis_url.is_none() {
             return Err(SecretError::Missing(format!(
@@ -221,6 +229,53 @@ fn kafka_secrets(
         username,
         password,
     })
+}
+
+/// The ZeroMQ endpoint's CURVE keys: both are required unless `plain: true`,
+/// and refused with it (a config that says plain while keys are mounted is
+/// a mistake either way). Errors name the variable, never a key.
+fn zeromq_curve(
+    zmq: &crate::config::ZeroMqConfig,
+    env: &dyn Env,
+) -> Result<Option<crate::source::zeromq::CurveKeys>, SecretError> {
+    use crate::source::zeromq::decode_key;
+    let secret = read(env, SecretEnv::ZMQ_SERVER_SECRET_KEY)?;
+    let clients = read(env, SecretEnv::ZMQ_CLIENT_KEYS)?;
+    if zmq.plain {
+        if secret.is_some() || clients.is_some() {
+            return Err(SecretError::Missing(format!(
+                "broker.zeromq.plain is true but {} or {} is set: remove plain to use CURVE, or the keys to run without it",
+                SecretEnv::ZMQ_SERVER_SECRET_KEY,
+                SecretEnv::ZMQ_CLIENT_KEYS
+            )));
+        }
+        return Ok(None);
+    }
+    let (Some(secret), Some(clients)) = (secret, clients) else {
+        return Err(SecretError::Missing(format!(
+            "broker.zeromq needs CURVE keys: {} (the server's secret key) and {} (the allowed clients' public keys), or plain: true to accept clients without authentication",
+            SecretEnv::ZMQ_SERVER_SECRET_KEY,
+            SecretEnv::ZMQ_CLIENT_KEYS
+        )));
+    };
+    let secret_key = decode_key(&secret).ok_or(SecretError::Invalid {
+        var: SecretEnv::ZMQ_SERVER_SECRET_KEY,
+        problem: "is not a Z85-encoded CURVE key (40 characters)",
+    })?;
+    let client_keys = clients
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|k| !k.is_empty())
+        .map(decode_key)
+        .collect::<Option<Vec<_>>>()
+        .filter(|keys| !keys.is_empty())
+        .ok_or(SecretError::Invalid {
+            var: SecretEnv::ZMQ_CLIENT_KEYS,
+            problem: "must hold Z85-encoded CURVE public keys (40 characters each), separated by whitespace or commas",
+        })?;
+    Ok(Some(crate::source::zeromq::CurveKeys {
+        secret_key,
+        client_keys,
+    }))
 }
 
 /// A URL fit for logs: scheme, host and port, without credentials or path.

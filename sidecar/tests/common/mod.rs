@@ -16,6 +16,7 @@ pub mod redis;
 pub mod scenarios;
 pub mod sidecar;
 pub mod tansu;
+pub mod zeromq;
 
 /// A name no other test (or earlier run) uses: `<base>-<random>`.
 pub fn unique(base: &str) -> String {
