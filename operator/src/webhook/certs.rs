@@ -14,9 +14,12 @@
 //! MutatingWebhookConfiguration when it differs.
 //!
 //! The CA lives ten serving lifetimes and is renewed the same way at two
-//! thirds of its own; a new CA takes effect in the `caBundle` and in the
-//! replicas within one check period of each other, during which a pod
-//! creation may be refused (and retried by its controller).
+//! thirds of its own. The replaced CA stays in the Secret (`ca-previous.crt`)
+//! and in the `caBundle` next to the new one until the next CA renewal (or
+//! its expiry), so that while the replicas move from a certificate of the
+//! old CA to one of the new, the API server trusts both: a replica serves a
+//! certificate of a new CA only once it has seen that CA in the `caBundle`
+//! (see [`super::keep`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -39,6 +42,8 @@ pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
 pub const TLS_CERT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
+/// The CA replaced by the last CA renewal, trusted until the next one.
+pub const CA_PREVIOUS: &str = "ca-previous.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -67,6 +72,23 @@ pub struct Material {
     pub ca_key: String,
     pub cert: String,
     pub key: String,
+    /// The CA this one replaced, if any.
+    pub previous_ca: Option<String>,
+}
+
+impl Material {
+    /// What the API server must trust at `now`: the CA, then the one it
+    /// replaced while that is unexpired.
+    pub fn ca_bundle(&self, now: SystemTime) -> String {
+        let previous = self
+            .previous_ca
+            .as_deref()
+            .filter(|pem| facts(pem, CA_PREVIOUS).is_ok_and(|f| now < f.not_after));
+        match previous {
+            Some(previous) => format!("{}\n{}", self.ca.trim_end(), previous.trim_end()) + "\n",
+            None => self.ca.clone(),
+        }
+    }
 }
 
 /// What the serving certificate must be.
@@ -186,7 +208,7 @@ pub fn plan(
 ) -> Result<Option<Material>, CertError> {
     let usable = |pem: &str, key| facts(pem, key).ok().filter(|f| now < f.renew_at());
     let ca = stored.filter(|m| usable(&m.ca, CA_CERT).is_some());
-    let (ca, ca_key) = match ca {
+    let (ca, ca_key, previous_ca) = match ca {
         Some(m) => {
             let serving = usable(&m.cert, TLS_CERT);
             let mut want: Vec<&String> = wanted.names.iter().collect();
@@ -196,9 +218,17 @@ pub fn plan(
             if serving.is_some() && want == have {
                 return Ok(None);
             }
-            (m.ca.clone(), m.ca_key.clone())
+            (m.ca.clone(), m.ca_key.clone(), m.previous_ca.clone())
         }
-        None => new_ca(now, wanted.ca_lifetime())?,
+        None => {
+            // The CA being replaced stays trusted while it is valid: the
+            // replicas still serve certificates it signed.
+            let replaced = stored
+                .map(|m| m.ca.clone())
+                .filter(|pem| facts(pem, CA_CERT).is_ok_and(|f| now < f.not_after));
+            let (ca, ca_key) = new_ca(now, wanted.ca_lifetime())?;
+            (ca, ca_key, replaced)
+        }
     };
     let (cert, key) = new_serving(&ca, &ca_key, wanted, now)?;
     Ok(Some(Material {
@@ -206,6 +236,7 @@ pub fn plan(
         ca_key,
         cert,
         key,
+        previous_ca,
     }))
 }
 
@@ -220,11 +251,12 @@ fn from_secret(secret: &Secret) -> Option<Material> {
         ca_key: get(CA_KEY)?,
         cert: get(TLS_CERT)?,
         key: get(TLS_KEY)?,
+        previous_ca: get(CA_PREVIOUS),
     })
 }
 
 fn to_secret(name: &str, material: &Material, resource_version: Option<String>) -> Secret {
-    let data = BTreeMap::from([
+    let mut data = BTreeMap::from([
         (
             CA_CERT.to_string(),
             ByteString(material.ca.clone().into_bytes()),
@@ -242,6 +274,12 @@ fn to_secret(name: &str, material: &Material, resource_version: Option<String>) 
             ByteString(material.key.clone().into_bytes()),
         ),
     ]);
+    if let Some(previous) = &material.previous_ca {
+        data.insert(
+            CA_PREVIOUS.to_string(),
+            ByteString(previous.clone().into_bytes()),
+        );
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -316,40 +354,53 @@ pub async fn ensure_secret(
     }
 }
 
-/// Patches `ca` (PEM) into every webhook of configuration `name` whose
-/// `caBundle` differs. Ok(false) when the configuration does not exist (the
-/// chart installs it; a run without it serves nobody).
-pub async fn ensure_ca_bundle(
+/// Configuration `name`, or `None` when it does not exist (the chart
+/// installs it; a run without it serves nobody).
+pub async fn read_configuration(
     api: &Api<MutatingWebhookConfiguration>,
     name: &str,
-    ca: &str,
-) -> Result<bool, CertError> {
-    let failed = |source| CertError::Configuration {
-        name: name.to_string(),
-        source,
-    };
-    let Some(config) = api.get_opt(name).await.map_err(failed)? else {
-        return Ok(false);
-    };
-    let webhooks = config.webhooks.unwrap_or_default();
-    let stale: Vec<_> = webhooks
-        .iter()
-        .filter(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(ca.as_bytes()))
-        .map(|w| json!({ "name": w.name, "clientConfig": { "caBundle": ByteString(ca.as_bytes().to_vec()) } }))
-        .collect();
-    if !stale.is_empty() {
-        // A strategic merge patch: the webhooks merge by name, and only
-        // their caBundle is written.
-        api.patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({ "webhooks": stale })),
-        )
+) -> Result<Option<MutatingWebhookConfiguration>, CertError> {
+    api.get_opt(name)
         .await
-        .map_err(failed)?;
-        tracing::info!(configuration = name, "webhook caBundle updated");
+        .map_err(|source| CertError::Configuration {
+            name: name.to_string(),
+            source,
+        })
+}
+
+/// Patches `bundle` (PEM) into every webhook of `config` whose `caBundle`
+/// differs, at the resourceVersion read: if another replica patched it
+/// since, the API server answers Conflict and nothing is written.
+pub async fn ensure_ca_bundle(
+    api: &Api<MutatingWebhookConfiguration>,
+    config: &MutatingWebhookConfiguration,
+    bundle: &str,
+) -> Result<(), CertError> {
+    let name = config.metadata.name.clone().unwrap_or_default();
+    let stale: Vec<_> = config
+        .webhooks
+        .iter()
+        .flatten()
+        .filter(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(bundle.as_bytes()))
+        .map(|w| json!({ "name": w.name, "clientConfig": { "caBundle": ByteString(bundle.as_bytes().to_vec()) } }))
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
     }
-    Ok(true)
+    // A strategic merge patch: the webhooks merge by name, and only their
+    // caBundle is written; the resourceVersion is a precondition.
+    let patch = json!({
+        "metadata": { "resourceVersion": config.metadata.resource_version },
+        "webhooks": stale,
+    });
+    api.patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map_err(|source| CertError::Configuration {
+            name: name.clone(),
+            source,
+        })?;
+    tracing::info!(configuration = %name, "webhook caBundle updated");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use json_patch::Patch;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -73,7 +73,7 @@ pub async fn start(
 ) -> Result<(), Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let material = certs::ensure_secret(&secrets, &settings.secret, &settings.wanted).await?;
+    let (material, _) = renew(&secrets, &configs, &settings).await?;
     let certificate = Arc::new(server::Reloadable::new(&material)?);
     let listener = tokio::net::TcpListener::bind(settings.addr)
         .await
@@ -103,10 +103,54 @@ pub async fn start(
     Ok(())
 }
 
-/// Checks the Secret and the `caBundle` every tenth of the serving
-/// certificate's lifetime (at least every second, at most hourly): renews
-/// the certificate when due, serves what the Secret holds, patches the
-/// `caBundle` when it differs.
+/// One check: reads the webhook configuration, then the Secret (creating or
+/// renewing the certificate when due), then patches the `caBundle` when it
+/// differs. Returns what the Secret holds, and whether the API server
+/// trusts its CA (false when the `caBundle` could not be read or written).
+///
+/// The configuration is read before the Secret: a CA another replica put in
+/// the `caBundle` was in the Secret before, so the Secret read after names it
+/// and this replica never patches away a CA that another one serves with.
+/// The patch is conditional on the version read: a replica that patched in
+/// between makes this one try again at its next check.
+async fn renew(
+    secrets: &Api<Secret>,
+    configs: &Api<MutatingWebhookConfiguration>,
+    settings: &Settings,
+) -> Result<(certs::Material, bool), certs::CertError> {
+    let config = certs::read_configuration(configs, &settings.configuration).await;
+    let material = certs::ensure_secret(secrets, &settings.secret, &settings.wanted).await?;
+    let bundle = material.ca_bundle(SystemTime::now());
+    let trusted = match config {
+        Ok(Some(config)) => match certs::ensure_ca_bundle(configs, &config, &bundle).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot update the webhook caBundle");
+                false
+            }
+        },
+        Ok(None) => {
+            tracing::warn!(configuration = %settings.configuration, "no such MutatingWebhookConfiguration: the API server calls nobody");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the webhook caBundle");
+            false
+        }
+    };
+    Ok((material, trusted))
+}
+
+/// Whether a replica serving `serving` moves to `next`: a certificate of the
+/// CA it serves with is trusted already; one of a new CA only once the
+/// `caBundle` holds that CA.
+fn moves_to(serving: &certs::Material, next: &certs::Material, trusted: bool) -> bool {
+    next != serving && (next.ca == serving.ca || trusted)
+}
+
+/// Checks ([`renew`]) every tenth of the serving certificate's lifetime (at
+/// least every second, at most hourly), and serves what the Secret holds
+/// when [`moves_to`] says so.
 async fn keep(
     secrets: Api<Secret>,
     configs: Api<MutatingWebhookConfiguration>,
@@ -118,26 +162,25 @@ async fn keep(
     let period =
         (settings.wanted.lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     loop {
-        let bundle = certs::ensure_ca_bundle(&configs, &settings.configuration, &serving.ca).await;
-        match bundle {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(configuration = %settings.configuration, "no such MutatingWebhookConfiguration: the API server calls nobody")
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot update the webhook caBundle"),
-        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        match certs::ensure_secret(&secrets, &settings.secret, &settings.wanted).await {
-            Ok(material) if material != serving => match certificate.reload(&material) {
-                Ok(()) => {
-                    tracing::info!("serving the renewed webhook certificate");
-                    serving = material;
+        match renew(&secrets, &configs, &settings).await {
+            Ok((next, trusted)) if moves_to(&serving, &next, trusted) => {
+                match certificate.reload(&next) {
+                    Ok(()) => {
+                        tracing::info!("serving the renewed webhook certificate");
+                        serving = next;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot load the renewed webhook certificate")
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot load the renewed webhook certificate"),
-            },
+            }
+            Ok((next, _)) if next != serving => {
+                tracing::info!("a new webhook CA: its certificate is served once the caBundle holds it")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot check the webhook certificate"),
         }

@@ -268,7 +268,14 @@ fn configuration(bundles: &[Option<&str>]) -> Value {
         })
         .collect();
     json!({ "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-            "metadata": { "name": "idemq" }, "webhooks": webhooks })
+            "metadata": { "name": "idemq", "resourceVersion": "3" }, "webhooks": webhooks })
+}
+
+fn bundle_of(patch: &Value, webhook: usize) -> String {
+    let bundle: ByteString =
+        serde_json::from_value(patch["webhooks"][webhook]["clientConfig"]["caBundle"].clone())
+            .expect("base64");
+    String::from_utf8(bundle.0).expect("PEM")
 }
 
 #[tokio::test]
@@ -290,10 +297,11 @@ async fn the_ca_bundle_is_patched_into_each_webhook_that_lacks_it_and_only_then(
                 let webhooks = p["webhooks"].as_array().expect("webhooks");
                 assert_eq!(webhooks.len(), 1, "only the stale one: {p}");
                 assert_eq!(webhooks[0]["name"], "pods-0.idemq.dev");
-                let bundle: ByteString =
-                    serde_json::from_value(webhooks[0]["clientConfig"]["caBundle"].clone())
-                        .expect("base64");
-                assert_eq!(bundle.0, want.as_bytes());
+                assert_eq!(bundle_of(p, 0), want);
+                assert_eq!(
+                    p["metadata"]["resourceVersion"], "3",
+                    "at the version read"
+                );
             }),
             Expect::get(
                 CONFIG,
@@ -304,12 +312,138 @@ async fn the_ca_bundle_is_patched_into_each_webhook_that_lacks_it_and_only_then(
         ],
     ));
     let api = kube::Api::all(client);
-    assert!(ensure_ca_bundle(&api, "idemq", &ca).await.expect("patched"));
-    assert!(ensure_ca_bundle(&api, "idemq", &ca)
+    let read = |config: Option<MutatingWebhookConfiguration>| config.expect("exists");
+    let config = read(read_configuration(&api, "idemq").await.expect("read"));
+    ensure_ca_bundle(&api, &config, &ca).await.expect("patched");
+    let config = read(read_configuration(&api, "idemq").await.expect("read"));
+    ensure_ca_bundle(&api, &config, &ca)
         .await
-        .expect("current: no write"));
-    assert!(!ensure_ca_bundle(&api, "idemq", &ca)
+        .expect("current: no write");
+    assert!(read_configuration(&api, "idemq")
         .await
-        .expect("absent: said so"));
+        .expect("absent: said so")
+        .is_none());
     server.await.expect("every request came");
+}
+
+/// PEM certificates in `bundle`, in order.
+fn certificates(bundle: &str) -> Vec<String> {
+    bundle
+        .split_inclusive("-----END CERTIFICATE-----")
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+#[test]
+fn a_renewed_ca_keeps_the_one_it_replaced_in_the_bundle_until_the_next_renewal() {
+    let now = SystemTime::now();
+    let old = issued(601 * DAY);
+    assert_eq!(certificates(&old.ca_bundle(now)), [old.ca.trim()]);
+    let renewed = plan(Some(&old), &wanted(), now)
+        .expect("plans")
+        .expect("the CA is due: renewed");
+    assert_ne!(renewed.ca, old.ca);
+    assert_eq!(renewed.previous_ca.as_deref(), Some(old.ca.as_str()));
+    assert_eq!(
+        certificates(&renewed.ca_bundle(now)),
+        [renewed.ca.trim(), old.ca.trim()],
+        "both trusted while replicas move from one to the other"
+    );
+    let serving = plan(Some(&renewed), &wanted(), now + 61 * DAY)
+        .expect("plans")
+        .expect("serving renewal");
+    assert_eq!(
+        (&serving.ca, &serving.previous_ca),
+        (&renewed.ca, &renewed.previous_ca)
+    );
+    assert_eq!(
+        certificates(&serving.ca_bundle(now + 300 * DAY)),
+        [serving.ca.trim()],
+        "the old CA expired (900 days after its issue): no longer in the bundle"
+    );
+    let next = plan(Some(&serving), &wanted(), now + 601 * DAY)
+        .expect("plans")
+        .expect("the next CA renewal");
+    assert_eq!(next.previous_ca.as_deref(), Some(renewed.ca.as_str()));
+
+    // Stored and read back.
+    let secret = to_secret("s", &renewed, None);
+    assert_eq!(from_secret(&secret), Some(renewed));
+}
+
+fn settings() -> crate::webhook::Settings {
+    crate::webhook::Settings {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        namespace: "idemq-system".into(),
+        secret: "idemq-webhook-tls".into(),
+        configuration: "idemq".into(),
+        wanted: wanted(),
+    }
+}
+
+/// A CA renewal against a mocked API server: the configuration is read
+/// first, the Secret renewed with the old CA kept, and the caBundle patched
+/// with both at the version read; `patched` is the API server's answer.
+async fn rotate(patched: StatusCode) -> (Material, Material, bool) {
+    let old = issued(601 * DAY);
+    let (client, handle) = client();
+    let (stored, written) = (old.clone(), std::sync::Arc::new(std::sync::Mutex::new(None)));
+    let seen = written.clone();
+    let answer = if patched == StatusCode::OK {
+        configuration(&[Some(&old.ca)])
+    } else {
+        json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified" })
+    };
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(CONFIG, StatusCode::OK, configuration(&[Some(&old.ca)])),
+            Expect::get(SECRET, StatusCode::OK, secret_json(&old, "7")),
+            Expect::new(Method::PUT, SECRET, StatusCode::OK, Value::Null).with_body(move |s| {
+                let m = material_of(s);
+                assert_eq!(m.previous_ca.as_deref(), Some(stored.ca.as_str()));
+                *seen.lock().expect("lock") = Some(m);
+            }),
+            Expect::new(Method::PATCH, CONFIG, patched, answer).with_body(move |p| {
+                let m = written.lock().expect("lock").clone().expect("written");
+                assert_eq!(p["metadata"]["resourceVersion"], "3");
+                assert_eq!(
+                    certificates(&bundle_of(p, 0)),
+                    [m.ca.trim(), m.previous_ca.as_deref().expect("old").trim()],
+                    "the new CA and the old"
+                );
+            }),
+        ],
+    ));
+    let (next, trusted) = crate::webhook::renew(
+        &kube::Api::namespaced(client.clone(), "idemq-system"),
+        &kube::Api::all(client),
+        &settings(),
+    )
+    .await
+    .expect("renewed");
+    server.await.expect("every request came");
+    (old, next, trusted)
+}
+
+#[tokio::test]
+async fn a_replica_serves_a_certificate_of_a_new_ca_only_once_the_ca_bundle_holds_both() {
+    let (old, next, trusted) = rotate(StatusCode::OK).await;
+    assert!(trusted);
+    assert_ne!(next.ca, old.ca);
+    assert!(crate::webhook::moves_to(&old, &next, trusted));
+
+    let (old, next, trusted) = rotate(StatusCode::CONFLICT).await;
+    assert!(!trusted, "another replica patched in between");
+    assert!(
+        !crate::webhook::moves_to(&old, &next, trusted),
+        "keeps serving the old CA's certificate, which the caBundle still trusts"
+    );
+    let mut renewal = old.clone();
+    renewal.cert = next.cert.clone();
+    assert!(
+        crate::webhook::moves_to(&old, &renewal, false),
+        "a renewal by the same CA needs no caBundle change"
+    );
 }
