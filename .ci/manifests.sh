@@ -16,10 +16,15 @@ trap 'rm -rf "$out"' EXIT
 echo "== helm lint"
 $HELM lint --strict charts/idemq
 $HELM lint --strict charts/idemq -f charts/idemq/ci/full-values.yaml
+$HELM lint --strict charts/idemq --set webhook.certManager.enabled=true
 
 echo "== helm template"
 $HELM template idemq charts/idemq --namespace idemq-system > "$out/chart-default.yaml"
 $HELM template idemq charts/idemq --namespace idemq-system -f charts/idemq/ci/full-values.yaml > "$out/chart-full.yaml"
+# The webhook's certificate issued by cert-manager: the release's own CA, and a platform issuer.
+$HELM template idemq charts/idemq --namespace idemq-system --set webhook.certManager.enabled=true > "$out/chart-certmanager.yaml"
+$HELM template idemq charts/idemq --namespace idemq-system --set webhook.certManager.enabled=true \
+  --set webhook.certManager.issuerRef.name=platform-ca --set webhook.certManager.issuerRef.kind=ClusterIssuer > "$out/chart-certmanager-issuer.yaml"
 
 echo "== a wrong value is refused by values.schema.json"
 if $HELM template idemq charts/idemq --set replicaCount=0 > /dev/null 2> "$out/refused.txt"; then
@@ -56,7 +61,7 @@ done
 echo "== kubernetes-validate"
 files=("$out"/chart-*.yaml crds/*.yaml examples/*.yaml "$out"/*.injected.yaml)
 report=$($VALIDATE "${files[@]}" 2>&1) || { echo "$report"; exit 1; }
-echo "$report" | grep -v "Couldn't find schema for kind \(IdempotentConsumer\|ServiceMonitor\|PodMonitor\|PrometheusRule\)" || true
+echo "$report" | grep -v "Couldn't find schema for kind \(IdempotentConsumer\|ServiceMonitor\|PodMonitor\|PrometheusRule\|Certificate\|Issuer\)" || true
 passed=$(echo "$report" | grep -c ' passed for resource ' || true)
 echo "kubernetes-validate: $passed resources passed"
 $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml examples/*.yaml

@@ -263,3 +263,132 @@ fn the_webhook_takes_labelled_pods_only_fails_closed_and_its_rbac_names_its_obje
         &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
     assert!(!format!("{args:?}").contains("--webhook"));
 }
+
+#[test]
+fn with_cert_manager_the_chart_issues_the_certificate_and_the_operator_only_reads_it() {
+    let docs = render(&["--set", "webhook.certManager.enabled=true"]);
+    let config = of_kind(&docs, "MutatingWebhookConfiguration");
+    assert_eq!(
+        config[0]["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "idemq-system/idemq-operator-webhook",
+        "cainjector writes the caBundle from the serving Certificate"
+    );
+    let service = &config[0]["webhooks"][0]["clientConfig"]["service"];
+    let certificates = of_kind(&docs, "Certificate");
+    let serving = certificates
+        .iter()
+        .find(|c| c["metadata"]["name"] == "idemq-operator-webhook")
+        .expect("the serving Certificate");
+    assert_eq!(serving["metadata"]["namespace"], "idemq-system");
+    assert_eq!(
+        serving["spec"]["dnsNames"][0].as_str(),
+        Some(
+            format!(
+                "{}.{}.svc",
+                service["name"].as_str().expect("name"),
+                service["namespace"].as_str().expect("namespace")
+            )
+            .as_str()
+        ),
+        "the name the API server calls"
+    );
+    assert_eq!(serving["spec"]["secretName"], "idemq-operator-webhook-cert");
+    // The default issuer: a CA of the release's own, kept across renewals.
+    assert_eq!(
+        serving["spec"]["issuerRef"]["name"],
+        "idemq-operator-webhook-ca"
+    );
+    let issuers = of_kind(&docs, "Issuer");
+    let ca_issuer = issuers
+        .iter()
+        .find(|i| i["metadata"]["name"] == "idemq-operator-webhook-ca")
+        .expect("the CA Issuer");
+    let ca = certificates
+        .iter()
+        .find(|c| c["spec"]["isCA"] == true)
+        .expect("the CA Certificate");
+    assert_eq!(
+        ca_issuer["spec"]["ca"]["secretName"],
+        ca["spec"]["secretName"]
+    );
+    assert_eq!(ca["spec"]["privateKey"]["rotationPolicy"], "Never");
+    let selfsigned = issuers
+        .iter()
+        .find(|i| i["metadata"]["name"] == ca["spec"]["issuerRef"]["name"])
+        .expect("the CA's Issuer");
+    assert!(selfsigned["spec"]["selfSigned"].is_mapping());
+
+    // The operator serves the Secret cert-manager writes, and nothing more.
+    let args = of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .expect("args")
+        .clone();
+    assert!(args.contains(&Value::from("--webhook-external-cert")));
+    assert!(args.contains(&Value::from("--webhook-secret=idemq-operator-webhook-cert")));
+    assert!(!format!("{args:?}").contains("--webhook-configuration"));
+    let cluster_roles: Vec<&Value> = of_kind(&docs, "ClusterRole")
+        .iter()
+        .map(|r| &r["metadata"]["name"])
+        .collect();
+    assert_eq!(
+        cluster_roles,
+        [&Value::from("idemq-operator")],
+        "no rights on the webhook configuration"
+    );
+    assert!(!format!("{:?}", of_kind(&docs, "ClusterRole")).contains("mutatingwebhook"));
+    let leader = of_kind(&docs, "Role")[0];
+    let secret_rules: Vec<&Value> = leader["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["resources"][0] == "secrets")
+        .collect();
+    assert_eq!(secret_rules.len(), 1, "{secret_rules:?}");
+    assert_eq!(secret_rules[0]["verbs"], Value::from(vec!["get"]));
+    assert_eq!(
+        secret_rules[0]["resourceNames"],
+        Value::from(vec!["idemq-operator-webhook-cert"])
+    );
+
+    // An issuer of the platform's: no CA of the release's own.
+    let docs = render(&[
+        "--set",
+        "webhook.certManager.enabled=true",
+        "--set",
+        "webhook.certManager.issuerRef.name=platform-ca",
+        "--set",
+        "webhook.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    assert!(of_kind(&docs, "Issuer").is_empty());
+    let certificates = of_kind(&docs, "Certificate");
+    assert_eq!(certificates.len(), 1);
+    let issuer = &certificates[0]["spec"]["issuerRef"];
+    assert_eq!(
+        (&issuer["name"], &issuer["kind"], &issuer["group"]),
+        (
+            &Value::from("platform-ca"),
+            &Value::from("ClusterIssuer"),
+            &Value::from("cert-manager.io")
+        )
+    );
+    let refused = helm::template(
+        "idemq-system",
+        &[
+            "--set",
+            "webhook.certManager.enabled=true",
+            "--set",
+            "webhook.certManager.issuerRef.kind=ClusterIssuer",
+        ],
+    )
+    .expect_err("a kind without a name");
+    assert!(refused.to_string().contains("name"), "{refused}");
+
+    // Without cert-manager, none of its resources.
+    let docs = render(&[]);
+    assert!(of_kind(&docs, "Certificate").is_empty() && of_kind(&docs, "Issuer").is_empty());
+    assert!(config_annotations(&docs).is_null());
+}
+
+fn config_annotations(docs: &[Value]) -> Value {
+    of_kind(docs, "MutatingWebhookConfiguration")[0]["metadata"]["annotations"].clone()
+}

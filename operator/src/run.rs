@@ -81,6 +81,13 @@ pub struct Args {
         default_value = "idemq-webhook-tls"
     )]
     webhook_secret: String,
+    /// The webhook's certificate Secret is kept by another issuer
+    /// (cert-manager, which also writes the caBundle): serve its tls.crt and
+    /// tls.key, re-read every 30 s; no CA of the operator's own, no caBundle
+    /// writes, and no --webhook-names, --webhook-configuration or
+    /// --webhook-cert-lifetime.
+    #[arg(long, env = "IDEMQ_WEBHOOK_EXTERNAL_CERT")]
+    webhook_external_cert: bool,
     /// The MutatingWebhookConfiguration whose caBundle the operator keeps.
     #[arg(long, env = "IDEMQ_WEBHOOK_CONFIGURATION", default_value = "idemq")]
     webhook_configuration: String,
@@ -134,10 +141,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             addr,
             namespace: args.webhook_namespace.clone(),
             secret: args.webhook_secret.clone(),
-            configuration: args.webhook_configuration.clone(),
-            wanted: webhook::certs::Wanted {
-                names: args.webhook_names.clone(),
-                lifetime: args.webhook_cert_lifetime,
+            issuer: if args.webhook_external_cert {
+                webhook::Issuer::External
+            } else {
+                webhook::Issuer::Operator(webhook::Own {
+                    configuration: args.webhook_configuration.clone(),
+                    wanted: webhook::certs::Wanted {
+                        names: args.webhook_names.clone(),
+                        lifetime: args.webhook_cert_lifetime,
+                    },
+                })
             },
         };
         loop {

@@ -24,3 +24,13 @@ app.kubernetes.io/component: operator
 {{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The Secret the webhook serves from: the operator's own (CA and
+serving certificate), or the one cert-manager issues into. */ -}}
+{{- define "idemq.webhookSecret" -}}
+{{- if .Values.webhook.certManager.enabled -}}
+{{- printf "%s-webhook-cert" (include "idemq.fullname" .) -}}
+{{- else -}}
+{{- printf "%s-webhook-tls" (include "idemq.fullname" .) -}}
+{{- end -}}
+{{- end -}}

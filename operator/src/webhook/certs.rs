@@ -76,7 +76,22 @@ pub struct Material {
     pub previous_ca: Option<String>,
 }
 
+/// A serving certificate (with its chain) and its key, as PEM: what the
+/// server needs, whoever issued it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    pub cert: String,
+    pub key: String,
+}
+
 impl Material {
+    pub fn serving(&self) -> Serving {
+        Serving {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+
     /// What the API server must trust at `now`: the CA, then the one it
     /// replaced while that is unexpired.
     pub fn ca_bundle(&self, now: SystemTime) -> String {
@@ -301,6 +316,29 @@ fn to_secret(name: &str, material: &Material, resource_version: Option<String>) 
         data: Some(data),
         ..Secret::default()
     }
+}
+
+/// The certificate another issuer (cert-manager) keeps in Secret `name`
+/// (`tls.crt`, `tls.key`): read only, never written.
+pub async fn read_serving(api: &Api<Secret>, name: &str) -> Result<Serving, CertError> {
+    let secret = api.get(name).await.map_err(|source| CertError::Secret {
+        name: name.to_string(),
+        source,
+    })?;
+    let data = secret.data.unwrap_or_default();
+    let get = |key: &'static str| {
+        data.get(key)
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .filter(|pem| !pem.trim().is_empty())
+            .ok_or(CertError::Read {
+                key,
+                message: format!("Secret {name} has no such key (not issued yet?)"),
+            })
+    };
+    Ok(Serving {
+        cert: get(TLS_CERT)?,
+        key: get(TLS_KEY)?,
+    })
 }
 
 /// The certificate to serve: what Secret `name` holds, after creating or

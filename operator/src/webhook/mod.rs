@@ -16,7 +16,8 @@
 //! here, so this is one namespaced list per pod that wants a sidecar.
 //!
 //! [`certs`] keeps the serving certificate and the webhook configuration's
-//! `caBundle`; [`server`] serves HTTPS with whatever certificate is current.
+//! `caBundle` (or, when cert-manager issues the certificate, only reads its
+//! Secret); [`server`] serves HTTPS with whatever certificate is current.
 
 pub mod certs;
 pub mod server;
@@ -57,14 +58,34 @@ pub struct Settings {
     /// The operator's namespace, which holds the certificate Secret.
     pub namespace: String,
     pub secret: String,
+    pub issuer: Issuer,
+}
+
+/// Who issues the serving certificate.
+#[derive(Debug, Clone)]
+pub enum Issuer {
+    /// The operator: its own CA in the Secret, and the `caBundle` kept by it.
+    Operator(Own),
+    /// Another issuer (cert-manager) keeps the Secret and the `caBundle`:
+    /// the operator reads the Secret, serves it, and follows its renewals.
+    External,
+}
+
+/// What the operator issues, and where it publishes its CA.
+#[derive(Debug, Clone)]
+pub struct Own {
     /// The MutatingWebhookConfiguration whose caBundle is kept.
     pub configuration: String,
     pub wanted: certs::Wanted,
 }
 
-/// Obtains the certificate (creating the Secret if no replica has yet),
-/// starts serving, and keeps the certificate and the `caBundle` current
-/// until `shutdown`. Returns once the webhook serves.
+/// How often a certificate kept by another issuer is read again: its
+/// renewal (at two thirds of its lifetime by default) is served within this.
+const FOLLOW: Duration = Duration::from_secs(30);
+
+/// Obtains the certificate (with the operator as issuer, creating the
+/// Secret if no replica has yet), starts serving, and keeps the certificate
+/// current until `shutdown`. Returns once the webhook serves.
 pub async fn start(
     client: Client,
     settings: Settings,
@@ -73,8 +94,15 @@ pub async fn start(
 ) -> Result<(), Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let (material, _) = renew(&secrets, &configs, &settings).await?;
-    let certificate = Arc::new(server::Reloadable::new(&material)?);
+    let own = match &settings.issuer {
+        Issuer::Operator(own) => Some(renew(&secrets, &configs, &settings.secret, own).await?.0),
+        Issuer::External => None,
+    };
+    let serving = match &own {
+        Some(material) => material.serving(),
+        None => certs::read_serving(&secrets, &settings.secret).await?,
+    };
+    let certificate = Arc::new(server::Reloadable::new(&serving)?);
     let listener = tokio::net::TcpListener::bind(settings.addr)
         .await
         .map_err(|source| Error::Bind {
@@ -92,15 +120,62 @@ pub async fn start(
         webhook,
         shutdown.clone().cancelled_owned(),
     ));
-    tokio::spawn(keep(
-        secrets,
-        configs,
-        settings,
-        certificate,
-        material,
-        shutdown,
-    ));
+    match (own, settings.issuer) {
+        (Some(material), Issuer::Operator(own)) => tokio::spawn(keep(
+            secrets,
+            configs,
+            settings.secret,
+            own,
+            certificate,
+            material,
+            shutdown,
+        )),
+        _ => tokio::spawn(follow(
+            secrets,
+            settings.secret,
+            certificate,
+            serving,
+            shutdown,
+        )),
+    };
     Ok(())
+}
+
+/// Reads the Secret another issuer keeps every [`FOLLOW`], and serves what
+/// it holds when that changed.
+async fn follow(
+    secrets: Api<Secret>,
+    secret: String,
+    certificate: Arc<server::Reloadable>,
+    mut serving: certs::Serving,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW) => {}
+        }
+        if let Err(e) = follow_once(&secrets, &secret, &certificate, &mut serving).await {
+            tracing::warn!(error = %e, "cannot read the webhook certificate");
+        }
+    }
+}
+
+/// One read of [`follow`]: Ok(true) when a new certificate is served.
+async fn follow_once(
+    secrets: &Api<Secret>,
+    secret: &str,
+    certificate: &server::Reloadable,
+    serving: &mut certs::Serving,
+) -> Result<bool, certs::CertError> {
+    let next = certs::read_serving(secrets, secret).await?;
+    if next == *serving {
+        return Ok(false);
+    }
+    certificate.reload(&next)?;
+    tracing::info!(secret, "serving the renewed webhook certificate");
+    *serving = next;
+    Ok(true)
 }
 
 /// One check: reads the webhook configuration, then the Secret (creating or
@@ -116,10 +191,11 @@ pub async fn start(
 async fn renew(
     secrets: &Api<Secret>,
     configs: &Api<MutatingWebhookConfiguration>,
-    settings: &Settings,
+    secret: &str,
+    own: &Own,
 ) -> Result<(certs::Material, bool), certs::CertError> {
-    let config = certs::read_configuration(configs, &settings.configuration).await;
-    let material = certs::ensure_secret(secrets, &settings.secret, &settings.wanted).await?;
+    let config = certs::read_configuration(configs, &own.configuration).await;
+    let material = certs::ensure_secret(secrets, secret, &own.wanted).await?;
     let bundle = material.ca_bundle(SystemTime::now());
     let trusted = match config {
         Ok(Some(config)) => match certs::ensure_ca_bundle(configs, &config, &bundle).await {
@@ -130,7 +206,7 @@ async fn renew(
             }
         },
         Ok(None) => {
-            tracing::warn!(configuration = %settings.configuration, "no such MutatingWebhookConfiguration: the API server calls nobody");
+            tracing::warn!(configuration = %own.configuration, "no such MutatingWebhookConfiguration: the API server calls nobody");
             true
         }
         Err(e) => {
@@ -154,21 +230,22 @@ fn moves_to(serving: &certs::Material, next: &certs::Material, trusted: bool) ->
 async fn keep(
     secrets: Api<Secret>,
     configs: Api<MutatingWebhookConfiguration>,
-    settings: Settings,
+    secret: String,
+    own: Own,
     certificate: Arc<server::Reloadable>,
     mut serving: certs::Material,
     shutdown: CancellationToken,
 ) {
     let period =
-        (settings.wanted.lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        (own.wanted.lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        match renew(&secrets, &configs, &settings).await {
+        match renew(&secrets, &configs, &secret, &own).await {
             Ok((next, trusted)) if moves_to(&serving, &next, trusted) => {
-                match certificate.reload(&next) {
+                match certificate.reload(&next.serving()) {
                     Ok(()) => {
                         tracing::info!("serving the renewed webhook certificate");
                         serving = next;
@@ -179,7 +256,9 @@ async fn keep(
                 }
             }
             Ok((next, _)) if next != serving => {
-                tracing::info!("a new webhook CA: its certificate is served once the caBundle holds it")
+                tracing::info!(
+                    "a new webhook CA: its certificate is served once the caBundle holds it"
+                )
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot check the webhook certificate"),

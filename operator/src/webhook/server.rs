@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
-use super::certs::{CertError, Material, TLS_CERT, TLS_KEY};
+use super::certs::{CertError, Serving, TLS_CERT, TLS_KEY};
 use crate::controller::Guarded;
 use crate::crd::IdempotentConsumer;
 
@@ -43,15 +43,21 @@ const LIST: Duration = Duration::from_secs(3);
 pub struct Reloadable(RwLock<Arc<CertifiedKey>>);
 
 impl Reloadable {
-    pub fn new(material: &Material) -> Result<Self, CertError> {
-        Ok(Self(RwLock::new(Arc::new(certified_key(material)?))))
+    pub fn new(serving: &Serving) -> Result<Self, CertError> {
+        Ok(Self(RwLock::new(Arc::new(certified_key(serving)?))))
     }
 
-    /// Serves `material` from the next handshake on.
-    pub fn reload(&self, material: &Material) -> Result<(), CertError> {
-        let key = Arc::new(certified_key(material)?);
+    /// Serves `serving` from the next handshake on.
+    pub fn reload(&self, serving: &Serving) -> Result<(), CertError> {
+        let key = Arc::new(certified_key(serving)?);
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
         Ok(())
+    }
+
+    /// The certificate served now (DER), first of its chain.
+    pub fn current(&self) -> Vec<u8> {
+        let key = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        key.cert.first().map(|c| c.to_vec()).unwrap_or_default()
     }
 }
 
@@ -61,7 +67,7 @@ impl ResolvesServerCert for Reloadable {
     }
 }
 
-fn certified_key(material: &Material) -> Result<CertifiedKey, CertError> {
+fn certified_key(material: &Serving) -> Result<CertifiedKey, CertError> {
     let read = |key, e: &dyn std::fmt::Display| CertError::Read {
         key,
         message: e.to_string(),

@@ -298,10 +298,7 @@ async fn the_ca_bundle_is_patched_into_each_webhook_that_lacks_it_and_only_then(
                 assert_eq!(webhooks.len(), 1, "only the stale one: {p}");
                 assert_eq!(webhooks[0]["name"], "pods-0.idemq.dev");
                 assert_eq!(bundle_of(p, 0), want);
-                assert_eq!(
-                    p["metadata"]["resourceVersion"], "3",
-                    "at the version read"
-                );
+                assert_eq!(p["metadata"]["resourceVersion"], "3", "at the version read");
             }),
             Expect::get(
                 CONFIG,
@@ -372,11 +369,8 @@ fn a_renewed_ca_keeps_the_one_it_replaced_in_the_bundle_until_the_next_renewal()
     assert_eq!(from_secret(&secret), Some(renewed));
 }
 
-fn settings() -> crate::webhook::Settings {
-    crate::webhook::Settings {
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        namespace: "idemq-system".into(),
-        secret: "idemq-webhook-tls".into(),
+fn own() -> crate::webhook::Own {
+    crate::webhook::Own {
         configuration: "idemq".into(),
         wanted: wanted(),
     }
@@ -388,7 +382,10 @@ fn settings() -> crate::webhook::Settings {
 async fn rotate(patched: StatusCode) -> (Material, Material, bool) {
     let old = issued(601 * DAY);
     let (client, handle) = client();
-    let (stored, written) = (old.clone(), std::sync::Arc::new(std::sync::Mutex::new(None)));
+    let (stored, written) = (
+        old.clone(),
+        std::sync::Arc::new(std::sync::Mutex::new(None)),
+    );
     let seen = written.clone();
     let answer = if patched == StatusCode::OK {
         configuration(&[Some(&old.ca)])
@@ -419,7 +416,8 @@ async fn rotate(patched: StatusCode) -> (Material, Material, bool) {
     let (next, trusted) = crate::webhook::renew(
         &kube::Api::namespaced(client.clone(), "idemq-system"),
         &kube::Api::all(client),
-        &settings(),
+        "idemq-webhook-tls",
+        &own(),
     )
     .await
     .expect("renewed");
@@ -446,4 +444,113 @@ async fn a_replica_serves_a_certificate_of_a_new_ca_only_once_the_ca_bundle_hold
         crate::webhook::moves_to(&old, &renewal, false),
         "a renewal by the same CA needs no caBundle change"
     );
+}
+
+const ISSUED: &str = "/api/v1/namespaces/idemq-system/secrets/idemq-webhook-cert";
+
+/// Secret idemq-webhook-cert as cert-manager writes it; `keys` of `m`.
+fn issued_secret(m: &Material, keys: &[&str]) -> Value {
+    let mut data = serde_json::Map::new();
+    for (key, pem) in [(CA_CERT, &m.ca), (TLS_CERT, &m.cert), (TLS_KEY, &m.key)] {
+        if keys.contains(&key) {
+            data.insert(key.into(), json!(ByteString(pem.as_bytes().to_vec())));
+        }
+    }
+    json!({ "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": { "name": "idemq-webhook-cert", "namespace": "idemq-system",
+                          "annotations": { "cert-manager.io/certificate-name": "idemq-operator-webhook" } },
+            "data": data })
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}
+
+#[tokio::test]
+async fn an_externally_issued_certificate_is_only_read_and_its_renewal_served_without_a_restart() {
+    let first = issued(Duration::ZERO);
+    let renewed = plan(Some(&first), &wanted(), SystemTime::now() + 61 * DAY)
+        .expect("plans")
+        .expect("renewed");
+    let all = [CA_CERT, TLS_CERT, TLS_KEY];
+    let (client, handle) = client();
+    // Reads only: a write (or any call on the webhook configuration) would
+    // not match what is expected.
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![
+            Expect::get(ISSUED, StatusCode::OK, issued_secret(&first, &all)),
+            Expect::get(ISSUED, StatusCode::OK, issued_secret(&first, &all)),
+            Expect::get(ISSUED, StatusCode::OK, issued_secret(&renewed, &all)),
+            Expect::get(
+                ISSUED,
+                StatusCode::OK,
+                issued_secret(&renewed, &[CA_CERT, TLS_CERT]),
+            ),
+        ],
+    ));
+    let api = kube::Api::namespaced(client, "idemq-system");
+    let mut serving = read_serving(&api, "idemq-webhook-cert")
+        .await
+        .expect("issued");
+    assert_eq!(serving, first.serving());
+    let certificate = crate::webhook::server::Reloadable::new(&serving).expect("loads");
+    assert!(
+        !crate::webhook::follow_once(&api, "idemq-webhook-cert", &certificate, &mut serving)
+            .await
+            .expect("read"),
+        "unchanged"
+    );
+    assert_eq!(certificate.current(), der(&first.cert));
+    assert!(
+        crate::webhook::follow_once(&api, "idemq-webhook-cert", &certificate, &mut serving)
+            .await
+            .expect("read"),
+        "renewed"
+    );
+    assert_eq!(certificate.current(), der(&renewed.cert), "served at once");
+    let incomplete =
+        crate::webhook::follow_once(&api, "idemq-webhook-cert", &certificate, &mut serving)
+            .await
+            .expect_err("no tls.key");
+    assert!(incomplete.to_string().contains("tls.key"), "{incomplete}");
+    assert_eq!(
+        certificate.current(),
+        der(&renewed.cert),
+        "an incomplete Secret leaves the served certificate alone"
+    );
+    server.await.expect("every request came");
+}
+
+#[tokio::test]
+async fn with_an_external_issuer_the_webhook_starts_on_the_secret_alone() {
+    let first = issued(Duration::ZERO);
+    let (client, handle) = client();
+    let server = tokio::spawn(fixtures::serve(
+        handle,
+        vec![Expect::get(
+            ISSUED,
+            StatusCode::OK,
+            issued_secret(&first, &[CA_CERT, TLS_CERT, TLS_KEY]),
+        )],
+    ));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let settings = crate::webhook::Settings {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        namespace: "idemq-system".into(),
+        secret: "idemq-webhook-cert".into(),
+        issuer: crate::webhook::Issuer::External,
+    };
+    crate::webhook::start(client, settings, "img".into(), shutdown.clone())
+        .await
+        .expect("serves");
+    shutdown.cancel();
+    server
+        .await
+        .expect("one read of the Secret, no CA, no caBundle");
 }
