@@ -373,6 +373,10 @@ pub struct MqttBinding {
     /// How to authenticate (default none).
     #[serde(default)]
     pub auth: MqttAuth,
+    /// A key of the connection Secret holding the PEM CA bundle that
+    /// verifies the broker (with `mqtts://`; default: the system's CAs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<String>,
     /// `v5` (default) or `v3.1.1` (no properties: the key must come from the body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<MqttProtocol>,

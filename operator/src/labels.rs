@@ -48,11 +48,20 @@ pub const MQTT_PASSWORD_KEY: &str = "password";
 /// librdkafka reads a CA location; not a secret, but it lives beside them).
 pub const KAFKA_CA_VOLUME: &str = "idemq-kafka-ca";
 pub const KAFKA_CA_MOUNT: &str = "/etc/idemq-kafka";
-pub const KAFKA_CA_NAME: &str = "ca.crt";
+/// A broker CA bundle's file name in its mount.
+pub const CA_FILE_NAME: &str = "ca.crt";
 
 /// Where the sidecar reads the Kafka CA bundle.
 pub fn kafka_ca_file() -> String {
-    format!("{KAFKA_CA_MOUNT}/{KAFKA_CA_NAME}")
+    format!("{KAFKA_CA_MOUNT}/{CA_FILE_NAME}")
+}
+/// The MQTT CA bundle, mounted from the connection Secret as Kafka's is.
+pub const MQTT_CA_VOLUME: &str = "idemq-mqtt-ca";
+pub const MQTT_CA_MOUNT: &str = "/etc/idemq-mqtt";
+
+/// Where the sidecar reads the MQTT CA bundle.
+pub fn mqtt_ca_file() -> String {
+    format!("{MQTT_CA_MOUNT}/{CA_FILE_NAME}")
 }
 pub const ADMIN_PORT: u16 = 9090;
 pub const GATE_PORT: u16 = 7071;

@@ -148,6 +148,7 @@ impl Connection {
                     url: value(&m.connection_secret_ref.key)?,
                     username,
                     password,
+                    ca_pem: m.ca_key.as_deref().map(value).transpose()?,
                 }))
             }
             None => Err("(no broker in the spec)".to_string()),
@@ -361,6 +362,29 @@ mod tests {
         let connection = Connection::from_secret(&ic, &full).expect("complete");
         assert!(!format!("{connection:?}").contains("p4ss"));
         assert!(!delete_on_cleanup(&ic));
+
+        // A CA bundle named by caKey: the connection check uses it, and a
+        // Secret without it names the key.
+        ic.spec.broker.mqtt.as_mut().expect("mqtt").ca_key = Some("ca.pem".into());
+        assert_eq!(
+            Connection::from_secret(&ic, &full),
+            Err("ca.pem".to_string())
+        );
+        let mut with_ca = full;
+        with_ca.insert("ca.pem".into(), ByteString(b"PEM".to_vec()));
+        let Ok(Connection::Mqtt(c)) = Connection::from_secret(&ic, &with_ca) else {
+            panic!("an MQTT connection");
+        };
+        assert_eq!(c.ca_pem.as_deref(), Some("PEM"));
+        let without = mqtt::Connection {
+            ca_pem: None,
+            ..c.clone()
+        };
+        assert_ne!(
+            c.identity(),
+            without.identity(),
+            "a changed CA is another connection"
+        );
     }
 
     #[test]

@@ -56,13 +56,15 @@ pub struct Connection {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// A PEM bundle of the CAs that verify the broker (`caKey`).
+    pub ca_pem: Option<String>,
 }
 
 impl Connection {
     /// The bytes that tell two connections apart, credentials included.
     pub fn identity(&self) -> Vec<u8> {
         let mut id = self.url.as_bytes().to_vec();
-        for part in [&self.username, &self.password] {
+        for part in [&self.username, &self.password, &self.ca_pem] {
             id.push(0);
             id.extend(part.as_deref().unwrap_or_default().as_bytes());
         }
@@ -77,7 +79,8 @@ pub async fn bind(connection: &Connection, plan: &Plan) -> Result<(), BindError>
         endpoint.user = connection.username.clone();
         endpoint.password = connection.password.clone();
     }
-    match tokio::time::timeout(TIMEOUT, probe(endpoint, plan.protocol, None)).await {
+    let ca = connection.ca_pem.clone().map(String::into_bytes);
+    match tokio::time::timeout(TIMEOUT, probe(endpoint, plan.protocol, ca)).await {
         Ok(Ok(())) => Ok(()),
         // The errors name the endpoint without its credentials.
         Ok(Err(e @ ConnectError::Unreachable { .. })) => Err(BindError::Unreachable(e.to_string())),

@@ -268,7 +268,7 @@ fn mqtt_config(ic: &IdempotentConsumer, mqtt: &MqttBinding) -> Result<MqttConfig
         )?,
         receive_maximum: mqtt.receive_maximum.unwrap_or(100),
         dead_letter_topic: mqtt.dead_letter_topic.clone(),
-        ca_file: None,
+        ca_file: mqtt.ca_key.as_ref().map(|_| labels::mqtt_ca_file()),
     })
 }
 

@@ -267,35 +267,43 @@ fn read_only_mount(name: &str, path: &str) -> VolumeMount {
 }
 
 /// The sidecar's volumes and their mounts: its configuration, and the Kafka
-/// CA bundle when the connection Secret holds one (pipeline mode).
+/// or MQTT CA bundle when the connection Secret holds one (pipeline mode).
 fn volumes(ic: &IdempotentConsumer) -> Vec<(Volume, VolumeMount)> {
     let mut volumes = vec![(
         config_volume(ic),
         read_only_mount(labels::CONFIG_VOLUME, labels::CONFIG_MOUNT),
     )];
+    let pipeline = ic.spec.delivery.mode == DeliveryMode::Http;
     let ca = match ic.spec.broker.kind() {
-        Some(BrokerKind::Kafka(kafka)) if ic.spec.delivery.mode == DeliveryMode::Http => {
+        Some(BrokerKind::Kafka(kafka)) if pipeline => {
             let r = &kafka.connection_secret_ref;
-            r.ca_key.as_ref().map(|key| (r.name.clone(), key.clone()))
+            r.ca_key.as_ref().map(|key| {
+                let volume = (labels::KAFKA_CA_VOLUME, labels::KAFKA_CA_MOUNT);
+                (r.name.clone(), key.clone(), volume)
+            })
         }
+        Some(BrokerKind::Mqtt(mqtt)) if pipeline => mqtt.ca_key.as_ref().map(|key| {
+            let volume = (labels::MQTT_CA_VOLUME, labels::MQTT_CA_MOUNT);
+            (mqtt.connection_secret_ref.name.clone(), key.clone(), volume)
+        }),
         _ => None,
     };
-    if let Some((secret, key)) = ca {
+    if let Some((secret, key, (volume, mount))) = ca {
         volumes.push((
             Volume {
-                name: labels::KAFKA_CA_VOLUME.to_string(),
+                name: volume.to_string(),
                 secret: Some(SecretVolumeSource {
                     secret_name: Some(secret),
                     items: Some(vec![KeyToPath {
                         key,
-                        path: labels::KAFKA_CA_NAME.to_string(),
+                        path: labels::CA_FILE_NAME.to_string(),
                         ..KeyToPath::default()
                     }]),
                     ..SecretVolumeSource::default()
                 }),
                 ..Volume::default()
             },
-            read_only_mount(labels::KAFKA_CA_VOLUME, labels::KAFKA_CA_MOUNT),
+            read_only_mount(volume, mount),
         ));
     }
     volumes
@@ -682,6 +690,47 @@ mod tests {
                 .expect("a CA file")
         );
         assert_eq!(mount["readOnly"], true);
+    }
+
+    #[test]
+    fn an_mqtt_ca_bundle_is_mounted_from_the_connection_secret_where_the_config_says() {
+        let mut ic = sample::mqtt_policy();
+        let pod = |ic: &IdempotentConsumer| {
+            workload_patch(ic, "abc", Some("def"), "img").expect("a workload")["spec"]["template"]
+                ["spec"]
+                .clone()
+        };
+        assert_eq!(
+            pod(&ic)["volumes"].as_array().map(Vec::len),
+            Some(1),
+            "no CA volume without caKey"
+        );
+        let mqtt = ic.spec.broker.mqtt.as_mut().expect("mqtt");
+        mqtt.ca_key = Some("ca.pem".into());
+        let secret = mqtt.connection_secret_ref.name.clone();
+        let pod = pod(&ic);
+        assert_eq!(pod["volumes"][1]["name"], labels::MQTT_CA_VOLUME);
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], secret.as_str());
+        assert_eq!(pod["volumes"][1]["secret"]["items"][0]["key"], "ca.pem");
+        let mount = &pod["initContainers"][0]["volumeMounts"][1];
+        assert_eq!(mount["name"], labels::MQTT_CA_VOLUME);
+        assert_eq!(mount["readOnly"], true);
+        let path = format!(
+            "{}/{}",
+            mount["mountPath"].as_str().unwrap_or_default(),
+            pod["volumes"][1]["secret"]["items"][0]["path"]
+                .as_str()
+                .unwrap_or_default()
+        );
+        assert_eq!(
+            Some(path),
+            crate::render::config::sidecar_config(&ic)
+                .expect("renders")
+                .broker
+                .and_then(|b| b.mqtt)
+                .and_then(|m| m.ca_file),
+            "the sidecar reads the CA where it is mounted"
+        );
     }
 
     #[test]
