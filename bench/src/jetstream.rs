@@ -6,8 +6,8 @@
 //!   the sidecar's consumer settings ([`consumer_config`]: explicit acks,
 //!   MaxAckPending = `--prefetch`) and its pull loop (batches of at most
 //!   MaxAckPending minus what is in flight, 256 at most, 1 s expiry);
-//! - `naive`: one message at a time, `SET key 1 NX EX`, POST, then an ack
-//!   that waits for the server's confirmation.
+//! - `naive`: one message at a time, the naive step (`naive.rs`), then an
+//!   ack that waits for the server's confirmation.
 //!
 //! Each message's key travels in the header `Bench-Key`, not `Nats-Msg-Id`:
 //! JetStream would drop the repeated ids at publish (its duplicate window is
@@ -235,22 +235,19 @@ pub async fn raw(
     }
 }
 
-/// The tutorial consumer: one message at a time, SET NX EX, POST, ack
+/// The tutorial consumer: one message at a time, the naive step, an ack
 /// confirmed by the server.
 pub async fn naive(
     stream: String,
     max_ack_pending: u16,
     url: String,
-    prefix: String,
-    redis_url: &'static str,
-    sent_header: &'static str,
+    run_id: String,
     stop: CancellationToken,
 ) {
     let result: anyhow::Result<()> = async {
         let consumer = consumer(&stream, max_ack_pending).await?;
         let mut messages = consumer.messages().await?;
-        let mut redis = crate::redis_admin::connection(redis_url).await?;
-        let http = reqwest::Client::new();
+        let mut naive = crate::naive::Naive::connect(url, &run_id).await?;
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -259,24 +256,8 @@ pub async fn naive(
             let Some(message) = next else { break };
             let message = message.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
             let id = header(&message, KEY_HEADER).unwrap_or_default();
-            let fresh: Option<String> = redis::cmd("SET")
-                .arg(format!("{prefix}{id}"))
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
-                .arg(86400)
-                .query_async(&mut redis)
-                .await?;
-            if fresh.is_some() {
-                let mut request = http
-                    .post(&url)
-                    .header("idempotency-key", &id)
-                    .body(message.payload.clone());
-                if let Some(sent) = header(&message, sent_header) {
-                    request = request.header(sent_header, sent);
-                }
-                request.send().await?;
-            }
+            let sent = header(&message, crate::pipeline::SENT_HEADER);
+            naive.step(&id, message.payload.clone(), sent).await?;
             message
                 .double_ack()
                 .await

@@ -6,8 +6,8 @@
 //!   lowest unsettled record, every second, after every `maxInFlight`
 //!   settlements, and when idle with everything settled), the same `Offsets`
 //!   tracker as the sidecar;
-//! - `naive`: one record at a time, `SET key 1 NX EX`, POST, synchronous
-//!   commit after each record.
+//! - `naive`: one record at a time, the naive step (`naive.rs`), a
+//!   synchronous commit after each record.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -301,19 +301,12 @@ pub async fn raw(
     }
 }
 
-/// The tutorial consumer: one record at a time, SET NX EX, POST, commit.
-pub async fn naive(
-    topic: String,
-    url: String,
-    prefix: String,
-    redis_url: &'static str,
-    sent_header: &'static str,
-    stop: CancellationToken,
-) {
+/// The tutorial consumer: one record at a time, the naive step, a
+/// synchronous commit.
+pub async fn naive(topic: String, url: String, run_id: String, stop: CancellationToken) {
     let result: anyhow::Result<()> = async {
         let consumer = consumer(&topic)?;
-        let mut redis = crate::redis_admin::connection(redis_url).await?;
-        let http = reqwest::Client::new();
+        let mut naive = crate::naive::Naive::connect(url, &run_id).await?;
         loop {
             let message = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -323,24 +316,10 @@ pub async fn naive(
                 .key()
                 .map(|k| String::from_utf8_lossy(k).into_owned())
                 .unwrap_or_default();
-            let fresh: Option<String> = redis::cmd("SET")
-                .arg(format!("{prefix}{id}"))
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
-                .arg(86400)
-                .query_async(&mut redis)
+            let body = message.payload().unwrap_or_default().to_vec();
+            naive
+                .step(&id, body, sent(&message, crate::pipeline::SENT_HEADER))
                 .await?;
-            if fresh.is_some() {
-                let mut request = http
-                    .post(&url)
-                    .header("idempotency-key", &id)
-                    .body(message.payload().unwrap_or_default().to_vec());
-                if let Some(sent) = sent(&message, sent_header) {
-                    request = request.header(sent_header, sent);
-                }
-                request.send().await?;
-            }
             consumer.commit_message(&message, CommitMode::Sync)?;
         }
         Ok(())

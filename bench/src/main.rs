@@ -7,7 +7,9 @@ mod jetstream;
 mod kafka;
 mod key_memory;
 mod mqtt;
+mod naive;
 mod pipeline;
+mod pubsub;
 mod redis_admin;
 
 use clap::{Parser, Subcommand};

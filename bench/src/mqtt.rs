@@ -6,7 +6,9 @@
 //! - `raw`: the sidecar's own MQTT client (the same options: MQTT 5, a
 //!   persistent session, Receive Maximum = `--prefetch`, manual acks) →
 //!   HTTP POST → PUBACK in arrival order, the sidecar's `InOrder` tracker;
-//!   no dedup.
+//!   no dedup;
+//! - `naive`: the same client with Receive Maximum 1 (one message at a
+//!   time), the naive step (`naive.rs`) on the correlation data, PUBACK.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -212,6 +214,19 @@ impl Drop for Topic {
     }
 }
 
+/// The options of a scenario's consumer session: the sidecar's.
+fn options(port: u16, client_id: String, receive_maximum: u16) -> anyhow::Result<Options> {
+    Ok(Options {
+        endpoint: Endpoint::parse(&format!("mqtt://127.0.0.1:{port}"))
+            .map_err(anyhow::Error::msg)?,
+        protocol: MqttProtocol::V5,
+        client_id,
+        session_expiry: Some(Duration::from_secs(3600)),
+        receive_maximum,
+        ca: None,
+    })
+}
+
 /// The raw baseline: the sidecar's MQTT client and PUBACK order, no dedup.
 pub async fn raw(
     port: u16,
@@ -223,15 +238,7 @@ pub async fn raw(
     stop: CancellationToken,
 ) {
     let result: anyhow::Result<()> = async {
-        let options = Options {
-            endpoint: Endpoint::parse(&format!("mqtt://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?,
-            protocol: MqttProtocol::V5,
-            client_id,
-            session_expiry: Some(Duration::from_secs(3600)),
-            receive_maximum,
-            ca: None,
-        };
-        let (conn, mut events) = Connection::open(&options).await?;
+        let (conn, mut events) = Connection::open(&options(port, client_id, receive_maximum)?).await?;
         conn.subscribe(&[filter]).await.map_err(anyhow::Error::msg)?;
         let http = reqwest::Client::new();
         let order = Arc::new(Mutex::new(InOrder::default()));
@@ -273,5 +280,55 @@ pub async fn raw(
     .await;
     if let Err(e) = result {
         eprintln!("raw mqtt consumer failed: {e:#}");
+    }
+}
+
+/// The tutorial consumer: one message at a time, the naive step on the
+/// correlation data (the message's id), PUBACK.
+pub async fn naive(
+    port: u16,
+    client_id: String,
+    filter: String,
+    url: String,
+    run_id: String,
+    stop: CancellationToken,
+) {
+    let result: anyhow::Result<()> = async {
+        let (conn, mut events) = Connection::open(&options(port, client_id, 1)?).await?;
+        conn.subscribe(&[filter])
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut naive = crate::naive::Naive::connect(url, &run_id).await?;
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => break,
+                event = events.recv() => event,
+            };
+            match event {
+                Some(Event::Message(m)) => {
+                    let id = m
+                        .correlation_data
+                        .as_ref()
+                        .map(|id| String::from_utf8_lossy(id).into_owned())
+                        .unwrap_or_default();
+                    let sent = m
+                        .user_properties
+                        .iter()
+                        .find(|(k, _)| k == crate::pipeline::SENT_HEADER)
+                        .map(|(_, v)| v.clone());
+                    naive.step(&id, m.payload, sent).await?;
+                    conn.ack(m.pkid).await.map_err(anyhow::Error::msg)?;
+                }
+                Some(Event::Ended(reason)) => bail!("the connection ended: {reason:?}"),
+                Some(Event::Subscribed { .. }) => {}
+                None => break,
+            }
+        }
+        conn.close(&mut events).await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("naive mqtt consumer failed: {e:#}");
     }
 }

@@ -5,14 +5,16 @@
 //! - `raw`: a lapin consumer → HTTP POST → ack, no dedup, with idemq's prefetch,
 //!   concurrency and batched `multiple` acks (the honest baseline);
 //! - `idemq`: the sidecar binary with the Redis store;
-//! - `naive`: the tutorial consumer: prefetch 1, `SET key 1 NX EX`, POST, ack;
+//! - `naive`: the tutorial consumer: prefetch 1, the naive step (`naive.rs`:
+//!   `SET key 1 NX EX`, POST), ack;
 //! - `idemq-memory`: the sidecar binary with the in-memory store.
 //!
 //! `--broker kafka` runs the same scenarios on a topic of the Kafka broker
 //! on 127.0.0.1:9092 (see `kafka.rs` for its raw and naive consumers),
 //! `--broker jetstream` on a stream of the NATS server on 127.0.0.1:4222
-//! (see `jetstream.rs`); `--broker mqtt` runs raw and idemq on a Mosquitto
-//! of its own per scenario (see `mqtt.rs`).
+//! (see `jetstream.rs`), `--broker mqtt` on a Mosquitto of its own per
+//! scenario (see `mqtt.rs`), `--broker pubsub` on a subscription of the
+//! Pub/Sub emulator on 127.0.0.1:8085 (see `pubsub.rs`).
 //!
 //! Throughput is measured draining a backlog (all messages published first).
 //! Latency is measured separately on a paced stream (a fixed publish rate well
@@ -34,15 +36,15 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const REDIS: &str = "redis://127.0.0.1:6379";
-const SENT_HEADER: &str = "x-bench-sent-us";
+pub(crate) const REDIS: &str = "redis://127.0.0.1:6379";
+pub(crate) const SENT_HEADER: &str = "x-bench-sent-us";
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
     /// The broker: `rabbitmq` (127.0.0.1:5672), `kafka` (127.0.0.1:9092) or
-    /// `jetstream` (NATS on 127.0.0.1:4222) or `mqtt` (a Mosquitto of its
-    /// own per scenario).
-    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka", "jetstream", "mqtt"])]
+    /// `jetstream` (NATS on 127.0.0.1:4222), `mqtt` (a Mosquitto of its
+    /// own per scenario) or `pubsub` (the Pub/Sub emulator on 127.0.0.1:8085).
+    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub"])]
     pub broker: String,
     /// Messages in the backlog (throughput) phase.
     #[arg(long, default_value_t = 100_000)]
@@ -232,10 +234,11 @@ async fn scenario_run(
     broker.wait_settled().await?;
     // From the first delivery: a consumer's start-up is not its throughput.
     // Mosquitto reports what it holds once a second, too coarse to time the
-    // last acks by: its figure ends at the last delivery (what is left then
-    // is at most Receive Maximum PUBACKs).
+    // last acks by, and the Pub/Sub emulator reports no backlog at all: their
+    // figures end at the last delivery (what is left then is at most Receive
+    // Maximum PUBACKs, or maxOutstandingMessages acks).
     let elapsed = match broker {
-        Topology::Mqtt(_) => delivered_after,
+        Topology::Mqtt(_) | Topology::PubSub(_) => delivered_after,
         _ => app.since_first(),
     };
     let cpu = CpuSample::take(&mut redis_admin, broker.process())
@@ -300,7 +303,7 @@ async fn scenario_run(
         &format!("idemq:{{bench-{run_id}-{scenario}}}:"),
     )
     .await?;
-    crate::redis_admin::delete_prefix(&mut redis_admin, &format!("naive:{run_id}:")).await?;
+    crate::redis_admin::delete_prefix(&mut redis_admin, &crate::naive::prefix(run_id)).await?;
     Ok(figures)
 }
 
@@ -473,7 +476,7 @@ pub(crate) fn now_us() -> u64 {
 }
 
 /// CPU seconds used so far: by the whole machine (busy time of all cores),
-/// by the broker (its processes: `beam.smp`, `tansu`), by Redis (its own INFO)
+/// by the broker (its processes: `beam.smp`, `tansu`, …), by Redis (its own INFO)
 /// and by this process.
 #[derive(Default)]
 struct CpuSample {
@@ -486,7 +489,7 @@ struct CpuSample {
 impl CpuSample {
     async fn take(
         redis: &mut redis::aio::MultiplexedConnection,
-        broker_process: &str,
+        (broker_process, broker_command): (&str, &str),
     ) -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         let busy: u64 = stat
@@ -506,7 +509,10 @@ impl CpuSample {
                 continue;
             };
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == broker_process {
+            let command = || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if comm.trim() == broker_process
+                && String::from_utf8_lossy(&command()).contains(broker_command)
+            {
                 broker += process_usage(pid).map(|(_, cpu)| cpu).unwrap_or(0.0);
             }
         }
@@ -657,6 +663,7 @@ enum Topology {
     Kafka(crate::kafka::Topic),
     JetStream(crate::jetstream::Stream),
     Mqtt(crate::mqtt::Topic),
+    PubSub(crate::pubsub::Subscription),
 }
 
 impl Topology {
@@ -672,6 +679,11 @@ impl Topology {
         }
         if args.broker == "mqtt" {
             return Ok(Self::Mqtt(crate::mqtt::Topic::create(queue).await?));
+        }
+        if args.broker == "pubsub" {
+            return Ok(Self::PubSub(
+                crate::pubsub::Subscription::create(queue).await?,
+            ));
         }
         let broker = Broker::connect().await?;
         broker.declare(queue, dlx).await?;
@@ -695,6 +707,7 @@ impl Topology {
             Self::Kafka(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::JetStream(stream) => stream.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::Mqtt(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
+            Self::PubSub(subscription) => subscription.publish_all(ids, body, rate).await,
         }
     }
 
@@ -705,16 +718,21 @@ impl Topology {
             Self::Kafka(topic) => topic.wait_committed().await,
             Self::JetStream(stream) => stream.wait_settled().await,
             Self::Mqtt(topic) => topic.wait_settled().await,
+            // The emulator reports no backlog (Google Cloud's is a
+            // Monitoring metric): nothing to wait for.
+            Self::PubSub(_) => Ok(()),
         }
     }
 
-    /// The broker's process name, for its CPU time.
-    fn process(&self) -> &'static str {
+    /// The broker's processes, for their CPU time: the process name, and a
+    /// word of the command line (the emulator is one Java process of many).
+    fn process(&self) -> (&'static str, &'static str) {
         match self {
-            Self::RabbitMq { .. } => "beam.smp",
-            Self::Kafka(_) => "tansu",
-            Self::JetStream(_) => "nats-server",
-            Self::Mqtt(_) => "mosquitto",
+            Self::RabbitMq { .. } => ("beam.smp", ""),
+            Self::Kafka(_) => ("tansu", ""),
+            Self::JetStream(_) => ("nats-server", ""),
+            Self::Mqtt(_) => ("mosquitto", ""),
+            Self::PubSub(_) => ("java", "pubsub-emulator"),
         }
     }
 
@@ -724,6 +742,7 @@ impl Topology {
             Self::Kafka(topic) => topic.delete().await,
             Self::JetStream(stream) => stream.delete().await,
             Self::Mqtt(topic) => topic.delete().await,
+            Self::PubSub(subscription) => subscription.delete().await,
         }
     }
 }
@@ -872,90 +891,69 @@ impl Consumer {
         run_id: &str,
     ) -> anyhow::Result<Self> {
         let stop = tokio_util::sync::CancellationToken::new();
-        if args.broker == "kafka" && matches!(scenario, "raw" | "naive") {
-            let topic = queue.to_string();
-            let task = if scenario == "raw" {
-                tokio::spawn(crate::kafka::raw(
-                    topic,
+        if matches!(scenario, "raw" | "naive") {
+            let (name, url, run_id) = (queue.to_string(), app.url(), run_id.to_string());
+            let naive = scenario == "naive";
+            let task = match topology {
+                Topology::RabbitMq { .. } if naive => {
+                    tokio::spawn(self::naive(name, url, run_id, stop.clone()))
+                }
+                Topology::RabbitMq { .. } => {
+                    tokio::spawn(raw(name, args.prefetch, url, stop.clone()))
+                }
+                Topology::Kafka(_) if naive => {
+                    tokio::spawn(crate::kafka::naive(name, url, run_id, stop.clone()))
+                }
+                Topology::Kafka(_) => tokio::spawn(crate::kafka::raw(
+                    name,
                     args.prefetch,
-                    app.url(),
+                    url,
                     SENT_HEADER,
                     stop.clone(),
-                ))
-            } else {
-                tokio::spawn(crate::kafka::naive(
-                    topic,
-                    app.url(),
-                    format!("naive:{run_id}:"),
-                    REDIS,
+                )),
+                Topology::JetStream(_) if naive => tokio::spawn(crate::jetstream::naive(
+                    name,
+                    args.prefetch,
+                    url,
+                    run_id,
+                    stop.clone(),
+                )),
+                Topology::JetStream(_) => tokio::spawn(crate::jetstream::raw(
+                    name,
+                    args.prefetch,
+                    url,
                     SENT_HEADER,
                     stop.clone(),
-                ))
+                )),
+                Topology::Mqtt(topic) if naive => tokio::spawn(crate::mqtt::naive(
+                    topic.port,
+                    topic.client_id(),
+                    topic.filter(),
+                    url,
+                    run_id,
+                    stop.clone(),
+                )),
+                Topology::Mqtt(topic) => tokio::spawn(crate::mqtt::raw(
+                    topic.port,
+                    topic.client_id(),
+                    topic.filter(),
+                    args.prefetch,
+                    url,
+                    SENT_HEADER,
+                    stop.clone(),
+                )),
+                Topology::PubSub(subscription) => {
+                    let settings = crate::pubsub::settings(subscription, args.prefetch);
+                    if naive {
+                        tokio::spawn(crate::pubsub::naive(settings, url, run_id, stop.clone()))
+                    } else {
+                        tokio::spawn(crate::pubsub::raw(settings, url, stop.clone()))
+                    }
+                }
             };
             return Ok(Self::InProcess(task, stop));
-        }
-        if args.broker == "jetstream" && matches!(scenario, "raw" | "naive") {
-            let stream = queue.to_string();
-            let task = if scenario == "raw" {
-                tokio::spawn(crate::jetstream::raw(
-                    stream,
-                    args.prefetch,
-                    app.url(),
-                    SENT_HEADER,
-                    stop.clone(),
-                ))
-            } else {
-                tokio::spawn(crate::jetstream::naive(
-                    stream,
-                    args.prefetch,
-                    app.url(),
-                    format!("naive:{run_id}:"),
-                    REDIS,
-                    SENT_HEADER,
-                    stop.clone(),
-                ))
-            };
-            return Ok(Self::InProcess(task, stop));
-        }
-        if let Topology::Mqtt(topic) = topology {
-            match scenario {
-                "raw" => {
-                    let task = tokio::spawn(crate::mqtt::raw(
-                        topic.port,
-                        topic.client_id(),
-                        topic.filter(),
-                        args.prefetch,
-                        app.url(),
-                        SENT_HEADER,
-                        stop.clone(),
-                    ));
-                    return Ok(Self::InProcess(task, stop));
-                }
-                "naive" => {
-                    bail!("no naive consumer for mqtt: run --scenarios raw,idemq,idemq-memory")
-                }
-                _ => {}
-            }
         }
         Ok(match scenario {
-            "raw" => Self::InProcess(
-                tokio::spawn(raw(
-                    queue.to_string(),
-                    args.prefetch,
-                    app.url(),
-                    stop.clone(),
-                )),
-                stop,
-            ),
-            "naive" => Self::InProcess(
-                tokio::spawn(naive(
-                    queue.to_string(),
-                    app.url(),
-                    format!("naive:{run_id}:"),
-                    stop.clone(),
-                )),
-                stop,
-            ),
             "idemq" | "idemq-memory" => {
                 Self::Sidecar(sidecar(args, scenario, topology, queue, dlx, app, run_id)?)
             }
@@ -1002,7 +1000,17 @@ fn sidecar(
     } else {
         "memory"
     };
-    let broker = if let Topology::Mqtt(topic) = topology {
+    let broker = if let Topology::PubSub(subscription) = topology {
+        let pubsub = crate::pubsub::settings(subscription, args.prefetch);
+        format!(
+            "dedup:\n  key:\n    from: attribute\n    name: {}\nbroker:\n  pubsub:\n    project: {}\n    subscription: {}\n    maxOutstandingMessages: {}\n    deadLetterTopic: {}\n",
+            crate::pubsub::KEY_ATTRIBUTE,
+            pubsub.project,
+            pubsub.subscription,
+            pubsub.max_outstanding_messages,
+            pubsub.dead_letter_topic.unwrap_or_default()
+        )
+    } else if let Topology::Mqtt(topic) = topology {
         format!(
             "broker:\n  mqtt:\n    clientId: {}\n    topics: [{}]\n    receiveMaximum: {}\n    deadLetterTopic: {queue}/dead\n",
             topic.client_id(),
@@ -1049,6 +1057,7 @@ fn sidecar(
             },
         )
         .env("IDEMQ_KAFKA_BOOTSTRAP_SERVERS", crate::kafka::BOOTSTRAP)
+        .env("PUBSUB_EMULATOR_HOST", crate::pubsub::EMULATOR)
         .env("IDEMQ_REDIS_URL", REDIS)
         .env(
             "IDEMQ_LOG",
@@ -1122,11 +1131,12 @@ async fn raw(queue: String, prefetch: u16, url: String, stop: tokio_util::sync::
     }
 }
 
-/// The tutorial consumer: one message at a time, SET NX EX, POST, ack.
+/// The tutorial consumer: one message at a time (prefetch 1), the naive
+/// step, ack.
 async fn naive(
     queue: String,
     url: String,
-    prefix: String,
+    run_id: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let result: anyhow::Result<()> = async {
@@ -1141,8 +1151,7 @@ async fn naive(
                 FieldTable::default(),
             )
             .await?;
-        let mut redis = crate::redis_admin::connection(REDIS).await?;
-        let http = reqwest::Client::new();
+        let mut naive = crate::naive::Naive::connect(url, &run_id).await?;
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -1156,24 +1165,9 @@ async fn naive(
                 .as_ref()
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_default();
-            let fresh: Option<String> = redis::cmd("SET")
-                .arg(format!("{prefix}{id}"))
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
-                .arg(86400)
-                .query_async(&mut redis)
+            naive
+                .step(&id, delivery.data.clone(), sent_header(&delivery))
                 .await?;
-            if fresh.is_some() {
-                let mut request = http
-                    .post(&url)
-                    .header("idempotency-key", &id)
-                    .body(delivery.data.clone());
-                if let Some(sent) = sent_header(&delivery) {
-                    request = request.header(SENT_HEADER, sent);
-                }
-                request.send().await?;
-            }
             delivery.ack(BasicAckOptions::default()).await?;
         }
         Ok(())

@@ -221,17 +221,7 @@ impl Source {
         let settings = self.settings(&subscription).await?;
         let deadline = ack_deadline(settings.ack_deadline_seconds, self.config.dedup.lease);
         let stream = subscription
-            .subscribe(Some(
-                SubscribeConfig::default()
-                    .with_channel_capacity(BUFFERED)
-                    .with_subscriber_config(SubscriberConfig {
-                        stream_ack_deadline_seconds: deadline,
-                        max_outstanding_messages: i64::from(self.pubsub.max_outstanding_messages),
-                        max_outstanding_bytes: i64::try_from(self.pubsub.max_outstanding_bytes)
-                            .unwrap_or(i64::MAX),
-                        ..SubscriberConfig::default()
-                    }),
-            ))
+            .subscribe(Some(subscribe_config(&self.pubsub, deadline)))
             .await
             .map_err(|source| SourceError::Subscription {
                 subscription: self.pubsub.subscription.clone(),
@@ -437,6 +427,19 @@ pub async fn connect(
         }
     }
     Client::new(config).await.map_err(SourceError::Connect)
+}
+
+/// The streaming pull's settings: the flow control of `pubsub`, the ack
+/// deadline the sidecar keeps, and few messages buffered in the client.
+pub fn subscribe_config(pubsub: &PubSubConfig, deadline: i32) -> SubscribeConfig {
+    SubscribeConfig::default()
+        .with_channel_capacity(BUFFERED)
+        .with_subscriber_config(SubscriberConfig {
+            stream_ack_deadline_seconds: deadline,
+            max_outstanding_messages: i64::from(pubsub.max_outstanding_messages),
+            max_outstanding_bytes: i64::try_from(pubsub.max_outstanding_bytes).unwrap_or(i64::MAX),
+            ..SubscriberConfig::default()
+        })
 }
 
 /// The ack deadline the sidecar keeps: the subscription's, or the claim
