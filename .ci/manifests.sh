@@ -112,3 +112,18 @@ if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/mqtt
 fi
 grep -q "3.1.1 messages have no properties" "$out/cel-mqtt.txt" || { cat "$out/cel-mqtt.txt" >&2; exit 1; }
 grep FAIL "$out/cel-mqtt.txt"
+
+echo "== the CRD's CEL rules refuse rollout: evict with injection: workload"
+$PY - examples/rabbitmq-managed-redis.yaml "$out/rollout-workload.yaml" <<'PY'
+import sys, yaml
+ic = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+ic["spec"]["rollout"] = "evict"
+yaml.safe_dump(ic, open(sys.argv[2], "w"))
+PY
+if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/rollout-workload.yaml" > "$out/cel-rollout.txt"; then
+  cat "$out/cel-rollout.txt" >&2
+  echo "rollout: evict with injection: workload was accepted" >&2
+  exit 1
+fi
+grep -q "rollout: evict is for injection: pod" "$out/cel-rollout.txt" || { cat "$out/cel-rollout.txt" >&2; exit 1; }
+grep FAIL "$out/cel-rollout.txt"

@@ -70,6 +70,9 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
     "self.injection == 'pod' ? (has(self.target.selector) && !has(self.target.kind) && !has(self.target.name)) : (has(self.target.kind) && has(self.target.name) && !has(self.target.selector))"
 ).message("injection: workload names the workload (target.kind and target.name); injection: pod selects the pods (target.selector, alone)"))]
 #[x_kube(validation = kube::core::Rule::new(
+    "!has(self.rollout) || self.rollout == 'manual' || self.injection == 'pod'"
+).message("rollout: evict is for injection: pod; with injection: workload a changed configuration rolls the pods by itself"))]
+#[x_kube(validation = kube::core::Rule::new(
     "self.injection == oldSelf.injection"
 ).message("spec.injection cannot change: delete the resource (which withdraws its sidecar) and create it again"))]
 #[x_kube(validation = kube::core::Rule::new(
@@ -116,6 +119,26 @@ pub struct IdempotentConsumerSpec {
     /// without one. See the README's "Traces".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traces: Option<idemq_sidecar::config::TracesConfig>,
+    /// With injection: pod, how running pods take a changed configuration:
+    /// manual (the default: when they are re-created) or evict (the operator
+    /// evicts the stale pods one at a time, honouring PodDisruptionBudgets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// With injection: pod, how running pods take a changed configuration (the
+/// webhook only sees pods being created). `manual`: when they are re-created
+/// (`kubectl rollout restart`). `evict`: the operator evicts the stale pods
+/// one at a time through the Eviction API, which honours
+/// PodDisruptionBudgets, and only while every other pod of the resource is
+/// ready; their owners re-create them with the current sidecar. Only pods
+/// that a ReplicaSet, StatefulSet or DaemonSet re-creates are evicted; the
+/// workload objects are never written.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Rollout {
+    Manual,
+    Evict,
 }
 
 /// `workload`: the operator adds the sidecar to the target workload's pod

@@ -70,6 +70,7 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         "== has(self.saslMechanism)",
         "self.injection == 'pod' ? (has(self.target.selector)",
         "self.injection == oldSelf.injection",
+        "self.rollout == 'manual' || self.injection == 'pod'",
     ] {
         assert!(schema.contains(rule), "missing CEL rule {rule}");
     }

@@ -20,6 +20,7 @@
 mod bounds;
 mod broker;
 pub mod pods;
+pub mod rollout;
 #[cfg(test)]
 mod scenarios;
 pub mod secrets;
@@ -45,7 +46,7 @@ use kube::{Client, ResourceExt};
 
 use crate::broker::Binder;
 use crate::crd::conditions::*;
-use crate::crd::{IdempotentConsumer, Injection};
+use crate::crd::{IdempotentConsumer, Injection, Rollout};
 use crate::labels::{self, FINALIZER, MANAGER};
 use crate::metrics::Metrics;
 use crate::render::{self, RenderError};
@@ -143,19 +144,21 @@ impl Context {
             .push(cache);
     }
 
+    /// The cached pods (trimmed), of every watched scope.
+    fn pods(&self) -> Vec<Arc<Pod>> {
+        let caches = self.pod_caches.lock().unwrap_or_else(|e| e.into_inner());
+        caches.iter().flat_map(|cache| cache.state()).collect()
+    }
+
     /// The running pods of `ic` and those with configuration `hash`, from
     /// the cached pods.
     fn pod_counts(&self, ic: &IdempotentConsumer, hash: &str) -> pods::Counts {
-        let caches = self.pod_caches.lock().unwrap_or_else(|e| e.into_inner());
-        let pods: Vec<Arc<Pod>> = caches.iter().flat_map(|cache| cache.state()).collect();
-        pods::counts(ic, hash, pods.iter().map(|p| p.as_ref()))
+        pods::counts(ic, hash, self.pods().iter().map(|p| p.as_ref()))
     }
 
     /// The SidecarsReady verdict of `ic` from the cached pods.
     fn sidecars_ready(&self, ic: &IdempotentConsumer) -> Verdict {
-        let caches = self.pod_caches.lock().unwrap_or_else(|e| e.into_inner());
-        let pods: Vec<Arc<Pod>> = caches.iter().flat_map(|cache| cache.state()).collect();
-        pods::sidecars_ready(ic, pods.iter().map(|p| p.as_ref()))
+        pods::sidecars_ready(ic, self.pods().iter().map(|p| p.as_ref()))
     }
 
     /// The other resources of `ic`'s namespace that name the same target.
@@ -519,7 +522,16 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
         };
         publish(ctx, ic, type_, v.reason, v.message).await;
     }
-    Ok(ctx.requeue(ic, all_ok))
+    // rollout: evict takes the running pods to the configuration just
+    // recorded, one at a time.
+    let retry = match ic.spec.rollout {
+        Some(Rollout::Evict) if ic.spec.injection == Injection::Pod && injected.ok => {
+            rollout::step(ic, ctx, &ns, &hash).await
+        }
+        _ => None,
+    };
+    let action = ctx.requeue(ic, all_ok);
+    Ok(retry.map(Action::requeue).unwrap_or(action))
 }
 
 /// Cleanup, in the reverse order: the sidecar first (so no pod consumes

@@ -30,17 +30,23 @@ use crate::labels;
 /// Not-ready pods named in the condition's message; the rest are counted.
 const NAMED: usize = 5;
 
-/// Keeps only what [`sidecars_ready`] and [`counts`] read, so that a cache
-/// of many pods stays small: labels, the config-hash annotation, the
-/// sidecar's place among the init containers, the phase and the sidecar's
-/// status.
+/// Keeps only what [`sidecars_ready`], [`counts`] and the roll
+/// ([`super::rollout`]) read, so that a cache of many pods stays small:
+/// labels, the config-hash annotation, the controlling owner, the sidecar's
+/// place among the init containers, the phase, the Ready condition and the
+/// sidecar's status.
 pub fn trim(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = pod.metadata.annotations.take().and_then(|mut a| {
         let hash = a.remove(labels::CONFIG_HASH)?;
         Some(BTreeMap::from([(labels::CONFIG_HASH.to_string(), hash)]))
     });
-    pod.metadata.owner_references = None;
+    pod.metadata.owner_references = pod.metadata.owner_references.take().map(|owners| {
+        owners
+            .into_iter()
+            .filter(|o| o.controller == Some(true))
+            .collect()
+    });
     let has_sidecar = pod
         .spec
         .as_ref()
@@ -55,6 +61,9 @@ pub fn trim(pod: &mut Pod) {
     });
     pod.status = pod.status.take().map(|status| PodStatus {
         phase: status.phase,
+        conditions: status
+            .conditions
+            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
         init_container_statuses: status.init_container_statuses.map(|statuses| {
             statuses
                 .into_iter()
@@ -74,8 +83,22 @@ fn injected(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.name == labels::SIDECAR_CONTAINER))
 }
 
+/// Whether `pod` carries the consumer label of `ic`, in its namespace.
+pub fn serves(ic: &IdempotentConsumer, pod: &Pod) -> bool {
+    pod.namespace() == ic.namespace()
+        && pod.labels().get(labels::CONSUMER_LABEL) == Some(&ic.name_any())
+}
+
+/// Whether the kubelet says `pod` is Ready (every container ready).
+pub fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// A pod that counts: injected, not terminating, not finished.
-fn running(pod: &Pod) -> bool {
+pub fn running(pod: &Pod) -> bool {
     let finished = pod
         .status
         .as_ref()
@@ -188,13 +211,8 @@ pub fn counts<'a>(
     hash: &str,
     pods: impl IntoIterator<Item = &'a Pod>,
 ) -> Counts {
-    let (ns, name) = (ic.namespace(), ic.name_any());
     pods.into_iter()
-        .filter(|pod| {
-            pod.namespace() == ns
-                && pod.labels().get(labels::CONSUMER_LABEL) == Some(&name)
-                && running(pod)
-        })
+        .filter(|pod| serves(ic, pod) && running(pod))
         .fold(Counts::default(), |c, pod| Counts {
             injected: c.injected + 1,
             current: c.current + i32::from(config_hash(pod).is_some_and(|h| h == hash)),
@@ -213,6 +231,7 @@ fn fingerprint(pod: &Pod) -> u64 {
     (
         pod.labels().get(labels::CONSUMER_LABEL),
         running(pod),
+        ready(pod),
         sidecar_state(pod),
         config_hash(pod),
     )

@@ -1369,3 +1369,154 @@ async fn two_brokers_in_one_resource_are_an_invalid_spec_with_a_condition_and_an
         kube::runtime::controller::Action::await_change()
     );
 }
+
+/// The sample policy with injection: pod and rollout: evict.
+fn evicting_policy() -> IdempotentConsumer {
+    let mut ic = fixtures::policy();
+    ic.spec.injection = crate::crd::Injection::Pod;
+    ic.spec.target =
+        serde_json::from_value(json!({ "selector": { "matchLabels": { "app": "worker" } } }))
+            .expect("target");
+    ic.spec.rollout = Some(crate::crd::Rollout::Evict);
+    ic
+}
+
+/// A pod of the policy with configuration `hash`, owned by `owner` (kind),
+/// Ready or not.
+fn owned_pod(name: &str, hash: &str, owner: &str, ready: bool) -> k8s_openapi::api::core::v1::Pod {
+    let mut pod = fixtures::pod(name, "orders", Some(true));
+    pod.metadata.annotations =
+        Some([("idemq.dev/config-hash".to_string(), hash.to_string())].into());
+    pod.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": owner, "name": format!("worker-{owner}"),
+        "uid": "u", "controller": true
+    }))
+    .expect("owner")]);
+    pod.status.as_mut().expect("status").conditions = Some(vec![serde_json::from_value(json!({
+        "type": "Ready", "status": if ready { "True" } else { "False" }
+    }))
+    .expect("condition")]);
+    pod
+}
+
+const EVICTION: &str = "/api/v1/namespaces/shop/pods/worker-b/eviction";
+
+/// One reconcile of the evicting policy over `pods`, with `then` expected
+/// after the status and its Events.
+async fn reconcile_evicting(
+    ic: IdempotentConsumer,
+    pods: Vec<k8s_openapi::api::core::v1::Pod>,
+    then: Vec<Expect>,
+) -> kube::runtime::controller::Action {
+    let (cache, mut writer) = kube::runtime::reflector::store();
+    for pod in pods {
+        fixtures::cache_pod(&mut writer, pod);
+    }
+    let mut expected = apply_prefix();
+    expected.push(status_patch(Arc::new(Mutex::new(None))));
+    expected.push(event("Injected"));
+    expected.push(event("RedisNotReady"));
+    expected.extend(then);
+    let (ctx, handle) = fixtures::context();
+    ctx.add_pod_cache(cache);
+    let server = tokio::spawn(fixtures::serve(handle, expected));
+    let action = reconcile(Arc::new(ic), ctx).await.expect("reconciles");
+    server.await.expect("every expected request came");
+    drop(writer);
+    action
+}
+
+#[tokio::test]
+async fn rollout_evict_evicts_one_stale_recreated_pod_at_a_time_through_the_eviction_api() {
+    let (_, hash) = crate::render::config::config_map(&evicting_policy()).expect("renders");
+    let pods = || {
+        vec![
+            owned_pod("worker-a", &hash, "ReplicaSet", true),
+            owned_pod("worker-b", "old", "ReplicaSet", true),
+            owned_pod("worker-c", "old", "StatefulSet", true),
+            // A Job's pod is not re-created as it was: left alone.
+            owned_pod("nightly-1", "old", "Job", true),
+        ]
+    };
+    let evicted = hash.clone();
+    reconcile_evicting(
+        evicting_policy(),
+        pods(),
+        vec![
+            Expect::new(Method::POST, EVICTION, StatusCode::CREATED, json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201 }))
+                .with_body(|e| assert_eq!(e["metadata"]["name"], "worker-b")),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(
+                move |e| {
+                    assert_eq!(e["reason"], "PodEvicted");
+                    assert_eq!(e["type"], "Normal");
+                    assert_eq!(
+                        e["note"].as_str(),
+                        Some(format!("evicted pod worker-b (configuration old) so that it is re-created with configuration {evicted}").as_str())
+                    );
+                },
+            ),
+        ],
+    )
+    .await;
+
+    // worker-b's replacement is not ready yet: nothing more is evicted.
+    let mut waiting = pods();
+    waiting[1] = owned_pod("worker-b2", &hash, "ReplicaSet", false);
+    // (An eviction tried against the closed mock would fail, and be retried
+    // in 30 s: the not-ready store's 5 s back-off says none was.)
+    let untouched = kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5));
+    assert_eq!(
+        reconcile_evicting(evicting_policy(), waiting, vec![]).await,
+        untouched
+    );
+
+    // A PodDisruptionBudget refuses: tried again in 30 s, no Event.
+    let refused = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "TooManyRequests", "code": 429,
+                          "message": "Cannot evict pod as it would violate the pod's disruption budget." });
+    let action = reconcile_evicting(
+        evicting_policy(),
+        pods(),
+        vec![Expect::new(
+            Method::POST,
+            EVICTION,
+            StatusCode::TOO_MANY_REQUESTS,
+            refused,
+        )],
+    )
+    .await;
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(30))
+    );
+
+    // Every re-created pod current: nothing to do.
+    let mut done = pods();
+    done[1] = owned_pod("worker-b", &hash, "ReplicaSet", true);
+    done[2] = owned_pod("worker-c", &hash, "StatefulSet", true);
+    assert_eq!(
+        reconcile_evicting(evicting_policy(), done, vec![]).await,
+        untouched
+    );
+
+    // rollout: manual (the default): the same stale pods stay as they are.
+    let mut manual = evicting_policy();
+    manual.spec.rollout = None;
+    assert_eq!(reconcile_evicting(manual, pods(), vec![]).await, untouched);
+}
+
+#[test]
+fn the_trimmed_pod_cache_keeps_what_the_roll_reads_and_other_resources_pods_are_not_taken() {
+    let (_, hash) = crate::render::config::config_map(&evicting_policy()).expect("renders");
+    let pods = [owned_pod("worker-b", "old", "ReplicaSet", true)];
+    let mut trimmed = pods.clone();
+    for pod in &mut trimmed {
+        crate::controller::pods::trim(pod);
+    }
+    assert_eq!(
+        super::rollout::next(&evicting_policy(), &hash, &trimmed).map(|p| p.metadata.name.clone()),
+        Some(Some("worker-b".into())),
+        "the trimmed cache keeps what the roll reads"
+    );
+    let other = fixtures::pod("worker-x", "payments", Some(true));
+    assert!(super::rollout::next(&evicting_policy(), &hash, [&other]).is_none());
+}
