@@ -1432,3 +1432,383 @@ async fn webhook_scenario(
     println!("webhook e2e: operator down, unlabelled pod created without the webhook");
     Ok(())
 }
+
+const NATS: &str = "nats://127.0.0.1:4222";
+
+fn jetstream_policy(name: &str, target: &str, stream: &str) -> IdempotentConsumer {
+    serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "target": { "kind": "Deployment", "name": target },
+            "broker": { "jetstream": { "connectionSecretRef": { "name": "nats" }, "stream": stream,
+                                       "filterSubjects": [format!("{stream}.in")], "maxAckPending": 20,
+                                       "ackWait": "20s", "deadLetterSubject": format!("{stream}.dead") } },
+            "key": { "from": "messageId" },
+            "delivery": { "port": 8080, "path": "/orders" }
+        }
+    }))
+    .expect("a valid IdempotentConsumer")
+}
+
+/// The message of a resource's condition `type_`.
+fn condition_message(ic: &IdempotentConsumer, type_: &str) -> String {
+    ic.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until `name`'s BrokerBound condition has `status` and `reason`.
+async fn broker_bound(
+    ics: &Api<IdempotentConsumer>,
+    name: &str,
+    status: &str,
+    reason: &str,
+) -> anyhow::Result<IdempotentConsumer> {
+    let what = format!("BrokerBound={status} {reason}");
+    eventually(Duration::from_secs(120), &what, || async {
+        let ic = ics.get(name).await?;
+        Ok((condition(&ic, "BrokerBound") == Some((status.into(), reason.into()))).then_some(ic))
+    })
+    .await
+}
+
+/// A namespace of the test's own, the operator watching it as the chart's
+/// ServiceAccount, `scenario` run in it; then the resources deleted in order,
+/// the operator stopped and the namespace deleted.
+async fn in_namespace<F, Fut>(base: &str, resources: &[&str], scenario: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let kubeconfig = e2e_kubeconfig()?;
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let ns = unique(base);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    let operator = start_operator(identity.path(), &ns)?;
+    let result = scenario(client.clone(), ns.clone()).await;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    let cleaned = delete_in_order(&ics, resources, WAIT).await;
+    drop(operator);
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    result.and(cleaned)
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn a_jetstream_policy_reports_a_missing_stream_then_binds_and_creates_its_consumer(
+) -> anyhow::Result<()> {
+    let nats = async_nats::connect(NATS).await.map_err(|e| {
+        anyhow::anyhow!(
+            "NATS on {NATS} ({e}); start it with: source .ci/services.sh && ensure_nats"
+        )
+    })?;
+    let js = async_nats::jetstream::new(nats);
+    // Stream names take no dots; namespaces' dashes are fine.
+    let stream = unique("E2E-ORDERS");
+    let result = in_namespace("idemq-e2e-jetstream", &["orders"], |client, ns| {
+        jetstream_scenario(client, ns, js.clone(), stream.clone())
+    })
+    .await;
+    let _ = js.delete_stream(&stream).await;
+    result
+}
+
+async fn jetstream_scenario(
+    client: Client,
+    ns: String,
+    js: async_nats::jetstream::Context,
+    stream: String,
+) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "nats" }, "stringData": { "url": NATS } }),
+            )?,
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments
+        .create(&PostParams::default(), &deployment("worker"))
+        .await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    ics.create(
+        &PostParams::default(),
+        &jetstream_policy("orders", "worker", &stream),
+    )
+    .await?;
+
+    // The stream is its producers': missing, it is reported, not created.
+    let missing = broker_bound(&ics, "orders", "False", "StreamNotFound").await?;
+    let message = condition_message(&missing, "BrokerBound");
+    assert!(message.contains(&stream), "names the stream: {message}");
+    assert!(
+        js.get_stream(&stream).await.is_err(),
+        "the operator created no stream"
+    );
+
+    // Its producers create it: the operator's next attempt creates the
+    // durable consumer with the spec's settings, and binds.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{stream}.in")],
+        ..Default::default()
+    })
+    .await?;
+    let created_at = std::time::Instant::now();
+    let bound = broker_bound(&ics, "orders", "True", "Bound").await?;
+    let bound_after = created_at.elapsed();
+    let durable = idemq_operator::labels::jetstream_consumer(&bound);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&stream)
+        .await?
+        .get_consumer(&durable)
+        .await
+        .map_err(|e| anyhow::anyhow!("the durable consumer {durable}: {e}"))?;
+    let info = consumer.info().await?.clone();
+    assert_eq!(info.config.durable_name.as_deref(), Some(durable.as_str()));
+    assert_eq!(info.config.max_ack_pending, 20);
+    assert_eq!(info.config.ack_wait, Duration::from_secs(20));
+    assert_eq!(
+        info.config.ack_policy,
+        async_nats::jetstream::consumer::AckPolicy::Explicit
+    );
+    let filters = [
+        info.config.filter_subjects.clone(),
+        vec![info.config.filter_subject.clone()],
+    ]
+    .concat();
+    assert!(
+        filters.contains(&format!("{stream}.in")),
+        "filtered on the spec's subject: {filters:?}"
+    );
+    assert_eq!(
+        condition(&bound, "SidecarInjected"),
+        Some(("True".into(), "Injected".into()))
+    );
+
+    // The sidecar is configured for that consumer, the URL kept in the Secret.
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("orders-idemq")
+        .await?;
+    let yaml = cm.data.expect("data")["sidecar.yaml"].clone();
+    assert!(!yaml.contains(NATS), "no connection in the ConfigMap");
+    let config = idemq_sidecar::Config::from_yaml(&yaml)?;
+    let section = config
+        .broker
+        .and_then(|b| b.jetstream)
+        .expect("a JetStream section");
+    assert_eq!(
+        (section.stream.as_str(), section.consumer.as_str()),
+        (stream.as_str(), durable.as_str())
+    );
+
+    // Deletion withdraws the sidecar; the stream and the durable consumer stay.
+    ics.delete("orders", &DeleteParams::default()).await?;
+    eventually(WAIT, "the policy to be gone (finalizer done)", || async {
+        Ok(ics.get_opt("orders").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(
+        js.get_stream(&stream)
+            .await?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&durable)
+            .await
+            .is_ok(),
+        "the durable consumer is kept"
+    );
+    println!(
+        "e2e jetstream: StreamNotFound reported ({message}); bound {bound_after:.1?} after the stream was created, durable consumer {durable} (max ack pending {}, ack wait {:?}); cleaned up",
+        info.config.max_ack_pending, info.config.ack_wait
+    );
+    Ok(())
+}
+
+fn mqtt_policy(name: &str, target: &str) -> IdempotentConsumer {
+    serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "target": { "kind": "Deployment", "name": target },
+            "broker": { "mqtt": { "connectionSecretRef": { "name": "mqtt" }, "auth": "userPassword",
+                                  "topics": ["devices/+/readings"], "deadLetterTopic": "devices/dead" } },
+            "key": { "from": "messageId" },
+            "delivery": { "port": 8080, "path": "/readings" }
+        }
+    }))
+    .expect("a valid IdempotentConsumer")
+}
+
+/// A Mosquitto of the test's own that admits one user, killed on drop.
+struct MqttBroker {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl MqttBroker {
+    async fn start(user: &str, password: &str) -> anyhow::Result<Self> {
+        const INSTALL: &str = "source .ci/services.sh && ensure_mosquitto";
+        let dir = tempfile::tempdir()?;
+        let passwords = dir.path().join("passwords");
+        let made = Command::new("mosquitto_passwd")
+            .arg("-c")
+            .arg("-b")
+            .arg(&passwords)
+            .args([user, password])
+            .status()
+            .map_err(|e| anyhow::anyhow!("mosquitto_passwd ({e}); install it with: {INSTALL}"))?;
+        anyhow::ensure!(made.success(), "mosquitto_passwd failed");
+        let port = free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n",
+                passwords.display()
+            ),
+        )?;
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("start mosquitto ({e}); install it with: {INSTALL}"))?;
+        let broker = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        eventually(Duration::from_secs(10), "mosquitto to answer", || async {
+            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ()))
+        })
+        .await?;
+        Ok(broker)
+    }
+}
+
+impl Drop for MqttBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn an_mqtt_policy_reports_refused_credentials_then_binds_with_the_right_ones(
+) -> anyhow::Result<()> {
+    let broker = MqttBroker::start("idemq", "right-pass").await?;
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    in_namespace("idemq-e2e-mqtt", &["readings"], |client, ns| {
+        mqtt_scenario(client, ns, url)
+    })
+    .await
+}
+
+async fn mqtt_scenario(client: Client, ns: String, url: String) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "mqtt" },
+                "stringData": { "url": url, "username": "idemq", "password": "wrong-pass" }
+            }))?,
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments
+        .create(&PostParams::default(), &deployment("worker"))
+        .await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    ics.create(&PostParams::default(), &mqtt_policy("readings", "worker"))
+        .await?;
+
+    // Refused credentials: said in the condition and a Warning Event, never
+    // the password itself.
+    let refused = broker_bound(&ics, "readings", "False", "BrokerAuthenticationFailed").await?;
+    let message = condition_message(&refused, "BrokerBound");
+    assert!(!message.contains("wrong-pass"), "no password: {message}");
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let event = eventually(
+        WAIT,
+        "a BrokerAuthenticationFailed Warning Event",
+        || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("BrokerAuthenticationFailed")
+                    && e.type_.as_deref() == Some("Warning")
+            }))
+        },
+    )
+    .await?;
+    assert!(
+        !event.message.unwrap_or_default().contains("wrong-pass"),
+        "no password in the Event"
+    );
+
+    // The right password: the Secret's change binds it.
+    let fixed = std::time::Instant::now();
+    secrets
+        .patch(
+            "mqtt",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "password": "right-pass" } })),
+        )
+        .await?;
+    let bound = broker_bound(&ics, "readings", "True", "Bound").await?;
+    let bound_after = fixed.elapsed();
+    let described = condition_message(&bound, "BrokerBound");
+    let group = format!("{ns}.readings");
+    assert!(
+        described.contains(&format!("$share/{group}/devices/+/readings")),
+        "the shared subscription: {described}"
+    );
+
+    // The sidecar's credentials come from the Secret, the subscription from its config.
+    let worker = deployments.get("worker").await?;
+    let env = worker
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.init_containers)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "idemq-sidecar")
+        .and_then(|c| c.env)
+        .unwrap_or_default();
+    assert!(
+        env.iter()
+            .all(|e| e.value.as_deref().is_none_or(|v| !v.contains("pass"))),
+        "no credential as a plain value"
+    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("readings-idemq")
+        .await?;
+    let yaml = cm.data.expect("data")["sidecar.yaml"].clone();
+    assert!(!yaml.contains("right-pass"), "no password in the ConfigMap");
+    let config = idemq_sidecar::Config::from_yaml(&yaml)?;
+    let mqtt = config.broker.and_then(|b| b.mqtt).expect("an MQTT section");
+    assert_eq!(mqtt.topics, ["devices/+/readings"]);
+    assert_eq!(mqtt.shared_group.as_deref(), Some(group.as_str()));
+    println!(
+        "e2e mqtt: BrokerAuthenticationFailed reported ({message}); bound {bound_after:.1?} after the password was corrected: {described}"
+    );
+    Ok(())
+}
