@@ -76,13 +76,22 @@ local function window_bits(meta, from, to)
   return out
 end
 
+-- Bucket names up to the shard, by window: built once per call, since
+-- formatting numbers is a good part of a script's cost.
+local bucket_heads = {}
+
 -- The bucket (hash key) and field of a digest in a window of `bits` shard
 -- bits. `source` is the first three bytes of the digest as a number, `field`
 -- the digest past its first two bytes.
 local function locate(prefix, width, window, bits, source, field)
+  local head = bucket_heads[window]
+  if not head then
+    head = prefix .. 'c:' .. win(width) .. ':' .. win(window) .. ':'
+    bucket_heads[window] = head
+  end
   local shard = math.floor(source / 2 ^ (24 - bits))
   if bits > 16 then
     field = string.sub(field, 2)
   end
-  return prefix .. 'c:' .. width .. ':' .. win(window) .. ':' .. string.format('%d', shard), field
+  return head .. string.format('%d', shard), field
 end
