@@ -58,16 +58,10 @@ local function claim(key, field, source, fp, token, lease, retention)
     return stored ~= '' and fp ~= '' and stored ~= fp
   end
 
-  local held = redis.call('GET', key)
-  if held then
-    if differs(string.sub(held, 1, #held - 32)) then
-      return 'X', 0
-    end
-    return 'I', redis.call('PTTL', key)
-  end
-
   -- Newest window first: a duplicate is most often of a recent message.
   -- Windows without shard bits saw no completion: nothing to look up.
+  -- (A key is never both completed and in progress: completing deletes the
+  -- in-progress key, and a claim of a completed key stops here.)
   for window = newest, math.floor((now - lookback(meta, retention)) / w), -1 do
     local b = bits[window]
     if b then
@@ -82,7 +76,14 @@ local function claim(key, field, source, fp, token, lease, retention)
     end
   end
 
-  redis.call('SET', key, fp .. token, 'PX', lease)
+  -- Take the key if free, else read its holder: one command either way.
+  local held = redis.call('SET', key, fp .. token, 'NX', 'GET', 'PX', lease)
+  if held then
+    if differs(string.sub(held, 1, #held - 32)) then
+      return 'X', 0
+    end
+    return 'I', redis.call('PTTL', key)
+  end
   return 'A', 0
 end
 
