@@ -378,6 +378,41 @@ async fn redis_keeps_one_hash_field_per_completed_key_and_no_claim_behind() {
     assert_eq!(common::redis::count(store.prefix()).await, 0);
 }
 
+/// A store first written by a version without the meta hash kept completed
+/// keys in buckets of 12 shard bits and a quarter of the retention wide: the
+/// meta hash created later still finds them, and marks only the windows that
+/// hold buckets (each marked window costs every claim a lookup).
+#[tokio::test]
+async fn redis_buckets_written_before_the_meta_hash_stay_completed() {
+    use sha2::{Digest, Sha256};
+    let store = common::redis::store("legacy").await;
+    let mut conn = common::redis::connection(common::redis::URL).await;
+    let (seconds, micros): (u64, u64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let width = RETENTION.as_millis() as u64 / 4;
+    let window = (seconds * 1000 + micros / 1000) / width - 2;
+    let digest = &Sha256::digest(b"order-old")[..16];
+    let shard = u32::from_be_bytes([0, digest[0], digest[1], digest[2]]) >> 12;
+    let bucket = format!("{}c:{width}:{window}:{shard}", store.prefix());
+    let _: i64 = ::redis::cmd("HSET")
+        .arg(&bucket)
+        .arg(&digest[2..])
+        .arg("")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    assert_eq!(claim(&store, "order-old", None).await, Claim::Completed);
+    acquire(&store, "order-new", None, LEASE).await;
+    let marked: Vec<String> = ::redis::cmd("HKEYS")
+        .arg(format!("{}m", store.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let marked: Vec<&String> = marked.iter().filter(|f| f.starts_with("b:")).collect();
+    assert_eq!(marked, [&format!("b:{window}")], "windows marked readable");
+    common::redis::cleanup(store.prefix()).await;
+}
+
 /// Keys spread over the consumer's hash tags, so over the primaries serving
 /// their slots; a batch of mixed keys still runs (a script call naming keys
 /// of two slots would fail with CROSSSLOT).

@@ -28,6 +28,23 @@ local function win(n)
   return string.format('%d', n)
 end
 
+-- Whether any of the 2^DEFAULT_BITS buckets of a window exists: run once,
+-- when a meta hash is created.
+local function holds_buckets(prefix, width, window)
+  local head = prefix .. 'c:' .. win(width) .. ':' .. win(window) .. ':'
+  local names = {}
+  for shard = 0, 2 ^ DEFAULT_BITS - 1 do
+    names[#names + 1] = head .. string.format('%d', shard)
+    if #names == 512 or shard == 2 ^ DEFAULT_BITS - 1 then
+      if redis.call('EXISTS', unpack(names)) > 0 then
+        return true
+      end
+      names = {}
+    end
+  end
+  return false
+end
+
 -- Opens the meta hash of `prefix`; creates it (epoch `candidate`, width
 -- `width`) when absent. Returns a table {key, epoch, width, r, u, reset}.
 local function open_meta(prefix, candidate, width, retention)
@@ -40,10 +57,13 @@ local function open_meta(prefix, candidate, width, retention)
     redis.call('HSET', key, 'e', candidate, 'w', width)
     -- Buckets written before the meta hash existed used 12 shard bits and
     -- this same width (a quarter of the retention): keep the past windows
-    -- readable. The current window is left to be sized by its first
+    -- that hold any readable. Only those: every window marked costs each
+    -- claim a lookup. The current window is left to be sized by its first
     -- completion (12 bits too unless a rate is declared).
     for window = math.floor((now - retention) / w), math.floor(now / w) - 1 do
-      redis.call('HSET', key, 'b:' .. win(window), DEFAULT_BITS)
+      if holds_buckets(prefix, w, window) then
+        redis.call('HSET', key, 'b:' .. win(window), DEFAULT_BITS)
+      end
     end
   else
     meta.epoch, meta.width = m[1], tonumber(m[2])

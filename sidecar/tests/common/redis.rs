@@ -35,7 +35,7 @@ pub async fn count(prefix: &str) -> usize {
     keys_under(&mut connection(URL).await, prefix).await.len()
 }
 
-async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
+pub async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("valid url")
         .get_multiplexed_async_connection()
