@@ -92,7 +92,7 @@ impl KeyStore for MemoryStore {
                 State::Completed { .. } => Claim::Completed,
             });
         }
-        let token = Token(uuid::Uuid::new_v4().simple().to_string());
+        let token = Token::random();
         map.insert(
             key.to_string(),
             Entry {

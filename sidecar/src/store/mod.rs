@@ -32,6 +32,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Token(pub String);
 
+impl Token {
+    /// A fresh token: 128 random bits as 32 hex characters, from the thread's
+    /// generator (no system call per claim).
+    pub fn random() -> Self {
+        Self(format!("{:032x}", rand::random::<u128>()))
+    }
+}
+
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {

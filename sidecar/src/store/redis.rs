@@ -533,7 +533,7 @@ fn window_width(retention_ms: u64) -> u64 {
 }
 
 fn new_epoch() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Fingerprints are kept as 8 bytes of their SHA-256: enough to tell two
@@ -557,7 +557,7 @@ impl KeyStore for RedisStore {
         lease: Duration,
         retention: Duration,
     ) -> Result<Claim, StoreError> {
-        let token = Token(uuid::Uuid::new_v4().simple().to_string());
+        let token = Token::random();
         let (status, pttl) = self
             .claims
             .call(ClaimItem {
