@@ -17,6 +17,7 @@ use common::zeromq::{
 use common::{app, sidecar};
 use idemq_sidecar::config::Config;
 use idemq_sidecar::secrets::Secrets;
+use idemq_sidecar::source::zeromq::socket::send_frames;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_duplicates_are_delivered_exactly_once() {
@@ -230,16 +231,18 @@ async fn pull_delivers_each_message_once_and_dead_letters_the_rest() {
         for i in 0..n {
             let m = keyed(i);
             let key = m.key.expect("keyed").into_bytes();
-            push.send_multipart([key, Vec::new(), m.body], 0)
-                .expect("push");
+            send_frames(&push, &[key, Vec::new(), m.body], 0).expect("push");
         }
     }
     for i in 0..5 {
-        push.send_multipart([Vec::new(), Vec::new(), scenarios::body(i)], 0)
-            .expect("push");
+        send_frames(&push, &[Vec::new(), Vec::new(), scenarios::body(i)], 0).expect("push");
     }
-    push.send_multipart([b"m-x".to_vec(), b"not json".to_vec(), b"{}".to_vec()], 0)
-        .expect("push");
+    send_frames(
+        &push,
+        &[b"m-x".to_vec(), b"not json".to_vec(), b"{}".to_vec()],
+        0,
+    )
+    .expect("push");
     let settled = wait_for(WAIT, async || {
         messages(&sidecar, "delivered").await + messages(&sidecar, "duplicate").await
             == 3 * n as u64
@@ -303,17 +306,17 @@ async fn sub_delivers_subscribed_topics_once_each() {
     // A publisher drops what it sends before the subscription reaches it.
     let mut probes = 0;
     let joined = wait_for(Duration::from_secs(30), async || {
-        publisher
-            .send_multipart(
-                [
-                    b"orders".to_vec(),
-                    format!("probe-{probes}").into_bytes(),
-                    Vec::new(),
-                    b"{}".to_vec(),
-                ],
-                0,
-            )
-            .expect("publish");
+        send_frames(
+            &publisher,
+            &[
+                b"orders".to_vec(),
+                format!("probe-{probes}").into_bytes(),
+                Vec::new(),
+                b"{}".to_vec(),
+            ],
+            0,
+        )
+        .expect("publish");
         probes += 1;
         app.distinct() > 0
     })
@@ -325,28 +328,28 @@ async fn sub_delivers_subscribed_topics_once_each() {
         for i in 0..n {
             let m = keyed(i);
             let key = m.key.expect("keyed").into_bytes();
-            publisher
-                .send_multipart(
-                    [
-                        b"orders.eu".to_vec(),
-                        key.clone(),
-                        Vec::new(),
-                        m.body.clone(),
-                    ],
-                    0,
-                )
-                .expect("publish");
-            publisher
-                .send_multipart(
-                    [
-                        b"invoices".to_vec(),
-                        format!("i-{i}").into_bytes(),
-                        Vec::new(),
-                        m.body,
-                    ],
-                    0,
-                )
-                .expect("publish");
+            send_frames(
+                &publisher,
+                &[
+                    b"orders.eu".to_vec(),
+                    key.clone(),
+                    Vec::new(),
+                    m.body.clone(),
+                ],
+                0,
+            )
+            .expect("publish");
+            send_frames(
+                &publisher,
+                &[
+                    b"invoices".to_vec(),
+                    format!("i-{i}").into_bytes(),
+                    Vec::new(),
+                    m.body,
+                ],
+                0,
+            )
+            .expect("publish");
         }
     }
     let done = app.wait_until(WAIT, |a| a.distinct() >= probed + n).await;

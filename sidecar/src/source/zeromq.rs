@@ -428,7 +428,7 @@ impl DeadLetters {
 
     fn send(&self, letter: &Frames) -> bool {
         let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
-        socket.send_multipart(letter.iter(), zmq::DONTWAIT).is_ok()
+        socket::send_frames(&socket, letter, zmq::DONTWAIT).is_ok()
     }
 }
 

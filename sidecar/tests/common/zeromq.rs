@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use idemq_sidecar::secrets::Secrets;
+use idemq_sidecar::source::zeromq::socket::send_frames;
 use idemq_sidecar::source::zeromq::CurveKeys;
 
 use super::broker::{BrokerUnderTest, DeadLetter, Message};
@@ -288,10 +289,7 @@ fn pirate(options: PirateOptions, state: Arc<Mutex<State>>, stop: Arc<AtomicBool
                 skipped.push_back(request);
                 continue;
             }
-            if dealer
-                .send_multipart(request.frames.iter(), zmq::DONTWAIT)
-                .is_err()
-            {
+            if send_frames(&dealer, &request.frames, zmq::DONTWAIT).is_err() {
                 state.waiting.push_front(request);
                 break;
             }

@@ -57,6 +57,16 @@ pub struct SocketError {
     pub source: zmq::Error,
 }
 
+/// Sends `frames` as one multipart message, always as borrowed slices, which
+/// libzmq copies. The `zmq` crate (0.9) hands an owned buffer (`Vec<u8>`, or
+/// `&Vec<u8>`, which it clones) to libzmq without copying and frees it later
+/// as a one-byte allocation: undefined behaviour that corrupts the heap under
+/// a size-aware allocator such as the sidecar's jemalloc. Every send goes
+/// through here.
+pub fn send_frames(socket: &zmq::Socket, frames: &[Vec<u8>], flags: i32) -> zmq::Result<()> {
+    socket.send_multipart(frames.iter().map(Vec::as_slice), flags)
+}
+
 fn context(what: impl Into<String>) -> impl FnOnce(zmq::Error) -> SocketError {
     let what = what.into();
     move |source| SocketError { what, source }
@@ -73,7 +83,7 @@ impl Handle {
         let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
         // The inproc pipe has no high-water mark, so this never waits; it
         // fails only once the thread is gone, when there is no one to tell.
-        if let Err(e) = control.send_multipart(frames, zmq::DONTWAIT) {
+        if let Err(e) = send_frames(&control, &frames, zmq::DONTWAIT) {
             tracing::debug!(error = %e, "the socket thread is gone");
         }
     }
@@ -250,7 +260,7 @@ impl Thread {
                     self.in_flight = self.in_flight.saturating_sub(1);
                     // A ROUTER drops a reply to a peer that is gone (or whose
                     // queue is full): the peer sends the request again.
-                    if let Err(e) = self.bound.send_multipart(frames, zmq::DONTWAIT) {
+                    if let Err(e) = send_frames(&self.bound, &frames, zmq::DONTWAIT) {
                         tracing::debug!(error = %e, "reply not sent");
                     }
                 }
