@@ -11,6 +11,7 @@ mod naive;
 mod pipeline;
 mod pubsub;
 mod redis_admin;
+mod zeromq;
 
 use clap::{Parser, Subcommand};
 

@@ -14,7 +14,8 @@
 //! `--broker jetstream` on a stream of the NATS server on 127.0.0.1:4222
 //! (see `jetstream.rs`), `--broker mqtt` on a Mosquitto of its own per
 //! scenario (see `mqtt.rs`), `--broker pubsub` on a subscription of the
-//! Pub/Sub emulator on 127.0.0.1:8085 (see `pubsub.rs`).
+//! Pub/Sub emulator on 127.0.0.1:8085 (see `pubsub.rs`), `--broker zeromq`
+//! on a `router` endpoint of its own per scenario (see `zeromq.rs`).
 //!
 //! Throughput is measured draining a backlog (all messages published first).
 //! Latency is measured separately on a paced stream (a fixed publish rate well
@@ -43,8 +44,9 @@ pub(crate) const SENT_HEADER: &str = "x-bench-sent-us";
 pub struct Args {
     /// The broker: `rabbitmq` (127.0.0.1:5672), `kafka` (127.0.0.1:9092) or
     /// `jetstream` (NATS on 127.0.0.1:4222), `mqtt` (a Mosquitto of its
-    /// own per scenario) or `pubsub` (the Pub/Sub emulator on 127.0.0.1:8085).
-    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub"])]
+    /// own per scenario), `pubsub` (the Pub/Sub emulator on 127.0.0.1:8085)
+    /// or `zeromq` (a `router` endpoint per scenario).
+    #[arg(long, default_value = "rabbitmq", value_parser = ["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub", "zeromq"])]
     pub broker: String,
     /// Messages in the backlog (throughput) phase.
     #[arg(long, default_value_t = 100_000)]
@@ -664,6 +666,7 @@ enum Topology {
     JetStream(crate::jetstream::Stream),
     Mqtt(crate::mqtt::Topic),
     PubSub(crate::pubsub::Subscription),
+    ZeroMq(crate::zeromq::Endpoint),
 }
 
 impl Topology {
@@ -679,6 +682,9 @@ impl Topology {
         }
         if args.broker == "mqtt" {
             return Ok(Self::Mqtt(crate::mqtt::Topic::create(queue).await?));
+        }
+        if args.broker == "zeromq" {
+            return Ok(Self::ZeroMq(crate::zeromq::Endpoint::create().await?));
         }
         if args.broker == "pubsub" {
             return Ok(Self::PubSub(
@@ -708,6 +714,7 @@ impl Topology {
             Self::JetStream(stream) => stream.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::Mqtt(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::PubSub(subscription) => subscription.publish_all(ids, body, rate).await,
+            Self::ZeroMq(endpoint) => endpoint.publish_all(ids, body, rate).await,
         }
     }
 
@@ -721,6 +728,7 @@ impl Topology {
             // The emulator reports no backlog (Google Cloud's is a
             // Monitoring metric): nothing to wait for.
             Self::PubSub(_) => Ok(()),
+            Self::ZeroMq(endpoint) => endpoint.wait_settled().await,
         }
     }
 
@@ -733,6 +741,8 @@ impl Topology {
             Self::JetStream(_) => ("nats-server", ""),
             Self::Mqtt(_) => ("mosquitto", ""),
             Self::PubSub(_) => ("java", "pubsub-emulator"),
+            // No broker: the client runs in this process ("bench").
+            Self::ZeroMq(_) => ("-", ""),
         }
     }
 
@@ -743,6 +753,7 @@ impl Topology {
             Self::JetStream(stream) => stream.delete().await,
             Self::Mqtt(topic) => topic.delete().await,
             Self::PubSub(subscription) => subscription.delete().await,
+            Self::ZeroMq(endpoint) => endpoint.delete().await,
         }
     }
 }
@@ -942,6 +953,16 @@ impl Consumer {
                     SENT_HEADER,
                     stop.clone(),
                 )),
+                Topology::ZeroMq(_) if naive => {
+                    bail!("no naive consumer for zeromq: run --scenarios raw,idemq,idemq-memory")
+                }
+                Topology::ZeroMq(endpoint) => tokio::spawn(crate::zeromq::raw(
+                    endpoint.bind(),
+                    args.prefetch,
+                    url,
+                    SENT_HEADER,
+                    stop.clone(),
+                )),
                 Topology::PubSub(subscription) => {
                     let settings = crate::pubsub::settings(subscription, args.prefetch);
                     if naive {
@@ -1000,7 +1021,14 @@ fn sidecar(
     } else {
         "memory"
     };
-    let broker = if let Topology::PubSub(subscription) = topology {
+    let broker = if let Topology::ZeroMq(endpoint) = topology {
+        format!(
+            "broker:\n  zeromq:\n    bind: {}\n    maxInFlight: {}\n    plain: true\n    deadLetter:\n      endpoint: {}\n",
+            endpoint.bind(),
+            args.prefetch,
+            endpoint.dead_letters
+        )
+    } else if let Topology::PubSub(subscription) = topology {
         let pubsub = crate::pubsub::settings(subscription, args.prefetch);
         format!(
             "dedup:\n  key:\n    from: attribute\n    name: {}\nbroker:\n  pubsub:\n    project: {}\n    subscription: {}\n    maxOutstandingMessages: {}\n    deadLetterTopic: {}\n",
