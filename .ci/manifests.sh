@@ -127,3 +127,18 @@ if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/roll
 fi
 grep -q "rollout: evict is for injection: pod" "$out/cel-rollout.txt" || { cat "$out/cel-rollout.txt" >&2; exit 1; }
 grep FAIL "$out/cel-rollout.txt"
+echo "== the CRD's CEL rules refuse a Pub/Sub resource keyed by a header, or with nowhere for dead letters"
+$PY - examples/pubsub.yaml "$out/pubsub-header.yaml" <<'PY'
+import sys, yaml
+ps = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+ps["spec"]["key"] = {"from": "header", "name": "event-id"}
+del ps["spec"]["broker"]["pubsub"]["deadLetterPolicy"]
+yaml.safe_dump(ps, open(sys.argv[2], "w"))
+PY
+if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/pubsub-header.yaml" > "$out/cel-pubsub.txt"; then
+  cat "$out/cel-pubsub.txt" >&2
+  echo "a Pub/Sub resource keyed by a header, without a dead-letter route, was accepted" >&2
+  exit 1
+fi
+grep -q "Pub/Sub messages carry attributes" "$out/cel-pubsub.txt" && grep -q "dead letters need somewhere to go" "$out/cel-pubsub.txt" || { cat "$out/cel-pubsub.txt" >&2; exit 1; }
+grep FAIL "$out/cel-pubsub.txt"

@@ -56,7 +56,7 @@ impl Drop for Operator {
 }
 
 fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<Operator> {
-    start_operator_with(kubeconfig, namespace, &[])
+    start_operator_with(kubeconfig, namespace, &[], &[])
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -69,6 +69,7 @@ fn start_operator_with(
     kubeconfig: &std::path::Path,
     namespace: &str,
     extra: &[String],
+    env: &[(&str, &str)],
 ) -> anyhow::Result<Operator> {
     let port = free_port()?;
     let child = Command::new(workspace_binary("idemq-operator")?)
@@ -84,6 +85,7 @@ fn start_operator_with(
         // The child gets the e2e kubeconfig explicitly, and only it.
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stderr(Stdio::inherit())
         .spawn()?;
     Ok(Operator(child))
@@ -754,6 +756,227 @@ async fn kafka_scenario(client: &Client, ns: &str, topic: &str) -> anyhow::Resul
     Ok(())
 }
 
+const PUBSUB_EMULATOR: &str = "127.0.0.1:8085";
+const PUBSUB_PROJECT: &str = "idemq-e2e";
+
+/// A Pub/Sub consumer of `topic` through `subscription` with an ack
+/// deadline of 30 s and a dead-letter policy to `<topic>-dead`.
+fn pubsub_policy(name: &str, target: &str, topic: &str, subscription: &str) -> IdempotentConsumer {
+    serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "target": { "kind": "Deployment", "name": target },
+            "broker": { "pubsub": {
+                "credentialsSecretRef": { "name": "pubsub" },
+                "project": PUBSUB_PROJECT, "topic": topic, "subscription": subscription,
+                "ackDeadlineSeconds": 30,
+                "deadLetterPolicy": { "topic": format!("{topic}-dead"), "maxDeliveryAttempts": 6 } } },
+            "key": { "from": "attribute", "name": "event-id" },
+            "delivery": { "port": 8080, "path": "/events" }
+        }
+    }))
+    .expect("a valid IdempotentConsumer")
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn a_pubsub_policy_creates_its_subscription_and_reports_another_ones_settings(
+) -> anyhow::Result<()> {
+    let kubeconfig = e2e_kubeconfig()?;
+    let client = client(&kubeconfig).await?;
+    install_crd(&client).await?;
+    let pubsub = idemq_sidecar::source::pubsub::client(PUBSUB_PROJECT, Some(PUBSUB_EMULATOR), None)
+        .await
+        .map_err(|e| anyhow::anyhow!("the Pub/Sub emulator on {PUBSUB_EMULATOR} ({e}); start it with: source .ci/services.sh && ensure_pubsub_emulator"))?;
+    let ns = unique("idemq-e2e-pubsub");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await?;
+    let topic = unique("e2e-orders");
+    pubsub.topic(&topic).create(None, None).await?;
+    let identity = chart_identity(&client, &kubeconfig, &ns).await?;
+    // The operator talks to the emulator, as Google's clients do with this variable.
+    let operator = start_operator_with(
+        identity.path(),
+        &ns,
+        &[],
+        &[("PUBSUB_EMULATOR_HOST", PUBSUB_EMULATOR)],
+    )?;
+    let result = pubsub_scenario(&client, &pubsub, &ns, &topic).await;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    let cleaned = delete_in_order(&ics, &["billing", "audit"], WAIT).await;
+    drop(operator);
+    namespaces.delete(&ns, &DeleteParams::default()).await?;
+    for s in [format!("{topic}-billing"), format!("{topic}-audit")] {
+        let _ = pubsub.subscription(&s).delete(None).await;
+    }
+    for t in [topic.clone(), format!("{topic}-dead")] {
+        let _ = pubsub.topic(&t).delete(None).await;
+    }
+    result.and(cleaned)
+}
+
+async fn pubsub_scenario(
+    client: &Client,
+    pubsub: &gcloud_pubsub::client::Client,
+    ns: &str,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), ns);
+    // The API server refuses a header key (Pub/Sub has attributes) and a
+    // consumer whose dead letters have nowhere to go.
+    let mut header = pubsub_policy("header", "worker", topic, "s-header");
+    header.spec.key.from = idemq_operator::crd::KeyFrom::Header;
+    let refused = ics
+        .create(&PostParams::default(), &header)
+        .await
+        .expect_err("a header key is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("Pub/Sub messages carry attributes"),
+        "{refused}"
+    );
+    let mut nowhere = pubsub_policy("nowhere", "worker", topic, "s-nowhere");
+    if let Some(ps) = nowhere.spec.broker.pubsub.as_mut() {
+        ps.dead_letter_policy = None;
+    }
+    let refused = ics
+        .create(&PostParams::default(), &nowhere)
+        .await
+        .expect_err("no dead-letter route is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("dead letters need somewhere to go"),
+        "{refused}"
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    // The emulator takes no key: a placeholder stands for the service account's.
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({ "metadata": { "name": "pubsub" }, "stringData": { "key.json": "{\"private_key\":\"e2e-s3cret\"}" } }),
+            )?,
+        )
+        .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    for name in ["worker", "auditor"] {
+        deployments
+            .create(&PostParams::default(), &deployment(name))
+            .await?;
+    }
+    // Someone else's subscription, with Pub/Sub's default ack deadline.
+    let audit = format!("{topic}-audit");
+    pubsub
+        .subscription(&audit)
+        .create(
+            &format!("projects/{PUBSUB_PROJECT}/topics/{topic}"),
+            gcloud_pubsub::subscription::SubscriptionConfig {
+                ack_deadline_seconds: 10,
+                ..Default::default()
+            },
+            None,
+        )
+        .await?;
+    let billing = format!("{topic}-billing");
+    ics.create(
+        &PostParams::default(),
+        &pubsub_policy("billing", "worker", topic, &billing),
+    )
+    .await?;
+    ics.create(
+        &PostParams::default(),
+        &pubsub_policy("audit", "auditor", topic, &audit),
+    )
+    .await?;
+
+    // The missing subscription is created with the spec's settings.
+    broker_bound(&ics, "billing", "True", "Bound").await?;
+    let (attached, created) = pubsub.subscription(&billing).config(None).await?;
+    assert_eq!(
+        attached,
+        format!("projects/{PUBSUB_PROJECT}/topics/{topic}")
+    );
+    assert_eq!(created.ack_deadline_seconds, 30);
+    let dead = created.dead_letter_policy.expect("a dead-letter policy");
+    assert_eq!(
+        (dead.dead_letter_topic.as_str(), dead.max_delivery_attempts),
+        (
+            format!("projects/{PUBSUB_PROJECT}/topics/{topic}-dead").as_str(),
+            6
+        )
+    );
+
+    // The existing one is reported, with a Warning Event, and left as it is.
+    let mismatch = broker_bound(&ics, "audit", "False", "SubscriptionMismatch").await?;
+    let message = mismatch
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == "BrokerBound")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("ackDeadlineSeconds 10 (the spec: 30)"),
+        "names the setting: {message}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    eventually(WAIT, "a SubscriptionMismatch Warning Event", || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("SubscriptionMismatch")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(()))
+    })
+    .await?;
+    let (_, unchanged) = pubsub.subscription(&audit).config(None).await?;
+    assert_eq!(unchanged.ack_deadline_seconds, 10, "never changed");
+    assert!(unchanged.dead_letter_policy.is_none());
+
+    // The key reaches the sidecar as a file from the Secret, never through the ConfigMap.
+    let worker = deployments.get("worker").await?;
+    let pod = worker.spec.and_then(|s| s.template.spec).expect("pod spec");
+    let volume = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "idemq-pubsub-key")
+        .and_then(|v| v.secret)
+        .expect("the key's volume");
+    assert_eq!(volume.secret_name.as_deref(), Some("pubsub"));
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("billing-idemq")
+        .await?;
+    let yaml = cm.data.expect("data")["sidecar.yaml"].clone();
+    assert!(!yaml.contains("e2e-s3cret"), "no key in the ConfigMap");
+    let config = idemq_sidecar::Config::from_yaml(&yaml)?;
+    let section = config
+        .broker
+        .and_then(|b| b.pubsub)
+        .expect("a Pub/Sub section");
+    assert_eq!(section.subscription, billing);
+    println!(
+        "e2e pubsub: {billing} created (ackDeadlineSeconds {}, dead letters to {} after {}); {audit}: SubscriptionMismatch ({message}), left at ackDeadlineSeconds {}",
+        created.ack_deadline_seconds,
+        dead.dead_letter_topic,
+        dead.max_delivery_attempts,
+        unchanged.ack_deadline_seconds
+    );
+    Ok(())
+}
+
 #[tokio::test]
 #[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
 async fn sidecars_ready_follows_the_pods_sidecar_readiness_both_ways() -> anyhow::Result<()> {
@@ -1165,11 +1388,11 @@ async fn the_webhook_injects_pods_and_leaves_their_workloads_alone() -> anyhow::
         "--webhook-cert-lifetime=30s".to_string(),
     ]
     .into();
-    let operator = start_operator_with(identity.path(), &ns, &args)?;
+    let operator = start_operator_with(identity.path(), &ns, &args, &[])?;
     // The scenario stops the operator (the failure policy); it runs again to
     // finish the resource (its queue), then everything goes.
     let result = webhook_scenario(&client, &ns, port, operator).await;
-    let operator = start_operator_with(identity.path(), &ns, &args)?;
+    let operator = start_operator_with(identity.path(), &ns, &args, &[])?;
     let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
     let cleaned = delete_in_order(&ics, &["orders"], WAIT).await;
     drop(operator);

@@ -78,6 +78,12 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.broker.jetstream) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
 ).message("recordKey and coordinates are Kafka keys; with JetStream use messageId (Nats-Msg-Id), header, jsonPointer, bodyHash or cloudEvent"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.pubsub) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates', 'header'])"
+).message("with Pub/Sub use messageId, attribute, jsonPointer, bodyHash or cloudEvent (Pub/Sub messages carry attributes, not headers)"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.broker.pubsub) || !has(self.key) || !has(self.key.from) || self.key.from != 'attribute'"
+).message("attribute is a Pub/Sub key; other brokers carry headers: use header"))]
 #[serde(rename_all = "camelCase")]
 pub struct IdempotentConsumerSpec {
     /// How the sidecar reaches the pods (default workload).
@@ -195,7 +201,7 @@ impl Target {
 /// operator checks again ([`Broker::kind`]) for objects stored before the rule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream), has(self.mqtt)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka, jetstream or mqtt"))]
+#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream), has(self.mqtt), has(self.pubsub)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka, jetstream, mqtt or pubsub"))]
 pub struct Broker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<RabbitMqBinding>,
@@ -204,6 +210,8 @@ pub struct Broker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jetstream: Option<JetStreamBinding>,
     pub mqtt: Option<MqttBinding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pubsub: Option<PubSubBinding>,
 }
 
 /// The one broker a [`Broker`] names.
@@ -213,11 +221,13 @@ pub enum BrokerKind<'a> {
     Kafka(&'a KafkaBinding),
     JetStream(&'a JetStreamBinding),
     Mqtt(&'a MqttBinding),
+    PubSub(&'a PubSubBinding),
 }
 
 impl Broker {
     /// The field names of the broker kinds.
-    pub const KINDS: &'static [&'static str] = &["rabbitmq", "kafka", "jetstream", "mqtt"];
+    pub const KINDS: &'static [&'static str] =
+        &["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -226,6 +236,7 @@ impl Broker {
             self.kafka.as_ref().map(BrokerKind::Kafka),
             self.jetstream.as_ref().map(BrokerKind::JetStream),
             self.mqtt.as_ref().map(BrokerKind::Mqtt),
+            self.pubsub.as_ref().map(BrokerKind::PubSub),
         ]
         .into_iter()
         .flatten()
@@ -426,6 +437,111 @@ pub struct MqttBinding {
     pub receive_maximum: Option<u16>,
 }
 
+/// A Google Cloud Pub/Sub subscription on an existing topic: the operator
+/// checks that the topic exists, creates the subscription with the spec's
+/// settings when it is missing (one that exists with other settings is
+/// reported, never changed) and the dead-letter topic when missing; the
+/// sidecar consumes the subscription with a streaming pull.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.deadLetterPolicy) || has(self.deadLetterTopic)"
+).message("dead letters need somewhere to go: set deadLetterPolicy (Pub/Sub moves a message after maxDeliveryAttempts) or deadLetterTopic (the sidecar publishes it)"))]
+pub struct PubSubBinding {
+    /// Secret holding a service-account key (JSON; key `key.json` unless
+    /// `key` says otherwise). The sidecar reads it as a mounted file.
+    pub credentials_secret_ref: CredentialsSecretRef,
+    /// The Google Cloud project of the topic and the subscription.
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"))]
+    pub project: String,
+    /// The topic to consume. It must exist: its producers own it.
+    #[schemars(regex(pattern = PUBSUB_NAME))]
+    pub topic: String,
+    /// The subscription (its id, not its path); created when missing.
+    #[schemars(regex(pattern = PUBSUB_NAME))]
+    pub subscription: String,
+    /// The subscription's ack deadline (default 60); the sidecar extends the
+    /// deadline of each message while the application works on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 600))]
+    pub ack_deadline_seconds: Option<i32>,
+    /// How soon Pub/Sub redelivers a message given back (default: at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<PubSubRetryPolicy>,
+    /// The subscription's dead-letter policy: Pub/Sub moves a message to
+    /// `topic` after `maxDeliveryAttempts` (its service agent needs publish
+    /// on the topic and subscribe on the subscription).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_policy: Option<PubSubDeadLetterPolicy>,
+    /// Without a dead-letter policy: the topic the sidecar publishes dead
+    /// letters to, with their reason in attributes; created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = PUBSUB_NAME))]
+    pub dead_letter_topic: Option<String>,
+    /// Exactly-once delivery: Pub/Sub answers each acknowledgement.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_exactly_once_delivery: bool,
+    /// Messages of one ordering key are delivered in order, one at a time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enable_message_ordering: bool,
+    /// A filter on message attributes (Pub/Sub's filter syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub filter: Option<String>,
+    /// Messages Pub/Sub sends each sidecar without an acknowledgement, and
+    /// so deliveries in flight (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub max_outstanding_messages: Option<u32>,
+}
+
+/// Pub/Sub topic and subscription ids: 3 to 255 characters, a letter first.
+const PUBSUB_NAME: &str = r"^[a-zA-Z][a-zA-Z0-9._~+%-]{2,254}$";
+
+/// Between `minimumBackoff` and `maximumBackoff`, growing with the attempts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "duration(has(self.minimumBackoff) ? self.minimumBackoff : '10s') <= duration(has(self.maximumBackoff) ? self.maximumBackoff : '600s') && duration(has(self.maximumBackoff) ? self.maximumBackoff : '600s') <= duration('600s')"
+).message("retryPolicy: minimumBackoff (default 10s) must not exceed maximumBackoff (default 600s), at most 600s"))]
+pub struct PubSubRetryPolicy {
+    /// Default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub minimum_backoff: Option<String>,
+    /// Default 600s, at most 600s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub maximum_backoff: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PubSubDeadLetterPolicy {
+    /// The dead-letter topic (its id, in `project`); created when missing.
+    #[schemars(regex(pattern = PUBSUB_NAME))]
+    pub topic: String,
+    /// Deliveries before Pub/Sub moves a message (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 100))]
+    pub max_delivery_attempts: Option<i32>,
+}
+
+/// A Secret key holding a file's content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's data (default `key.json`).
+    #[serde(default = "default_credentials_key")]
+    pub key: String,
+}
+
+fn default_credentials_key() -> String {
+    "key.json".to_string()
+}
+
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
 )]
@@ -541,6 +657,8 @@ pub enum KeyFrom {
     /// The Kafka record's topic/partition/offset: catches the redeliveries
     /// after rebalances and crashes, not producer retries.
     Coordinates,
+    /// A Pub/Sub message attribute, named by `name`.
+    Attribute,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
@@ -555,11 +673,12 @@ pub enum MissingKey {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("self.from != 'header' || has(self.name)").message("key.name is required when key.from is header"))]
+#[x_kube(validation = kube::core::Rule::new("self.from != 'attribute' || has(self.name)").message("key.name is required when key.from is attribute"))]
 #[x_kube(validation = kube::core::Rule::new("self.from != 'jsonPointer' || has(self.pointer)").message("key.pointer is required when key.from is jsonPointer"))]
 pub struct KeySpec {
     #[serde(default)]
     pub from: KeyFrom,
-    /// Header name, with `from: header`.
+    /// Header name, with `from: header`; attribute name, with `from: attribute`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// JSON pointer into the body, with `from: jsonPointer` (e.g. `/order/id`).
@@ -825,6 +944,10 @@ pub mod conditions {
     pub const STREAM_NOT_FOUND: &str = "StreamNotFound";
     /// The durable JetStream consumer exists with other settings.
     pub const CONSUMER_MISMATCH: &str = "ConsumerMismatch";
+    /// The Pub/Sub subscription exists with other settings.
+    pub const SUBSCRIPTION_MISMATCH: &str = "SubscriptionMismatch";
+    /// The broker refused an operation to these credentials.
+    pub const PERMISSION_DENIED: &str = "PermissionDenied";
     /// The broker refused the credentials.
     pub const BROKER_AUTH_FAILED: &str = "BrokerAuthenticationFailed";
     pub const BROKER_REFUSED: &str = "BrokerRefused";

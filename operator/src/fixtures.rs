@@ -174,6 +174,11 @@ pub fn mqtt_policy() -> IdempotentConsumer {
     stored(include_str!("../tests/data/mqtt-policy.yaml"))
 }
 
+/// The sample Pub/Sub policy (topic `orders`, subscription `orders-billing`), as stored.
+pub fn pubsub_policy() -> IdempotentConsumer {
+    stored(include_str!("../tests/data/pubsub-policy.yaml"))
+}
+
 fn stored(yaml: &str) -> IdempotentConsumer {
     let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample");
     ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".into());

@@ -63,6 +63,16 @@ pub const MQTT_CA_MOUNT: &str = "/etc/idemq-mqtt";
 pub fn mqtt_ca_file() -> String {
     format!("{MQTT_CA_MOUNT}/{CA_FILE_NAME}")
 }
+/// The Pub/Sub service-account key, mounted from the credentials Secret
+/// (the sidecar's client reads a key file).
+pub const PUBSUB_KEY_VOLUME: &str = "idemq-pubsub-key";
+pub const PUBSUB_KEY_MOUNT: &str = "/etc/idemq-pubsub";
+pub const PUBSUB_KEY_NAME: &str = "key.json";
+
+/// Where the sidecar reads the Pub/Sub service-account key.
+pub fn pubsub_key_file() -> String {
+    format!("{PUBSUB_KEY_MOUNT}/{PUBSUB_KEY_NAME}")
+}
 pub const ADMIN_PORT: u16 = 9090;
 pub const GATE_PORT: u16 = 7071;
 pub const REDIS_PORT: u16 = 6379;

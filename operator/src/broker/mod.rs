@@ -20,6 +20,7 @@ pub mod jetstream;
 pub mod kafka;
 pub mod mqtt;
 pub mod pool;
+pub mod pubsub;
 pub mod rabbitmq;
 
 use std::collections::BTreeMap;
@@ -35,6 +36,7 @@ pub enum Plan {
     Kafka(kafka::Plan),
     JetStream(jetstream::Plan),
     Mqtt(mqtt::Plan),
+    PubSub(pubsub::Plan),
 }
 
 impl Plan {
@@ -46,6 +48,7 @@ impl Plan {
             BrokerKind::Kafka(k) => Plan::Kafka(kafka::Plan::of(k)),
             BrokerKind::JetStream(js) => Plan::JetStream(jetstream::Plan::of(ic, js)?),
             BrokerKind::Mqtt(m) => Plan::Mqtt(mqtt::Plan::of(ic, m)),
+            BrokerKind::PubSub(ps) => Plan::PubSub(pubsub::Plan::of(ps)?),
         })
     }
 
@@ -76,6 +79,7 @@ impl Plan {
             }
             Plan::JetStream(p) => p.describe(),
             Plan::Mqtt(p) => p.describe(),
+            Plan::PubSub(p) => p.describe(),
         }
     }
 }
@@ -91,6 +95,7 @@ pub enum Connection {
     Kafka(kafka::Connection),
     JetStream(jetstream::Connection),
     Mqtt(mqtt::Connection),
+    PubSub(pubsub::Connection),
 }
 
 impl std::fmt::Debug for Connection {
@@ -100,6 +105,7 @@ impl std::fmt::Debug for Connection {
             Connection::Kafka(_) => f.write_str("Connection::Kafka(..)"),
             Connection::JetStream(_) => f.write_str("Connection::JetStream(..)"),
             Connection::Mqtt(_) => f.write_str("Connection::Mqtt(..)"),
+            Connection::PubSub(_) => f.write_str("Connection::PubSub(..)"),
         }
     }
 }
@@ -112,6 +118,7 @@ impl Connection {
             BrokerKind::Kafka(kafka) => &kafka.connection_secret_ref.name,
             BrokerKind::JetStream(js) => &js.connection_secret_ref.name,
             BrokerKind::Mqtt(m) => &m.connection_secret_ref.name,
+            BrokerKind::PubSub(ps) => &ps.credentials_secret_ref.name,
         })
     }
 
@@ -151,6 +158,9 @@ impl Connection {
                     ca_pem: m.ca_key.as_deref().map(value).transpose()?,
                 }))
             }
+            Some(BrokerKind::PubSub(ps)) => Ok(Connection::PubSub(
+                pubsub::Connection::from_secret(ps, value)?,
+            )),
             None => Err("(no broker in the spec)".to_string()),
         }
     }
@@ -163,13 +173,15 @@ impl Connection {
             Connection::Kafka(k) => kafka::Connection::identity(k),
             Connection::JetStream(c) => c.identity(),
             Connection::Mqtt(m) => m.identity(),
+            Connection::PubSub(p) => p.identity(),
         }
     }
 }
 
-/// Whether the queues go with the resource when it is deleted. Kafka topics
-/// and JetStream streams never do: the consumed ones are the producers', and
-/// dead letters are kept (so is the durable JetStream consumer).
+/// Whether the queues go with the resource when it is deleted. Kafka topics,
+/// JetStream streams and Pub/Sub topics never do: the consumed ones are the
+/// producers', and dead letters are kept (so are the durable JetStream
+/// consumer and the Pub/Sub subscription).
 pub fn delete_on_cleanup(ic: &IdempotentConsumer) -> bool {
     matches!(ic.spec.broker.kind(), Some(BrokerKind::RabbitMq(r)) if r.delete_on_cleanup)
 }
@@ -207,6 +219,17 @@ pub enum BindError {
     /// sentence naming each.
     #[error("{0}")]
     ConsumerMismatch(String),
+    /// The Pub/Sub topic to consume (its full name) does not exist. It
+    /// belongs to its producers: idemq does not create it.
+    #[error("topic {0:?} does not exist; create it (its producers own it) or correct `topic`")]
+    PubSubTopicNotFound(String),
+    /// The Pub/Sub subscription exists with other settings: a sentence
+    /// naming each.
+    #[error("{0}")]
+    SubscriptionMismatch(String),
+    /// The credentials are valid and may not do what the binding needs.
+    #[error("the broker denied the credentials an operation: {0}")]
+    PermissionDenied(String),
 }
 
 /// The sentence of a [`BindError::TopicNotFound`], for one topic or several.
@@ -239,6 +262,7 @@ pub struct Brokers {
     pub rabbitmq: rabbitmq::Amqp,
     pub kafka: kafka::Kafka,
     pub jetstream: jetstream::JetStream,
+    pub pubsub: pubsub::PubSub,
 }
 
 impl Brokers {
@@ -248,6 +272,7 @@ impl Brokers {
             rabbitmq: rabbitmq::Amqp::new(pool),
             kafka: kafka::Kafka::new(pool),
             jetstream: jetstream::JetStream::new(pool),
+            pubsub: pubsub::PubSub::new(pool, pubsub::emulator_host_from_env()),
         }
     }
 }
@@ -266,6 +291,7 @@ impl Binder for Brokers {
             (Plan::Kafka(p), Connection::Kafka(c)) => self.kafka.bind(c, p).await,
             (Plan::JetStream(p), Connection::JetStream(c)) => self.jetstream.bind(c, p).await,
             (Plan::Mqtt(p), Connection::Mqtt(c)) => mqtt::bind(c, p).await,
+            (Plan::PubSub(p), Connection::PubSub(c)) => self.pubsub.bind(c, p).await,
             _ => Err(mismatch()),
         }
     }
@@ -278,7 +304,8 @@ impl Binder for Brokers {
             // Nothing to delete (see `delete_on_cleanup`).
             (Plan::Kafka(_), Connection::Kafka(_))
             | (Plan::JetStream(_), Connection::JetStream(_))
-            | (Plan::Mqtt(_), Connection::Mqtt(_)) => Ok(()),
+            | (Plan::Mqtt(_), Connection::Mqtt(_))
+            | (Plan::PubSub(_), Connection::PubSub(_)) => Ok(()),
             _ => Err(mismatch()),
         }
     }

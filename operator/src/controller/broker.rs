@@ -120,6 +120,15 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict,
             verdict(BROKER_BOUND, false, STREAM_NOT_FOUND, e.to_string())
         }
         Err(BindError::ConsumerMismatch(e)) => verdict(BROKER_BOUND, false, CONSUMER_MISMATCH, e),
+        Err(e @ BindError::PubSubTopicNotFound(_)) => {
+            verdict(BROKER_BOUND, false, TOPIC_NOT_FOUND, e.to_string())
+        }
+        Err(BindError::SubscriptionMismatch(e)) => {
+            verdict(BROKER_BOUND, false, SUBSCRIPTION_MISMATCH, e)
+        }
+        Err(e @ BindError::PermissionDenied(_)) => {
+            verdict(BROKER_BOUND, false, PERMISSION_DENIED, e.to_string())
+        }
         Err(e @ BindError::AuthenticationFailed(_)) => {
             verdict(BROKER_BOUND, false, BROKER_AUTH_FAILED, e.to_string())
         }

@@ -1335,6 +1335,255 @@ mod mqtt {
     }
 }
 
+/// Pub/Sub: the resource's topic on Google's emulator of 127.0.0.1:8085
+/// (`.ci/services.sh`), through the production binder pointed at it; the
+/// store is a Redis of the test's own, so that only the broker decides. Each
+/// test uses topics and subscriptions of its own and deletes them.
+mod pubsub {
+    use gcloud_pubsub::client::Client;
+    use gcloud_pubsub::subscription::SubscriptionConfig;
+
+    use super::*;
+    use crate::broker::pool::PoolConfig;
+    use crate::broker::pubsub::PubSub;
+    use crate::broker::Brokers;
+
+    const KEY_SECRET: &str = "/api/v1/namespaces/shop/secrets/pubsub-orders";
+    const STORE_SECRET: &str = "/api/v1/namespaces/shop/secrets/orders-redis";
+    const EMULATOR: &str = "127.0.0.1:8085";
+    const PROJECT: &str = "idemq-scenarios";
+    /// Stands for a service-account key: the emulator takes none.
+    const KEY: &str = r#"{"type":"service_account","private_key":"s3cret"}"#;
+
+    async fn emulator() -> Client {
+        idemq_sidecar::source::pubsub::client(PROJECT, Some(EMULATOR), None)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("no Pub/Sub emulator on {EMULATOR} ({e}); start it with: source .ci/services.sh && ensure_pubsub_emulator")
+            })
+    }
+
+    fn secret(name: &str, key: &str, value: &str) -> Value {
+        let value = serde_json::to_value(k8s_openapi::ByteString(value.as_bytes().to_vec()))
+            .expect("base64");
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "shop" },
+                "data": { key: value } })
+    }
+
+    /// The sample Pub/Sub policy on `topic` (subscription `<topic>-sub`,
+    /// dead letters to `<topic>-dead`), with the store of `redis`.
+    fn policy(topic: &str, redis: &OwnRedis) -> (IdempotentConsumer, Value) {
+        let mut ic = fixtures::pubsub_policy();
+        let binding = ic.spec.broker.pubsub.as_mut().expect("pubsub");
+        binding.project = PROJECT.into();
+        binding.topic = topic.into();
+        binding.subscription = format!("{topic}-sub");
+        binding.dead_letter_policy.as_mut().expect("policy").topic = format!("{topic}-dead");
+        ic.spec.store = serde_json::from_value(
+            json!({ "mode": "external", "external": { "secretRef": { "name": "orders-redis", "key": "url" } } }),
+        )
+        .expect("store spec");
+        (ic, secret("orders-redis", "url", &redis.url()))
+    }
+
+    /// Reconciles `ic` with the production binder on the emulator; the API
+    /// answers as given.
+    async fn reconcile_pubsub(
+        ic: IdempotentConsumer,
+        store_secret: Value,
+        status: Arc<Mutex<Option<Value>>>,
+        events: Vec<Expect>,
+    ) {
+        let key_secret = secret("pubsub-orders", "key.json", KEY);
+        let mut expected = vec![
+            Expect::get(CM, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(CM).with_body(|cm| {
+                let yaml = cm["data"]["sidecar.yaml"].as_str().unwrap_or_default();
+                assert!(
+                    yaml.contains("pubsub:")
+                        && yaml.contains("credentialsFile: /etc/idemq-pubsub/key.json")
+                        && !yaml.contains("s3cret"),
+                    "{yaml}"
+                );
+            }),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
+            Expect::get(KEY_SECRET, StatusCode::OK, key_secret.clone()),
+            // The digest of both Secrets' content, in name order.
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
+            Expect::get(KEY_SECRET, StatusCode::OK, key_secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET).with_body(|p| {
+                let pod = &p["spec"]["template"]["spec"];
+                assert_eq!(pod["volumes"][1]["secret"]["secretName"], "pubsub-orders");
+                assert!(!pod.to_string().contains("s3cret"), "a reference: {pod}");
+            }),
+            status_patch(status),
+        ];
+        expected.extend(events);
+        let brokers = Brokers {
+            pubsub: PubSub::new(PoolConfig::default(), Some(EMULATOR.into())),
+            ..Brokers::default()
+        };
+        let (ctx, handle) = fixtures::context_with(
+            Arc::new(brokers),
+            crate::controller::DEFAULT_BROKER_OPERATIONS,
+        );
+        let server = tokio::spawn(fixtures::serve(handle, expected));
+        let result = reconcile(Arc::new(ic), ctx).await;
+        server.await.expect("every expected request came");
+        result.expect("reconciles");
+    }
+
+    fn condition(status: &Mutex<Option<Value>>, type_: &str) -> (String, String, String) {
+        let status = status.lock().expect("lock").clone().expect("status");
+        let c = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status}"));
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        (text("status"), text("reason"), text("message"))
+    }
+
+    fn unique() -> String {
+        format!("scn-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    }
+
+    async fn delete(client: &Client, topic: &str) {
+        let _ = client
+            .subscription(&format!("{topic}-sub"))
+            .delete(None)
+            .await;
+        for t in [topic.to_string(), format!("{topic}-dead")] {
+            let _ = client.topic(&t).delete(None).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_existing_topic_binds_ready_with_the_subscription_created_as_specified() {
+        let redis = OwnRedis::start().await;
+        let client = emulator().await;
+        let topic = unique();
+        client
+            .topic(&topic)
+            .create(None, None)
+            .await
+            .expect("create the producers' topic");
+        let (ic, store_secret) = policy(&topic, &redis);
+        let status = Arc::new(Mutex::new(None));
+        reconcile_pubsub(ic, store_secret, status.clone(), vec![event("Injected")]).await;
+        let created = client
+            .subscription(&format!("{topic}-sub"))
+            .config(None)
+            .await;
+        delete(&client, &topic).await;
+        for type_ in ["StoreReady", "BrokerBound", "SidecarInjected", "Ready"] {
+            let (value, reason, message) = condition(&status, type_);
+            println!("{type_}={value} reason={reason}: {message}");
+            assert_eq!(value, "True", "{type_}: {reason}: {message}");
+        }
+        let (_, config) = created.expect("the subscription was created");
+        assert_eq!(config.ack_deadline_seconds, 30, "the spec's");
+        assert_eq!(
+            config
+                .dead_letter_policy
+                .map(|d| (d.dead_letter_topic, d.max_delivery_attempts)),
+            Some((format!("projects/{PROJECT}/topics/{topic}-dead"), 5))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subscription_with_other_settings_is_subscription_mismatch_with_an_event_and_unchanged(
+    ) {
+        let redis = OwnRedis::start().await;
+        let client = emulator().await;
+        let topic = unique();
+        client
+            .topic(&topic)
+            .create(None, None)
+            .await
+            .expect("create the producers' topic");
+        client
+            .subscription(&format!("{topic}-sub"))
+            .create(
+                &format!("projects/{PROJECT}/topics/{topic}"),
+                SubscriptionConfig {
+                    ack_deadline_seconds: 10,
+                    ..SubscriptionConfig::default()
+                },
+                None,
+            )
+            .await
+            .expect("someone else's subscription");
+        let (ic, store_secret) = policy(&topic, &redis);
+        let status = Arc::new(Mutex::new(None));
+        let events = vec![
+            event("Injected"),
+            event("SubscriptionMismatch").with_body(|e| {
+                assert_eq!(e["type"], "Warning");
+                assert!(
+                    e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("ackDeadlineSeconds 10 (the spec: 30)")),
+                    "the Event names the setting: {e}"
+                );
+                assert!(!e.to_string().contains("s3cret"));
+            }),
+        ];
+        reconcile_pubsub(ic, store_secret, status.clone(), events).await;
+        let after = client
+            .subscription(&format!("{topic}-sub"))
+            .config(None)
+            .await;
+        delete(&client, &topic).await;
+        let (bound, reason, message) = condition(&status, "BrokerBound");
+        println!("BrokerBound={bound} reason={reason}: {message}");
+        assert_eq!(
+            (bound.as_str(), reason.as_str()),
+            ("False", "SubscriptionMismatch")
+        );
+        assert_eq!(condition(&status, "Ready").0, "False");
+        let (_, config) = after.expect("still there");
+        assert_eq!(config.ack_deadline_seconds, 10, "never changed");
+        assert!(config.dead_letter_policy.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_missing_topic_is_topic_not_found_with_an_event() {
+        let redis = OwnRedis::start().await;
+        let client = emulator().await;
+        let topic = unique();
+        let (ic, store_secret) = policy(&topic, &redis);
+        let status = Arc::new(Mutex::new(None));
+        let named = topic.clone();
+        let events = vec![
+            event("Injected"),
+            event("TopicNotFound").with_body(move |e| {
+                assert_eq!(e["type"], "Warning");
+                assert!(
+                    e["note"].as_str().is_some_and(|n| n.contains(&named)),
+                    "the Event names the topic: {e}"
+                );
+            }),
+        ];
+        reconcile_pubsub(ic, store_secret, status.clone(), events).await;
+        let subscription = client
+            .subscription(&format!("{topic}-sub"))
+            .exists(None)
+            .await;
+        delete(&client, &topic).await;
+        let (bound, reason, message) = condition(&status, "BrokerBound");
+        println!("BrokerBound={bound} reason={reason}: {message}");
+        assert_eq!(
+            (bound.as_str(), reason.as_str()),
+            ("False", "TopicNotFound")
+        );
+        assert_eq!(subscription.ok(), Some(false), "nothing created");
+    }
+}
+
 #[tokio::test]
 async fn two_brokers_in_one_resource_are_an_invalid_spec_with_a_condition_and_an_event() {
     // Stored before the schema's rule, or written past it.

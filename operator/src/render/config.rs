@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use idemq_sidecar::config::{
     self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, Durability,
-    JetStreamConfig, KafkaConfig, KeySource, MissingKeyPolicy, Mode, MqttConfig, RabbitMqConfig,
-    ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind, UnavailablePolicy,
+    JetStreamConfig, KafkaConfig, KeySource, MissingKeyPolicy, Mode, MqttConfig, PubSubConfig,
+    RabbitMqConfig, ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind,
+    UnavailablePolicy,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
@@ -19,7 +20,7 @@ use super::{owned_meta, RenderError};
 use crate::crd::{
     BrokerKind, DeliveryMode, IdempotentConsumer, JetStreamBinding, KafkaBinding, KafkaOrdering,
     KafkaSecurityProtocol, KeyFrom, MissingKey, MqttBinding, MqttProtocol, OffsetReset, OnReset,
-    RabbitMqBinding, SaslMechanism, StoreDurability, Unavailable,
+    PubSubBinding, RabbitMqBinding, SaslMechanism, StoreDurability, Unavailable,
 };
 use crate::labels;
 
@@ -48,6 +49,9 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
         KeyFrom::RecordKey => KeySource::RecordKey,
         KeyFrom::Coordinates => KeySource::Coordinates,
         KeyFrom::Header => KeySource::Header {
+            name: spec.key.name.clone().unwrap_or_default(),
+        },
+        KeyFrom::Attribute => KeySource::Attribute {
             name: spec.key.name.clone().unwrap_or_default(),
         },
         KeyFrom::JsonPointer => KeySource::JsonPointer {
@@ -114,6 +118,10 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 },
                 BrokerKind::Mqtt(mqtt) => BrokerConfig {
                     mqtt: Some(mqtt_config(ic, mqtt)?),
+                    ..BrokerConfig::default()
+                },
+                BrokerKind::PubSub(ps) => BrokerConfig {
+                    pubsub: Some(pubsub_config(ps)),
                     ..BrokerConfig::default()
                 },
             })
@@ -272,6 +280,22 @@ fn mqtt_config(ic: &IdempotentConsumer, mqtt: &MqttBinding) -> Result<MqttConfig
     })
 }
 
+/// The sidecar's `broker.pubsub`: the service-account key is a file mounted
+/// from the credentials Secret, named here by its path only. The operator
+/// creates the subscription ([`crate::broker::pubsub::Plan`]); the sidecar
+/// reads its settings from Pub/Sub.
+fn pubsub_config(ps: &PubSubBinding) -> PubSubConfig {
+    let defaults = PubSubConfig::new(ps.project.clone(), ps.subscription.clone());
+    PubSubConfig {
+        max_outstanding_messages: ps
+            .max_outstanding_messages
+            .unwrap_or(defaults.max_outstanding_messages),
+        dead_letter_topic: ps.dead_letter_topic.clone(),
+        credentials_file: Some(labels::pubsub_key_file()),
+        ..defaults
+    }
+}
+
 /// The shared subscription's group: the spec's, or `<namespace>.<name>`.
 pub fn shared_group(ic: &IdempotentConsumer, mqtt: &MqttBinding) -> String {
     mqtt.shared_group
@@ -328,6 +352,10 @@ pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
         Some(BrokerKind::Kafka(kafka)) => u64::from(kafka.max_in_flight.unwrap_or(100)),
         Some(BrokerKind::JetStream(js)) => u64::from(js.max_ack_pending.unwrap_or(100)),
         Some(BrokerKind::Mqtt(mqtt)) => u64::from(mqtt.receive_maximum.unwrap_or(100)),
+        Some(BrokerKind::PubSub(ps)) => u64::from(
+            ps.max_outstanding_messages
+                .unwrap_or_else(|| PubSubConfig::new("", "").max_outstanding_messages),
+        ),
         None => 100,
     };
     match delivery.expected_message_bytes {

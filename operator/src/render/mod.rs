@@ -72,6 +72,11 @@ pub(crate) mod sample {
         from_yaml(include_str!("../../tests/data/mqtt-policy.yaml"))
     }
 
+    /// A Pub/Sub consumer keyed by an attribute, with a dead-letter policy.
+    pub fn pubsub_policy() -> IdempotentConsumer {
+        from_yaml(include_str!("../../tests/data/pubsub-policy.yaml"))
+    }
+
     fn from_yaml(yaml: &str) -> IdempotentConsumer {
         let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample policy");
         ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".to_string());

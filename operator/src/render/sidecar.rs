@@ -245,6 +245,8 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
             env.extend(keys.iter().map(|(var, key)| secret_env(var, &r.name, key)));
             env
         }
+        // The service-account key is a mounted file (see `volumes`).
+        Some(BrokerKind::PubSub(_)) => Vec::new(),
         // Refused by validation before anything is rendered.
         None => Vec::new(),
     }
@@ -266,47 +268,77 @@ fn read_only_mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
-/// The sidecar's volumes and their mounts: its configuration, and the Kafka
-/// or MQTT CA bundle when the connection Secret holds one (pipeline mode).
+/// The sidecar's volumes and their mounts: its configuration, and in
+/// pipeline mode the Kafka or MQTT CA bundle when the connection Secret
+/// holds one, or the Pub/Sub service-account key.
 fn volumes(ic: &IdempotentConsumer) -> Vec<(Volume, VolumeMount)> {
     let mut volumes = vec![(
         config_volume(ic),
         read_only_mount(labels::CONFIG_VOLUME, labels::CONFIG_MOUNT),
     )];
     let pipeline = ic.spec.delivery.mode == DeliveryMode::Http;
-    let ca = match ic.spec.broker.kind() {
+    let file = match ic.spec.broker.kind() {
         Some(BrokerKind::Kafka(kafka)) if pipeline => {
             let r = &kafka.connection_secret_ref;
-            r.ca_key.as_ref().map(|key| {
-                let volume = (labels::KAFKA_CA_VOLUME, labels::KAFKA_CA_MOUNT);
-                (r.name.clone(), key.clone(), volume)
+            r.ca_key.as_ref().map(|key| SecretFile {
+                volume: labels::KAFKA_CA_VOLUME,
+                mount: labels::KAFKA_CA_MOUNT,
+                secret: &r.name,
+                key,
+                path: labels::CA_FILE_NAME,
             })
         }
-        Some(BrokerKind::Mqtt(mqtt)) if pipeline => mqtt.ca_key.as_ref().map(|key| {
-            let volume = (labels::MQTT_CA_VOLUME, labels::MQTT_CA_MOUNT);
-            (mqtt.connection_secret_ref.name.clone(), key.clone(), volume)
+        Some(BrokerKind::Mqtt(mqtt)) if pipeline => mqtt.ca_key.as_ref().map(|key| SecretFile {
+            volume: labels::MQTT_CA_VOLUME,
+            mount: labels::MQTT_CA_MOUNT,
+            secret: &mqtt.connection_secret_ref.name,
+            key,
+            path: labels::CA_FILE_NAME,
         }),
+        Some(BrokerKind::PubSub(ps)) if pipeline => {
+            let r = &ps.credentials_secret_ref;
+            Some(SecretFile {
+                volume: labels::PUBSUB_KEY_VOLUME,
+                mount: labels::PUBSUB_KEY_MOUNT,
+                secret: &r.name,
+                key: &r.key,
+                path: labels::PUBSUB_KEY_NAME,
+            })
+        }
         _ => None,
     };
-    if let Some((secret, key, (volume, mount))) = ca {
-        volumes.push((
+    volumes.extend(file.map(SecretFile::volume));
+    volumes
+}
+
+/// One key of a Secret, mounted as the file `<mount>/<path>`.
+struct SecretFile<'a> {
+    volume: &'static str,
+    mount: &'static str,
+    secret: &'a str,
+    key: &'a str,
+    path: &'static str,
+}
+
+impl SecretFile<'_> {
+    fn volume(self) -> (Volume, VolumeMount) {
+        (
             Volume {
-                name: volume.to_string(),
+                name: self.volume.to_string(),
                 secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret),
+                    secret_name: Some(self.secret.to_string()),
                     items: Some(vec![KeyToPath {
-                        key,
-                        path: labels::CA_FILE_NAME.to_string(),
+                        key: self.key.to_string(),
+                        path: self.path.to_string(),
                         ..KeyToPath::default()
                     }]),
                     ..SecretVolumeSource::default()
                 }),
                 ..Volume::default()
             },
-            read_only_mount(volume, mount),
-        ));
+            read_only_mount(self.volume, self.mount),
+        )
     }
-    volumes
 }
 
 pub fn config_volume(ic: &IdempotentConsumer) -> Volume {
@@ -730,6 +762,56 @@ mod tests {
                 .and_then(|b| b.mqtt)
                 .and_then(|m| m.ca_file),
             "the sidecar reads the CA where it is mounted"
+        );
+    }
+
+    #[test]
+    fn the_pubsub_key_reaches_the_sidecar_as_a_file_from_the_secret_never_in_the_config_map() {
+        let ic = sample::pubsub_policy();
+        let c = container(&ic, "img");
+        assert!(
+            c.env.iter().flatten().all(|e| !e.name.contains("BROKER")
+                && !serde_json::to_string(e)
+                    .expect("json")
+                    .contains("pubsub-orders")),
+            "no broker variable: the key is a file"
+        );
+        let patch = workload_patch(&ic, "abc", Some("def"), "img").expect("a workload");
+        let pod = &patch["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][1]["name"], "idemq-pubsub-key");
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], "pubsub-orders");
+        assert_eq!(pod["volumes"][1]["secret"]["items"][0]["key"], "key.json");
+        let mount = &pod["initContainers"][0]["volumeMounts"][1];
+        assert_eq!(mount["readOnly"], true);
+        let (cm, _) = crate::render::config::config_map(&ic).expect("renders");
+        let yaml = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(labels::CONFIG_KEY))
+            .expect("sidecar.yaml");
+        let config = idemq_sidecar::config::Config::from_yaml(yaml).expect("the sidecar takes it");
+        let pubsub = config.broker.and_then(|b| b.pubsub).expect("broker.pubsub");
+        assert_eq!(
+            (pubsub.project.as_str(), pubsub.subscription.as_str()),
+            ("shop-prod", "orders-billing")
+        );
+        assert_eq!(
+            pubsub.credentials_file,
+            Some(format!(
+                "{}/key.json",
+                mount["mountPath"].as_str().unwrap_or_default()
+            )),
+            "the config names the mounted file"
+        );
+        assert_eq!(
+            config.dedup.key,
+            idemq_sidecar::config::KeySource::Attribute {
+                name: "event-id".into()
+            }
+        );
+        assert!(
+            !yaml.contains("private_key") && !yaml.contains("pubsub-orders"),
+            "no key, not even the Secret's name, in the ConfigMap: {yaml}"
         );
     }
 

@@ -396,8 +396,30 @@ pub async fn connect(
     pubsub: &PubSubConfig,
     emulator_host: Option<&str>,
 ) -> Result<Client, SourceError> {
+    let key = match (&pubsub.credentials_file, emulator_host) {
+        (Some(path), None) => Some(
+            google_cloud_auth::credentials::CredentialsFile::new_from_file(path.clone())
+                .await
+                .map_err(|source| SourceError::KeyFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+        _ => None,
+    };
+    client(&pubsub.project, emulator_host, key).await
+}
+
+/// A Pub/Sub client of `project`: the emulator at `emulator_host` without
+/// credentials, or Google Cloud with the service-account `key` or, without
+/// one, Application Default Credentials. The operator's client too.
+pub async fn client(
+    project: &str,
+    emulator_host: Option<&str>,
+    key: Option<google_cloud_auth::credentials::CredentialsFile>,
+) -> Result<Client, SourceError> {
     let mut config = ClientConfig {
-        project_id: Some(pubsub.project.clone()),
+        project_id: Some(project.to_string()),
         connection_option: ConnectionOptions {
             connect_timeout: Some(Duration::from_secs(5)),
             ..ConnectionOptions::default()
@@ -409,18 +431,8 @@ pub async fn connect(
         None => {
             // TLS to Google Cloud: the process-wide provider (ring).
             let _ = rustls::crypto::ring::default_provider().install_default();
-            config = match &pubsub.credentials_file {
-                Some(path) => {
-                    let key = google_cloud_auth::credentials::CredentialsFile::new_from_file(
-                        path.clone(),
-                    )
-                    .await
-                    .map_err(|source| SourceError::KeyFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    config.with_credentials(key).await
-                }
+            config = match key {
+                Some(key) => config.with_credentials(key).await,
                 None => config.with_auth().await,
             }
             .map_err(SourceError::Credentials)?;
