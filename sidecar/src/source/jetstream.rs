@@ -43,8 +43,9 @@ use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::sessions::{SessionEnd, Sessions};
 use super::{DeadLetterReason, Envelope, Verdict};
-use crate::config::{Config, JetStreamConfig, UnavailablePolicy};
+use crate::config::{Config, JetStreamConfig};
 use crate::engine::Engine;
 use crate::flow::{Flow, Permit};
 use crate::health::Component;
@@ -53,8 +54,6 @@ use crate::secrets::BrokerAuth;
 use crate::store::KeyStore;
 use crate::traces;
 
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
-const STORE_POLL: Duration = Duration::from_millis(500);
 /// How long one pull request waits for messages on an idle stream.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Messages asked for in one pull, at most.
@@ -75,12 +74,6 @@ pub struct Source {
     pub metrics: Arc<Metrics>,
     pub health: Component,
     pub flow: Flow,
-}
-
-enum SessionEnd {
-    Shutdown,
-    StoreDown,
-    AppDown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,47 +108,11 @@ pub enum SourceError {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if self.config.store.unavailable == UnavailablePolicy::FailClosed
-                && !self.wait_for_store(&shutdown).await
-            {
-                return;
-            }
-            if !self.flow.until_available(&shutdown).await {
-                return;
-            }
-            match self.session(&shutdown).await {
-                Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::StoreDown) => {
-                    tracing::warn!("key store unavailable: consumption paused until it answers");
-                    delay = Duration::from_millis(100);
-                }
-                Ok(SessionEnd::AppDown) => {
-                    tracing::info!("consumption paused until the application is available");
-                    delay = Duration::from_millis(100);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "JetStream session ended");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-                }
-            }
-        }
-    }
-
-    /// Waits until the store answers; false when shutdown came first.
-    async fn wait_for_store(&self, shutdown: &CancellationToken) -> bool {
-        loop {
-            if self.store.ping().await.is_ok() {
-                return true;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(STORE_POLL) => {}
+        let mut sessions = Sessions::new("JetStream", &self.config, &*self.store, &self.flow);
+        while sessions.ready(&shutdown).await {
+            let ended = self.session(&shutdown).await;
+            if !sessions.ended(ended, &shutdown).await {
+                break;
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod mqtt;
 pub mod offsets;
 pub mod pubsub;
 pub mod rabbitmq;
+pub mod sessions;
 pub mod zeromq;
 
 use std::time::Duration;

@@ -56,8 +56,9 @@ use tokio_util::sync::CancellationToken;
 pub use client::{probe, ConnectError, Endpoint, Options};
 use client::{Connection, Event, Outgoing, Received};
 
+use super::sessions::{SessionEnd, Sessions};
 use super::{DeadLetterReason, Envelope, Verdict};
-use crate::config::{Config, MqttConfig, MqttProtocol, UnavailablePolicy};
+use crate::config::{Config, MqttConfig, MqttProtocol};
 use crate::engine::Engine;
 use crate::flow::{Flow, Permit};
 use crate::health::Component;
@@ -66,8 +67,6 @@ use crate::secrets::BrokerAuth;
 use crate::store::KeyStore;
 use crate::traces::Origin;
 
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
-const STORE_POLL: Duration = Duration::from_millis(500);
 /// How long the broker has to confirm a dead letter.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,14 +84,6 @@ pub struct Source {
     pub flow: Flow,
     /// The largest message body seen (or expected), in bytes; 0 before any.
     pub largest_message: AtomicU64,
-}
-
-enum SessionEnd {
-    Shutdown,
-    StoreDown,
-    AppDown,
-    /// A dead letter was not confirmed: its message goes back to the broker.
-    GiveBack,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,52 +155,11 @@ pub fn filters(mqtt: &MqttConfig) -> Vec<String> {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if self.config.store.unavailable == UnavailablePolicy::FailClosed
-                && !self.wait_for_store(&shutdown).await
-            {
-                return;
-            }
-            if !self.flow.until_available(&shutdown).await {
-                return;
-            }
-            match self.session(&shutdown).await {
-                Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::StoreDown) => {
-                    tracing::warn!("key store unavailable: consumption paused until it answers");
-                    delay = Duration::from_millis(100);
-                }
-                Ok(SessionEnd::AppDown) => {
-                    tracing::info!("consumption paused until the application is available");
-                    delay = Duration::from_millis(100);
-                }
-                Ok(SessionEnd::GiveBack) => self.back_off(&shutdown, &mut delay).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "MQTT session ended");
-                    self.back_off(&shutdown, &mut delay).await;
-                }
-            }
-        }
-    }
-
-    async fn back_off(&self, shutdown: &CancellationToken, delay: &mut Duration) {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(*delay) => {}
-        }
-        *delay = (*delay * 2).min(MAX_RECONNECT_DELAY);
-    }
-
-    /// Waits until the store answers; false when shutdown came first.
-    async fn wait_for_store(&self, shutdown: &CancellationToken) -> bool {
-        loop {
-            if self.store.ping().await.is_ok() {
-                return true;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(STORE_POLL) => {}
+        let mut sessions = Sessions::new("MQTT", &self.config, &*self.store, &self.flow);
+        while sessions.ready(&shutdown).await {
+            let ended = self.session(&shutdown).await;
+            if !sessions.ended(ended, &shutdown).await {
+                break;
             }
         }
     }
@@ -260,7 +210,7 @@ impl Source {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
-                _ = settle.give_back.cancelled() => break Ok(SessionEnd::GiveBack),
+                _ = settle.give_back.cancelled() => break Ok(SessionEnd::BackOff),
                 _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 _ = settle.settled.notified() => {
                     if let Err(e) = settle.flush().await {

@@ -66,8 +66,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::sessions::{SessionEnd, Sessions};
 use super::{DeadLetterReason, Envelope, Verdict};
-use crate::config::{Config, PubSubConfig, UnavailablePolicy};
+use crate::config::{Config, PubSubConfig};
 use crate::engine::{backoff, Engine};
 use crate::flow::{Flow, Permit};
 use crate::health::Component;
@@ -75,8 +76,6 @@ use crate::metrics::{Metrics, OutcomeLabel};
 use crate::store::KeyStore;
 use crate::traces::{self, MessageSpan};
 
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
-const STORE_POLL: Duration = Duration::from_millis(500);
 /// Every call to Pub/Sub, the client's own retries included.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a session checks that the subscription still answers.
@@ -124,12 +123,6 @@ struct Connection {
     deadline: i32,
 }
 
-enum SessionEnd {
-    Shutdown,
-    StoreDown,
-    AppDown,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("read the service-account key {path}: {source}")]
@@ -157,17 +150,9 @@ pub enum SourceError {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+        let mut sessions = Sessions::new("Pub/Sub", &self.config, &*self.store, &self.flow);
         let mut connection = None;
-        loop {
-            if self.config.store.unavailable == UnavailablePolicy::FailClosed
-                && !self.wait_for_store(&shutdown).await
-            {
-                break;
-            }
-            if !self.flow.until_available(&shutdown).await {
-                break;
-            }
+        while sessions.ready(&shutdown).await {
             let ended = self.session(&mut connection, &shutdown).await;
             if matches!(ended, Ok(SessionEnd::Shutdown) | Err(_)) {
                 // Stop pulling: the client nacks what it buffered.
@@ -176,41 +161,12 @@ impl Source {
                     tracing::debug!(buffered, "streaming pull closed");
                 }
             }
-            match ended {
-                Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::StoreDown) => {
-                    tracing::warn!("key store unavailable: consumption paused until it answers");
-                    delay = Duration::from_millis(100);
-                }
-                Ok(SessionEnd::AppDown) => {
-                    tracing::info!("consumption paused until the application is available");
-                    delay = Duration::from_millis(100);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "Pub/Sub session ended");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-                }
+            if !sessions.ended(ended, &shutdown).await {
+                break;
             }
         }
         if let Some(closed) = connection.take() {
             closed.stream.dispose().await;
-        }
-    }
-
-    /// Waits until the store answers; false when shutdown came first.
-    async fn wait_for_store(&self, shutdown: &CancellationToken) -> bool {
-        loop {
-            if self.store.ping().await.is_ok() {
-                return true;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(STORE_POLL) => {}
-            }
         }
     }
 

@@ -46,8 +46,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::acks::AckTracker;
+use super::sessions::{SessionEnd, Sessions};
 use super::{Envelope, Verdict};
-use crate::config::{Config, RabbitMqConfig, UnavailablePolicy};
+use crate::config::{Config, RabbitMqConfig};
 use crate::engine::Engine;
 use crate::flow::{Flow, Permit};
 use crate::health::Component;
@@ -55,8 +56,6 @@ use crate::metrics::Metrics;
 use crate::store::KeyStore;
 use crate::traces::Origin;
 
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
-const STORE_POLL: Duration = Duration::from_millis(500);
 /// Settled messages behind one pending this long are acked one by one.
 const STUCK_AFTER: Duration = Duration::from_millis(20);
 
@@ -74,15 +73,6 @@ pub struct Source {
     pub flow: Flow,
     /// The largest message body seen (or expected), in bytes; 0 before any.
     pub largest_message: AtomicU64,
-}
-
-enum SessionEnd {
-    Shutdown,
-    StoreDown,
-    AppDown,
-    /// The largest message seen calls for another prefetch (lower, or higher
-    /// after the first message): start again with it.
-    Resize,
 }
 
 /// The prefetch that keeps `prefetch × largest` within `budget`: at least 1, at
@@ -115,48 +105,11 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if self.config.store.unavailable == UnavailablePolicy::FailClosed
-                && !self.wait_for_store(&shutdown).await
-            {
-                return;
-            }
-            if !self.flow.until_available(&shutdown).await {
-                return;
-            }
-            match self.session(&shutdown).await {
-                Ok(SessionEnd::Shutdown) => return,
-                Ok(SessionEnd::StoreDown) => {
-                    tracing::warn!("key store unavailable: consumption paused until it answers");
-                    delay = Duration::from_millis(100);
-                }
-                Ok(SessionEnd::AppDown) => {
-                    tracing::info!("consumption paused until the application is available");
-                    delay = Duration::from_millis(100);
-                }
-                Ok(SessionEnd::Resize) => delay = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "broker session ended");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-                }
-            }
-        }
-    }
-
-    /// Waits until the store answers; false when shutdown came first.
-    async fn wait_for_store(&self, shutdown: &CancellationToken) -> bool {
-        loop {
-            if self.store.ping().await.is_ok() {
-                return true;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(STORE_POLL) => {}
+        let mut sessions = Sessions::new("RabbitMQ", &self.config, &*self.store, &self.flow);
+        while sessions.ready(&shutdown).await {
+            let ended = self.session(&shutdown).await;
+            if !sessions.ended(ended, &shutdown).await {
+                break;
             }
         }
     }
@@ -270,7 +223,7 @@ impl Source {
                         // runs at prefetch 1 until it has seen a message.
                         if self.prefetch() != prefetch {
                             tracing::info!(size, prefetch, next_prefetch = self.prefetch(), "the largest message seen changes the prefetch that fits maxInFlightBytes: starting again with the new prefetch");
-                            break Ok(SessionEnd::Resize);
+                            break Ok(SessionEnd::Restart);
                         }
                     }
                     Some(Err(e)) => break Err(e.into()),
