@@ -790,9 +790,22 @@ pub struct StoreSpec {
 }
 
 impl StoreSpec {
+    /// The external store, when the mode is external.
+    pub fn external(&self) -> Option<&ExternalStore> {
+        self.external
+            .as_ref()
+            .filter(|_| self.mode == StoreMode::External)
+    }
+
     /// Whether the store is an external Redis Cluster.
     pub fn cluster(&self) -> bool {
-        self.mode == StoreMode::External && self.external.as_ref().is_some_and(|e| e.cluster)
+        self.external().is_some_and(|e| e.cluster)
+    }
+
+    /// The primary's name, when an external store is reached through
+    /// Sentinels.
+    pub fn sentinel(&self) -> Option<&str> {
+        self.external()?.sentinel.as_deref()
     }
 }
 
@@ -826,15 +839,30 @@ pub enum AppendFsync {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!(has(self.cluster) && self.cluster && has(self.sentinel))"
+).message("cluster and sentinel exclude each other: a Redis Cluster fails over by itself"))]
 pub struct ExternalStore {
     /// Secret holding the Redis URL (`redis://` or `rediss://`, with its
-    /// password); with `cluster`, seed nodes separated by commas.
+    /// password); with `cluster`, seed nodes separated by commas; with
+    /// `sentinel`, the Sentinels, likewise.
     pub secret_ref: SecretKeyRef,
     /// The Secret's URL names nodes of a Redis Cluster: the sidecar routes
     /// each call by slot and spreads the consumer's keys over
     /// `store.partitions` slots (set it to a few times the primaries).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cluster: bool,
+    /// The name under which Redis Sentinels monitor the primary: the
+    /// Secret's URL then names the Sentinels, and the sidecar follows the
+    /// primary they name through failovers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub sentinel: Option<String>,
+    /// Key in the same Secret holding the PEM certificate of a private CA
+    /// that signed the `rediss://` server's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]

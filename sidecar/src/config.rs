@@ -110,6 +110,11 @@ pub struct StoreConfig {
     /// the consumer's keys spread over `partitions` slots.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cluster: bool,
+    /// The name under which Redis Sentinels monitor the primary: the URL
+    /// then names the Sentinels, separated by commas, and the store follows
+    /// the primary they name through failovers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<String>,
     /// Timeout of every store call.
     #[serde(default = "defaults::store_timeout", with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -842,6 +847,7 @@ impl Default for StoreConfig {
             kind: StoreKind::default(),
             url: None,
             cluster: false,
+            sentinel: None,
             timeout: defaults::store_timeout(),
             unavailable: UnavailablePolicy::default(),
             on_reset: ResetPolicy::default(),
@@ -1242,13 +1248,27 @@ impl Config {
                 "must be greater than zero",
             );
         }
+        let several = self.store.cluster || self.store.sentinel.is_some();
         if let Some(url) = &self.store.url {
             check(
-                redis_url_problem(url, self.store.cluster).is_none(),
+                redis_url_problem(url, several).is_none(),
                 "store.url",
-                redis_url_problem(url, self.store.cluster).unwrap_or_default(),
+                redis_url_problem(url, several).unwrap_or_default(),
             );
         }
+        check(
+            !(self.store.cluster && self.store.sentinel.is_some()),
+            "store.sentinel",
+            "cannot go with store.cluster: a Redis Cluster fails over by itself",
+        );
+        check(
+            self.store
+                .sentinel
+                .as_ref()
+                .is_none_or(|name| !name.trim().is_empty()),
+            "store.sentinel",
+            "must name the primary the Sentinels monitor (their `sentinel monitor <name>`)",
+        );
         check(
             self.gate.listen.ip().is_loopback(),
             "gate.listen",
@@ -1301,12 +1321,13 @@ impl Config {
 }
 
 /// What is wrong with a store URL, if anything: one `redis://` or
-/// `rediss://` URL, or with `cluster` one or more separated by commas.
-pub fn redis_url_problem(url: &str, cluster: bool) -> Option<&'static str> {
+/// `rediss://` URL, or with `several` (a Cluster's seed nodes, or Sentinels)
+/// one or more separated by commas.
+pub fn redis_url_problem(url: &str, several: bool) -> Option<&'static str> {
     let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-    if !cluster && urls.len() > 1 {
+    if !several && urls.len() > 1 {
         return Some(
-            "names several URLs: only a Cluster (store.cluster: true) takes a list of seed nodes",
+            "names several URLs: only a Cluster's seed nodes (store.cluster: true) or Sentinels (store.sentinel) come as a list",
         );
     }
     if urls

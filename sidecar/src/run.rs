@@ -58,10 +58,11 @@ pub fn open_store(config: &Config, secrets: &Secrets) -> Result<Arc<dyn KeyStore
         StoreKind::Redis => {
             let url = secrets.redis_url.clone().unwrap_or_default();
             let shown: Vec<String> = url.split(',').map(|u| redact(u.trim())).collect();
-            tracing::info!(redis = %shown.join(","), cluster = config.store.cluster, "using the redis key store");
+            tracing::info!(redis = %shown.join(","), cluster = config.store.cluster, sentinel = ?config.store.sentinel, "using the redis key store");
             Arc::new(RedisStore::new(RedisOptions {
                 url,
                 cluster: config.store.cluster,
+                sentinel: config.store.sentinel.clone(),
                 password: secrets.redis_password.clone(),
                 ca: secrets.redis_ca.clone().map(String::into_bytes),
                 namespace: config.consumer.clone(),

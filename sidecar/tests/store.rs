@@ -777,6 +777,21 @@ fn store_namespace(store: &idemq_sidecar::store::redis::RedisStore) -> String {
         .to_string()
 }
 
+/// Waits until `replica` has synced with its primary.
+async fn wait_until_synced(replica: &common::redis::OwnRedis) {
+    let mut on_replica = replica.connection().await.expect("replica answers");
+    let linked = common::scenarios::wait_for(Duration::from_secs(20), async || {
+        let info: String = ::redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut on_replica)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    assert!(linked, "the replica synced with its primary");
+}
+
 fn replicated_store(redis: &common::redis::OwnRedis) -> idemq_sidecar::store::redis::RedisStore {
     use idemq_sidecar::store::redis::{Durability, RedisOptions, RedisStore};
     RedisStore::new(RedisOptions {
@@ -804,17 +819,8 @@ async fn replicated_completion_is_on_the_replica_when_it_answers() {
         &replica_of,
     ])
     .await;
+    wait_until_synced(&replica).await;
     let mut on_replica = replica.connection().await.expect("replica answers");
-    let linked = common::scenarios::wait_for(Duration::from_secs(20), async || {
-        let info: String = ::redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut on_replica)
-            .await
-            .unwrap_or_default();
-        info.contains("master_link_status:up")
-    })
-    .await;
-    assert!(linked, "the replica synced with its primary");
     let store = replicated_store(&primary);
     for i in 0..20 {
         let key = format!("order-{i}");
@@ -842,6 +848,131 @@ async fn replicated_completion_is_on_the_replica_when_it_answers() {
         }
         assert_eq!(fields, i + 1, "the replica holds every completion so far");
     }
+}
+
+/// Redis Sentinel: the primary is killed mid-stream. The Sentinels promote
+/// its replica, the store follows them to it, and every completion that the
+/// replica confirmed (`durability: replicated`) is still there: no completed
+/// key is lost and no reset is reported.
+#[tokio::test]
+async fn sentinel_failover_keeps_replicated_completions_and_follows_the_new_primary() {
+    use common::redis::{OwnRedis, OwnSentinel};
+    use idemq_sidecar::store::redis::{Durability, RedisOptions, RedisStore};
+
+    let no_disk = ["--save", "", "--appendonly", "no"];
+    let mut primary = OwnRedis::start(&no_disk).await;
+    let replica_of = format!("127.0.0.1 {}", primary.port);
+    let mut replica_args = no_disk.to_vec();
+    replica_args.extend([
+        "--repl-diskless-sync-delay",
+        "0",
+        "--replicaof",
+        &replica_of,
+    ]);
+    // Two replicas: after the failover, the Sentinels point the one not
+    // promoted at the new primary, so completions are replicated again.
+    let replicas = [
+        OwnRedis::start(&replica_args).await,
+        OwnRedis::start(&replica_args).await,
+    ];
+    for replica in &replicas {
+        wait_until_synced(replica).await;
+    }
+    let name = common::unique("idemq");
+    let mut sentinels = Vec::new();
+    for _ in 0..3 {
+        sentinels.push(OwnSentinel::start(&name, primary.port, 2).await);
+    }
+    let watching = common::scenarios::wait_for(Duration::from_secs(30), async || {
+        for sentinel in &sentinels {
+            if sentinel.knows(&name).await != (2, 2) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        watching,
+        "each Sentinel knows the replica and the two other Sentinels"
+    );
+
+    let urls: Vec<String> = sentinels.iter().map(OwnSentinel::url).collect();
+    let store = RedisStore::new(RedisOptions {
+        sentinel: Some(name.clone()),
+        durability: Durability::Replicated,
+        timeout: Duration::from_millis(400),
+        ..RedisOptions::new(urls.join(","), common::unique("sentinel"))
+    })
+    .expect("options");
+    const BEFORE: usize = 200;
+    for i in 0..BEFORE {
+        let key = format!("order-{i}");
+        let token = acquire(&store, &key, Some("fp"), LEASE).await;
+        let done = store.complete(&key, &token, RETENTION).await;
+        assert_eq!(done.expect("the replica confirms"), Transition::Done);
+    }
+
+    primary.crash();
+    let killed = std::time::Instant::now();
+    let (mut failed_calls, mut in_doubt, mut done) = (0u32, 0u32, 0u32);
+    let mut next = 0usize;
+    while done < 50 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the store did not answer within 60 s of the primary's loss ({failed_calls} calls failed)"
+        );
+        let key = format!("after-{next}");
+        match store.claim(&key, Some("fp"), LEASE, RETENTION).await {
+            Ok(Claim::Acquired { token }) => {
+                next += 1;
+                match store.complete(&key, &token, RETENTION).await {
+                    Ok(Transition::Done) => done += 1,
+                    // Not confirmed by a replica yet: the remaining replica is
+                    // still syncing with the new primary.
+                    _ => failed_calls += 1,
+                }
+            }
+            // A claim that timed out may still have been applied: its key is
+            // held until the lease ends, as it would be for a sidecar.
+            Ok(Claim::InFlight { .. }) => {
+                in_doubt += 1;
+                next += 1;
+            }
+            Ok(other) => panic!("a new key claimed: {other:?}"),
+            Err(_) => {
+                failed_calls += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let recovered = killed.elapsed();
+    let promoted = sentinels[0].primary(&name).await;
+    assert!(
+        replicas.iter().any(|r| Some(r.port) == promoted),
+        "the Sentinels promoted a replica (they name {promoted:?})"
+    );
+    let mut kept = 0;
+    for i in 0..BEFORE {
+        if claim(&store, &format!("order-{i}"), Some("fp")).await == Claim::Completed {
+            kept += 1;
+        }
+    }
+    println!(
+        "sentinel failover: the store answered again {:.1} s after the primary was killed \
+         ({failed_calls} calls failed meanwhile, {in_doubt} claims in doubt); completions kept {kept}/{BEFORE}; resets {}",
+        recovered.as_secs_f64(),
+        store.resets()
+    );
+    assert_eq!(
+        kept, BEFORE,
+        "every replicated completion survives the failover"
+    );
+    assert_eq!(
+        store.resets(),
+        0,
+        "a failover to an in-sync replica is not a reset"
+    );
 }
 
 /// Without a replica, `complete` still records the key on the primary but

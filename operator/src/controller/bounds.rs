@@ -69,6 +69,8 @@ fn resource(i: usize, endpoints: usize, cluster: &Cluster) -> IdempotentConsumer
             key: "url".into(),
         },
         cluster: false,
+        sentinel: None,
+        ca_key: None,
     });
     let ns = "/api/v1/namespaces/shop";
     cluster.put(

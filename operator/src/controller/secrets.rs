@@ -95,6 +95,8 @@ mod tests {
                 key: "url".into(),
             },
             cluster: false,
+            sentinel: None,
+            ca_key: None,
         });
         ic
     }

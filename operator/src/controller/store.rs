@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams};
 
 use super::ssa::apply;
 use super::status::{verdict, Verdict};
-use super::{secret_value, Context, Error};
+use super::{secret_data, secret_value, Context, Error};
 use crate::crd::conditions::*;
 use crate::crd::{IdempotentConsumer, StoreMode};
 use crate::labels;
@@ -183,26 +183,43 @@ fn json<T: serde::Serialize>(object: &T) -> serde_json::Value {
     serde_json::to_value(object).unwrap_or_default()
 }
 
-/// The URL and password of the consumer's store, as the operator reaches it.
-async fn store_address(
-    ic: &IdempotentConsumer,
-    ctx: &Context,
-    ns: &str,
-) -> Option<(String, Option<String>)> {
+/// Where the consumer's store is, as the operator reaches it.
+struct StoreAddress {
+    url: String,
+    password: Option<String>,
+    /// PEM of the private CA of a `rediss://` store.
+    ca: Option<String>,
+}
+
+/// Dereference: the consumer's store address, from its Secret (one read).
+async fn store_address(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<StoreAddress> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let text = |value: &k8s_openapi::ByteString| String::from_utf8_lossy(&value.0).into_owned();
     match ic.spec.store.mode {
         StoreMode::External => {
-            let r = &ic.spec.store.external.as_ref()?.secret_ref;
-            let url = secret_value(&secrets, &r.name, &r.key).await.ok()??;
-            Some((url, None))
+            let external = ic.spec.store.external.as_ref()?;
+            let r = &external.secret_ref;
+            let data = secret_data(&secrets, &r.name).await.ok()??;
+            let ca = match &external.ca_key {
+                Some(key) => Some(text(data.get(key)?)),
+                None => None,
+            };
+            Some(StoreAddress {
+                url: text(data.get(&r.key)?),
+                password: None,
+                ca,
+            })
         }
         StoreMode::Managed => {
             let name = labels::redis(ic);
             let password = secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY)
                 .await
                 .ok()??;
-            let url = format!("redis://{name}.{ns}.svc:{}", labels::REDIS_PORT);
-            Some((url, Some(password)))
+            Some(StoreAddress {
+                url: format!("redis://{name}.{ns}.svc:{}", labels::REDIS_PORT),
+                password: Some(password),
+                ca: None,
+            })
         }
     }
 }
@@ -213,12 +230,14 @@ async fn store_address(
 /// store cannot be read now: no verdict rather than a wrong one.
 pub async fn reset(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<Verdict> {
     use idemq_sidecar::store::redis::admin;
-    let (url, password) = store_address(ic, ctx, ns).await?;
+    let address = store_address(ic, ctx, ns).await?;
     let namespace = labels::consumer(ic);
     let target = admin::Target {
-        url: &url,
-        password: password.as_deref(),
+        url: &address.url,
+        password: address.password.as_deref(),
+        ca: address.ca.as_deref().map(str::as_bytes),
         cluster: ic.spec.store.cluster(),
+        sentinel: ic.spec.store.sentinel(),
         namespace: &namespace,
         partitions: ic.spec.store.partitions.unwrap_or(1),
         timeout: std::time::Duration::from_secs(2),

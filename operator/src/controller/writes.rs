@@ -160,6 +160,8 @@ fn created(mut ic: IdempotentConsumer, name: &str, at: i64) -> IdempotentConsume
             key: "url".into(),
         },
         cluster: false,
+        sentinel: None,
+        ca_key: None,
     });
     ic
 }

@@ -80,6 +80,7 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 OnReset::Continue => ResetPolicy::Continue,
             },
             cluster: spec.store.cluster(),
+            sentinel: spec.store.sentinel().map(str::to_string),
             durability: match spec.store.durability {
                 Some(StoreDurability::Replicated) => Durability::Replicated,
                 Some(StoreDurability::Local) | None => Durability::Local,
@@ -440,6 +441,31 @@ mod tests {
     }
 
     #[test]
+    fn an_external_store_behind_sentinels_reaches_the_sidecar() {
+        use crate::crd::{ExternalStore, SecretKeyRef, StoreMode};
+        let mut ic = sample::policy();
+        ic.spec.store.external = Some(ExternalStore {
+            secret_ref: SecretKeyRef {
+                name: "orders-redis".into(),
+                key: "url".into(),
+            },
+            cluster: false,
+            sentinel: Some("orders".into()),
+            ca_key: None,
+        });
+        let managed = sidecar_config(&ic).expect("renders");
+        assert_eq!(
+            managed.store.sentinel, None,
+            "only an external store has Sentinels"
+        );
+        ic.spec.store.mode = StoreMode::External;
+        let config = sidecar_config(&ic).expect("renders");
+        assert_eq!(config.store.sentinel.as_deref(), Some("orders"));
+        assert!(!config.store.cluster);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
     fn an_external_redis_cluster_reaches_the_sidecar_and_one_partition_is_warned_of() {
         use crate::crd::{ExternalStore, SecretKeyRef, StoreMode};
         let mut ic = sample::policy();
@@ -451,6 +477,8 @@ mod tests {
                 key: "url".into(),
             },
             cluster: true,
+            sentinel: None,
+            ca_key: None,
         });
         let config = sidecar_config(&ic).expect("renders");
         assert!(config.store.cluster);

@@ -143,6 +143,13 @@ pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
                     &external.secret_ref.name,
                     &external.secret_ref.key,
                 ));
+                if let Some(ca_key) = &external.ca_key {
+                    env.push(secret_env(
+                        SecretEnv::REDIS_CA,
+                        &external.secret_ref.name,
+                        ca_key,
+                    ));
+                }
             }
         }
     }
@@ -597,6 +604,8 @@ mod tests {
                 key: "uri".into(),
             },
             cluster: false,
+            sentinel: None,
+            ca_key: Some("ca.pem".into()),
         });
         let c = container(&ic, "img");
         let url = env_of(&c, "IDEMQ_REDIS_URL")
@@ -606,6 +615,14 @@ mod tests {
         assert_eq!(
             (url.name.as_str(), url.key.as_str()),
             ("shared-redis", "uri")
+        );
+        let ca = env_of(&c, "IDEMQ_REDIS_CA")
+            .value_from
+            .and_then(|v| v.secret_key_ref)
+            .expect("the private CA comes from the Secret");
+        assert_eq!(
+            (ca.name.as_str(), ca.key.as_str()),
+            ("shared-redis", "ca.pem")
         );
         assert!(c
             .env

@@ -52,6 +52,8 @@ pub struct RedisOptions {
     pub url: String,
     /// Whether `url` names Redis Cluster nodes.
     pub cluster: bool,
+    /// The primary's name, when `url` names Sentinels.
+    pub sentinel: Option<String>,
     /// Password, when it is not in the URL.
     pub password: Option<String>,
     /// PEM certificates of a private CA to verify a `rediss://` server with.
@@ -77,6 +79,7 @@ impl RedisOptions {
         Self {
             url: url.into(),
             cluster: false,
+            sentinel: None,
             password: None,
             ca: None,
             namespace: namespace.into(),
@@ -212,6 +215,7 @@ impl RedisStore {
             password: options.password.as_deref(),
             ca: options.ca.as_deref(),
             cluster: options.cluster,
+            sentinel: options.sentinel.as_deref(),
             timeout: options.timeout,
         })?;
         let redis = Redis {
@@ -227,6 +231,7 @@ impl RedisStore {
                     password: options.password.as_deref(),
                     ca: options.ca.as_deref(),
                     cluster: options.cluster,
+                    sentinel: options.sentinel.as_deref(),
                     timeout: options.timeout * 2,
                 })?,
                 timeout: options.timeout * 2,
@@ -671,8 +676,12 @@ pub mod admin {
     pub struct Target<'a> {
         pub url: &'a str,
         pub password: Option<&'a str>,
+        /// PEM certificates of a private CA for a `rediss://` store.
+        pub ca: Option<&'a [u8]>,
         /// Whether `url` names Redis Cluster nodes.
         pub cluster: bool,
+        /// The primary's name, when `url` names Sentinels.
+        pub sentinel: Option<&'a str>,
         pub namespace: &'a str,
         pub partitions: u16,
         pub timeout: Duration,
@@ -682,8 +691,9 @@ pub mod admin {
         Connection::open(&Endpoint {
             url: target.url,
             password: target.password,
-            ca: None,
+            ca: target.ca,
             cluster: target.cluster,
+            sentinel: target.sentinel,
             timeout: target.timeout,
         })
     }

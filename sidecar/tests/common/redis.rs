@@ -186,6 +186,104 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A Redis Sentinel of the test's own, monitoring one primary under `name`.
+/// Stopped when dropped.
+pub struct OwnSentinel {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl OwnSentinel {
+    /// Starts `redis-server --sentinel` watching `primary` as `name`, with a
+    /// quorum of `quorum` and a primary judged down after one second.
+    pub async fn start(name: &str, primary: u16, quorum: u32) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Sentinel rewrites its configuration file, so it has one of its own.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {primary} {quorum}\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 10000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                dir = dir.path().display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel (apt-get install redis-server)");
+        assert!(
+            answers_ping(port).await,
+            "own sentinel on {port} did not answer"
+        );
+        Self {
+            port,
+            _dir: dir,
+            child,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The primary's port as this Sentinel names it now.
+    pub async fn primary(&self, name: &str) -> Option<u16> {
+        let mut conn = redis::Client::open(self.url())
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        let addr: Vec<String> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        addr.get(1)?.parse().ok()
+    }
+
+    /// How many replicas and other Sentinels this Sentinel knows of.
+    pub async fn knows(&self, name: &str) -> (usize, usize) {
+        let Ok(conn) = redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+        else {
+            return (0, 0);
+        };
+        let count = |kind: &'static str| {
+            let cmd = redis::cmd("SENTINEL").arg(kind).arg(name).clone();
+            let mut conn = conn.clone();
+            async move {
+                cmd.query_async::<Vec<redis::Value>>(&mut conn)
+                    .await
+                    .map(|v| v.len())
+                    .unwrap_or(0)
+            }
+        };
+        (count("REPLICAS").await, count("SENTINELS").await)
+    }
+}
+
+impl Drop for OwnSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The local Redis Cluster of `.ci/services.sh`: three primaries and their
 /// replicas on 7000–7005.
 pub mod cluster {
