@@ -49,7 +49,6 @@ use wire::{Frames, Status};
 pub const MALFORMED: &str = "malformed";
 /// What `bind` writes for the pod's address, resolved from `POD_IP`.
 pub const POD_IP: &str = "$(POD_IP)";
-const STORE_POLL: Duration = Duration::from_millis(500);
 /// How often a `pull`/`sub` dead letter is tried while no receiver is connected.
 const DEAD_LETTER_RETRY: Duration = Duration::from_millis(500);
 /// How long closing the dead-letter socket waits for letters still queued.
@@ -333,7 +332,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 if router {
                     return Some(Status::Retry("store_unavailable"));
                 }
-                if !wait_for_store(shared.store.as_ref(), shutdown).await {
+                if !super::sessions::wait_for_store(shared.store.as_ref(), shutdown).await {
                     return retry_or_lost(router, "shutting_down", frames, shared.pattern);
                 }
             }
@@ -388,19 +387,6 @@ async fn dead_letter(
         tokio::select! {
             _ = shutdown.cancelled() => return retry_or_lost(false, "shutting_down", frames, shared.pattern),
             _ = tokio::time::sleep(DEAD_LETTER_RETRY) => {}
-        }
-    }
-}
-
-/// Waits until the store answers; false when shutdown came first.
-async fn wait_for_store(store: &dyn KeyStore, shutdown: &CancellationToken) -> bool {
-    loop {
-        if store.ping().await.is_ok() {
-            return true;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(STORE_POLL) => {}
         }
     }
 }
