@@ -117,10 +117,12 @@ impl OwnMosquitto {
     }
 
     /// Messages in the broker's store that are not retained: those some
-    /// session has not acknowledged. Read after one `sys_interval`, so the
-    /// figures are fresh.
+    /// session has not acknowledged. Mosquitto publishes these counts (as
+    /// retained messages) once per `sys_interval` when they change, and on a
+    /// loaded machine a tick can come late: the value a subscriber gets at
+    /// once may predate the last acknowledgements. So the counts are read as
+    /// they stand after listening for three intervals.
     pub async fn unacknowledged(&self) -> u64 {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
         let (client, mut eventloop) = self.client(&super::unique("sys"), false);
         client
             .subscribe_many([
@@ -130,21 +132,21 @@ impl OwnMosquitto {
             .await
             .expect("subscribe $SYS");
         let (mut stored, mut retained) = (None, None);
-        let read = async {
-            while stored.is_none() || retained.is_none() {
-                if let Ok(Event::Incoming(Incoming::Publish(p))) = eventloop.poll().await {
-                    let value: u64 = String::from_utf8_lossy(&p.payload).parse().unwrap_or(0);
-                    if p.topic.ends_with(b"store/messages/count") {
-                        stored = Some(value);
-                    } else {
-                        retained = Some(value);
-                    }
+        let listening = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(event) = tokio::time::timeout_at(listening, eventloop.poll()).await {
+            if let Ok(Event::Incoming(Incoming::Publish(p))) = event {
+                let value: u64 = String::from_utf8_lossy(&p.payload).parse().unwrap_or(0);
+                if p.topic.ends_with(b"store/messages/count") {
+                    stored = Some(value);
+                } else {
+                    retained = Some(value);
                 }
             }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .expect("mosquitto publishes its $SYS counts");
+        }
+        assert!(
+            stored.is_some() && retained.is_some(),
+            "mosquitto publishes its $SYS counts"
+        );
         let _ = client.disconnect().await;
         stored.unwrap_or(0).saturating_sub(retained.unwrap_or(0))
     }
