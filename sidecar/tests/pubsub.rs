@@ -109,13 +109,10 @@ async fn store_outage_pauses_delivery_and_loses_nothing() {
     scenarios::store_outage_pauses_delivery_and_loses_nothing::<PubSub>(async |_, _| {}).await;
 }
 
-/// Not in `make test`: after the SIGKILL everything the emulator had pushed
-/// to the killed stream (all of it: it ignores the flow control) must come
-/// back by deadline expiry alone, and the emulator does not always redeliver
-/// expired messages of a closed stream (4 runs of 5 completed, with 4 to 10
-/// processed twice; one stalled at 217 of 600). Run it with `--ignored`.
+/// After the SIGKILL everything the emulator had pushed to the killed stream
+/// (all of it: it ignores the flow control) comes back by deadline expiry
+/// alone, to the restarted sidecar.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the emulator does not always redeliver what it pushed to a killed stream; run with --ignored"]
 async fn crash_loses_nothing_and_reprocesses_at_most_max_outstanding() {
     scenarios::crash_loses_nothing_and_reprocesses_at_most_max_in_flight::<PubSub>().await;
 }
