@@ -13,150 +13,50 @@
 //! subscription) and the dead-letter reader's before anything is published.
 //! `delete` stops the broker, whose sessions live in its memory only.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use idemq_sidecar::secrets::Secrets;
+pub use idemq_testkit::mosquitto::OwnMosquitto;
 use rumqttc::v5::mqttbytes::v5::{Filter, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, Incoming, MqttOptions};
+use rumqttc::v5::{Event, Incoming};
 
 use super::broker::{BrokerUnderTest, DeadLetter, Message};
 
-const INSTALL: &str = "source .ci/services.sh && ensure_mosquitto";
-
-/// A Mosquitto process of the test's own, killed when dropped.
-pub struct OwnMosquitto {
-    pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-impl OwnMosquitto {
-    /// Starts Mosquitto with the test config plus `extra` lines.
-    pub async fn start(extra: &str) -> Self {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nsys_interval 1\n{extra}\n"
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start mosquitto ({e}); install it with: {INSTALL}"));
-        // Killed on drop, also when it never answers.
-        let own = Self {
-            port,
-            child,
-            _dir: dir,
-        };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return own;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("mosquitto did not answer on 127.0.0.1:{port} within 10 s");
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// A client of the test's own: a clean session unless `session` is set.
-    pub fn client(&self, id: &str, session: bool) -> (AsyncClient, EventLoop) {
-        let mut options = MqttOptions::new(id, "127.0.0.1", self.port);
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_start(!session)
-            .set_max_packet_size(Some(1 << 20));
-        if session {
-            options.set_session_expiry_interval(Some(3600));
-        }
-        AsyncClient::new(options, 1000)
-    }
-
-    /// Opens the persistent session `id` subscribed to `filter`, and leaves.
-    pub async fn open_session(&self, id: &str, filter: &str) {
-        let (client, mut eventloop) = self.client(id, true);
-        client
-            .subscribe_many([Filter::new(filter, QoS::AtLeastOnce)])
-            .await
-            .expect("subscribe");
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Incoming::SubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!(
-                    "mosquitto on {}: {e}; install it with: {INSTALL}",
-                    self.port
-                ),
+/// Messages in the broker's store that are not retained: those some
+/// session has not acknowledged. Mosquitto publishes these counts (as
+/// retained messages) once per `sys_interval` when they change, and on a
+/// loaded machine a tick can come late: the value a subscriber gets at
+/// once may predate the last acknowledgements. So the counts are read as
+/// they stand after listening for three intervals.
+pub async fn unacknowledged(broker: &OwnMosquitto) -> u64 {
+    let (client, mut eventloop) = broker.client(&super::unique("sys"), false);
+    client
+        .subscribe_many([
+            Filter::new("$SYS/broker/store/messages/count", QoS::AtMostOnce),
+            Filter::new("$SYS/broker/retained messages/count", QoS::AtMostOnce),
+        ])
+        .await
+        .expect("subscribe $SYS");
+    let (mut stored, mut retained) = (None, None);
+    let listening = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(event) = tokio::time::timeout_at(listening, eventloop.poll()).await {
+        if let Ok(Event::Incoming(Incoming::Publish(p))) = event {
+            let value: u64 = String::from_utf8_lossy(&p.payload).parse().unwrap_or(0);
+            if p.topic.ends_with(b"store/messages/count") {
+                stored = Some(value);
+            } else {
+                retained = Some(value);
             }
         }
-        client.disconnect().await.expect("disconnect");
-        while eventloop.poll().await.is_ok() {}
     }
-
-    /// Messages in the broker's store that are not retained: those some
-    /// session has not acknowledged. Mosquitto publishes these counts (as
-    /// retained messages) once per `sys_interval` when they change, and on a
-    /// loaded machine a tick can come late: the value a subscriber gets at
-    /// once may predate the last acknowledgements. So the counts are read as
-    /// they stand after listening for three intervals.
-    pub async fn unacknowledged(&self) -> u64 {
-        let (client, mut eventloop) = self.client(&super::unique("sys"), false);
-        client
-            .subscribe_many([
-                Filter::new("$SYS/broker/store/messages/count", QoS::AtMostOnce),
-                Filter::new("$SYS/broker/retained messages/count", QoS::AtMostOnce),
-            ])
-            .await
-            .expect("subscribe $SYS");
-        let (mut stored, mut retained) = (None, None);
-        let listening = tokio::time::Instant::now() + Duration::from_secs(3);
-        while let Ok(event) = tokio::time::timeout_at(listening, eventloop.poll()).await {
-            if let Ok(Event::Incoming(Incoming::Publish(p))) = event {
-                let value: u64 = String::from_utf8_lossy(&p.payload).parse().unwrap_or(0);
-                if p.topic.ends_with(b"store/messages/count") {
-                    stored = Some(value);
-                } else {
-                    retained = Some(value);
-                }
-            }
-        }
-        assert!(
-            stored.is_some() && retained.is_some(),
-            "mosquitto publishes its $SYS counts"
-        );
-        let _ = client.disconnect().await;
-        stored.unwrap_or(0).saturating_sub(retained.unwrap_or(0))
-    }
-}
-
-impl Drop for OwnMosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    assert!(
+        stored.is_some() && retained.is_some(),
+        "mosquitto publishes its $SYS counts"
+    );
+    let _ = client.disconnect().await;
+    stored.unwrap_or(0).saturating_sub(retained.unwrap_or(0))
 }
 
 /// One test's topic, shared group, sidecar session and dead-letter topic.
@@ -176,7 +76,7 @@ pub struct Mqtt {
 impl Mqtt {
     /// The topology of [`BrokerUnderTest::create`], for `protocol`.
     pub async fn with_protocol(test: &str, protocol: &'static str) -> Self {
-        let broker = OwnMosquitto::start("").await;
+        let broker = OwnMosquitto::start("").await.expect("own mosquitto");
         let name = super::unique(test);
         let t = Self {
             topic: format!("{name}/in"),
@@ -189,10 +89,12 @@ impl Mqtt {
         };
         t.broker
             .open_session(&t.client_id, &format!("$share/{}/{}", t.group, t.topic))
-            .await;
+            .await
+            .expect("open the sidecar's session");
         t.broker
             .open_session(&t.dead_letter_reader, &t.dead_letter_topic)
-            .await;
+            .await
+            .expect("open the dead-letter reader's session");
         t
     }
 }
@@ -262,7 +164,7 @@ impl BrokerUnderTest for Mqtt {
     }
 
     async fn backlog(&self) -> u64 {
-        self.broker.unacknowledged().await
+        unacknowledged(&self.broker).await
     }
 
     /// Reads (and acknowledges) every dead letter waiting in the reader's
