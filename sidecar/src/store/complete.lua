@@ -1,17 +1,16 @@
 -- complete: record that the holders of claims finished processing. One call
--- completes a batch of keys of one partition, one after the other,
--- atomically. meta.lua is prepended to this file.
+-- completes a batch of keys of one partition and one retention, one after
+-- the other, atomically. meta.lua is prepended to this file.
 --
 -- KEYS[i]  in-progress key of item i             (<prefix>p:<digest>)
 -- ARGV[1]  the partition's key prefix            (idemq:{<consumer>}:)
 -- ARGV[2]  epoch to write if the meta hash is missing
 -- ARGV[3]  window width (ms) to use if the meta hash is missing
 -- ARGV[4]  completions expected per second in this partition (declared), or 0
--- then 4 arguments per item i, from ARGV[5 + 4 * (i - 1)]:
+-- ARGV[5]  retention in ms
+-- then 2 arguments per item i, from ARGV[6 + 2 * (i - 1)]:
 --   field     the digest past its first two bytes
---   source    the digest's first three bytes, as a number (picks the shard)
 --   token     token (32 hex chars)
---   retention retention in ms
 --
 -- Returns one entry per item: 1 done, 0 stale (another holder has the key, or
 -- it is already completed).
@@ -28,16 +27,12 @@
 local KEYS_PER_SHARD = 256
 
 local prefix = ARGV[1]
+local retention = tonumber(ARGV[5])
 local n = #KEYS
-local longest = 0
-for i = 1, n do
-  longest = math.max(longest, tonumber(ARGV[5 + 4 * (i - 1) + 3]))
-end
-local meta = open_meta(prefix, ARGV[2], ARGV[3], longest)
+local meta = open_meta(prefix, ARGV[2], ARGV[3], retention)
 local w = meta.width
 local current = math.floor(now / w)
-local reach = lookback(meta, longest)
-local oldest = math.floor((now - reach) / w)
+local oldest = math.floor((now - lookback(meta, retention)) / w)
 local bits = window_bits(meta, oldest, current)
 
 -- The first completion of a window sizes its shards, from the declared rate
@@ -65,7 +60,13 @@ if not bits[current] then
 end
 
 local added = 0
-local function complete(key, field, source, token, retention)
+local digest_at = #prefix + 3
+-- A bucket expires `retention` after its window ends.
+local expiry = (current + 1) * w + retention
+local expiry_arg = string.format('%d', expiry)
+
+local function complete(key, field, token)
+  local source = digest_source(key, digest_at)
   local held = redis.call('GET', key)
   local fp = ''
   if held then
@@ -74,7 +75,7 @@ local function complete(key, field, source, token, retention)
     end
     fp = string.sub(held, 1, #held - 32)
   else
-    for window = math.floor((now - lookback(meta, retention)) / w), current do
+    for window = oldest, current do
       local b = bits[window]
       if b then
         local bucket, f = locate(prefix, w, window, b, source, field)
@@ -88,9 +89,8 @@ local function complete(key, field, source, token, retention)
   local bucket, f = locate(prefix, w, current, bits[current], source, field)
   added = added + redis.call('HSET', bucket, f, fp)
   -- Never shorten a bucket's life: keys in it may carry a longer retention.
-  local expiry = (current + 1) * w + retention
   if redis.call('PEXPIRETIME', bucket) < expiry then
-    redis.call('PEXPIREAT', bucket, string.format('%d', expiry))
+    redis.call('PEXPIREAT', bucket, expiry_arg)
   end
   if held then
     redis.call('DEL', key)
@@ -100,8 +100,8 @@ end
 
 local out = {}
 for i = 1, n do
-  local a = 5 + 4 * (i - 1)
-  out[i] = complete(KEYS[i], ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3]))
+  local a = 6 + 2 * (i - 1)
+  out[i] = complete(KEYS[i], ARGV[a], ARGV[a + 1])
 end
 
 if added > 0 then
@@ -109,8 +109,8 @@ if added > 0 then
 end
 -- Remember the longest retention in use, so that shorter-lived claims still
 -- look back far enough for what it keeps.
-if longest > meta.r or now > meta.u or now + longest > meta.u then
-  redis.call('HSET', meta.key, 'r', math.max(longest, (now <= meta.u) and meta.r or 0),
-    'u', string.format('%d', now + longest + w))
+if retention > meta.r or now > meta.u or now + retention > meta.u then
+  redis.call('HSET', meta.key, 'r', math.max(retention, (now <= meta.u) and meta.r or 0),
+    'u', string.format('%d', now + retention + w))
 end
 return out

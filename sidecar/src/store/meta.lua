@@ -100,6 +100,17 @@ end
 -- formatting numbers is a good part of a script's cost.
 local bucket_heads = {}
 
+-- The shard source of a digest: its first three bytes as a number, read from
+-- the in-progress key `key`, whose digest starts at byte `at`.
+local function digest_source(key, at)
+  local b0, b1, b2 = string.byte(key, at, at + 2)
+  return (b0 * 256 + b1) * 256 + b2
+end
+
+-- The shard last formatted: a key's windows mostly share their shard bits,
+-- so a claim looking in several formats its shard once.
+local last_source, last_bits, last_shard
+
 -- The bucket (hash key) and field of a digest in a window of `bits` shard
 -- bits. `source` is the first three bytes of the digest as a number, `field`
 -- the digest past its first two bytes.
@@ -109,9 +120,12 @@ local function locate(prefix, width, window, bits, source, field)
     head = prefix .. 'c:' .. win(width) .. ':' .. win(window) .. ':'
     bucket_heads[window] = head
   end
-  local shard = math.floor(source / 2 ^ (24 - bits))
+  if source ~= last_source or bits ~= last_bits then
+    last_source, last_bits = source, bits
+    last_shard = string.format('%d', math.floor(source / 2 ^ (24 - bits)))
+  end
   if bits > 16 then
     field = string.sub(field, 2)
   end
-  return head .. string.format('%d', shard), field
+  return head .. last_shard, field
 end

@@ -21,8 +21,9 @@
 //! size is fixed whatever the application sends. Every transition is one Lua
 //! script (see the `.lua` files beside this one), run by SHA. Claims,
 //! completions and lease renewals are batched (see [`super::batch`]): one
-//! script call per partition runs the transitions of every delivery that
-//! asked meanwhile, each atomically.
+//! script call per partition (and retention, which is the same for every
+//! delivery of a sidecar) runs the transitions of every delivery that asked
+//! meanwhile, each atomically.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,12 @@ const FIELD_FROM: usize = 2;
 /// retention then. It stays fixed afterwards (see `meta.lua`).
 const WINDOWS_PER_RETENTION: u32 = 4;
 const TOKEN_LEN: usize = 32;
+/// What `claim.lua` answers for a key, apart from an in-flight holder's
+/// remaining lease (0 or more).
+const ACQUIRED: i64 = -1;
+const COMPLETED: i64 = -2;
+const CONFLICT: i64 = -3;
+const REFUSED: i64 = -4;
 
 pub use crate::config::{Durability, ResetPolicy};
 
@@ -99,7 +106,7 @@ pub struct RedisStore {
     redis: Redis,
     partitions: Arc<[Partition]>,
     resets: Arc<AtomicU64>,
-    claims: Arc<Batcher<ClaimItem, (String, i64)>>,
+    claims: Arc<Batcher<ClaimItem, i64>>,
     completions: Arc<Batcher<CompleteItem, i64>>,
     renewals: Arc<Batcher<RenewItem, i64>>,
 }
@@ -301,20 +308,24 @@ pub fn partition_prefixes(namespace: &str, partitions: u16) -> Vec<String> {
     }
 }
 
-/// Runs `items` as one script call per partition, concurrently, and answers
-/// in the order of `items`.
-async fn per_partition<I, O, F, Fut>(
+/// What the items of one script call share: the partition, and the
+/// retention (ms) when the script takes it once per call (else 0).
+type CallGroup = (usize, u64);
+
+/// Runs `items` as one script call per [`CallGroup`], concurrently, and
+/// answers in the order of `items`.
+async fn per_call<I, O, F, Fut>(
     items: Vec<I>,
-    partition_of: impl Fn(&I) -> usize,
+    group_of: impl Fn(&I) -> CallGroup,
     run: F,
 ) -> Result<Vec<O>, StoreError>
 where
-    F: Fn(usize, Vec<I>) -> Fut,
+    F: Fn(CallGroup, Vec<I>) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<O>, StoreError>>,
 {
-    let mut groups: Vec<(usize, Vec<usize>, Vec<I>)> = Vec::new();
+    let mut groups: Vec<(CallGroup, Vec<usize>, Vec<I>)> = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
-        let p = partition_of(&item);
+        let p = group_of(&item);
         match groups.iter_mut().find(|(q, ..)| *q == p) {
             Some((_, indexes, group)) => {
                 indexes.push(index);
@@ -348,12 +359,11 @@ where
 async fn claim_batch(
     context: Arc<BatchContext>,
     items: Vec<ClaimItem>,
-) -> Result<Vec<(String, i64)>, StoreError> {
-    let width = window_width(items.iter().map(|i| i.retention_ms).max().unwrap_or(1000));
-    per_partition(
+) -> Result<Vec<i64>, StoreError> {
+    per_call(
         items,
-        |i| i.digest.partition,
-        |p, items| {
+        |i| (i.digest.partition, i.retention_ms),
+        |(p, retention_ms), items| {
             let context = context.clone();
             async move {
                 let partition = &context.partitions[p];
@@ -367,26 +377,25 @@ async fn claim_batch(
                     .arg(&partition.prefix)
                     .arg(seen.as_deref().unwrap_or(""))
                     .arg(new_epoch())
-                    .arg(width)
+                    .arg(window_width(retention_ms))
                     .arg(if context.on_reset == ResetPolicy::FailClosed {
                         "1"
                     } else {
                         "0"
-                    });
+                    })
+                    .arg(retention_ms);
                 for item in &items {
                     invocation
                         .key(&item.digest.in_progress)
                         .arg(&item.digest.field)
-                        .arg(item.digest.source)
                         .arg(&item.fingerprint)
                         .arg(&item.token)
-                        .arg(item.lease_ms)
-                        .arg(item.retention_ms);
+                        .arg(item.lease_ms);
                 }
-                let (epoch, reset, answers): (String, String, Vec<(String, i64)>) =
+                let (epoch, reset, answers): (String, String, Vec<i64>) =
                     context.redis.invoke("claim", &invocation).await?;
                 context.observe_epoch(partition, seen, epoch);
-                if answers.iter().any(|(status, _)| status == "R") {
+                if answers.contains(&REFUSED) {
                     return Err(StoreError::ResetUnacknowledged {
                         partition: partition.prefix.clone(),
                         record: reset,
@@ -429,11 +438,10 @@ async fn complete_batch(
     context: Arc<BatchContext>,
     items: Vec<CompleteItem>,
 ) -> Result<Vec<i64>, StoreError> {
-    let width = window_width(items.iter().map(|i| i.retention_ms).max().unwrap_or(1000));
-    let answers = per_partition(
+    let answers = per_call(
         items,
-        |i| i.digest.partition,
-        |p, items| {
+        |i| (i.digest.partition, i.retention_ms),
+        |(p, retention_ms), items| {
             let context = context.clone();
             async move {
                 let redis = context.replicated.as_ref().unwrap_or(&context.redis);
@@ -441,15 +449,14 @@ async fn complete_batch(
                 invocation
                     .arg(&context.partitions[p].prefix)
                     .arg(new_epoch())
-                    .arg(width)
-                    .arg(context.rate_per_partition);
+                    .arg(window_width(retention_ms))
+                    .arg(context.rate_per_partition)
+                    .arg(retention_ms);
                 for item in &items {
                     invocation
                         .key(&item.digest.in_progress)
                         .arg(&item.digest.field)
-                        .arg(item.digest.source)
-                        .arg(&item.token)
-                        .arg(item.retention_ms);
+                        .arg(&item.token);
                 }
                 redis.invoke("complete", &invocation).await
             }
@@ -480,9 +487,9 @@ async fn renew_batch(
     context: Arc<BatchContext>,
     items: Vec<RenewItem>,
 ) -> Result<Vec<i64>, StoreError> {
-    per_partition(
+    per_call(
         items,
-        |i| i.partition,
+        |i| (i.partition, 0),
         |_, items| {
             let context = context.clone();
             async move {
@@ -500,13 +507,12 @@ async fn renew_batch(
     .await
 }
 
-/// The parts of a key's digest the scripts need.
+/// The parts of a key's digest the scripts need. The scripts take a
+/// window's shard from the digest's leading bits, which they read in
+/// `in_progress`.
 struct Digest16 {
     partition: usize,
     in_progress: Vec<u8>,
-    /// The digest's first three bytes as a number: the scripts take a
-    /// window's shard from its leading bits.
-    source: u32,
     field: Vec<u8>,
 }
 
@@ -525,7 +531,6 @@ impl RedisStore {
         Digest16 {
             partition,
             in_progress,
-            source: u32::from_be_bytes([0, digest[0], digest[1], digest[2]]),
             field: digest[FIELD_FROM..].to_vec(),
         }
     }
@@ -563,7 +568,7 @@ impl KeyStore for RedisStore {
         retention: Duration,
     ) -> Result<Claim, StoreError> {
         let token = Token::random();
-        let (status, pttl) = self
+        let status = self
             .claims
             .call(ClaimItem {
                 digest: self.digest(key),
@@ -573,11 +578,11 @@ impl KeyStore for RedisStore {
                 retention_ms: millis(retention),
             })
             .await?;
-        match status.as_str() {
-            "A" => Ok(Claim::Acquired { token }),
-            "C" => Ok(Claim::Completed),
-            "X" => Ok(Claim::Conflict),
-            "I" => Ok(Claim::InFlight {
+        match status {
+            ACQUIRED => Ok(Claim::Acquired { token }),
+            COMPLETED => Ok(Claim::Completed),
+            CONFLICT => Ok(Claim::Conflict),
+            pttl if pttl >= 0 => Ok(Claim::InFlight {
                 retry_after: Duration::from_millis(pttl.max(1) as u64),
             }),
             other => Err(StoreError::Protocol {
