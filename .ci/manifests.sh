@@ -142,3 +142,19 @@ if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/pubs
 fi
 grep -q "Pub/Sub messages carry attributes" "$out/cel-pubsub.txt" && grep -q "dead letters need somewhere to go" "$out/cel-pubsub.txt" || { cat "$out/cel-pubsub.txt" >&2; exit 1; }
 grep FAIL "$out/cel-pubsub.txt"
+
+echo "== the CRD's CEL rules refuse a ZeroMQ resource with neither CURVE keys nor plain: true, or keyed by a Kafka key"
+$PY - examples/zeromq.yaml "$out/zeromq-neither.yaml" <<'PY'
+import sys, yaml
+z = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+del z["spec"]["broker"]["zeromq"]["curve"]
+z["spec"]["key"] = {"from": "recordKey"}
+yaml.safe_dump(z, open(sys.argv[2], "w"))
+PY
+if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/zeromq-neither.yaml" > "$out/cel-zeromq.txt"; then
+  cat "$out/cel-zeromq.txt" >&2
+  echo "a ZeroMQ resource without keys or plain: true was accepted" >&2
+  exit 1
+fi
+grep -q "not both, not neither" "$out/cel-zeromq.txt" && grep -q "with ZeroMQ use messageId" "$out/cel-zeromq.txt" || { cat "$out/cel-zeromq.txt" >&2; exit 1; }
+grep FAIL "$out/cel-zeromq.txt"

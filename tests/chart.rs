@@ -145,6 +145,33 @@ fn cluster_wide_by_default_and_namespaced_roles_when_namespaces_are_listed() {
 }
 
 #[test]
+fn network_policies_are_granted_only_the_verbs_a_zeromq_endpoint_needs() {
+    let docs = render(&[]);
+    let role = of_kind(&docs, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "idemq-operator")
+        .expect("the operator's ClusterRole");
+    let rules: Vec<&Value> = role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter(|r| {
+            r["apiGroups"]
+                .as_sequence()
+                .is_some_and(|g| g.contains(&Value::from("networking.k8s.io")))
+        })
+        .collect();
+    assert_eq!(rules.len(), 1, "one networking rule: {rules:?}");
+    assert_eq!(rules[0]["resources"], Value::from(vec!["networkpolicies"]));
+    // Applied (created or patched), watched as an owned object, deleted when
+    // no longer asked for; never updated or listed beyond that.
+    assert_eq!(
+        rules[0]["verbs"],
+        Value::from(vec!["get", "list", "watch", "create", "patch", "delete"])
+    );
+}
+
+#[test]
 fn the_operator_runs_non_root_on_a_read_only_root_filesystem() {
     let docs = render(&[]);
     let pod = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];

@@ -2035,3 +2035,209 @@ async fn mqtt_scenario(client: Client, ns: String, url: String) -> anyhow::Resul
     );
     Ok(())
 }
+
+fn zeromq_policy(name: &str, target: &str) -> IdempotentConsumer {
+    serde_json::from_value(json!({
+        "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer",
+        "metadata": { "name": name },
+        "spec": {
+            "target": { "kind": "Deployment", "name": target },
+            "broker": { "zeromq": {
+                "curve": { "secretName": "zeromq-keys" },
+                "deadLetter": { "endpoint": "tcp://dead-letters:5556" },
+                "networkPolicy": { "clientSelector": { "matchLabels": { "app": "client" } } }
+            } },
+            "delivery": { "port": 8080, "path": "/orders" }
+        }
+    }))
+    .expect("a valid IdempotentConsumer")
+}
+
+/// Whether `meta` names the resource with `uid` as its controller.
+fn controlled_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    uid: &str,
+) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+#[tokio::test]
+#[ignore = "needs a disposable cluster: IDEMQ_E2E_KUBECONFIG (make e2e)"]
+async fn a_zeromq_policy_waits_for_its_curve_keys_then_exposes_the_sidecars_through_an_owned_service(
+) -> anyhow::Result<()> {
+    in_namespace("idemq-e2e-zeromq", &["ingest"], zeromq_scenario).await
+}
+
+async fn zeromq_scenario(client: Client, ns: String) -> anyhow::Result<()> {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments
+        .create(&PostParams::default(), &deployment("worker"))
+        .await?;
+    let ics: Api<IdempotentConsumer> = Api::namespaced(client.clone(), &ns);
+    ics.create(&PostParams::default(), &zeromq_policy("ingest", "worker"))
+        .await?;
+    let waiting = broker_bound(&ics, "ingest", "False", "SecretNotFound").await?;
+    println!(
+        "e2e zeromq: BrokerBound=False SecretNotFound: {}",
+        condition_message(&waiting, "BrokerBound")
+    );
+
+    // A Secret whose server key is not a CURVE key: named, never quoted.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let z85 = |key: &[u8]| zmq::z85_encode(key).map_err(|e| anyhow::anyhow!("z85: {e}"));
+    let server = zmq::CurveKeyPair::new()?;
+    let client_key = z85(&zmq::CurveKeyPair::new()?.public_key)?;
+    let secret_key = z85(&server.secret_key)?;
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "zeromq-keys" },
+                "stringData": { "serverSecretKey": "garbled-secret-value", "clientPublicKeys": client_key } }))?,
+        )
+        .await?;
+    let invalid = broker_bound(&ics, "ingest", "False", "CurveKeyInvalid").await?;
+    let message = condition_message(&invalid, "BrokerBound");
+    anyhow::ensure!(
+        !message.contains("garbled-secret-value"),
+        "the key's value in the status: {message}"
+    );
+    println!("e2e zeromq: BrokerBound=False CurveKeyInvalid: {message}");
+
+    secrets
+        .patch(
+            "zeromq-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "serverSecretKey": secret_key } })),
+        )
+        .await?;
+    let bound = broker_bound(&ics, "ingest", "True", "Bound").await?;
+    println!(
+        "e2e zeromq: BrokerBound=True Bound: {}",
+        condition_message(&bound, "BrokerBound")
+    );
+    let uid = bound.metadata.uid.clone().unwrap_or_default();
+
+    // The Service: owned, selecting the injected pods, the sidecars' port.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let service = services.get("ingest").await?;
+    anyhow::ensure!(
+        controlled_by(&service.metadata, &uid),
+        "the Service is owned: {service:?}"
+    );
+    let spec = service.spec.clone().unwrap_or_default();
+    let port = spec
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .cloned()
+        .unwrap_or_default();
+    anyhow::ensure!(
+        port.port == 5555
+            && port.target_port
+                == Some(
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                        "idemq-zmq".into()
+                    )
+                ),
+        "Service port: {port:?}"
+    );
+    let selector = spec.selector.unwrap_or_default();
+    anyhow::ensure!(
+        selector
+            .get("idemq.dev/zeromq-endpoint")
+            .map(String::as_str)
+            == Some("ingest"),
+        "Service selector: {selector:?}"
+    );
+
+    // The pod template: the label the Service selects, the declared port,
+    // the pod's address from the downward API, keys by reference.
+    let template = eventually(WAIT, "the sidecar in the pod template", || async {
+        let d = deployments.get("worker").await?;
+        Ok(d.spec.map(|s| s.template).filter(|t| {
+            t.spec
+                .as_ref()
+                .and_then(|s| s.init_containers.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.name == "idemq-sidecar"))
+        }))
+    })
+    .await?;
+    let labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
+    anyhow::ensure!(
+        labels.get("idemq.dev/zeromq-endpoint").map(String::as_str) == Some("ingest"),
+        "pod labels: {labels:?}"
+    );
+    let sidecar = template
+        .spec
+        .and_then(|s| s.init_containers)
+        .into_iter()
+        .flatten()
+        .find(|c| c.name == "idemq-sidecar")
+        .ok_or_else(|| anyhow::anyhow!("no sidecar"))?;
+    let rendered = serde_json::to_string(&sidecar)?;
+    anyhow::ensure!(
+        rendered.contains(r#""containerPort":5555"#)
+            && rendered.contains(r#""fieldPath":"status.podIP""#)
+            && !rendered.contains(&secret_key),
+        "sidecar: {rendered}"
+    );
+
+    // The NetworkPolicy: owned, the clients on the port; deleted, it is
+    // restored at once (an owned object); no longer asked for, it goes.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let policy = policies.get("ingest").await?;
+    anyhow::ensure!(
+        controlled_by(&policy.metadata, &uid),
+        "the NetworkPolicy is owned"
+    );
+    let rules = serde_json::to_value(policy.spec.clone().unwrap_or_default().ingress)?;
+    anyhow::ensure!(
+        rules[0]["from"][0]["podSelector"]["matchLabels"]["app"] == "client"
+            && rules[0]["ports"][0]["port"] == 5555
+            && rules[1]["ports"][0]["endPort"] == 5554,
+        "ingress rules: {rules}"
+    );
+    let old_uid = policy.metadata.uid.clone();
+    let deleted = std::time::Instant::now();
+    policies.delete("ingest", &DeleteParams::default()).await?;
+    eventually(
+        Duration::from_secs(20),
+        "the NetworkPolicy restored",
+        || async {
+            Ok(policies
+                .get_opt("ingest")
+                .await?
+                .filter(|p| p.metadata.uid != old_uid)
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    println!(
+        "e2e zeromq: the deleted NetworkPolicy was restored in {:.1} s",
+        deleted.elapsed().as_secs_f64()
+    );
+    ics.patch(
+        "ingest",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "broker": { "zeromq": { "networkPolicy": null } } } })),
+    )
+    .await?;
+    eventually(WAIT, "the NetworkPolicy deleted", || async {
+        Ok(policies.get_opt("ingest").await?.is_none().then_some(()))
+    })
+    .await?;
+
+    // No key in any Event.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let said = serde_json::to_string(&events.list(&ListParams::default()).await?.items)?;
+    anyhow::ensure!(
+        !said.contains(&secret_key) && !said.contains("garbled-secret-value"),
+        "a key in the Events"
+    );
+    Ok(())
+}

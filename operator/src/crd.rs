@@ -82,6 +82,12 @@ const DURATION: &str = r"^([0-9]+(ms|s|m|h))+$";
     "!has(self.broker.pubsub) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates', 'header'])"
 ).message("with Pub/Sub use messageId, attribute, jsonPointer, bodyHash or cloudEvent (Pub/Sub messages carry attributes, not headers)"))]
 #[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.zeromq) || !has(self.key) || !has(self.key.from) || !(self.key.from in ['recordKey', 'coordinates'])"
+).message("recordKey and coordinates are Kafka keys; with ZeroMQ use messageId (the message-id frame), header (the header frame), jsonPointer, bodyHash or cloudEvent"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.broker.zeromq) || !has(self.delivery.mode) || self.delivery.mode != 'gate'"
+).message("with ZeroMQ the sidecar is the endpoint clients send to: delivery.mode must be http"))]
+#[x_kube(validation = kube::core::Rule::new(
     "has(self.broker.pubsub) || !has(self.key) || !has(self.key.from) || self.key.from != 'attribute'"
 ).message("attribute is a Pub/Sub key; other brokers carry headers: use header"))]
 #[serde(rename_all = "camelCase")]
@@ -201,7 +207,7 @@ impl Target {
 /// operator checks again ([`Broker::kind`]) for objects stored before the rule.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream), has(self.mqtt), has(self.pubsub)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka, jetstream, mqtt or pubsub"))]
+#[x_kube(validation = kube::core::Rule::new("[has(self.rabbitmq), has(self.kafka), has(self.jetstream), has(self.mqtt), has(self.pubsub), has(self.zeromq)].exists_one(set, set)").message("set exactly one broker: rabbitmq, kafka, jetstream, mqtt, pubsub or zeromq"))]
 pub struct Broker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rabbitmq: Option<RabbitMqBinding>,
@@ -212,6 +218,8 @@ pub struct Broker {
     pub mqtt: Option<MqttBinding>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pubsub: Option<PubSubBinding>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeromq: Option<ZeroMqBinding>,
 }
 
 /// The one broker a [`Broker`] names.
@@ -222,12 +230,13 @@ pub enum BrokerKind<'a> {
     JetStream(&'a JetStreamBinding),
     Mqtt(&'a MqttBinding),
     PubSub(&'a PubSubBinding),
+    ZeroMq(&'a ZeroMqBinding),
 }
 
 impl Broker {
     /// The field names of the broker kinds.
     pub const KINDS: &'static [&'static str] =
-        &["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub"];
+        &["rabbitmq", "kafka", "jetstream", "mqtt", "pubsub", "zeromq"];
 
     /// The configured broker; `None` unless exactly one kind is set.
     pub fn kind(&self) -> Option<BrokerKind<'_>> {
@@ -237,6 +246,7 @@ impl Broker {
             self.jetstream.as_ref().map(BrokerKind::JetStream),
             self.mqtt.as_ref().map(BrokerKind::Mqtt),
             self.pubsub.as_ref().map(BrokerKind::PubSub),
+            self.zeromq.as_ref().map(BrokerKind::ZeroMq),
         ]
         .into_iter()
         .flatten()
@@ -392,6 +402,127 @@ pub struct JetStreamBinding {
 const NATS_NAME: &str = r"^[^.*>\s/\\]+$";
 /// Subjects: dot-separated tokens without whitespace.
 const NATS_SUBJECT: &str = r"^[^\s]+$";
+
+/// A ZeroMQ endpoint: ZeroMQ has no broker, so the binding is the endpoint
+/// clients connect to. Each sidecar binds `tcp://<pod IP>:<port>`, and the
+/// operator creates a Service named after the resource that selects the
+/// injected pods and exposes the port (and, when asked, a NetworkPolicy
+/// that admits only labelled clients to it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.curve) != (has(self.plain) && self.plain)"
+).message("set curve (a Secret with the server's secret key and the clients' public keys), or plain: true to accept unauthenticated clients; not both, not neither"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.pattern) && self.pattern == 'sub') == (has(self.subscribe) && size(self.subscribe) > 0)"
+).message("subscribe is required with pattern sub (\"\" takes every message), and only with it"))]
+pub struct ZeroMqBinding {
+    /// `router` (default: each request is answered once its outcome is
+    /// settled), `pull` or `sub` (no replies: what waits in memory is lost
+    /// when the sidecar dies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<ZeroMqPattern>,
+    /// The port the sidecar binds on the pod's address and the Service
+    /// exposes (default 5555).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: Option<u16>,
+    /// With pattern sub, the topic prefixes to subscribe to (`""`: every message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub subscribe: Vec<String>,
+    /// Messages taken and not yet settled per sidecar, and so deliveries in
+    /// flight (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub max_in_flight: Option<u32>,
+    /// CURVE encryption and authentication: the Secret holding the server's
+    /// secret key and the public keys of the clients allowed to connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curve: Option<ZeroMqCurve>,
+    /// Accept clients without authentication or encryption; only when set
+    /// explicitly (instead of `curve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain: Option<bool>,
+    /// Where dead letters go: a PULL socket the sidecar connects to.
+    pub dead_letter: ZeroMqDeadLetter,
+    /// A NetworkPolicy admitting only the selected client pods to the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<ZeroMqNetworkPolicy>,
+}
+
+impl ZeroMqBinding {
+    pub const DEFAULT_PORT: u16 = 5555;
+
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(Self::DEFAULT_PORT)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ZeroMqPattern {
+    Router,
+    Pull,
+    Sub,
+}
+
+/// The CURVE keys' Secret: Z85 text (40 characters per key).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZeroMqCurve {
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The key holding the server's secret key (default `serverSecretKey`).
+    #[serde(default = "default_server_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_secret_key: String,
+    /// The key holding the allowed clients' public keys, one per line
+    /// (default `clientPublicKeys`).
+    #[serde(default = "default_client_public_keys")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_public_keys: String,
+}
+
+fn default_server_secret_key() -> String {
+    "serverSecretKey".to_string()
+}
+
+fn default_client_public_keys() -> String {
+    "clientPublicKeys".to_string()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZeroMqDeadLetter {
+    /// `tcp://host:port` or `ipc://path` of the PULL socket that receives
+    /// dead letters.
+    #[schemars(regex(pattern = r"^(tcp://[^:/\s]+:[0-9]{1,5}|ipc://.+)$"))]
+    pub endpoint: String,
+}
+
+/// Admits only `clientSelector`'s pods (of the resource's namespace) to the
+/// ZeroMQ port. A NetworkPolicy that selects pods makes them deny every
+/// ingress it does not allow; see `otherPorts` for the pods' other ports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZeroMqNetworkPolicy {
+    pub client_selector: LabelSelector,
+    /// `open` (default): the policy also admits every source to the pods'
+    /// other ports, so they stay as reachable as without it (in a namespace
+    /// whose policies deny by default, that opens them). `isolate`: the
+    /// policy says nothing of them, and other NetworkPolicies decide (with
+    /// none, they are closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_ports: Option<OtherPorts>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OtherPorts {
+    Open,
+    Isolate,
+}
 
 /// Which keys of the connection Secret authenticate to NATS.
 /// An MQTT subscription. Nothing is declared on the broker: the subscription
@@ -976,6 +1107,11 @@ pub mod conditions {
     pub const SUBSCRIPTION_MISMATCH: &str = "SubscriptionMismatch";
     /// The broker refused an operation to these credentials.
     pub const PERMISSION_DENIED: &str = "PermissionDenied";
+    /// A CURVE key in the ZeroMQ Secret is not a Z85-encoded key.
+    pub const CURVE_KEY_INVALID: &str = "CurveKeyInvalid";
+    /// An object the operator would create (the ZeroMQ Service or
+    /// NetworkPolicy) exists and belongs to someone else.
+    pub const NAME_TAKEN: &str = "NameTaken";
     /// The broker refused the credentials.
     pub const BROKER_AUTH_FAILED: &str = "BrokerAuthenticationFailed";
     pub const BROKER_REFUSED: &str = "BrokerRefused";

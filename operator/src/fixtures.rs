@@ -179,6 +179,12 @@ pub fn pubsub_policy() -> IdempotentConsumer {
     stored(include_str!("../tests/data/pubsub-policy.yaml"))
 }
 
+/// The sample ZeroMQ policy (a ROUTER endpoint on port 5555, CURVE keys
+/// in Secret `zeromq-orders`, a NetworkPolicy), as stored.
+pub fn zeromq_policy() -> IdempotentConsumer {
+    stored(include_str!("../tests/data/zeromq-policy.yaml"))
+}
+
 fn stored(yaml: &str) -> IdempotentConsumer {
     let mut ic: IdempotentConsumer = serde_yaml::from_str(yaml).expect("sample");
     ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000001".into());

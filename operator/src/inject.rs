@@ -99,6 +99,12 @@ pub fn inject(policy: &str, workload: &str, default_image: &str) -> Result<Strin
             documents.push(to_value(&render::redis::pod_disruption_budget(&ic)?));
         }
     }
+    if ic.spec.broker.zeromq.is_some() {
+        documents.push(to_value(&render::zeromq::service(&ic)?));
+        if let Some(policy) = render::zeromq::network_policy(&ic)? {
+            documents.push(to_value(&policy));
+        }
+    }
     for doc in documents.iter_mut().skip(1) {
         if let Some(meta) = doc["metadata"].as_object_mut() {
             meta.remove("ownerReferences");

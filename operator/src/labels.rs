@@ -73,6 +73,14 @@ pub const PUBSUB_KEY_NAME: &str = "key.json";
 pub fn pubsub_key_file() -> String {
     format!("{PUBSUB_KEY_MOUNT}/{PUBSUB_KEY_NAME}")
 }
+/// The ZeroMQ port's name on the sidecar container, which the Service targets.
+pub const ZEROMQ_PORT_NAME: &str = "idemq-zmq";
+/// Pod label of a ZeroMQ consumer's injected pods, which its Service and
+/// NetworkPolicy select. Not the consumer label: the managed Redis's pods
+/// carry that one too.
+pub const ZEROMQ_ENDPOINT_LABEL: &str = "idemq.dev/zeromq-endpoint";
+/// The variable the sidecar reads the pod's address from (downward API).
+pub const POD_IP_ENV: &str = "POD_IP";
 pub const ADMIN_PORT: u16 = 9090;
 pub const GATE_PORT: u16 = 7071;
 pub const REDIS_PORT: u16 = 6379;
@@ -94,6 +102,12 @@ pub fn jetstream_consumer(ic: &IdempotentConsumer) -> String {
 
 pub fn config_map(ic: &IdempotentConsumer) -> String {
     format!("{}-idemq", ic.name_any())
+}
+
+/// Name of a ZeroMQ consumer's Service and NetworkPolicy: the resource's, so
+/// clients connect to `tcp://<name>.<namespace>.svc:<port>`.
+pub fn zeromq_service(ic: &IdempotentConsumer) -> String {
+    ic.name_any()
 }
 
 /// Name of the managed Redis Deployment, Service and password Secret.

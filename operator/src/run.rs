@@ -20,6 +20,7 @@ use idemq_operator::webhook;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -306,7 +307,12 @@ async fn control(
         )
         .owns(namespaced_or_all::<Service>(&client, &scope), owned.clone())
         .owns(namespaced_or_all::<Secret>(&client, &scope), owned.clone())
-        .owns(namespaced_or_all::<Deployment>(&client, &scope), owned)
+        .owns(
+            namespaced_or_all::<Deployment>(&client, &scope),
+            owned.clone(),
+        )
+        // A ZeroMQ endpoint's NetworkPolicy, edited or deleted: restored at once.
+        .owns(namespaced_or_all::<NetworkPolicy>(&client, &scope), owned)
         // A target created or changed after its policy: reconcile the policy.
         .watches(
             namespaced_or_all::<Deployment>(&client, &scope),

@@ -2,7 +2,7 @@
 //! bindings, dead-letter routes), behind one [`Binder`] trait.
 //!
 //! Each broker lives in its own module (`rabbitmq.rs`, `kafka.rs`,
-//! `jetstream.rs`) and
+//! `jetstream.rs`, `mqtt.rs`, `pubsub.rs`, `zeromq.rs`) and
 //! contributes a variant of [`Plan`], built from the resource's spec by
 //! [`Plan::of`], and of [`Connection`], read from the resource's Secret by
 //! [`Connection::from_secret`]. [`Brokers`] is the production binder: it
@@ -22,6 +22,7 @@ pub mod mqtt;
 pub mod pool;
 pub mod pubsub;
 pub mod rabbitmq;
+pub mod zeromq;
 
 use std::collections::BTreeMap;
 
@@ -37,6 +38,7 @@ pub enum Plan {
     JetStream(jetstream::Plan),
     Mqtt(mqtt::Plan),
     PubSub(pubsub::Plan),
+    ZeroMq(zeromq::Plan),
 }
 
 impl Plan {
@@ -49,6 +51,7 @@ impl Plan {
             BrokerKind::JetStream(js) => Plan::JetStream(jetstream::Plan::of(ic, js)?),
             BrokerKind::Mqtt(m) => Plan::Mqtt(mqtt::Plan::of(ic, m)),
             BrokerKind::PubSub(ps) => Plan::PubSub(pubsub::Plan::of(ps)?),
+            BrokerKind::ZeroMq(z) => Plan::ZeroMq(zeromq::Plan::of(ic, z)),
         })
     }
 
@@ -80,6 +83,7 @@ impl Plan {
             Plan::JetStream(p) => p.describe(),
             Plan::Mqtt(p) => p.describe(),
             Plan::PubSub(p) => p.describe(),
+            Plan::ZeroMq(p) => p.describe(),
         }
     }
 }
@@ -96,6 +100,7 @@ pub enum Connection {
     JetStream(jetstream::Connection),
     Mqtt(mqtt::Connection),
     PubSub(pubsub::Connection),
+    ZeroMq(zeromq::Connection),
 }
 
 impl std::fmt::Debug for Connection {
@@ -106,12 +111,14 @@ impl std::fmt::Debug for Connection {
             Connection::JetStream(_) => f.write_str("Connection::JetStream(..)"),
             Connection::Mqtt(_) => f.write_str("Connection::Mqtt(..)"),
             Connection::PubSub(_) => f.write_str("Connection::PubSub(..)"),
+            Connection::ZeroMq(_) => f.write_str("Connection::ZeroMq(..)"),
         }
     }
 }
 
 impl Connection {
-    /// The name of the Secret `ic`'s broker connection comes from.
+    /// The name of the Secret `ic`'s broker connection comes from; none
+    /// for a ZeroMQ endpoint without CURVE.
     pub fn secret_name(ic: &IdempotentConsumer) -> Option<&str> {
         Some(match ic.spec.broker.kind()? {
             BrokerKind::RabbitMq(rabbit) => &rabbit.connection_secret_ref.name,
@@ -119,12 +126,40 @@ impl Connection {
             BrokerKind::JetStream(js) => &js.connection_secret_ref.name,
             BrokerKind::Mqtt(m) => &m.connection_secret_ref.name,
             BrokerKind::PubSub(ps) => &ps.credentials_secret_ref.name,
+            BrokerKind::ZeroMq(z) => &z.curve.as_ref()?.secret_name,
         })
     }
 
-    /// The connection from the Secret's `data`; `Err(key)` names a key the
-    /// spec needs and the Secret lacks.
+    /// The connection of a broker that needs no Secret: a ZeroMQ endpoint
+    /// with `plain: true`.
+    pub fn without_secret(ic: &IdempotentConsumer) -> Option<Self> {
+        match ic.spec.broker.kind()? {
+            BrokerKind::ZeroMq(z) if z.curve.is_none() => {
+                Some(Connection::ZeroMq(zeromq::Connection::Plain))
+            }
+            _ => None,
+        }
+    }
+
+    /// The connection from the Secret's `data`, or what is wrong with it: a
+    /// key the spec needs and the Secret lacks, or one whose value cannot serve.
     pub fn from_secret(
+        ic: &IdempotentConsumer,
+        data: &BTreeMap<String, ByteString>,
+    ) -> Result<Self, SecretProblem> {
+        if let Some(BrokerKind::ZeroMq(z)) = ic.spec.broker.kind() {
+            let value = |key: &str| {
+                data.get(key)
+                    .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            };
+            return zeromq::Connection::from_secret(z, value).map(Connection::ZeroMq);
+        }
+        Self::from_values(ic, data).map_err(SecretProblem::Missing)
+    }
+
+    /// The connection of a broker whose Secret only needs its keys present;
+    /// `Err(key)` names one it lacks.
+    fn from_values(
         ic: &IdempotentConsumer,
         data: &BTreeMap<String, ByteString>,
     ) -> Result<Self, String> {
@@ -161,7 +196,7 @@ impl Connection {
             Some(BrokerKind::PubSub(ps)) => Ok(Connection::PubSub(
                 pubsub::Connection::from_secret(ps, value)?,
             )),
-            None => Err("(no broker in the spec)".to_string()),
+            Some(BrokerKind::ZeroMq(_)) | None => Err("(no broker in the spec)".to_string()),
         }
     }
 
@@ -174,6 +209,7 @@ impl Connection {
             Connection::JetStream(c) => c.identity(),
             Connection::Mqtt(m) => m.identity(),
             Connection::PubSub(p) => p.identity(),
+            Connection::ZeroMq(z) => z.identity(),
         }
     }
 }
@@ -184,6 +220,15 @@ impl Connection {
 /// consumer and the Pub/Sub subscription).
 pub fn delete_on_cleanup(ic: &IdempotentConsumer) -> bool {
     matches!(ic.spec.broker.kind(), Some(BrokerKind::RabbitMq(r)) if r.delete_on_cleanup)
+}
+
+/// What is wrong with a connection Secret's content; never quotes a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretProblem {
+    /// The Secret lacks this key.
+    Missing(String),
+    /// This key's value cannot serve; the sentence says why.
+    Invalid { key: String, problem: &'static str },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -292,6 +337,9 @@ impl Binder for Brokers {
             (Plan::JetStream(p), Connection::JetStream(c)) => self.jetstream.bind(c, p).await,
             (Plan::Mqtt(p), Connection::Mqtt(c)) => mqtt::bind(c, p).await,
             (Plan::PubSub(p), Connection::PubSub(c)) => self.pubsub.bind(c, p).await,
+            // No broker: the endpoint's Service is the binding (the controller
+            // applies it), and the keys were checked when read.
+            (Plan::ZeroMq(_), Connection::ZeroMq(_)) => Ok(()),
             _ => Err(mismatch()),
         }
     }
@@ -305,7 +353,8 @@ impl Binder for Brokers {
             (Plan::Kafka(_), Connection::Kafka(_))
             | (Plan::JetStream(_), Connection::JetStream(_))
             | (Plan::Mqtt(_), Connection::Mqtt(_))
-            | (Plan::PubSub(_), Connection::PubSub(_)) => Ok(()),
+            | (Plan::PubSub(_), Connection::PubSub(_))
+            | (Plan::ZeroMq(_), Connection::ZeroMq(_)) => Ok(()),
             _ => Err(mismatch()),
         }
     }
@@ -342,7 +391,7 @@ mod tests {
         let without_password = data(&[("bootstrapServers", "k:9092"), ("username", "u")]);
         assert_eq!(
             Connection::from_secret(&ic, &without_password),
-            Err("password".to_string())
+            Err(SecretProblem::Missing("password".into()))
         );
         let without_ca = data(&[
             ("bootstrapServers", "k:9092"),
@@ -351,7 +400,7 @@ mod tests {
         ]);
         assert_eq!(
             Connection::from_secret(&ic, &without_ca),
-            Err("ca.pem".to_string())
+            Err(SecretProblem::Missing("ca.pem".into()))
         );
         let mut full = without_ca;
         full.insert("ca.pem".into(), ByteString(b"PEM".to_vec()));
@@ -379,7 +428,7 @@ mod tests {
         let without_password = data(&[("url", "mqtt://broker:1883"), ("username", "u")]);
         assert_eq!(
             Connection::from_secret(&ic, &without_password),
-            Err("password".to_string())
+            Err(SecretProblem::Missing("password".into()))
         );
         let full = data(&[
             ("url", "mqtt://broker:1883"),
@@ -395,7 +444,7 @@ mod tests {
         ic.spec.broker.mqtt.as_mut().expect("mqtt").ca_key = Some("ca.pem".into());
         assert_eq!(
             Connection::from_secret(&ic, &full),
-            Err("ca.pem".to_string())
+            Err(SecretProblem::Missing("ca.pem".into()))
         );
         let mut with_ca = full;
         with_ca.insert("ca.pem".into(), ByteString(b"PEM".to_vec()));

@@ -1,20 +1,24 @@
 //! The broker step: reads the connection Secret and has the [`Binder`]
-//! declare the consumer's queues (or check its topics); on cleanup, deletes
-//! them if asked to.
+//! declare the consumer's queues (or check its topics), or, for a ZeroMQ
+//! endpoint, applies its Service and NetworkPolicy; on cleanup, deletes the
+//! queues if asked to (the endpoint's objects go with their owner).
 //!
 //! [`Binder`]: crate::broker::Binder
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams};
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
+use super::ssa::{apply_owned, owned_by, Owned};
 use super::status::{publish, verdict, Verdict};
-use super::{key_missing, secret_data, Context};
-use crate::broker::{self, BindError, Connection, Plan};
+use super::{key_missing, secret_data, Context, Error};
+use crate::broker::{self, zeromq, BindError, Connection, Plan, SecretProblem};
 use crate::crd::conditions::*;
 use crate::crd::IdempotentConsumer;
+use crate::render;
 
 /// The broker connection from the resource's Secret, or the verdict saying
 /// why there is none.
@@ -24,7 +28,7 @@ async fn connection(
     ns: &str,
 ) -> Result<Connection, Verdict> {
     let Some(name) = Connection::secret_name(ic) else {
-        return Err(no_broker());
+        return Connection::without_secret(ic).ok_or_else(no_broker);
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let in_broker = |v: Verdict| Verdict {
@@ -32,9 +36,15 @@ async fn connection(
         ..v
     };
     match secret_data(&secrets, name).await {
-        Ok(Some(data)) => {
-            Connection::from_secret(ic, &data).map_err(|key| in_broker(key_missing(name, &key)))
-        }
+        Ok(Some(data)) => Connection::from_secret(ic, &data).map_err(|problem| match problem {
+            SecretProblem::Missing(key) => in_broker(key_missing(name, &key)),
+            SecretProblem::Invalid { key, problem } => verdict(
+                BROKER_BOUND,
+                false,
+                CURVE_KEY_INVALID,
+                format!("key {key:?} of Secret {name} {problem}"),
+            ),
+        }),
         Ok(None) => Err(verdict(
             BROKER_BOUND,
             false,
@@ -69,16 +79,38 @@ fn digest(ic: &IdempotentConsumer, plan: &Plan, connection: &Connection) -> Stri
 
 /// Declares the bindings when they may have changed (the plan or the
 /// Secret's content differ from what was last bound) or a periodic check is
-/// due; returns the verdict and, once bound, the digest to record.
-pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict, Option<String>) {
+/// due; returns the verdict and, once bound, the digest to record. A ZeroMQ
+/// endpoint's objects are applied on every reconcile instead (an apply that
+/// would change nothing sends nothing).
+pub async fn bind(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(Verdict, Option<String>), Error> {
     let Some(plan) = Plan::of(ic) else {
-        return (no_broker(), None);
+        return Ok((no_broker(), None));
     };
     let connection = match connection(ic, ctx, ns).await {
         Ok(connection) => connection,
-        Err(v) => return (v, None),
+        Err(v) => return Ok((v, None)),
     };
     let digest = digest(ic, &plan, &connection);
+    if let Plan::ZeroMq(endpoint) = &plan {
+        let verdict = expose(ic, ctx, ns, endpoint).await?;
+        let bound = verdict.ok.then_some(digest);
+        return Ok((verdict, bound));
+    }
+    Ok(declare(ic, ctx, plan, connection, digest).await)
+}
+
+/// The broker step proper: has the binder declare the plan.
+async fn declare(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    plan: Plan,
+    connection: Connection,
+    digest: String,
+) -> (Verdict, Option<String>) {
     let status = ic.status.as_ref();
     let unchanged = status.and_then(|s| s.binding_hash.as_deref()) == Some(digest.as_str())
         && status.is_some_and(|s| {
@@ -135,6 +167,132 @@ pub async fn bind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> (Verdict,
         Err(BindError::Refused(e)) => verdict(BROKER_BOUND, false, BROKER_REFUSED, e),
     };
     (verdict, None)
+}
+
+/// A ZeroMQ endpoint: applies the Service in front of the sidecars' port
+/// and, when asked, the NetworkPolicy admitting only the selected clients
+/// (one no longer asked for is deleted). An object of the same name that
+/// is not this resource's is reported, never taken over.
+async fn expose(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+    plan: &zeromq::Plan,
+) -> Result<Verdict, Error> {
+    let uid = ic.metadata.uid.as_deref().unwrap_or_default();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let service = serde_json::to_value(render::zeromq::service(ic)?).unwrap_or_default();
+    match forbidden_as_verdict(
+        apply_owned(&services, &plan.service, service, uid).await,
+        "Service",
+        &plan.service,
+    )? {
+        Ok(Owned::Applied(_)) => {}
+        Ok(Owned::Taken) => return Ok(taken("Service", &plan.service)),
+        Err(v) => return Ok(v),
+    }
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    match render::zeromq::network_policy(ic)? {
+        Some(policy) => {
+            let policy = serde_json::to_value(policy).unwrap_or_default();
+            match forbidden_as_verdict(
+                apply_owned(&policies, &plan.service, policy, uid).await,
+                "NetworkPolicy",
+                &plan.service,
+            )? {
+                Ok(Owned::Applied(_)) => {}
+                Ok(Owned::Taken) => return Ok(taken("NetworkPolicy", &plan.service)),
+                Err(v) => return Ok(v),
+            }
+        }
+        None => {
+            // No longer asked for: ours goes.
+            if let Err(v) = forbidden_as_verdict(
+                delete_owned(&policies, &plan.service, uid).await,
+                "NetworkPolicy",
+                &plan.service,
+            )? {
+                return Ok(v);
+            }
+        }
+    }
+    Ok(verdict(BROKER_BOUND, true, BOUND, plan.describe()))
+}
+
+/// An API refusal to the operator's own account (its RBAC lacks a verb) as
+/// a verdict a person can act on; other errors stay errors (retried).
+fn forbidden_as_verdict<T>(
+    result: Result<T, Error>,
+    kind: &str,
+    name: &str,
+) -> Result<Result<T, Verdict>, Error> {
+    match result {
+        Ok(t) => Ok(Ok(t)),
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 403 => Ok(Err(verdict(
+            BROKER_BOUND,
+            false,
+            PERMISSION_DENIED,
+            format!(
+                "the operator may not write {kind} {name}: {}; grant its service account get, create, patch and delete on {} (the chart's role does)",
+                status.message,
+                if kind == "Service" { "services" } else { "networkpolicies" }
+            ),
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+fn taken(kind: &str, name: &str) -> Verdict {
+    verdict(
+        BROKER_BOUND,
+        false,
+        NAME_TAKEN,
+        format!("{kind} {name} exists and is not this resource's; delete or rename it, or give the resource another name"),
+    )
+}
+
+/// Deletes a ZeroMQ endpoint's Service and NetworkPolicy on cleanup,
+/// rather than leave them to the garbage collector while clients still
+/// connect; absent ones, and those of someone else's, are left alone.
+pub async fn withdraw_endpoint(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(), Error> {
+    if ic.spec.broker.zeromq.is_none() {
+        return Ok(());
+    }
+    let name = crate::labels::zeromq_service(ic);
+    let uid = ic.metadata.uid.as_deref().unwrap_or_default();
+    delete_owned(
+        &Api::<Service>::namespaced(ctx.client.clone(), ns),
+        &name,
+        uid,
+    )
+    .await?;
+    delete_owned(
+        &Api::<NetworkPolicy>::namespaced(ctx.client.clone(), ns),
+        &name,
+        uid,
+    )
+    .await
+}
+
+/// Deletes `name` if it exists and `uid` controls it.
+async fn delete_owned<K>(api: &Api<K>, name: &str, uid: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get_opt(name).await? {
+        Some(object) if owned_by(&object, uid) => {
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Deletes the queues when the spec asks for it; a failure is an Event, not

@@ -416,7 +416,7 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
     } else {
         None
     };
-    let (broker, binding) = broker::bind(ic, ctx, &ns).await;
+    let (broker, binding) = broker::bind(ic, ctx, &ns).await?;
     // Said before the pods roll: a new key definition forgets what was completed.
     let key_definition =
         render::config::sidecar_config(ic).map(|config| render::config::key_definition(&config))?;
@@ -540,6 +540,7 @@ async fn cleanup(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error
     let ns = ic.namespace().unwrap_or_default();
     target::withdraw(ic, ctx, &ns).await?;
     store::delete_owned(ic, ctx, &ns).await?;
+    broker::withdraw_endpoint(ic, ctx, &ns).await?;
     broker::unbind(ic, ctx, &ns).await;
     publish(
         ctx,

@@ -1769,3 +1769,262 @@ fn the_trimmed_pod_cache_keeps_what_the_roll_reads_and_other_resources_pods_are_
     let other = fixtures::pod("worker-x", "payments", Some(true));
     assert!(super::rollout::next(&evicting_policy(), &hash, [&other]).is_none());
 }
+
+/// A ZeroMQ endpoint: no broker to reach, so the binding is the CURVE
+/// Secret read and checked, and the Service (and NetworkPolicy) applied.
+mod zeromq {
+    use super::*;
+
+    const KEYS_SECRET: &str = "/api/v1/namespaces/shop/secrets/zeromq-orders";
+    const SVC: &str = "/api/v1/namespaces/shop/services/orders";
+    const NETPOL: &str = "/apis/networking.k8s.io/v1/namespaces/shop/networkpolicies/orders";
+
+    /// A Secret with a CURVE server secret key and two client public keys.
+    fn keys_secret() -> (Value, String) {
+        let z85 = |key: &[u8]| zmq::z85_encode(key).expect("z85");
+        let server = zmq::CurveKeyPair::new().expect("CURVE");
+        let clients: Vec<String> = (0..2)
+            .map(|_| z85(&zmq::CurveKeyPair::new().expect("CURVE").public_key))
+            .collect();
+        let secret_key = z85(&server.secret_key);
+        (
+            keys_secret_with(&secret_key, &clients.join("\n")),
+            secret_key,
+        )
+    }
+
+    fn keys_secret_with(server: &str, clients: &str) -> Value {
+        let b64 = |v: &str| {
+            serde_json::to_value(k8s_openapi::ByteString(v.as_bytes().to_vec())).expect("base64")
+        };
+        json!({ "apiVersion": "v1", "kind": "Secret",
+                "metadata": { "name": "zeromq-orders", "namespace": "shop" },
+                "data": { "serverSecretKey": b64(server), "clientPublicKeys": b64(clients) } })
+    }
+
+    /// The store's requests (a managed Redis not yet available).
+    fn store_prefix() -> Vec<Expect> {
+        let mut prefix = apply_prefix();
+        prefix.truncate(prefix.len() - 2);
+        prefix
+    }
+
+    fn no_secret_in(secret_key: &str) -> impl Fn(&Value) + Send + 'static {
+        let secret_key = secret_key.to_string();
+        move |sent| {
+            assert!(
+                !sent.to_string().contains(&secret_key),
+                "a key leaked: {sent}"
+            )
+        }
+    }
+
+    fn target_apply() -> Expect {
+        Expect::apply(TARGET).with_body(|p| {
+            let template = &p["spec"]["template"];
+            assert_eq!(
+                template["metadata"]["labels"]["idemq.dev/zeromq-endpoint"],
+                "orders"
+            );
+            let sidecar = &template["spec"]["initContainers"][0];
+            let ports = sidecar["ports"].as_array().expect("ports");
+            assert!(ports
+                .iter()
+                .any(|p| p["name"] == "idemq-zmq" && p["containerPort"] == 5555));
+            let env = sidecar["env"].as_array().expect("env");
+            assert!(env.iter().any(|e| e["name"] == "POD_IP"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"));
+            assert!(env
+                .iter()
+                .any(|e| e["name"] == "IDEMQ_ZMQ_SERVER_SECRET_KEY"
+                    && e["valueFrom"]["secretKeyRef"]["name"] == "zeromq-orders"));
+        })
+    }
+
+    #[tokio::test]
+    async fn a_missing_curve_secret_is_reported_and_nothing_is_exposed() {
+        let status = Arc::new(Mutex::new(None));
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(KEYS_SECRET, StatusCode::NOT_FOUND, not_found()),
+            Expect::get(KEYS_SECRET, StatusCode::NOT_FOUND, not_found()),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            target_apply(),
+            status_patch(status.clone()),
+            event("Injected"),
+            event("RedisNotReady"),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+                assert_eq!(e["reason"], "SecretNotFound");
+                assert_eq!(e["type"], "Warning");
+                assert_eq!(e["note"], "Secret zeromq-orders does not exist");
+            }),
+        ]);
+        run(fixtures::zeromq_policy(), expected)
+            .await
+            .expect("reconciles");
+        assert!(conditions(&status).contains(&(
+            "BrokerBound".into(),
+            "False".into(),
+            "SecretNotFound".into()
+        )));
+    }
+
+    #[tokio::test]
+    async fn a_garbled_key_is_named_without_its_value() {
+        let status = Arc::new(Mutex::new(None));
+        let secret = keys_secret_with("not-a-curve-key-but-a-secret", "also-not-a-key");
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            target_apply(),
+            status_patch(status.clone()).with_body({
+                let status = status.clone();
+                move |b| {
+                    assert!(!b.to_string().contains("not-a-curve-key"), "{b}");
+                    *status.lock().expect("lock") = Some(b["status"].clone());
+                }
+            }),
+            event("Injected"),
+            event("RedisNotReady"),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+                assert_eq!(e["reason"], "CurveKeyInvalid");
+                assert_eq!(
+                    e["note"],
+                    "key \"serverSecretKey\" of Secret zeromq-orders is not a Z85-encoded CURVE key (40 characters)"
+                );
+            }),
+        ]);
+        run(fixtures::zeromq_policy(), expected)
+            .await
+            .expect("reconciles");
+        assert!(conditions(&status).contains(&(
+            "BrokerBound".into(),
+            "False".into(),
+            "CurveKeyInvalid".into()
+        )));
+    }
+
+    #[tokio::test]
+    async fn with_its_keys_the_endpoint_gets_an_owned_service_and_network_policy_and_is_bound() {
+        let status = Arc::new(Mutex::new(None));
+        let (secret, secret_key) = keys_secret();
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
+            Expect::get(SVC, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(SVC).with_body(|s| {
+                assert_eq!(
+                    s["metadata"]["ownerReferences"][0]["kind"],
+                    "IdempotentConsumer"
+                );
+                assert_eq!(s["metadata"]["ownerReferences"][0]["controller"], true);
+                assert_eq!(s["spec"]["selector"]["idemq.dev/zeromq-endpoint"], "orders");
+                assert_eq!(s["spec"]["ports"][0]["port"], 5555);
+                assert_eq!(s["spec"]["ports"][0]["targetPort"], "idemq-zmq");
+            }),
+            Expect::get(NETPOL, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(NETPOL).with_body(|p| {
+                assert_eq!(p["metadata"]["ownerReferences"][0]["controller"], true);
+                assert_eq!(
+                    p["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"],
+                    "orders-client"
+                );
+                assert_eq!(p["spec"]["ingress"][0]["ports"][0]["port"], 5555);
+            }),
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            target_apply().with_body(no_secret_in(&secret_key)),
+            status_patch(status.clone()),
+            event("Injected").with_body(no_secret_in(&secret_key)),
+            event("RedisNotReady"),
+        ]);
+        run(fixtures::zeromq_policy(), expected)
+            .await
+            .expect("reconciles");
+        assert!(conditions(&status).contains(&(
+            "BrokerBound".into(),
+            "True".into(),
+            "Bound".into()
+        )));
+        let written = status.lock().expect("lock").clone().expect("status");
+        assert!(!written.to_string().contains(&secret_key));
+        assert!(
+            written.to_string().contains(
+                "Service orders exposes the sidecars' ROUTER socket on port 5555 (CURVE)"
+            ),
+            "{written}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_of_someone_elses_is_reported_never_taken_over() {
+        let status = Arc::new(Mutex::new(None));
+        let (secret, _) = keys_secret();
+        let theirs = json!({ "apiVersion": "v1", "kind": "Service",
+                             "metadata": { "name": "orders", "namespace": "shop" },
+                             "spec": { "selector": { "app": "orders-api" } } });
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
+            Expect::get(SVC, StatusCode::OK, theirs),
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            target_apply(),
+            status_patch(status.clone()),
+            event("Injected"),
+            event("RedisNotReady"),
+            event("NameTaken"),
+        ]);
+        run(fixtures::zeromq_policy(), expected)
+            .await
+            .expect("reconciles");
+        assert!(conditions(&status).contains(&(
+            "BrokerBound".into(),
+            "False".into(),
+            "NameTaken".into()
+        )));
+    }
+
+    #[tokio::test]
+    async fn a_plain_endpoint_reads_no_secret_and_drops_a_network_policy_no_longer_asked_for() {
+        let mut ic = fixtures::zeromq_policy();
+        let zmq = ic.spec.broker.zeromq.as_mut().expect("zeromq");
+        zmq.curve = None;
+        zmq.plain = Some(true);
+        zmq.network_policy = None;
+        let ours = json!({ "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": { "name": "orders", "namespace": "shop", "ownerReferences": [{
+                "apiVersion": "idemq.dev/v1alpha1", "kind": "IdempotentConsumer", "name": "orders",
+                "uid": "3f7c8a2e-0000-4000-8000-000000000001", "controller": true }] },
+            "spec": { "podSelector": {} } });
+        let status = Arc::new(Mutex::new(None));
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(SVC, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(SVC),
+            Expect::get(NETPOL, StatusCode::OK, ours.clone()),
+            Expect::new(Method::DELETE, NETPOL, StatusCode::OK, ours),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET).with_body(|p| {
+                let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
+                assert!(!env.contains("IDEMQ_ZMQ"), "plain: no keys: {env}");
+            }),
+            status_patch(status.clone()),
+            event("Injected"),
+            event("RedisNotReady"),
+        ]);
+        run(ic, expected).await.expect("reconciles");
+        let message = status
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("status")
+            .to_string();
+        assert!(
+            message.contains("(plain TCP, no authentication)"),
+            "{message}"
+        );
+    }
+}

@@ -70,6 +70,52 @@ where
         .await?)
 }
 
+/// What [`apply_owned`] found.
+pub enum Owned<K> {
+    /// Applied (or already up to date): the object as it now is.
+    Applied(K),
+    /// An object of that name exists and another owner's: left alone.
+    Taken,
+}
+
+/// Whether `object` is controlled by the object with `uid`.
+pub fn owned_by<K: kube::Resource>(object: &K, uid: &str) -> bool {
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+/// [`apply`] for an object `owner_uid` creates and owns, under a name
+/// people may have used: an existing object of someone else's is never
+/// taken over (a forced apply would rewrite its fields).
+pub async fn apply_owned<K>(
+    api: &Api<K>,
+    name: &str,
+    desired: Value,
+    owner_uid: &str,
+) -> Result<Owned<K>, Error>
+where
+    K: kube::Resource + Clone + Debug + DeserializeOwned + serde::Serialize,
+{
+    let desired = stamped(desired);
+    if let Some(observed) = api.get_opt(name).await? {
+        if !owned_by(&observed, owner_uid) {
+            return Ok(Owned::Taken);
+        }
+        let value = serde_json::to_value(&observed).unwrap_or(Value::Null);
+        if up_to_date(&value, &desired) {
+            return Ok(Owned::Applied(observed));
+        }
+    }
+    Ok(Owned::Applied(
+        api.patch(name, &apply_params(), &Patch::Apply(&desired))
+            .await?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

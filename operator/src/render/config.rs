@@ -11,7 +11,7 @@ use idemq_sidecar::config::{
     self as sidecar, AdminConfig, BrokerConfig, Config, DedupConfig, DeliveryConfig, Durability,
     JetStreamConfig, KafkaConfig, KeySource, MissingKeyPolicy, Mode, MqttConfig, PubSubConfig,
     RabbitMqConfig, ReadinessCheck, ReadinessConfig, ResetPolicy, StoreConfig, StoreKind,
-    UnavailablePolicy,
+    UnavailablePolicy, ZeroMqConfig,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
@@ -20,7 +20,8 @@ use super::{owned_meta, RenderError};
 use crate::crd::{
     BrokerKind, DeliveryMode, IdempotentConsumer, JetStreamBinding, KafkaBinding, KafkaOrdering,
     KafkaSecurityProtocol, KeyFrom, MissingKey, MqttBinding, MqttProtocol, OffsetReset, OnReset,
-    PubSubBinding, RabbitMqBinding, SaslMechanism, StoreDurability, Unavailable,
+    PubSubBinding, RabbitMqBinding, SaslMechanism, StoreDurability, Unavailable, ZeroMqBinding,
+    ZeroMqPattern,
 };
 use crate::labels;
 
@@ -123,6 +124,10 @@ pub fn sidecar_config(ic: &IdempotentConsumer) -> Result<Config, RenderError> {
                 },
                 BrokerKind::PubSub(ps) => BrokerConfig {
                     pubsub: Some(pubsub_config(ps)),
+                    ..BrokerConfig::default()
+                },
+                BrokerKind::ZeroMq(zmq) => BrokerConfig {
+                    zeromq: Some(zeromq_config(zmq)?),
                     ..BrokerConfig::default()
                 },
             })
@@ -297,6 +302,38 @@ fn pubsub_config(ps: &PubSubBinding) -> PubSubConfig {
     }
 }
 
+/// The sidecar's `broker.zeromq`: it binds the pod's address (its
+/// `POD_IP` variable, from the downward API) on the spec's port, which the
+/// operator's Service exposes. The CURVE keys stay in their Secret
+/// (environment).
+fn zeromq_config(zmq: &ZeroMqBinding) -> Result<ZeroMqConfig, RenderError> {
+    // Said again for objects stored before the schema's rule: without keys,
+    // only an explicit `plain: true` opens an unauthenticated endpoint.
+    if zmq.curve.is_some() == (zmq.plain == Some(true)) {
+        return Err(RenderError::Config(
+            "broker.zeromq: set curve (the keys' Secret) or plain: true, one of them".to_string(),
+        ));
+    }
+    Ok(ZeroMqConfig {
+        bind: format!(
+            "tcp://{}:{}",
+            idemq_sidecar::source::zeromq::POD_IP,
+            zmq.port()
+        ),
+        pattern: match zmq.pattern {
+            None | Some(ZeroMqPattern::Router) => sidecar::ZeroMqPattern::Router,
+            Some(ZeroMqPattern::Pull) => sidecar::ZeroMqPattern::Pull,
+            Some(ZeroMqPattern::Sub) => sidecar::ZeroMqPattern::Sub,
+        },
+        subscribe: zmq.subscribe.clone(),
+        max_in_flight: zmq.max_in_flight.unwrap_or(100),
+        plain: zmq.curve.is_none(),
+        dead_letter: sidecar::ZeroMqDeadLetter {
+            endpoint: zmq.dead_letter.endpoint.clone(),
+        },
+    })
+}
+
 /// The shared subscription's group: the spec's, or `<namespace>.<name>`.
 pub fn shared_group(ic: &IdempotentConsumer, mqtt: &MqttBinding) -> String {
     mqtt.shared_group
@@ -357,6 +394,7 @@ pub fn in_flight_budget(ic: &IdempotentConsumer) -> u64 {
             ps.max_outstanding_messages
                 .unwrap_or_else(|| PubSubConfig::new("", "").max_outstanding_messages),
         ),
+        Some(BrokerKind::ZeroMq(zmq)) => u64::from(zmq.max_in_flight.unwrap_or(100)),
         None => 100,
     };
     match delivery.expected_message_bytes {
@@ -583,6 +621,64 @@ mod tests {
         let mut ic = sample::kafka_policy();
         ic.spec.delivery.expected_message_bytes = Some(10_000);
         assert_eq!(in_flight_budget(&ic), 2_000_000);
+    }
+
+    #[test]
+    fn a_zeromq_spec_binds_the_pods_address_and_is_plain_only_when_said() {
+        let mut ic = sample::zeromq_policy();
+        let yaml = sidecar_config(&ic).expect("renders").to_yaml();
+        let parsed = Config::from_yaml(&yaml).expect("the sidecar accepts it");
+        let zmq = parsed
+            .broker
+            .and_then(|b| b.zeromq)
+            .expect("a zeromq broker");
+        assert_eq!(zmq.bind, "tcp://$(POD_IP):5555");
+        assert_eq!(zmq.pattern, sidecar::ZeroMqPattern::Router);
+        assert!(!zmq.plain, "CURVE: the keys come from the Secret");
+        assert_eq!(zmq.dead_letter.endpoint, "tcp://orders-dead.shop.svc:5556");
+        assert!(!yaml.contains("zeromq-orders"), "no Secret name: {yaml}");
+
+        let binding = ic.spec.broker.zeromq.as_mut().expect("zeromq");
+        binding.pattern = Some(crate::crd::ZeroMqPattern::Sub);
+        binding.subscribe = vec!["orders.".into()];
+        binding.port = Some(6000);
+        binding.max_in_flight = Some(20);
+        binding.curve = None;
+        binding.plain = Some(true);
+        let zmq = sidecar_config(&ic)
+            .expect("renders")
+            .broker
+            .and_then(|b| b.zeromq)
+            .expect("zeromq");
+        assert_eq!(
+            (
+                zmq.bind.as_str(),
+                zmq.pattern,
+                zmq.subscribe,
+                zmq.max_in_flight,
+                zmq.plain
+            ),
+            (
+                "tcp://$(POD_IP):6000",
+                sidecar::ZeroMqPattern::Sub,
+                vec!["orders.".to_string()],
+                20,
+                true
+            )
+        );
+        assert_eq!(in_flight_budget(&ic), 32 * 1024 * 1024);
+        ic.spec.delivery.expected_message_bytes = Some(1024 * 1024);
+        assert_eq!(
+            in_flight_budget(&ic),
+            20 * 1024 * 1024,
+            "maxInFlight × size"
+        );
+
+        // Neither keys nor plain (stored before the schema's rule): refused.
+        ic.spec.broker.zeromq.as_mut().expect("zeromq").plain = None;
+        assert!(
+            matches!(sidecar_config(&ic), Err(RenderError::Config(m)) if m.contains("plain: true"))
+        );
     }
 
     #[test]

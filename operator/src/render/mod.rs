@@ -5,6 +5,7 @@
 pub mod config;
 pub mod redis;
 pub mod sidecar;
+pub mod zeromq;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
@@ -75,6 +76,11 @@ pub(crate) mod sample {
     /// A Pub/Sub consumer keyed by an attribute, with a dead-letter policy.
     pub fn pubsub_policy() -> IdempotentConsumer {
         from_yaml(include_str!("../../tests/data/pubsub-policy.yaml"))
+    }
+
+    /// A ZeroMQ ROUTER endpoint with CURVE keys and a NetworkPolicy.
+    pub fn zeromq_policy() -> IdempotentConsumer {
+        from_yaml(include_str!("../../tests/data/zeromq-policy.yaml"))
     }
 
     fn from_yaml(yaml: &str) -> IdempotentConsumer {

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, Pod, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -160,6 +160,14 @@ pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
     }];
     if spec.delivery.mode == DeliveryMode::Http {
         env.extend(broker_env(ic));
+        if let Some(BrokerKind::ZeroMq(zmq)) = spec.broker.kind() {
+            ports.push(ContainerPort {
+                name: Some(labels::ZEROMQ_PORT_NAME.to_string()),
+                container_port: i32::from(zmq.port()),
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            });
+        }
     } else {
         ports.push(ContainerPort {
             name: Some("idemq-gate".to_string()),
@@ -254,6 +262,34 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
         }
         // The service-account key is a mounted file (see `volumes`).
         Some(BrokerKind::PubSub(_)) => Vec::new(),
+        // The endpoint binds the pod's address, and CURVE's keys come from
+        // their Secret.
+        Some(BrokerKind::ZeroMq(zmq)) => {
+            let mut env = vec![EnvVar {
+                name: labels::POD_IP_ENV.to_string(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "status.podIP".to_string(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            }];
+            if let Some(curve) = &zmq.curve {
+                env.push(secret_env(
+                    SecretEnv::ZMQ_SERVER_SECRET_KEY,
+                    &curve.secret_name,
+                    &curve.server_secret_key,
+                ));
+                env.push(secret_env(
+                    SecretEnv::ZMQ_CLIENT_KEYS,
+                    &curve.secret_name,
+                    &curve.client_public_keys,
+                ));
+            }
+            env
+        }
         // Refused by validation before anything is rendered.
         None => Vec::new(),
     }
@@ -383,13 +419,18 @@ pub fn pod_additions(
 ) -> PodAdditions {
     let mut annotations =
         BTreeMap::from([(labels::CONFIG_HASH.to_string(), config_hash.to_string())]);
+    // The consumer label lets the chart's PodMonitor and the operator's pod
+    // watch find the sidecars; a ZeroMQ endpoint's Service and
+    // NetworkPolicy select its pods by a label of their own.
+    let mut pod_labels = BTreeMap::from([(labels::CONSUMER_LABEL.to_string(), ic.name_any())]);
+    if ic.spec.broker.zeromq.is_some() && ic.spec.delivery.mode == DeliveryMode::Http {
+        pod_labels.extend(super::zeromq::endpoint_selector(ic));
+    }
     if let Some(secrets_hash) = secrets_hash {
         annotations.insert(labels::SECRETS_HASH.to_string(), secrets_hash.to_string());
     }
     PodAdditions {
-        // The consumer label lets the chart's PodMonitor and the operator's
-        // pod watch find the sidecars.
-        labels: BTreeMap::from([(labels::CONSUMER_LABEL.to_string(), ic.name_any())]),
+        labels: pod_labels,
         annotations,
         init_container: container(ic, default_image),
         volumes: volumes(ic).into_iter().map(|(volume, _)| volume).collect(),
@@ -637,6 +678,59 @@ mod tests {
             .and_then(|v| v.secret_key_ref)
             .unwrap_or_else(|| panic!("{name} is not a Secret reference"));
         (r.name, r.key)
+    }
+
+    #[test]
+    fn a_zeromq_sidecar_declares_its_port_learns_its_address_and_gets_curve_keys_by_reference() {
+        let mut ic = sample::zeromq_policy();
+        let c = container(&ic, "img");
+        let port = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("idemq-zmq"))
+            .expect("the ZeroMQ port");
+        assert_eq!(port.container_port, 5555);
+        let pod_ip = env_of(&c, "POD_IP")
+            .value_from
+            .and_then(|v| v.field_ref)
+            .expect("downward API");
+        assert_eq!(pod_ip.field_path, "status.podIP");
+        for (var, key) in [
+            ("IDEMQ_ZMQ_SERVER_SECRET_KEY", "serverSecretKey"),
+            ("IDEMQ_ZMQ_CLIENT_KEYS", "clientPublicKeys"),
+        ] {
+            let e = env_of(&c, var);
+            assert_eq!(e.value, None, "a reference, not a value");
+            let r = e
+                .value_from
+                .and_then(|v| v.secret_key_ref)
+                .expect("secretKeyRef");
+            assert_eq!((r.name.as_str(), r.key.as_str()), ("zeromq-orders", key));
+        }
+        let additions = pod_additions(&ic, "h", None, "img");
+        assert_eq!(
+            additions
+                .labels
+                .get("idemq.dev/zeromq-endpoint")
+                .map(String::as_str),
+            Some("orders"),
+            "the label the Service selects"
+        );
+
+        let zmq = ic.spec.broker.zeromq.as_mut().expect("zeromq");
+        zmq.curve = None;
+        zmq.plain = Some(true);
+        let c = container(&ic, "img");
+        assert!(
+            !c.env
+                .iter()
+                .flatten()
+                .any(|e| e.name.starts_with("IDEMQ_ZMQ")),
+            "plain: no keys"
+        );
+        let other = pod_additions(&sample::policy(), "h", None, "img");
+        assert!(!other.labels.contains_key("idemq.dev/zeromq-endpoint"));
     }
 
     #[test]
