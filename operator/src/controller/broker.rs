@@ -182,27 +182,20 @@ async fn expose(
     let uid = ic.metadata.uid.as_deref().unwrap_or_default();
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
     let service = serde_json::to_value(render::zeromq::service(ic)?).unwrap_or_default();
-    match forbidden_as_verdict(
-        apply_owned(&services, &plan.service, service, uid).await,
-        "Service",
-        &plan.service,
-    )? {
-        Ok(Owned::Applied(_)) => {}
-        Ok(Owned::Taken) => return Ok(taken("Service", &plan.service)),
-        Err(v) => return Ok(v),
+    if let Some(v) =
+        apply_endpoint_object(&services, "Service", &plan.service, service, uid).await?
+    {
+        return Ok(v);
     }
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
     match render::zeromq::network_policy(ic)? {
         Some(policy) => {
             let policy = serde_json::to_value(policy).unwrap_or_default();
-            match forbidden_as_verdict(
-                apply_owned(&policies, &plan.service, policy, uid).await,
-                "NetworkPolicy",
-                &plan.service,
-            )? {
-                Ok(Owned::Applied(_)) => {}
-                Ok(Owned::Taken) => return Ok(taken("NetworkPolicy", &plan.service)),
-                Err(v) => return Ok(v),
+            if let Some(v) =
+                apply_endpoint_object(&policies, "NetworkPolicy", &plan.service, policy, uid)
+                    .await?
+            {
+                return Ok(v);
             }
         }
         None => {
@@ -217,6 +210,27 @@ async fn expose(
         }
     }
     Ok(verdict(BROKER_BOUND, true, BOUND, plan.describe()))
+}
+
+/// Applies one object of the endpoint; a verdict when it cannot be (the
+/// name is another owner's, or the operator may not write it).
+async fn apply_endpoint_object<K>(
+    api: &Api<K>,
+    kind: &str,
+    name: &str,
+    desired: serde_json::Value,
+    uid: &str,
+) -> Result<Option<Verdict>, Error>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    Ok(
+        match forbidden_as_verdict(apply_owned(api, name, desired, uid).await, kind, name)? {
+            Ok(Owned::Applied(_)) => None,
+            Ok(Owned::Taken) => Some(taken(kind, name)),
+            Err(v) => Some(v),
+        },
+    )
 }
 
 /// An API refusal to the operator's own account (its RBAC lacks a verb) as
