@@ -23,6 +23,9 @@
 //! While a delivery is in flight its claim's lease is renewed every third of
 //! the lease, so the lease runs out only when the holder is gone.
 //!
+//! A completion the store refuses is written again in the background, and
+//! no claim is made until the store took it ([`crate::store::refused`]).
+//!
 //! Each claim, delivery attempt, completion and release is a step of the
 //! message's span ([`crate::traces`]), which the source starts and settles.
 
@@ -45,8 +48,6 @@ use crate::traces::{MessageSpan, Origin, Step, Tracer};
 /// An in-flight duplicate is requeued after at most this long, so the broker
 /// retries it soon after the first holder settles, without spinning.
 const MAX_REQUEUE_DELAY: Duration = Duration::from_millis(250);
-/// Attempts to record a completion before giving up on recording it.
-const COMPLETE_TRIES: u32 = 3;
 
 pub struct Engine {
     config: Arc<Config>,
@@ -322,35 +323,30 @@ impl Engine {
     }
 
     /// Records a completion. The application has processed the message, so
-    /// it is acked whatever happens here: requeueing it would process it
-    /// again for certain, while a completion that could not be recorded only
-    /// leaves a later duplicate unstopped.
+    /// it is acked whatever happens here (requeueing it would process it
+    /// again for certain); a completion the store refuses is kept and written
+    /// again until it takes it, and claims wait meanwhile (the store wrapper
+    /// [`crate::store::refused`] does both).
     async fn complete(&self, key: &str, token: &Token, span: &MessageSpan) {
-        let retention = self.config.dedup.retention;
         let mut step = span.step("complete");
-        for try_ in 1..=COMPLETE_TRIES {
-            step.set("idemq.tries", i64::from(try_));
-            match self.store.complete(key, token, retention).await {
-                Ok(Transition::Done) => return,
-                Ok(Transition::Stale) => {
-                    step.fail("stale: another holder took the key");
-                    tracing::warn!("the lease expired during delivery and another holder took the key; raise dedup.lease above the application's processing time");
-                    return;
-                }
-                Err(e @ StoreError::Unreplicated { .. }) => {
-                    // The primary holds it; trying again would find it done.
-                    step.fail(&e);
-                    tracing::warn!(error = %e, "the completion is recorded on the primary only");
-                    return;
-                }
-                Err(e) if try_ < COMPLETE_TRIES => {
-                    tracing::warn!(error = %e, "recording the completion failed: retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(try_))).await;
-                }
-                Err(e) => {
-                    step.fail(&e);
-                    tracing::error!(error = %e, "could not record the completion; a later duplicate of this message will not be stopped");
-                }
+        match self
+            .store
+            .complete(key, token, self.config.dedup.retention)
+            .await
+        {
+            Ok(Transition::Done) => {}
+            Ok(Transition::Stale) => {
+                step.fail("stale: another holder took the key");
+                tracing::warn!("the lease expired during delivery and another holder took the key; raise dedup.lease above the application's processing time");
+            }
+            Err(e @ StoreError::Unreplicated { .. }) => {
+                // The primary holds it; trying again would find it done.
+                step.fail(&e);
+                tracing::warn!(error = %e, "the completion is recorded on the primary only");
+            }
+            Err(e) => {
+                step.fail(&e);
+                tracing::warn!(error = %e, "the store refused the completion: acking the message; the completion is written again until the store takes it, and nothing is claimed meanwhile");
             }
         }
     }

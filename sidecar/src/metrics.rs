@@ -105,6 +105,10 @@ pub struct Metrics {
     /// Times the key store was found to have lost the state this process
     /// had seen in it (its epoch marker changed). Alert on any increase.
     pub store_resets: Counter,
+    /// Completions of processed (and acked) messages that the store refused
+    /// and that are written again until it takes them; no claim is made
+    /// meanwhile.
+    pub completions_unrecorded: Gauge,
     /// Kafka: records of each assigned partition past the committed offset.
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     /// Kafka: partitions assigned to this member now.
@@ -145,6 +149,7 @@ impl Metrics {
             app_available: Gauge::default(),
             in_flight_bytes: Gauge::default(),
             store_resets: Counter::default(),
+            completions_unrecorded: Gauge::default(),
             consumer_lag: Family::default(),
             assigned_partitions: Gauge::default(),
             revoked_partitions: Counter::default(),
@@ -218,6 +223,11 @@ impl Metrics {
             "store_resets",
             "Times the key store lost the completed keys this process had seen in it",
             metrics.store_resets.clone(),
+        );
+        registry.register(
+            "completions_unrecorded",
+            "Completions the key store refused, written again until it takes them; claims wait meanwhile",
+            metrics.completions_unrecorded.clone(),
         );
         registry.register(
             "consumer_lag",

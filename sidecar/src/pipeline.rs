@@ -14,6 +14,7 @@ use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::health::Component;
 use crate::metrics::Metrics;
+use crate::store::refused::Refused;
 use crate::store::KeyStore;
 use crate::traces::Tracer;
 
@@ -64,9 +65,11 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         ctx.metrics.clone(),
     );
     let largest_message = delivery.expected_message_bytes.unwrap_or(0).into();
+    let refused = Arc::new(Refused::new(ctx.store, ctx.metrics.clone()));
+    let store: Arc<dyn KeyStore> = refused.clone();
     let engine = Arc::new(Engine::new(
         ctx.config.clone(),
-        ctx.store.clone(),
+        store.clone(),
         deliverer,
         ctx.metrics.clone(),
         app,
@@ -78,7 +81,7 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         .as_ref()
         .and_then(|b| b.kind())
         .context("pipeline mode needs exactly one broker (validated)")?;
-    match broker {
+    let result = match broker {
         BrokerKind::RabbitMq(rabbit) => {
             let url = ctx
                 .broker_url
@@ -90,13 +93,14 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 config: ctx.config.clone(),
                 uri,
                 engine,
-                store: ctx.store,
+                store: store.clone(),
                 metrics: ctx.metrics,
                 health: ctx.broker_health,
                 flow,
                 largest_message,
             };
             source.run(shutdown.clone()).await;
+            Ok(())
         }
         BrokerKind::Kafka(kafka) => {
             let secrets = ctx
@@ -108,15 +112,15 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 config: ctx.config.clone(),
                 secrets,
                 engine,
-                store: ctx.store,
+                store: store.clone(),
                 metrics: ctx.metrics,
                 health: ctx.broker_health,
                 flow,
             };
-            let result = source.run(shutdown.clone()).await;
-            shutdown.cancel();
-            let _ = watcher.await;
-            return result.map_err(anyhow::Error::from);
+            source
+                .run(shutdown.clone())
+                .await
+                .map_err(anyhow::Error::from)
         }
         BrokerKind::JetStream(js) => {
             let url = ctx
@@ -128,12 +132,13 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 url,
                 auth: ctx.broker_auth,
                 engine,
-                store: ctx.store,
+                store: store.clone(),
                 metrics: ctx.metrics,
                 health: ctx.broker_health,
                 flow,
             };
             source.run(shutdown.clone()).await;
+            Ok(())
         }
         BrokerKind::Mqtt(mqtt) => {
             let url = ctx
@@ -153,13 +158,14 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 config: ctx.config.clone(),
                 options,
                 engine,
-                store: ctx.store,
+                store: store.clone(),
                 metrics: ctx.metrics,
                 health: ctx.broker_health,
                 flow,
                 largest_message,
             };
             source.run(shutdown.clone()).await;
+            Ok(())
         }
         BrokerKind::PubSub(pubsub) => {
             let source = crate::source::pubsub::Source {
@@ -167,12 +173,13 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 config: ctx.config.clone(),
                 emulator_host: ctx.pubsub_emulator_host,
                 engine,
-                store: ctx.store,
+                store: store.clone(),
                 metrics: ctx.metrics,
                 health: ctx.broker_health,
                 flow,
             };
             source.run(shutdown.clone()).await;
+            Ok(())
         }
         BrokerKind::ZeroMq(zeromq) => {
             let source = crate::source::zeromq::Source {
@@ -180,18 +187,19 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 config: ctx.config.clone(),
                 curve: ctx.zeromq_curve,
                 engine,
-                store: ctx.store,
+                store: store.clone(),
                 metrics: ctx.metrics,
                 health: ctx.broker_health,
                 flow,
             };
-            let result = source.run(shutdown.clone()).await;
-            shutdown.cancel();
-            let _ = watcher.await;
-            return result.map_err(anyhow::Error::from);
+            source
+                .run(shutdown.clone())
+                .await
+                .map_err(anyhow::Error::from)
         }
-    }
+    };
     shutdown.cancel();
     let _ = watcher.await;
-    Ok(())
+    refused.write_at_exit(ctx.config.store.timeout * 2).await;
+    result
 }

@@ -55,6 +55,12 @@ async fn a_consumer_joining_and_leaving_loses_nothing_and_repeats_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_refused_in_an_outage_are_recorded_when_the_store_returns() {
+    scenarios::completions_refused_in_an_outage_are_recorded_when_the_store_returns::<Kafka>()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_outage_pauses_delivery_and_loses_nothing() {
     scenarios::store_outage_pauses_delivery_and_loses_nothing::<Kafka>(async |_, sidecar| {
         let assigned = metric(sidecar, "idemq_assigned_partitions").await;

@@ -41,8 +41,8 @@
 //! still held after `shutdownGrace` is nacked; what Pub/Sub sends meanwhile
 //! waits in the client and comes again once its deadline lapsed (see
 //! [`Connection`]). Consumption resumes when the store answers. On shutdown
-//! the client also nacks what it buffered. A crash leaves held messages to
-//! their deadlines.
+//! the stream closes first (the client nacks what it buffered), then what is
+//! still held is nacked. A crash leaves held messages to their deadlines.
 //!
 //! The session also ends when the subscription stops answering (checked every
 //! few seconds), or the client's stream gives up; it then reconnects with a
@@ -123,6 +123,14 @@ struct Connection {
     deadline: i32,
 }
 
+impl Connection {
+    /// Closes the streaming pull; the client nacks what it buffered.
+    async fn close(self) {
+        let buffered = self.stream.dispose().await;
+        tracing::debug!(buffered, "streaming pull closed");
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("read the service-account key {path}: {source}")]
@@ -154,19 +162,12 @@ impl Source {
         let mut connection = None;
         while sessions.ready(&shutdown).await {
             let ended = self.session(&mut connection, &shutdown).await;
-            if matches!(ended, Ok(SessionEnd::Shutdown) | Err(_)) {
-                // Stop pulling: the client nacks what it buffered.
-                if let Some(closed) = connection.take() {
-                    let buffered = closed.stream.dispose().await;
-                    tracing::debug!(buffered, "streaming pull closed");
-                }
-            }
             if !sessions.ended(ended, &shutdown).await {
                 break;
             }
         }
-        if let Some(closed) = connection.take() {
-            closed.stream.dispose().await;
+        if let Some(open) = connection.take() {
+            open.close().await;
         }
     }
 
@@ -243,6 +244,15 @@ impl Source {
         let outcome = self
             .consume(conn, &settle, settings.enable_message_ordering, shutdown)
             .await;
+        // After a shutdown or an error the stream closes (a pause keeps it),
+        // before what is still held is given back: Pub/Sub would push it
+        // right back into a stream still open.
+        if matches!(outcome, Ok(SessionEnd::Shutdown) | Err(_)) {
+            if let Some(closed) = connection.take() {
+                closed.close().await;
+            }
+        }
+        settle.nack_all().await;
         self.health.set(false);
         self.metrics.broker_connected.set(0);
         extender.abort();
@@ -315,8 +325,6 @@ impl Source {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        // What is still held goes back now rather than after its deadline.
-        settle.nack_all().await;
         outcome
     }
 

@@ -34,6 +34,7 @@ impl Instrumented {
                 StoreError::Timeout { .. } => "timeout",
                 StoreError::ResetUnacknowledged { .. } => "reset",
                 StoreError::Unreplicated { .. } => "unreplicated",
+                StoreError::CompletionsUnrecorded { .. } => "unrecorded",
                 StoreError::Redis { .. } | StoreError::Protocol { .. } => "error",
             };
             self.metrics

@@ -25,6 +25,7 @@ pub mod connection;
 pub mod instrumented;
 pub mod memory;
 pub mod redis;
+pub mod refused;
 
 use std::time::Duration;
 
@@ -73,6 +74,10 @@ pub enum StoreError {
     },
     #[error("the key store was reset ({record}) in {partition} and claims wait until a person acknowledges it (store.onReset=failClosed)")]
     ResetUnacknowledged { partition: String, record: String },
+    /// Completions the store refused are written again first: a claim now
+    /// could miss that a duplicate's message was processed.
+    #[error("{count} completions the store refused are not recorded yet; claims wait for them")]
+    CompletionsUnrecorded { count: usize },
     #[error("store answered {op} unexpectedly: {detail}")]
     Protocol { op: &'static str, detail: String },
     /// `durability: replicated`: the completion is on the primary, but no

@@ -49,7 +49,7 @@ pub struct PubSub {
     pub topic: String,
     pub subscription: String,
     pub dead_letter_topic: String,
-    dead_letter_subscription: String,
+    pub dead_letter_subscription: String,
     pub client: Client,
 }
 
@@ -143,12 +143,13 @@ impl PubSub {
         found
     }
 
-    /// Pulls and acks every dead letter, returning its attributes.
-    pub async fn take_dead_letters(&self) -> Vec<HashMap<String, String>> {
-        let sub = self.client.subscription(&self.dead_letter_subscription);
+    /// Pulls and acks every message available on `subscription`, returning
+    /// its attributes.
+    pub async fn take(&self, subscription: &str) -> Vec<HashMap<String, String>> {
+        let sub = self.client.subscription(subscription);
         let (held, found) = pull_all(&sub).await;
         if !held.is_empty() {
-            sub.ack(held).await.expect("ack dead letters");
+            sub.ack(held).await.expect("ack what was pulled");
         }
         found
     }
@@ -244,7 +245,7 @@ impl BrokerUnderTest for PubSub {
     }
 
     async fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.take_dead_letters()
+        self.take(&self.dead_letter_subscription)
             .await
             .into_iter()
             .map(|attributes| DeadLetter {

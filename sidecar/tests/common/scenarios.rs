@@ -510,6 +510,76 @@ pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
     t.delete().await;
 }
 
+/// The store goes down while the application is processing: the messages
+/// are acked (they were processed), their completions are kept and written
+/// once the store is back, before anything is claimed, so duplicates
+/// published afterwards are dropped rather than processed again.
+pub async fn completions_refused_in_an_outage_are_recorded_when_the_store_returns<
+    B: BrokerUnderTest,
+>() {
+    let mut redis = super::redis::OwnRedis::start(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ])
+    .await;
+    let store: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::new(RedisOptions {
+            timeout: Duration::from_millis(300),
+            ..RedisOptions::new(redis.url(), super::unique("refused"))
+        })
+        .expect("options"),
+    );
+    let t = B::create("refused").await;
+    let app = app::start_slow(app::always_ok(), Duration::from_millis(1500)).await;
+    let n = 20;
+    t.publish((0..n).map(keyed).collect()).await;
+    let sidecar = start(&t, config(&t, &app, "refused", MAX_IN_FLIGHT, ""), store).await;
+    // Every message claimed and at the application, then the store goes.
+    assert!(app.wait_until(WAIT, |a| a.started() == n as u32).await);
+    redis.crash();
+    assert!(app.wait_until(WAIT, |a| a.processed() == n as u32).await);
+    wait_for(Duration::from_secs(20), async || {
+        metric(&sidecar, "idemq_completions_unrecorded").await > 0
+    })
+    .await;
+    let acked = wait_for(Duration::from_secs(20), async || t.backlog().await == 0).await;
+    // Some may have completed before the crash.
+    let kept = metric(&sidecar, "idemq_completions_unrecorded").await;
+
+    redis.restart().await;
+    let written = wait_for(WAIT, async || {
+        metric(&sidecar, "idemq_completions_unrecorded").await == 0
+    })
+    .await;
+    t.publish((0..n).map(keyed).collect()).await;
+    let dropped = wait_for(WAIT, async || {
+        messages(&sidecar, "duplicate").await == n as u64
+    })
+    .await;
+    println!(
+        "store outage during processing ({}): {n} processed, {} completions kept while the store was down, {} duplicates dropped after it returned, {} processed twice",
+        B::NAME,
+        kept,
+        messages(&sidecar, "duplicate").await,
+        app.processed_twice()
+    );
+    sidecar.stop().await.expect("clean stop");
+    drop(redis);
+    assert!(
+        kept > 0,
+        "the refused completions are kept (idemq_completions_unrecorded)"
+    );
+    assert!(acked, "processed messages are acked meanwhile");
+    assert!(written, "written once the store is back");
+    assert!(dropped, "the duplicates are dropped");
+    assert_eq!(app.processed_twice(), 0);
+    t.delete().await;
+}
+
 /// Kills (SIGKILL) the primary serving the consumer's first slot mid-stream,
 /// on a Redis Cluster of the test's own; its replica takes over. Nothing is
 /// lost, only what was in flight at the kill (at most `max_in_flight`) may be
