@@ -975,6 +975,74 @@ async fn sentinel_failover_keeps_replicated_completions_and_follows_the_new_prim
     );
 }
 
+/// `durability: replicated` on a Cluster waits for a replica of the shard
+/// each completion was written to, not of every shard: with another shard's
+/// replica gone, completions go on being confirmed; with its own gone, they
+/// are reported unreplicated.
+#[tokio::test]
+async fn replicated_completions_on_a_cluster_wait_only_for_the_shard_written() {
+    use idemq_sidecar::store::redis::{Durability, RedisOptions, RedisStore};
+    let mut cluster = common::redis::OwnCluster::start(7120).await;
+    let namespace = common::unique("replicated-cluster");
+    let store = RedisStore::new(RedisOptions {
+        cluster: true,
+        durability: Durability::Replicated,
+        timeout: Duration::from_secs(1),
+        partitions: 1,
+        ..RedisOptions::new(cluster.seeds(), namespace.clone())
+    })
+    .expect("options");
+    let prefix = format!("idemq:{{{namespace}}}:");
+    let own = cluster.primary_of(&prefix).await;
+    let own_replica = cluster.replica_of(own).await.expect("own replica");
+    // The first call on a new Cluster may time out while the client learns
+    // its slots and loads the scripts.
+    for _ in 0..20 {
+        if store.claim("warm-up", None, LEASE, RETENTION).await.is_ok() {
+            break;
+        }
+    }
+    // Another primary: a node serving some slot of another shard.
+    let mut other = None;
+    for slot_key in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        let port = cluster.primary_of(slot_key).await;
+        if port != own {
+            other = Some(port);
+            break;
+        }
+    }
+    let other = other.expect("another primary");
+    let other_replica = cluster.replica_of(other).await.expect("its replica");
+    cluster.kill(other_replica);
+
+    let mut confirmed = 0;
+    for i in 0..20 {
+        let key = format!("order-{i}");
+        let token = acquire(&store, &key, None, LEASE).await;
+        if store.complete(&key, &token, RETENTION).await.is_ok() {
+            confirmed += 1;
+        }
+    }
+    cluster.kill(own_replica);
+    let token = acquire(&store, "order-last", None, LEASE).await;
+    let alone = store.complete("order-last", &token, RETENTION).await;
+    println!(
+        "replicated on a Cluster: another shard's replica killed, {confirmed} of 20 completions confirmed; own shard's replica killed: {}",
+        match &alone {
+            Ok(t) => format!("{t:?}"),
+            Err(e) => e.to_string(),
+        }
+    );
+    assert_eq!(confirmed, 20, "another shard's replica does not matter");
+    assert!(
+        matches!(
+            alone,
+            Err(idemq_sidecar::store::StoreError::Unreplicated { .. })
+        ),
+        "its own shard's replica does"
+    );
+}
+
 /// Without a replica, `complete` still records the key on the primary but
 /// says it was not confirmed.
 #[tokio::test]

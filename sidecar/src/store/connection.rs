@@ -23,6 +23,7 @@ use redis::aio::{
 };
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, TlsCertificates, TlsMode};
 use redis::{
@@ -229,6 +230,40 @@ fn with_password(url: &str, password: Option<&str>) -> redis::RedisResult<Connec
         info = info.set_redis_settings(settings);
     }
     Ok(info)
+}
+
+impl Connection {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// `WAIT <replicas> <timeout_ms>` on the primary that holds the slot of
+    /// `key`: how many replicas acknowledged every write this connection sent
+    /// there. Keyless, `WAIT` would go to every primary of a Cluster and
+    /// answer the fewest, so a shard without a replica would hold up writes
+    /// to the others.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: i64,
+        timeout_ms: u64,
+    ) -> RedisResult<i64> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout_ms);
+        match self {
+            Self::Cluster(conn) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let answer = conn
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::FromRedisValue::from_redis_value(answer)?)
+            }
+            _ => cmd.query_async(self).await,
+        }
+    }
 }
 
 impl ConnectionLike for Connection {

@@ -438,6 +438,9 @@ async fn complete_batch(
     context: Arc<BatchContext>,
     items: Vec<CompleteItem>,
 ) -> Result<Vec<i64>, StoreError> {
+    let mut written: Vec<usize> = items.iter().map(|i| i.digest.partition).collect();
+    written.sort_unstable();
+    written.dedup();
     let answers = per_call(
         items,
         |i| (i.digest.partition, i.retention_ms),
@@ -464,17 +467,23 @@ async fn complete_batch(
     )
     .await?;
     if let Some(redis) = &context.replicated {
-        // WAIT covers every write sent on this connection so far, so one
-        // call confirms the whole batch (on a Cluster, the client asks every
-        // primary and answers the fewest replicas).
-        let wait_ms = redis.timeout.as_millis() / 2;
-        let replicas: i64 = redis
-            .query(
-                "wait replica",
-                redis::cmd("WAIT").arg(1).arg(wait_ms as u64),
-            )
-            .await?;
-        if replicas < 1 {
+        // WAIT covers every write sent on this connection to that node so
+        // far, so one call per partition written confirms the whole batch;
+        // only where it wrote (on a Cluster, a shard without a replica
+        // holds up only its own partitions).
+        let wait_ms = (redis.timeout / 2).as_millis() as u64;
+        if !redis.conn.is_cluster() {
+            written.truncate(1);
+        }
+        let waits = written.iter().map(|&p| {
+            let mut conn = redis.conn.clone();
+            let key = &context.partitions[p].prefix;
+            redis.bounded("wait replica", async move {
+                conn.wait_replicas(key, 1, wait_ms).await
+            })
+        });
+        let replicas = futures::future::try_join_all(waits).await?;
+        if replicas.iter().any(|&r| r < 1) {
             return Err(StoreError::Unreplicated {
                 timeout: redis.timeout / 2,
             });

@@ -509,6 +509,44 @@ impl OwnCluster {
         None
     }
 
+    /// The port of a replica of the primary on `primary`, once `CLUSTER
+    /// NODES` shows one (gossip may lag the replication itself), within 10 s.
+    pub async fn replica_of(&self, primary: u16) -> Option<u16> {
+        for _ in 0..100 {
+            if let Some(replica) = self.replica_now(primary).await {
+                return Some(replica);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    async fn replica_now(&self, primary: u16) -> Option<u16> {
+        let (port, _) = self.children.first().expect("a live node");
+        let mut conn = connection_to(*port).await.expect("a node answers");
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .expect("CLUSTER NODES");
+        let port_of = |addr: &str| {
+            addr.split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok())
+        };
+        // <id> <ip:port@bus> <flags> <primary id> ...
+        let lines: Vec<Vec<&str>> = nodes.lines().map(|l| l.split(' ').collect()).collect();
+        let id = lines
+            .iter()
+            .find(|f| port_of(f[1]) == Some(primary))
+            .map(|f| f[0])?;
+        lines
+            .iter()
+            .find(|f| f[2].contains("slave") && f[3] == id)
+            .and_then(|f| port_of(f[1]))
+    }
+
     /// SIGKILL of the node on `port`, as a crash would.
     pub fn kill(&mut self, port: u16) {
         if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
