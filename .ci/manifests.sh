@@ -158,3 +158,24 @@ if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/zero
 fi
 grep -q "not both, not neither" "$out/cel-zeromq.txt" && grep -q "with ZeroMQ use messageId" "$out/cel-zeromq.txt" || { cat "$out/cel-zeromq.txt" >&2; exit 1; }
 grep FAIL "$out/cel-zeromq.txt"
+
+echo "== the CRD's CEL rules refuse a ZeroMQ resource with two dead-letter targets, or a RabbitMQ one with both exchange and queue"
+$PY - examples/zeromq-kafka-dead-letters.yaml "$out/zeromq-two-dead.yaml" "$out/zeromq-rabbit-both.yaml" <<'PY'
+import sys, yaml
+z = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+z["spec"]["broker"]["zeromq"]["deadLetter"]["endpoint"] = "tcp://dead.shop.svc:5556"
+yaml.safe_dump(z, open(sys.argv[2], "w"))
+z["spec"]["broker"]["zeromq"]["deadLetter"] = {"rabbitmq": {
+    "connectionSecretRef": {"name": "rabbitmq-dead"}, "exchange": "idemq.dlx", "queue": "metrics.dead"}}
+yaml.safe_dump(z, open(sys.argv[3], "w"))
+PY
+for case in two-dead rabbit-both; do
+  if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/zeromq-$case.yaml" > "$out/cel-zeromq-$case.txt"; then
+    cat "$out/cel-zeromq-$case.txt" >&2
+    echo "a ZeroMQ resource ($case) was accepted" >&2
+    exit 1
+  fi
+  grep FAIL "$out/cel-zeromq-$case.txt"
+done
+grep -q "exactly one dead-letter target" "$out/cel-zeromq-two-dead.txt" || { cat "$out/cel-zeromq-two-dead.txt" >&2; exit 1; }
+grep -q "exactly one of exchange (with routingKey) or queue" "$out/cel-zeromq-rabbit-both.txt" || { cat "$out/cel-zeromq-rabbit-both.txt" >&2; exit 1; }

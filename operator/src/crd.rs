@@ -444,7 +444,8 @@ pub struct ZeroMqBinding {
     /// explicitly (instead of `curve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plain: Option<bool>,
-    /// Where dead letters go: a PULL socket the sidecar connects to.
+    /// Where dead letters go: a PULL socket the sidecar connects to, a
+    /// RabbitMQ exchange or queue, or a Kafka topic.
     pub dead_letter: ZeroMqDeadLetter,
     /// A NetworkPolicy admitting only the selected client pods to the port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -492,13 +493,111 @@ fn default_client_public_keys() -> String {
     "clientPublicKeys".to_string()
 }
 
+/// Exactly one dead-letter target: the schema says so (a CEL rule), and
+/// the operator checks again ([`ZeroMqDeadLetter::target`]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "[has(self.endpoint), has(self.rabbitmq), has(self.kafka)].exists_one(set, set)"
+).message("set exactly one dead-letter target: endpoint, rabbitmq or kafka"))]
 pub struct ZeroMqDeadLetter {
     /// `tcp://host:port` or `ipc://path` of the PULL socket that receives
     /// dead letters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(tcp://[^:/\s]+:[0-9]{1,5}|ipc://.+)$"))]
-    pub endpoint: String,
+    pub endpoint: Option<String>,
+    /// A RabbitMQ exchange (with a routing key) or queue; it must exist.
+    /// Each dead letter is published mandatory and confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<ZeroMqRabbitMqDeadLetter>,
+    /// A Kafka topic; it must exist. Each dead letter is acknowledged by
+    /// the brokers (`acks=all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<ZeroMqKafkaDeadLetter>,
+}
+
+/// The one dead-letter target a [`ZeroMqDeadLetter`] names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeadLetterTarget<'a> {
+    Endpoint(&'a str),
+    RabbitMq(&'a ZeroMqRabbitMqDeadLetter),
+    Kafka(&'a ZeroMqKafkaDeadLetter),
+}
+
+impl ZeroMqDeadLetter {
+    /// The configured target; `None` unless exactly one is set.
+    pub fn target(&self) -> Option<DeadLetterTarget<'_>> {
+        let set: Vec<DeadLetterTarget<'_>> = [
+            self.endpoint.as_deref().map(DeadLetterTarget::Endpoint),
+            self.rabbitmq.as_ref().map(DeadLetterTarget::RabbitMq),
+            self.kafka.as_ref().map(DeadLetterTarget::Kafka),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// The Secret the dead-letter broker's connection comes from, if any.
+    pub fn secret_name(&self) -> Option<&str> {
+        match self.target()? {
+            DeadLetterTarget::Endpoint(_) => None,
+            DeadLetterTarget::RabbitMq(r) => Some(&r.connection_secret_ref.name),
+            DeadLetterTarget::Kafka(k) => Some(&k.connection_secret_ref.name),
+        }
+    }
+}
+
+/// Dead letters to RabbitMQ: to `exchange` with `routingKey`, or to `queue`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.exchange) != has(self.queue)")
+    .message("set exactly one of exchange (with routingKey) or queue"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.routingKey) || has(self.exchange)")
+    .message("routingKey goes with exchange (a queue is its own routing key)"))]
+pub struct ZeroMqRabbitMqDeadLetter {
+    /// Secret holding the AMQP URL (with credentials; key `url` unless
+    /// `key` says otherwise), as `spec.broker.rabbitmq`'s.
+    pub connection_secret_ref: SecretKeyRef,
+    /// The exchange dead letters are published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub exchange: Option<String>,
+    /// The routing key with `exchange` (default empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub routing_key: Option<String>,
+    /// A queue dead letters are published to (through the default exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub queue: Option<String>,
+}
+
+/// Dead letters to a Kafka topic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.securityProtocol) && self.securityProtocol in ['saslPlaintext', 'saslSsl']) == has(self.saslMechanism)"
+).message("saslMechanism is required with securityProtocol saslPlaintext or saslSsl, and only with them"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.connectionSecretRef.caKey) || (has(self.securityProtocol) && self.securityProtocol in ['ssl', 'saslSsl'])"
+).message("connectionSecretRef.caKey needs securityProtocol ssl or saslSsl"))]
+pub struct ZeroMqKafkaDeadLetter {
+    /// Secret holding the connection, as `spec.broker.kafka`'s: key
+    /// `bootstrapServers`, and `username` and `password` with SASL.
+    pub connection_secret_ref: KafkaSecretRef,
+    /// The topic dead letters are produced to.
+    #[schemars(length(min = 1, max = 249), regex(pattern = KAFKA_TOPIC))]
+    pub topic: String,
+    /// How the brokers are reached (default plaintext).
+    #[serde(default)]
+    pub security_protocol: KafkaSecurityProtocol,
+    /// With a SASL protocol: plain, scramSha256 or scramSha512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
 }
 
 /// Admits only `clientSelector`'s pods (of the resource's namespace) to the

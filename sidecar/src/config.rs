@@ -25,9 +25,11 @@ impl SecretEnv {
     /// PEM certificates of a private CA that signed a `rediss://` server's
     /// certificate (usually given as `IDEMQ_REDIS_CA_FILE`).
     pub const REDIS_CA: &'static str = "IDEMQ_REDIS_CA";
-    /// Broker URL, `amqp://` or `amqps://`, with credentials.
+    /// Broker URL, `amqp://` or `amqps://`, with credentials (JetStream's
+    /// and MQTT's too; with ZeroMQ, that of the RabbitMQ dead letters go to).
     pub const BROKER_URL: &'static str = "IDEMQ_BROKER_URL";
-    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    /// Kafka bootstrap servers, `host:port[,host:port…]` (the Kafka source's,
+    /// or those of the Kafka a ZeroMQ endpoint's dead letters go to).
     pub const KAFKA_BOOTSTRAP_SERVERS: &'static str = "IDEMQ_KAFKA_BOOTSTRAP_SERVERS";
     /// Kafka SASL user name.
     pub const KAFKA_USERNAME: &'static str = "IDEMQ_KAFKA_USERNAME";
@@ -612,13 +614,139 @@ impl ZeroMqPattern {
     }
 }
 
-/// A second ZeroMQ endpoint that receives dead letters over PUSH.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+/// Where a ZeroMQ endpoint's dead letters go: exactly one of a second
+/// ZeroMQ endpoint, a RabbitMQ exchange or queue, or a Kafka topic
+/// ([`ZeroMqDeadLetter::target`]); [`Config::validate`] says so when it is not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ZeroMqDeadLetter {
     /// `tcp://host:port` (or `ipc://path`) of a PULL socket the sidecar
     /// connects to.
-    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A RabbitMQ exchange (with a routing key) or queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq: Option<RabbitMqDeadLetter>,
+    /// A Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaDeadLetter>,
+}
+
+/// The one dead-letter target a [`ZeroMqDeadLetter`] names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeadLetterTarget<'a> {
+    Endpoint(&'a str),
+    RabbitMq(&'a RabbitMqDeadLetter),
+    Kafka(&'a KafkaDeadLetter),
+}
+
+impl ZeroMqDeadLetter {
+    /// The field names of the targets, as the config spells them.
+    pub const TARGETS: &'static [&'static str] = &["endpoint", "rabbitmq", "kafka"];
+
+    /// The configured target; `None` unless exactly one is set.
+    pub fn target(&self) -> Option<DeadLetterTarget<'_>> {
+        let set: Vec<DeadLetterTarget<'_>> = [
+            self.endpoint.as_deref().map(DeadLetterTarget::Endpoint),
+            self.rabbitmq.as_ref().map(DeadLetterTarget::RabbitMq),
+            self.kafka.as_ref().map(DeadLetterTarget::Kafka),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+}
+
+/// Dead letters published to RabbitMQ with publisher confirms: to
+/// `exchange` with `routingKey`, or straight to `queue` (the default
+/// exchange). They are published `mandatory`: one that no queue takes is
+/// returned by the broker and counts as not sent. The URL, with its
+/// credentials, comes from `IDEMQ_BROKER_URL`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RabbitMqDeadLetter {
+    /// Broker URL without secrets; overridden by `IDEMQ_BROKER_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The exchange to publish to (with `routingKey`); it must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<String>,
+    /// The routing key with `exchange` (default empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_key: Option<String>,
+    /// A queue to publish to through the default exchange; it must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+}
+
+impl RabbitMqDeadLetter {
+    /// The exchange and routing key a dead letter is published with.
+    pub fn route(&self) -> (&str, &str) {
+        match (&self.exchange, &self.queue) {
+            (Some(exchange), _) => (
+                exchange.as_str(),
+                self.routing_key.as_deref().unwrap_or_default(),
+            ),
+            (None, Some(queue)) => ("", queue.as_str()),
+            (None, None) => ("", ""),
+        }
+    }
+}
+
+/// Dead letters produced to a Kafka topic (`acks=all`), each sent once the
+/// brokers acknowledged it. Bootstrap servers and SASL credentials come from
+/// `IDEMQ_KAFKA_BOOTSTRAP_SERVERS`, `IDEMQ_KAFKA_USERNAME` and
+/// `IDEMQ_KAFKA_PASSWORD`, as for the Kafka source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaDeadLetter {
+    /// `host:port[,host:port…]`; overridden by `IDEMQ_KAFKA_BOOTSTRAP_SERVERS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
+    /// The topic; it must exist.
+    pub topic: String,
+    /// `plaintext`, `ssl`, `saslPlaintext` or `saslSsl`.
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// `plain`, `scramSha256` or `scramSha512` (with a SASL protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// A CA bundle (PEM file) to verify the brokers with, instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// How a Kafka client reaches the brokers, apart from the secrets: the
+/// Kafka source's and a Kafka dead-letter target's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaSecurity<'a> {
+    pub security_protocol: SecurityProtocol,
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub ca_file: Option<&'a str>,
+}
+
+impl KafkaConfig {
+    pub fn security(&self) -> KafkaSecurity<'_> {
+        KafkaSecurity {
+            security_protocol: self.security_protocol,
+            sasl_mechanism: self.sasl_mechanism,
+            ca_file: self.ca_file.as_deref(),
+        }
+    }
+}
+
+impl KafkaDeadLetter {
+    pub fn security(&self) -> KafkaSecurity<'_> {
+        KafkaSecurity {
+            security_protocol: self.security_protocol,
+            sasl_mechanism: self.sasl_mechanism,
+            ca_file: self.ca_file.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -1542,25 +1670,85 @@ fn zeromq_problems(zmq: &ZeroMqConfig, key: &KeySource, check: &mut impl FnMut(b
         "broker.zeromq.maxInFlight",
         "must be at least 1",
     );
-    let endpoint = &zmq.dead_letter.endpoint;
+    let dead = &zmq.dead_letter;
     check(
-        endpoint
-            .strip_prefix("tcp://")
-            .and_then(|rest| rest.rsplit_once(':'))
-            .is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            })
-            || endpoint
-                .strip_prefix("ipc://")
-                .is_some_and(|path| !path.is_empty()),
-        "broker.zeromq.deadLetter.endpoint",
-        "must be tcp://host:port or ipc://path",
+        dead.target().is_some(),
+        "broker.zeromq.deadLetter",
+        &format!(
+            "must set exactly one of {} (a second ZeroMQ endpoint, a RabbitMQ exchange or queue, a Kafka topic)",
+            ZeroMqDeadLetter::TARGETS.join(", ")
+        ),
     );
-    check(
-        endpoint != &zmq.bind,
-        "broker.zeromq.deadLetter.endpoint",
-        "must differ from broker.zeromq.bind",
-    );
+    if let Some(endpoint) = &dead.endpoint {
+        check(
+            endpoint
+                .strip_prefix("tcp://")
+                .and_then(|rest| rest.rsplit_once(':'))
+                .is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+                || endpoint
+                    .strip_prefix("ipc://")
+                    .is_some_and(|path| !path.is_empty()),
+            "broker.zeromq.deadLetter.endpoint",
+            "must be tcp://host:port or ipc://path",
+        );
+        check(
+            endpoint != &zmq.bind,
+            "broker.zeromq.deadLetter.endpoint",
+            "must differ from broker.zeromq.bind",
+        );
+    }
+    if let Some(rabbit) = &dead.rabbitmq {
+        check(
+            rabbit.exchange.is_some() != rabbit.queue.is_some(),
+            "broker.zeromq.deadLetter.rabbitmq",
+            "must set exactly one of exchange (with routingKey) or queue",
+        );
+        for (value, field) in [
+            (
+                &rabbit.exchange,
+                "broker.zeromq.deadLetter.rabbitmq.exchange",
+            ),
+            (&rabbit.queue, "broker.zeromq.deadLetter.rabbitmq.queue"),
+        ] {
+            if let Some(name) = value {
+                check(
+                    !name.is_empty() && name.len() <= 255,
+                    field,
+                    "must be a name of 1 to 255 characters",
+                );
+            }
+        }
+        check(
+            rabbit.routing_key.is_none() || rabbit.exchange.is_some(),
+            "broker.zeromq.deadLetter.rabbitmq.routingKey",
+            "goes with exchange (a queue is its own routing key)",
+        );
+        if let Some(url) = &rabbit.url {
+            check(
+                url.starts_with("amqp://") || url.starts_with("amqps://"),
+                "broker.zeromq.deadLetter.rabbitmq.url",
+                "must start with amqp:// or amqps://",
+            );
+        }
+    }
+    if let Some(kafka) = &dead.kafka {
+        check(
+            is_topic_name(&kafka.topic),
+            "broker.zeromq.deadLetter.kafka.topic",
+            "must be a topic name: letters, digits, '.', '_' and '-' (at most 249)",
+        );
+        let sasl = matches!(
+            kafka.security_protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        );
+        check(
+            sasl == kafka.sasl_mechanism.is_some(),
+            "broker.zeromq.deadLetter.kafka.saslMechanism",
+            "is required with a SASL securityProtocol, and only with one",
+        );
+    }
     check(
         !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
         "dedup.key.from",

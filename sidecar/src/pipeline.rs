@@ -21,9 +21,11 @@ use crate::traces::Tracer;
 /// Everything the pipeline shares.
 pub struct Context {
     pub config: Arc<Config>,
-    /// The RabbitMQ URL, with its credentials (from the environment).
+    /// The RabbitMQ URL, with its credentials (from the environment): the
+    /// source's, or that of a ZeroMQ endpoint's dead letters.
     pub broker_url: Option<String>,
-    /// The Kafka bootstrap servers and credentials (from the environment).
+    /// The Kafka bootstrap servers and credentials (from the environment):
+    /// the source's, or those of a ZeroMQ endpoint's dead letters.
     pub kafka: Option<crate::source::kafka::KafkaSecrets>,
     /// Broker credentials given apart from the URL (JetStream, MQTT).
     pub broker_auth: crate::secrets::BrokerAuth,
@@ -186,6 +188,10 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 zeromq: zeromq.clone(),
                 config: ctx.config.clone(),
                 curve: ctx.zeromq_curve,
+                dead_letter_secrets: crate::source::zeromq::dead::Secrets {
+                    rabbitmq_url: ctx.broker_url,
+                    kafka: ctx.kafka,
+                },
                 engine,
                 store: store.clone(),
                 metrics: ctx.metrics,

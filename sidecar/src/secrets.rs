@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{BrokerKind, Config, SecretEnv, StoreKind};
+use crate::config::{BrokerKind, Config, DeadLetterTarget, SecretEnv, StoreKind};
 
 /// Where variables come from.
 pub trait Env {
@@ -138,14 +138,30 @@ impl Secrets {
     /// Resolves the secrets: environment first, then the config's URLs.
     pub fn resolve(config: &Config, env: &dyn Env) -> Result<Self, SecretError> {
         let broker = config.broker.as_ref().and_then(|b| b.kind());
-        let config_url = match broker {
-            Some(BrokerKind::RabbitMq(rabbit)) => rabbit.url.clone(),
-            Some(BrokerKind::JetStream(js)) => js.url.clone(),
-            Some(BrokerKind::Mqtt(mqtt)) => mqtt.url.clone(),
+        let dead_letter = match broker {
+            Some(BrokerKind::ZeroMq(zmq)) => zmq.dead_letter.target(),
             _ => None,
         };
-        let kafka = match broker {
-            Some(BrokerKind::Kafka(kafka)) => Some(kafka_secrets(kafka, env)?),
+        let config_url = match (broker, dead_letter) {
+            (Some(BrokerKind::RabbitMq(rabbit)), _) => rabbit.url.clone(),
+            (Some(BrokerKind::JetStream(js)), _) => js.url.clone(),
+            (Some(BrokerKind::Mqtt(mqtt)), _) => mqtt.url.clone(),
+            (_, Some(DeadLetterTarget::RabbitMq(rabbit))) => rabbit.url.clone(),
+            _ => None,
+        };
+        let kafka = match (broker, dead_letter) {
+            (Some(BrokerKind::Kafka(kafka)), _) => Some(kafka_secrets(
+                "broker.kafka",
+                kafka.bootstrap_servers.as_ref(),
+                kafka.sasl_mechanism.is_some(),
+                env,
+            )?),
+            (_, Some(DeadLetterTarget::Kafka(kafka))) => Some(kafka_secrets(
+                "broker.zeromq.deadLetter.kafka",
+                kafka.bootstrap_servers.as_ref(),
+                kafka.sasl_mechanism.is_some(),
+                env,
+            )?),
             _ => None,
         };
         let zeromq_curve = match broker {
@@ -185,15 +201,16 @@ impl Secrets {
                 problem,
             });
         }
-        let kind = match broker {
-            Some(BrokerKind::RabbitMq(_)) => Some("rabbitmq"),
-            Some(BrokerKind::JetStream(_)) => Some("jetstream"),
-            Some(BrokerKind::Mqtt(_)) => Some("mqtt"),
+        let section = match (broker, dead_letter) {
+            (Some(BrokerKind::RabbitMq(_)), _) => Some("broker.rabbitmq"),
+            (Some(BrokerKind::JetStream(_)), _) => Some("broker.jetstream"),
+            (Some(BrokerKind::Mqtt(_)), _) => Some("broker.mqtt"),
+            (_, Some(DeadLetterTarget::RabbitMq(_))) => Some("broker.zeromq.deadLetter.rabbitmq"),
             _ => None,
         };
-        if let Some(kind) = kind.filter(|_| secrets.broker_url.is_none()) {
+        if let Some(section) = section.filter(|_| secrets.broker_url.is_none()) {
             return Err(SecretError::Missing(format!(
-                "broker.{kind} is configured but neither broker.{kind}.url nor {} is set",
+                "{section} is configured but neither {section}.url nor {} is set",
                 SecretEnv::BROKER_URL
             )));
         }
@@ -201,25 +218,29 @@ impl Secrets {
     }
 }
 
-/// The Kafka connection's secrets: bootstrap servers from the environment or
-/// the config, and SASL credentials (required with a SASL protocol).
+/// A Kafka connection's secrets (the Kafka source's, or the Kafka a ZeroMQ
+/// endpoint dead-letters to, configured at `section`): bootstrap servers
+/// from the environment or the config, and SASL credentials (required with
+/// a SASL mechanism).
 fn kafka_secrets(
-    kafka: &crate::config::KafkaConfig,
+    section: &str,
+    config_servers: Option<&String>,
+    sasl: bool,
     env: &dyn Env,
 ) -> Result<crate::source::kafka::KafkaSecrets, SecretError> {
     let bootstrap_servers = read(env, SecretEnv::KAFKA_BOOTSTRAP_SERVERS)?
-        .or_else(|| kafka.bootstrap_servers.clone())
+        .or_else(|| config_servers.cloned())
         .ok_or_else(|| {
             SecretError::Missing(format!(
-                "broker.kafka is configured but neither broker.kafka.bootstrapServers nor {} is set",
+                "{section} is configured but neither {section}.bootstrapServers nor {} is set",
                 SecretEnv::KAFKA_BOOTSTRAP_SERVERS
             ))
         })?;
     let username = read(env, SecretEnv::KAFKA_USERNAME)?;
     let password = read(env, SecretEnv::KAFKA_PASSWORD)?;
-    if kafka.sasl_mechanism.is_some() && (username.is_none() || password.is_none()) {
+    if sasl && (username.is_none() || password.is_none()) {
         return Err(SecretError::Missing(format!(
-            "broker.kafka.saslMechanism is set but {} and {} are not both set",
+            "{section}.saslMechanism is set but {} and {} are not both set",
             SecretEnv::KAFKA_USERNAME,
             SecretEnv::KAFKA_PASSWORD
         )));

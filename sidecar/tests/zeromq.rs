@@ -9,10 +9,14 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::broker::BrokerUnderTest;
 use common::broker::Message;
+use common::proxy::Proxy;
+use common::rabbitmq::RabbitMq;
 use common::scenarios::{self, free_port, keyed, messages, metric, wait_for, Store, WAIT};
 use common::zeromq::{
     self as zmq_test, Curve, DeadLetterReader, KeyPair, Pirate, PirateOptions, ZeroMq,
+    ZeroMqToKafka, ZeroMqToRabbitMq,
 };
 use common::{app, sidecar};
 use idemq_sidecar::config::Config;
@@ -37,6 +41,126 @@ async fn poison_messages_are_dead_lettered_with_a_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_keys_are_dead_lettered_by_default() {
     scenarios::missing_keys_are_dead_lettered_by_default::<ZeroMq>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_to_a_rabbitmq_exchange_with_a_reason() {
+    scenarios::poison_messages_are_dead_lettered_with_a_reason::<ZeroMqToRabbitMq>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_keys_are_dead_lettered_to_a_rabbitmq_exchange() {
+    scenarios::missing_keys_are_dead_lettered_by_default::<ZeroMqToRabbitMq>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_to_a_kafka_topic_with_a_reason() {
+    scenarios::poison_messages_are_dead_lettered_with_a_reason::<ZeroMqToKafka>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_keys_are_dead_lettered_to_a_kafka_topic() {
+    scenarios::missing_keys_are_dead_lettered_by_default::<ZeroMqToKafka>().await;
+}
+
+/// The dead-letter RabbitMQ goes away (a proxy of the test's own cuts the
+/// sidecar off it): poison and keyless requests are answered `retry`
+/// (dead_letter_unavailable), none `dead`; once it is back, the sidecar
+/// reconnects, every one is answered `dead` and is in the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_rabbitmq_outage_answers_retry_then_dead_and_loses_nothing() {
+    let rabbit = <RabbitMq as BrokerUnderTest>::create("zmq-dl-outage").await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let port = free_port();
+    let app = app::start(Arc::new(|_: &str, _| axum::http::StatusCode::BAD_REQUEST)).await;
+    let store = Store::new("zmq-dl-outage").await;
+    let broker = zmq_test::broker_yaml_to(
+        port,
+        "router",
+        "    plain: true\n",
+        20,
+        &format!("      rabbitmq:\n        queue: {}\n", rabbit.dlq),
+    );
+    let yaml = format!(
+        "consumer: zmq-dl-outage\nstore:\n  kind: redis\n  url: redis://127.0.0.1:6379\ndedup:\n  maxAttempts: 3\nbroker:\n{broker}delivery:\n  url: {}\n  initialBackoff: 20ms\n  maxBackoff: 200ms\nshutdownGrace: 10s\n",
+        app.url()
+    );
+    let config = Config::from_yaml(&yaml).expect("valid test config");
+    let secrets = Secrets {
+        broker_url: Some(zmq_test::rabbitmq_url_through(&proxy)),
+        ..Secrets::default()
+    };
+    let sidecar = sidecar::start_with(config, secrets, store.dyn_store()).await;
+    proxy.cut();
+    let pirate = Pirate::start(PirateOptions {
+        retry_after: Duration::from_millis(200),
+        ..PirateOptions::new(format!("tcp://127.0.0.1:{port}"))
+    });
+    let poison = 10;
+    let keyless = 5;
+    let mut sent: Vec<Message> = (0..poison)
+        .map(|i| Message::keyed(format!("dl-{i}"), scenarios::body(i)))
+        .collect();
+    sent.extend((0..keyless).map(|i| Message::unkeyed(scenarios::body(100 + i))));
+    pirate.send(sent);
+    let told_retry = wait_for(Duration::from_secs(30), async || {
+        pirate
+            .tally()
+            .retry_reasons
+            .get("dead_letter_unavailable")
+            .is_some_and(|n| *n >= (poison + keyless) as u64)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = pirate.tally();
+    let queued_during = BrokerUnderTest::dead_letters(&rabbit).await.len();
+    proxy.restore();
+    let answered = pirate.wait_answered(Duration::from_secs(60)).await;
+    let after = pirate.tally();
+    let dead = BrokerUnderTest::dead_letters(&rabbit).await;
+    sidecar.stop().await.expect("clean stop");
+    let keys: std::collections::BTreeSet<_> = dead.iter().filter_map(|d| d.key.clone()).collect();
+    println!(
+        "dead-letter rabbitmq outage (zeromq): {poison} poison and {keyless} keyless requests; while it was away: {} dead, retry {:?}, {queued_during} in the dead-letter queue; once back: {} dead, {} in the queue ({} distinct keys, reasons {:?}); app attempts {}",
+        during.dead,
+        during.retry_reasons,
+        after.dead,
+        dead.len(),
+        keys.len(),
+        dead.iter().map(|d| d.reason.as_str()).collect::<std::collections::BTreeSet<_>>(),
+        app.attempts()
+    );
+    assert!(
+        told_retry,
+        "peers were not told retry (dead_letter_unavailable): {:?}",
+        during.retry_reasons
+    );
+    assert_eq!(
+        during.dead, 0,
+        "nothing is answered dead while the dead-letter broker is away"
+    );
+    assert_eq!(queued_during, 0);
+    assert!(answered, "{} requests unanswered", pirate.unanswered());
+    assert_eq!(
+        after.dead,
+        (poison + keyless) as u64,
+        "every request ends dead"
+    );
+    assert_eq!(after.ok, 0);
+    assert_eq!(
+        dead.len(),
+        poison + keyless,
+        "each dead letter once in the queue"
+    );
+    assert_eq!(keys.len(), poison, "every poison key is there");
+    assert_eq!(dead.iter().filter(|d| d.reason == "poison").count(), poison);
+    assert_eq!(
+        dead.iter().filter(|d| d.reason == "missing_key").count(),
+        keyless
+    );
+    drop(pirate);
+    store.cleanup().await;
+    BrokerUnderTest::delete(rabbit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,6 +547,82 @@ async fn unsafe_or_lossy_configs_are_refused_with_the_reason() {
     .expect("valid");
     let err = Secrets::resolve(&plain, &env).unwrap_err().to_string();
     assert!(err.contains("plain is true"), "{err}");
+}
+
+/// `deadLetter` names exactly one target; a RabbitMQ one exactly one of
+/// exchange or queue; each takes its connection from the environment, and
+/// says which variable is missing.
+#[tokio::test]
+async fn dead_letters_go_to_exactly_one_target_with_its_secrets_from_the_environment() {
+    let config = |dead_letter: &str| {
+        Config::from_yaml(&format!(
+            "consumer: a\nbroker:\n  zeromq:\n    bind: tcp://127.0.0.1:5555\n    plain: true\n    deadLetter:\n{dead_letter}delivery:\n  url: http://127.0.0.1:1/\n"
+        ))
+    };
+    for (bad, says) in [
+        ("      {}\n", "broker.zeromq.deadLetter: must set exactly one of endpoint, rabbitmq, kafka"),
+        (
+            "      endpoint: tcp://127.0.0.1:5556\n      kafka:\n        topic: dead\n",
+            "exactly one of endpoint, rabbitmq, kafka",
+        ),
+        (
+            "      rabbitmq:\n        exchange: dlx\n        queue: dead\n",
+            "broker.zeromq.deadLetter.rabbitmq: must set exactly one of exchange (with routingKey) or queue",
+        ),
+        (
+            "      rabbitmq:\n        queue: dead\n        routingKey: x\n",
+            "broker.zeromq.deadLetter.rabbitmq.routingKey",
+        ),
+        (
+            "      kafka:\n        topic: dead/letters\n",
+            "broker.zeromq.deadLetter.kafka.topic",
+        ),
+        (
+            "      kafka:\n        topic: dead\n        securityProtocol: saslSsl\n",
+            "broker.zeromq.deadLetter.kafka.saslMechanism",
+        ),
+    ] {
+        let err = config(bad).expect_err(bad).to_string();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    let rabbit = config("      rabbitmq:\n        exchange: dlx\n        routingKey: orders\n")
+        .expect("valid");
+    let err = Secrets::resolve(&rabbit, &std::collections::HashMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broker.zeromq.deadLetter.rabbitmq") && err.contains("IDEMQ_BROKER_URL"),
+        "{err}"
+    );
+    let env: std::collections::HashMap<String, String> = [(
+        "IDEMQ_BROKER_URL".to_string(),
+        "amqp://user:s3cret@rabbit:5672/%2f".to_string(),
+    )]
+    .into();
+    let resolved = Secrets::resolve(&rabbit, &env).expect("resolves");
+    assert!(resolved.broker_url.is_some());
+    assert!(!format!("{resolved:?}").contains("s3cret"));
+    let kafka = config(
+        "      kafka:\n        topic: dead\n        securityProtocol: saslSsl\n        saslMechanism: scramSha512\n",
+    )
+    .expect("valid");
+    let err = Secrets::resolve(&kafka, &std::collections::HashMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("IDEMQ_KAFKA_BOOTSTRAP_SERVERS"), "{err}");
+    let env: std::collections::HashMap<String, String> = [
+        ("IDEMQ_KAFKA_BOOTSTRAP_SERVERS", "kafka-0:9093"),
+        ("IDEMQ_KAFKA_USERNAME", "orders"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let err = Secrets::resolve(&kafka, &env).unwrap_err().to_string();
+    assert!(
+        err.contains("broker.zeromq.deadLetter.kafka.saslMechanism")
+            && err.contains("IDEMQ_KAFKA_PASSWORD"),
+        "{err}"
+    );
 }
 
 /// The Python example client (`examples/zeromq_client.py`, pyzmq from

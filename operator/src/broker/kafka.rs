@@ -21,7 +21,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idemq_sidecar::config::{KafkaConfig, SaslMechanism, SecurityProtocol};
+use idemq_sidecar::config::{KafkaSecurity, SaslMechanism, SecurityProtocol};
 use idemq_sidecar::source::kafka::{client_config, KafkaSecrets};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -135,15 +135,17 @@ impl Connection {
     /// The admin client's librdkafka settings: the sidecar's own mapping of
     /// protocol, mechanism and credentials, with the CA given as PEM.
     fn client_config(&self) -> rdkafka::ClientConfig {
-        let mut settings = KafkaConfig::new(Vec::new(), String::new());
-        settings.security_protocol = self.security_protocol;
-        settings.sasl_mechanism = self.sasl_mechanism;
+        let settings = KafkaSecurity {
+            security_protocol: self.security_protocol,
+            sasl_mechanism: self.sasl_mechanism,
+            ca_file: None,
+        };
         let secrets = KafkaSecrets {
             bootstrap_servers: self.bootstrap_servers.clone(),
             username: self.username.clone(),
             password: self.password.clone(),
         };
-        let mut c = client_config(&settings, &secrets, "idemq-operator");
+        let mut c = client_config(settings, &secrets, "idemq-operator");
         c.set("allow.auto.create.topics", "false")
             .set("socket.timeout.ms", TIMEOUT.as_millis().to_string())
             .set(

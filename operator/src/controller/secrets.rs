@@ -1,5 +1,5 @@
-//! The Secrets a resource names (its broker connection, an external store's
-//! URL). The sidecar reads them from its environment when it starts, so a
+//! The Secrets a resource names (its broker connection, a ZeroMQ endpoint's
+//! dead-letter broker, an external store's URL). The sidecar reads them from its environment when it starts, so a
 //! change of their content must roll the pods: a digest of that content goes
 //! into the pod template. And a Secret created, changed or deleted reconciles
 //! the resources that name it at once, rather than at their next back-off.
@@ -25,9 +25,17 @@ pub fn referenced(ic: &IdempotentConsumer) -> Vec<&str> {
             .map(|e| e.secret_ref.name.as_str()),
         StoreMode::Managed => None,
     };
+    // A ZeroMQ endpoint's dead-letter RabbitMQ or Kafka has a Secret of its own.
+    let dead_letters = ic
+        .spec
+        .broker
+        .zeromq
+        .as_ref()
+        .and_then(|z| z.dead_letter.secret_name());
     let mut names: Vec<&str> = Connection::secret_name(ic)
         .into_iter()
         .chain(store)
+        .chain(dead_letters)
         .collect();
     names.sort_unstable();
     names.dedup();
@@ -110,6 +118,17 @@ mod tests {
         // One Secret holding both is named once.
         let ic = external(fixtures::policy(), "rabbitmq-orders");
         assert_eq!(referenced(&ic), ["rabbitmq-orders"]);
+    }
+
+    #[test]
+    fn a_zeromq_endpoints_dead_letter_broker_secret_is_named_too() {
+        let mut ic = crate::render::sample::zeromq_policy();
+        assert_eq!(referenced(&ic), ["zeromq-orders"]);
+        ic.spec.broker.zeromq.as_mut().expect("zeromq").dead_letter = serde_yaml::from_str(
+            "kafka: { connectionSecretRef: { name: kafka-dead }, topic: orders.dead }",
+        )
+        .expect("a deadLetter");
+        assert_eq!(referenced(&ic), ["kafka-dead", "zeromq-orders"]);
     }
 
     #[test]

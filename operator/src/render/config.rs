@@ -18,10 +18,10 @@ use sha2::{Digest, Sha256};
 
 use super::{owned_meta, RenderError};
 use crate::crd::{
-    BrokerKind, DeliveryMode, IdempotentConsumer, JetStreamBinding, KafkaBinding, KafkaOrdering,
-    KafkaSecurityProtocol, KeyFrom, MissingKey, MqttBinding, MqttProtocol, OffsetReset, OnReset,
-    PubSubBinding, RabbitMqBinding, SaslMechanism, StoreDurability, Unavailable, ZeroMqBinding,
-    ZeroMqPattern,
+    BrokerKind, DeadLetterTarget, DeliveryMode, IdempotentConsumer, JetStreamBinding, KafkaBinding,
+    KafkaOrdering, KafkaSecurityProtocol, KeyFrom, MissingKey, MqttBinding, MqttProtocol,
+    OffsetReset, OnReset, PubSubBinding, RabbitMqBinding, SaslMechanism, StoreDurability,
+    Unavailable, ZeroMqBinding, ZeroMqDeadLetter, ZeroMqPattern,
 };
 use crate::labels;
 
@@ -328,8 +328,47 @@ fn zeromq_config(zmq: &ZeroMqBinding) -> Result<ZeroMqConfig, RenderError> {
         subscribe: zmq.subscribe.clone(),
         max_in_flight: zmq.max_in_flight.unwrap_or(100),
         plain: zmq.curve.is_none(),
-        dead_letter: sidecar::ZeroMqDeadLetter {
-            endpoint: zmq.dead_letter.endpoint.clone(),
+        dead_letter: zeromq_dead_letter(&zmq.dead_letter)?,
+    })
+}
+
+/// The sidecar's `broker.zeromq.deadLetter`: the target without its
+/// connection, which the sidecar reads from the environment (the URL of a
+/// RabbitMQ, the bootstrap servers and credentials of a Kafka).
+fn zeromq_dead_letter(dead: &ZeroMqDeadLetter) -> Result<sidecar::ZeroMqDeadLetter, RenderError> {
+    // Said again for objects stored before the schema's rule.
+    let target = dead.target().ok_or_else(|| {
+        RenderError::Config(
+            "broker.zeromq.deadLetter: set exactly one of endpoint, rabbitmq or kafka".to_string(),
+        )
+    })?;
+    Ok(match target {
+        DeadLetterTarget::Endpoint(endpoint) => sidecar::ZeroMqDeadLetter {
+            endpoint: Some(endpoint.to_string()),
+            ..Default::default()
+        },
+        DeadLetterTarget::RabbitMq(rabbit) => sidecar::ZeroMqDeadLetter {
+            rabbitmq: Some(sidecar::RabbitMqDeadLetter {
+                url: None,
+                exchange: rabbit.exchange.clone(),
+                routing_key: rabbit.routing_key.clone(),
+                queue: rabbit.queue.clone(),
+            }),
+            ..Default::default()
+        },
+        DeadLetterTarget::Kafka(kafka) => sidecar::ZeroMqDeadLetter {
+            kafka: Some(sidecar::KafkaDeadLetter {
+                bootstrap_servers: None,
+                topic: kafka.topic.clone(),
+                security_protocol: kafka_security_protocol(kafka.security_protocol),
+                sasl_mechanism: kafka.sasl_mechanism.map(kafka_sasl_mechanism),
+                ca_file: kafka
+                    .connection_secret_ref
+                    .ca_key
+                    .as_ref()
+                    .map(|_| labels::kafka_ca_file()),
+            }),
+            ..Default::default()
         },
     })
 }
@@ -624,6 +663,54 @@ mod tests {
     }
 
     #[test]
+    fn a_zeromq_spec_sends_dead_letters_to_rabbitmq_or_kafka_without_their_secrets() {
+        let mut ic = sample::zeromq_policy();
+        let zmq = ic.spec.broker.zeromq.as_mut().expect("zeromq");
+        zmq.dead_letter = serde_yaml::from_str(
+            "rabbitmq: { connectionSecretRef: { name: rabbitmq-dead }, queue: orders.dead }",
+        )
+        .expect("a deadLetter");
+        let yaml = sidecar_config(&ic).expect("renders").to_yaml();
+        let parsed = Config::from_yaml(&yaml).expect("the sidecar accepts it");
+        let dead = parsed
+            .broker
+            .and_then(|b| b.zeromq)
+            .expect("a zeromq broker")
+            .dead_letter;
+        let rabbit = dead.rabbitmq.expect("rabbitmq dead letters");
+        assert_eq!(rabbit.queue.as_deref(), Some("orders.dead"));
+        assert_eq!((rabbit.url, dead.endpoint, dead.kafka), (None, None, None));
+        assert!(!yaml.contains("rabbitmq-dead"), "no Secret name: {yaml}");
+
+        let zmq = ic.spec.broker.zeromq.as_mut().expect("zeromq");
+        zmq.dead_letter = serde_yaml::from_str(
+            "kafka: { connectionSecretRef: { name: kafka-dead, caKey: ca.crt }, topic: orders.dead, securityProtocol: ssl }",
+        )
+        .expect("a deadLetter");
+        let yaml = sidecar_config(&ic).expect("renders").to_yaml();
+        let parsed = Config::from_yaml(&yaml).expect("the sidecar accepts it");
+        let kafka = parsed
+            .broker
+            .and_then(|b| b.zeromq)
+            .and_then(|z| z.dead_letter.kafka)
+            .expect("kafka dead letters");
+        assert_eq!(kafka.topic, "orders.dead");
+        assert_eq!(kafka.security_protocol, sidecar::SecurityProtocol::Ssl);
+        assert_eq!(kafka.bootstrap_servers, None, "from the Secret, by env");
+        assert_eq!(kafka.ca_file, Some(labels::kafka_ca_file()));
+        assert!(!yaml.contains("kafka-dead"), "no Secret name: {yaml}");
+
+        // Two targets (an object stored before the schema's rule): refused.
+        let zmq = ic.spec.broker.zeromq.as_mut().expect("zeromq");
+        zmq.dead_letter.endpoint = Some("tcp://orders-dead.shop.svc:5556".into());
+        let err = sidecar_config(&ic).expect_err("two targets").to_string();
+        assert!(
+            err.contains("exactly one of endpoint, rabbitmq or kafka"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_zeromq_spec_binds_the_pods_address_and_is_plain_only_when_said() {
         let mut ic = sample::zeromq_policy();
         let yaml = sidecar_config(&ic).expect("renders").to_yaml();
@@ -635,7 +722,10 @@ mod tests {
         assert_eq!(zmq.bind, "tcp://$(POD_IP):5555");
         assert_eq!(zmq.pattern, sidecar::ZeroMqPattern::Router);
         assert!(!zmq.plain, "CURVE: the keys come from the Secret");
-        assert_eq!(zmq.dead_letter.endpoint, "tcp://orders-dead.shop.svc:5556");
+        assert_eq!(
+            zmq.dead_letter.endpoint.as_deref(),
+            Some("tcp://orders-dead.shop.svc:5556")
+        );
         assert!(!yaml.contains("zeromq-orders"), "no Secret name: {yaml}");
 
         let binding = ic.spec.broker.zeromq.as_mut().expect("zeromq");

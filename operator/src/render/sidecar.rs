@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use idemq_sidecar::config::{memory_limit_bytes, memory_request_bytes, SecretEnv};
 
 use crate::crd::{
-    BrokerKind, DeliveryMode, IdempotentConsumer, KafkaBinding, KafkaSecurityProtocol, MqttAuth,
-    NatsAuth, StoreMode, TargetKind,
+    BrokerKind, DeadLetterTarget, DeliveryMode, IdempotentConsumer, KafkaSecurityProtocol,
+    MqttAuth, NatsAuth, StoreMode, TargetKind,
 };
 use crate::labels;
 use crate::render::RenderError;
@@ -224,27 +224,10 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
             }
             env
         }
-        Some(BrokerKind::Kafka(kafka)) => {
-            let name = &kafka.connection_secret_ref.name;
-            let mut env = vec![secret_env(
-                SecretEnv::KAFKA_BOOTSTRAP_SERVERS,
-                name,
-                labels::KAFKA_BOOTSTRAP_SERVERS_KEY,
-            )];
-            if sasl(kafka) {
-                env.push(secret_env(
-                    SecretEnv::KAFKA_USERNAME,
-                    name,
-                    labels::KAFKA_USERNAME_KEY,
-                ));
-                env.push(secret_env(
-                    SecretEnv::KAFKA_PASSWORD,
-                    name,
-                    labels::KAFKA_PASSWORD_KEY,
-                ));
-            }
-            env
-        }
+        Some(BrokerKind::Kafka(kafka)) => kafka_env(
+            &kafka.connection_secret_ref.name,
+            is_sasl(kafka.security_protocol),
+        ),
         Some(BrokerKind::JetStream(js)) => {
             let r = &js.connection_secret_ref;
             let mut env = vec![secret_env(SecretEnv::BROKER_URL, &r.name, &r.key)];
@@ -288,6 +271,19 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
                     &curve.client_public_keys,
                 ));
             }
+            // A dead-letter broker's connection, in the variables its own
+            // source would read: a ZeroMQ sidecar has no other use for them.
+            match zmq.dead_letter.target() {
+                Some(DeadLetterTarget::RabbitMq(rabbit)) => {
+                    let r = &rabbit.connection_secret_ref;
+                    env.push(secret_env(SecretEnv::BROKER_URL, &r.name, &r.key));
+                }
+                Some(DeadLetterTarget::Kafka(kafka)) => env.extend(kafka_env(
+                    &kafka.connection_secret_ref.name,
+                    is_sasl(kafka.security_protocol),
+                )),
+                Some(DeadLetterTarget::Endpoint(_)) | None => {}
+            }
             env
         }
         // Refused by validation before anything is rendered.
@@ -295,9 +291,32 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
     }
 }
 
-fn sasl(kafka: &KafkaBinding) -> bool {
+/// A Kafka connection from its Secret `name`: the bootstrap servers, and
+/// the SASL credentials with `sasl`.
+fn kafka_env(name: &str, sasl: bool) -> Vec<EnvVar> {
+    let mut env = vec![secret_env(
+        SecretEnv::KAFKA_BOOTSTRAP_SERVERS,
+        name,
+        labels::KAFKA_BOOTSTRAP_SERVERS_KEY,
+    )];
+    if sasl {
+        env.push(secret_env(
+            SecretEnv::KAFKA_USERNAME,
+            name,
+            labels::KAFKA_USERNAME_KEY,
+        ));
+        env.push(secret_env(
+            SecretEnv::KAFKA_PASSWORD,
+            name,
+            labels::KAFKA_PASSWORD_KEY,
+        ));
+    }
+    env
+}
+
+fn is_sasl(protocol: KafkaSecurityProtocol) -> bool {
     matches!(
-        kafka.security_protocol,
+        protocol,
         KafkaSecurityProtocol::SaslPlaintext | KafkaSecurityProtocol::SaslSsl
     )
 }
@@ -331,6 +350,20 @@ fn volumes(ic: &IdempotentConsumer) -> Vec<(Volume, VolumeMount)> {
                 path: labels::CA_FILE_NAME,
             })
         }
+        // A ZeroMQ endpoint's dead-letter Kafka: the Kafka source's CA file.
+        Some(BrokerKind::ZeroMq(zmq)) if pipeline => match zmq.dead_letter.target() {
+            Some(DeadLetterTarget::Kafka(kafka)) => {
+                let r = &kafka.connection_secret_ref;
+                r.ca_key.as_ref().map(|key| SecretFile {
+                    volume: labels::KAFKA_CA_VOLUME,
+                    mount: labels::KAFKA_CA_MOUNT,
+                    secret: &r.name,
+                    key,
+                    path: labels::CA_FILE_NAME,
+                })
+            }
+            _ => None,
+        },
         Some(BrokerKind::Mqtt(mqtt)) if pipeline => mqtt.ca_key.as_ref().map(|key| SecretFile {
             volume: labels::MQTT_CA_VOLUME,
             mount: labels::MQTT_CA_MOUNT,
@@ -731,6 +764,89 @@ mod tests {
         );
         let other = pod_additions(&sample::policy(), "h", None, "img");
         assert!(!other.labels.contains_key("idemq.dev/zeromq-endpoint"));
+    }
+
+    /// The dead-letter choices of a ZeroMQ spec, built from YAML as a user
+    /// writes them.
+    fn zeromq_dead_letters(ic: &mut IdempotentConsumer, yaml: &str) {
+        ic.spec.broker.zeromq.as_mut().expect("zeromq").dead_letter =
+            serde_yaml::from_str(yaml).expect("a deadLetter");
+    }
+
+    #[test]
+    fn a_zeromq_dead_letter_broker_is_reached_through_secret_references_only() {
+        let refs = |ic: &IdempotentConsumer| -> Vec<(String, String, String)> {
+            broker_env(ic)
+                .into_iter()
+                .filter(|e| e.name.starts_with("IDEMQ_") && !e.name.starts_with("IDEMQ_ZMQ"))
+                .map(|e| {
+                    assert_eq!(e.value, None, "a reference, not a value");
+                    let r = e
+                        .value_from
+                        .and_then(|v| v.secret_key_ref)
+                        .expect("a secretKeyRef");
+                    (e.name, r.name, r.key)
+                })
+                .collect()
+        };
+        let triple = |var: &str, secret: &str, key: &str| {
+            (var.to_string(), secret.to_string(), key.to_string())
+        };
+        let mut ic = sample::zeromq_policy();
+        assert_eq!(
+            refs(&ic),
+            [],
+            "a ZeroMQ endpoint: nothing but the CURVE keys"
+        );
+
+        zeromq_dead_letters(
+            &mut ic,
+            "rabbitmq: { connectionSecretRef: { name: rabbitmq-dead, key: amqp }, exchange: dlx, routingKey: orders }",
+        );
+        assert_eq!(
+            refs(&ic),
+            [triple("IDEMQ_BROKER_URL", "rabbitmq-dead", "amqp")]
+        );
+
+        zeromq_dead_letters(
+            &mut ic,
+            "kafka: { connectionSecretRef: { name: kafka-dead }, topic: orders.dead }",
+        );
+        assert_eq!(
+            refs(&ic),
+            [triple(
+                "IDEMQ_KAFKA_BOOTSTRAP_SERVERS",
+                "kafka-dead",
+                "bootstrapServers"
+            )]
+        );
+        assert_eq!(volumes(&ic).len(), 1, "the config only: no CA asked for");
+
+        zeromq_dead_letters(
+            &mut ic,
+            "kafka: { connectionSecretRef: { name: kafka-dead, caKey: ca.crt }, topic: orders.dead, securityProtocol: saslSsl, saslMechanism: scramSha512 }",
+        );
+        assert_eq!(
+            refs(&ic),
+            [
+                triple(
+                    "IDEMQ_KAFKA_BOOTSTRAP_SERVERS",
+                    "kafka-dead",
+                    "bootstrapServers"
+                ),
+                triple("IDEMQ_KAFKA_USERNAME", "kafka-dead", "username"),
+                triple("IDEMQ_KAFKA_PASSWORD", "kafka-dead", "password"),
+            ]
+        );
+        let (ca, mount) = volumes(&ic).pop().expect("the CA volume");
+        let source = ca.secret.expect("a Secret volume");
+        assert_eq!(source.secret_name.as_deref(), Some("kafka-dead"));
+        assert_eq!(
+            source.items.expect("one key")[0].key,
+            "ca.crt",
+            "the CA bundle's key"
+        );
+        assert_eq!(mount.mount_path, labels::KAFKA_CA_MOUNT);
     }
 
     #[test]

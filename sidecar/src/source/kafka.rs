@@ -38,8 +38,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
@@ -48,8 +47,11 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::offsets::{Offsets, TopicPartition};
+use super::publish::{self, KafkaDeadLetters};
 use super::{DeadLetterReason, Envelope, Verdict};
-use crate::config::{Config, KafkaConfig, OffsetReset, Ordering, SaslMechanism, SecurityProtocol};
+use crate::config::{
+    Config, KafkaConfig, KafkaSecurity, OffsetReset, Ordering, SaslMechanism, SecurityProtocol,
+};
 use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::health::Component;
@@ -70,11 +72,6 @@ const STARVED_AFTER: Duration = Duration::from_secs(1);
 const STORE_POLL: Duration = Duration::from_millis(500);
 /// Statistics (lag, broker state) are refreshed this often.
 const STATS_INTERVAL_MS: &str = "2000";
-/// The largest dead letter the producer sends: the most a consumer receives
-/// (librdkafka's `receive.message.max.bytes` default).
-const DEAD_LETTER_MAX_BYTES: &str = "100000000";
-/// Waiting for a dead letter to be acknowledged by the brokers.
-const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The secrets of a Kafka connection, from the environment.
 #[derive(Clone, Default)]
@@ -113,8 +110,13 @@ pub struct Source {
     pub flow: Flow,
 }
 
-/// The librdkafka settings shared by the consumer and the dead-letter producer.
-pub fn client_config(kafka: &KafkaConfig, secrets: &KafkaSecrets, client_id: &str) -> ClientConfig {
+/// The librdkafka settings of a connection: the consumer's and the
+/// dead-letter producer's (also a ZeroMQ endpoint's Kafka dead letters').
+pub fn client_config(
+    kafka: KafkaSecurity<'_>,
+    secrets: &KafkaSecrets,
+    client_id: &str,
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &secrets.bootstrap_servers)
         .set("client.id", client_id)
@@ -143,7 +145,7 @@ pub fn client_config(kafka: &KafkaConfig, secrets: &KafkaSecrets, client_id: &st
     if let Some(password) = &secrets.password {
         c.set("sasl.password", password);
     }
-    if let Some(ca) = &kafka.ca_file {
+    if let Some(ca) = kafka.ca_file {
         c.set("ssl.ca.location", ca);
     }
     c
@@ -189,7 +191,7 @@ impl Source {
             health: self.health.clone(),
         });
         let session_ms = kafka.session_timeout.as_millis();
-        let mut consumer_config = client_config(kafka, &self.secrets, &client_id);
+        let mut consumer_config = client_config(kafka.security(), &self.secrets, &client_id);
         consumer_config
             .set("group.id", &kafka.group_id)
             .set("enable.auto.commit", "false")
@@ -227,18 +229,14 @@ impl Source {
                 topics: kafka.topics.clone(),
                 source,
             })?;
-        let producer: FutureProducer = client_config(kafka, &self.secrets, &client_id)
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            // A dead letter is as large as the record it copies, and a topic
-            // may take records above librdkafka's default (1 MB), which would
-            // refuse to send it again and again: the brokers' limits decide.
-            .set("message.max.bytes", DEAD_LETTER_MAX_BYTES)
-            .create()
-            .map_err(|source| SourceError::Create {
-                what: "dead-letter producer",
-                source,
-            })?;
+        let producer = KafkaDeadLetters::create(
+            client_config(kafka.security(), &self.secrets, &client_id),
+            None,
+        )
+        .map_err(|source| SourceError::Create {
+            what: "dead-letter producer",
+            source,
+        })?;
         tracing::info!(
             topics = ?kafka.topics,
             group = %kafka.group_id,
@@ -531,7 +529,7 @@ struct Dispatch {
     engine: Arc<Engine>,
     store: Arc<dyn KeyStore>,
     flow: Flow,
-    producer: FutureProducer,
+    producer: KafkaDeadLetters,
     shared: Arc<Shared>,
     kafka: KafkaConfig,
     config: Arc<Config>,
@@ -944,41 +942,37 @@ impl Dispatch {
         let mut try_ = 0;
         loop {
             try_ += 1;
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 5);
-            for (k, v) in &record.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                });
-            }
-            let attempts_text = attempts.to_string();
             let partition = record.tp.partition.to_string();
             let offset = record.offset.to_string();
-            for (k, v) in [
-                ("x-idemq-reason", reason.as_str()),
-                ("x-idemq-attempts", attempts_text.as_str()),
-                ("x-idemq-original-topic", record.tp.topic.as_str()),
-                ("x-idemq-original-partition", partition.as_str()),
-                ("x-idemq-original-offset", offset.as_str()),
-            ] {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
-                .payload(&record.envelope.body[..])
-                .headers(headers);
-            if let Some(key) = &record.key {
-                out = out.key(&key[..]);
-            }
-            match self.producer.send(out, DEAD_LETTER_TIMEOUT).await {
+            let headers = publish::kafka_dead_letter_headers(
+                record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_deref())),
+                reason.as_str(),
+                attempts,
+                &[
+                    ("x-idemq-original-topic", record.tp.topic.as_str()),
+                    ("x-idemq-original-partition", partition.as_str()),
+                    ("x-idemq-original-offset", offset.as_str()),
+                ],
+            );
+            let sent = self
+                .producer
+                .send(
+                    &topic,
+                    record.key.as_deref(),
+                    &record.envelope.body,
+                    headers,
+                )
+                .await;
+            match sent {
                 Ok(_) => {
                     tracing::info!(reason = reason.as_str(), attempts, topic = %topic, "dead-lettered");
                     self.shared.metrics.dead_letter(reason.as_str());
                     return true;
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     // Never settle a record whose dead letter is not written.
                     tracing::warn!(error = %e, topic = %topic, "dead letter not acknowledged: trying again");
                     let delay = crate::engine::backoff(

@@ -10,6 +10,7 @@ pub mod jetstream;
 pub mod kafka;
 pub mod mqtt;
 pub mod offsets;
+pub mod publish;
 pub mod pubsub;
 pub mod rabbitmq;
 pub mod sessions;

@@ -35,10 +35,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ExchangeDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Notify;
@@ -46,6 +46,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::acks::AckTracker;
+use super::publish::{self, Confirming, PublishError};
 use super::sessions::{SessionEnd, Sessions};
 use super::{Envelope, Verdict};
 use crate::config::{Config, RabbitMqConfig};
@@ -134,13 +135,11 @@ impl Source {
         consuming
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
-        let publishing = conn.create_channel().await?;
-        publishing
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publishing = Confirming::open(&conn).await?;
         // A missing dead-letter exchange would close the channel at the first
         // dead letter; find out now, and say which exchange.
         publishing
+            .channel()
             .exchange_declare(
                 rabbit.dead_letter_exchange.as_str().into(),
                 ExchangeKind::Direct,
@@ -252,10 +251,7 @@ impl Source {
         }
         let _ = settle.flush().await;
         let _ = consuming.close(200, "idemq: session over".into()).await;
-        let _ = settle
-            .publishing
-            .close(200, "idemq: session over".into())
-            .await;
+        settle.publishing.close().await;
         let _ = conn.close(200, "idemq: session over".into()).await;
         outcome
     }
@@ -298,7 +294,7 @@ async fn handle(
 /// Applies verdicts on one session's channels.
 struct Settler {
     consuming: Channel,
-    publishing: Channel,
+    publishing: Confirming,
     tracker: Mutex<AckTracker>,
     settled: Notify,
     store_down: CancellationToken,
@@ -355,7 +351,7 @@ impl Settler {
                 self.metrics.message("duplicate");
                 if let Some(exchange) = &self.rabbit.audit_exchange {
                     let mut headers = FieldTable::default();
-                    headers.insert("x-idemq-reason".into(), text("duplicate"));
+                    headers.insert(publish::REASON.into(), publish::amqp_text("duplicate"));
                     // An audit copy is best effort: the duplicate is acked anyway.
                     if let Err(e) = self.publish(exchange, delivery, body, headers).await {
                         tracing::warn!(error = %e, "audit copy of a duplicate was not confirmed");
@@ -380,13 +376,12 @@ impl Settler {
             // The session ends on its own: it watches the application's state.
             Verdict::AppUnavailable => self.requeue(tag).await,
             Verdict::DeadLetter { reason, attempts } => {
-                let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-                headers.insert("x-idemq-reason".into(), text(reason.as_str()));
-                headers.insert(
-                    "x-idemq-attempts".into(),
-                    AMQPValue::LongLongInt(i64::from(attempts)),
+                let headers = publish::amqp_dead_letter_headers(
+                    delivery.properties.headers().clone().unwrap_or_default(),
+                    reason.as_str(),
+                    attempts,
+                    &[("x-idemq-original-queue", &self.rabbit.queue)],
                 );
-                headers.insert("x-idemq-original-queue".into(), text(&self.rabbit.queue));
                 let exchange = self.rabbit.dead_letter_exchange.clone();
                 match self.publish(&exchange, delivery, body, headers).await {
                     Ok(()) => {
@@ -425,36 +420,19 @@ impl Settler {
         delivery: &Delivery,
         body: &[u8],
         headers: FieldTable,
-    ) -> Result<(), String> {
+    ) -> Result<(), PublishError> {
         let routing_key = self
             .rabbit
             .dead_letter_routing_key
-            .clone()
-            .unwrap_or_else(|| self.rabbit.queue.clone());
+            .as_deref()
+            .unwrap_or(&self.rabbit.queue);
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
-        let confirm = self
-            .publishing
-            .basic_publish(
-                ShortString::from(exchange),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
+        // Not mandatory: the operator binds `<queue>.dead` to the exchange,
+        // and a user's own exchange may route dead letters as it likes.
+        self.publishing
+            .publish(exchange, routing_key, body, properties, false)
             .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
-        if confirm.is_ack() {
-            Ok(())
-        } else {
-            Err("the broker nacked the publish".into())
-        }
     }
-}
-
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
 }
 
 /// The broker-neutral view of a delivery, whose body was taken out of it.

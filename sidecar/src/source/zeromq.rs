@@ -15,20 +15,24 @@
 //!   unavailable, its key in flight elsewhere) waits here and is tried
 //!   again rather than dropped.
 //!
-//! Dead letters go over PUSH to `deadLetter.endpoint` ([`wire::dead_letter`]);
-//! the socket queues only to a connected peer (`ZMQ_IMMEDIATE`), so a dead
-//! letter counts as sent once libzmq took it for a live connection. When no
-//! receiver is connected, a `router` request is answered `retry` and a
-//! `pull`/`sub` message waits until one is.
+//! Dead letters go where `deadLetter` says ([`dead`]): over PUSH to a second
+//! ZeroMQ endpoint ([`wire::dead_letter`]; the socket queues only to a
+//! connected peer, `ZMQ_IMMEDIATE`), or to a RabbitMQ exchange or queue, or a
+//! Kafka topic ([`wire::broker_letter`]). A dead letter counts as sent once
+//! libzmq took it for a live connection, RabbitMQ confirmed it, or the Kafka
+//! brokers acknowledged it; only then is a `router` peer answered `dead`.
+//! While the target does not have it, a `router` request is answered `retry`
+//! and a `pull`/`sub` message waits and is tried again: none is dropped.
 //!
 //! CURVE (on unless `plain: true`): the socket is a CURVE server with the
 //! secret key from `IDEMQ_ZMQ_SERVER_SECRET_KEY`, and a ZAP handler admits
 //! only the public keys in `IDEMQ_ZMQ_CLIENT_KEYS` ([`socket`]).
 
+pub mod dead;
 pub mod socket;
 pub mod wire;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -49,10 +53,8 @@ use wire::{Frames, Status};
 pub const MALFORMED: &str = "malformed";
 /// What `bind` writes for the pod's address, resolved from `POD_IP`.
 pub const POD_IP: &str = "$(POD_IP)";
-/// How often a `pull`/`sub` dead letter is tried while no receiver is connected.
+/// How often a `pull`/`sub` dead letter is tried while its target does not take it.
 const DEAD_LETTER_RETRY: Duration = Duration::from_millis(500);
-/// How long closing the dead-letter socket waits for letters still queued.
-const DEAD_LETTER_LINGER_MS: i32 = 10_000;
 
 /// The CURVE keys of the endpoint, from the environment (raw 32-byte keys).
 #[derive(Clone)]
@@ -133,6 +135,14 @@ pub enum SourceError {
         endpoint: String,
         source: zmq::Error,
     },
+    #[error("{0}")]
+    DeadLetterSecrets(&'static str),
+    #[error("dead letters: {0}")]
+    DeadLetterBroker(String),
+    #[error(
+        "broker.zeromq.deadLetter must set exactly one of endpoint, rabbitmq or kafka (validated)"
+    )]
+    NoDeadLetterTarget,
 }
 
 /// Everything a ZeroMQ source needs.
@@ -142,6 +152,8 @@ pub struct Source {
     pub zeromq: ZeroMqConfig,
     /// CURVE keys; `None` only with `plain: true` (checked in `run`).
     pub curve: Option<CurveKeys>,
+    /// The secrets of a RabbitMQ or Kafka dead-letter target.
+    pub dead_letter_secrets: dead::Secrets,
     pub engine: Arc<Engine>,
     pub store: Arc<dyn KeyStore>,
     pub metrics: Arc<Metrics>,
@@ -155,7 +167,7 @@ struct Shared {
     /// The bound endpoint: the span's destination.
     endpoint: String,
     handle: Handle,
-    dead: DeadLetters,
+    dead: dead::DeadLetters,
     engine: Arc<Engine>,
     store: Arc<dyn KeyStore>,
     metrics: Arc<Metrics>,
@@ -165,7 +177,7 @@ struct Shared {
 impl Source {
     /// Serves the endpoint until `shutdown` fires, then lets what is in
     /// flight settle (at most `shutdownGrace`).
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), SourceError> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SourceError> {
         let curve = match (&self.curve, self.zeromq.plain) {
             (_, true) => None,
             (None, false) => {
@@ -182,7 +194,18 @@ impl Source {
         }
         let endpoint = resolve_bind(&self.zeromq.bind, std::env::var("POD_IP").ok().as_deref())?;
         let ctx = zmq::Context::new();
-        let dead = DeadLetters::connect(&ctx, &self.zeromq.dead_letter.endpoint)?;
+        let target = self
+            .zeromq
+            .dead_letter
+            .target()
+            .ok_or(SourceError::NoDeadLetterTarget)?;
+        let dead = dead::DeadLetters::open(
+            &ctx,
+            target,
+            self.dead_letter_secrets,
+            &self.config.consumer,
+        )
+        .await?;
         let (handle, mut incoming) = socket::open(
             &ctx,
             socket::Options {
@@ -198,6 +221,7 @@ impl Source {
             pattern = self.zeromq.pattern.as_str(),
             curve = curve.is_some(),
             max_in_flight = self.zeromq.max_in_flight,
+            dead_letters = %dead.describe(),
             "ZeroMQ endpoint bound"
         );
         self.health.set(true);
@@ -245,6 +269,7 @@ impl Source {
             tracing::warn!(grace = ?grace, left = tasks.len(), pattern = shared.pattern.as_str(), "in-flight deliveries did not finish in time: router peers send theirs again, pull and sub messages are lost");
             tasks.abort_all();
         }
+        shared.dead.close().await;
         let stopping = shared.clone();
         let _ = tokio::task::spawn_blocking(move || stopping.handle.stop()).await;
         Ok(())
@@ -286,8 +311,15 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
         Ok(parsed) => parsed,
         Err(problem) => {
             tracing::warn!(%problem, "a request breaks the ZeroMQ wire protocol: dead-lettering it");
-            let letter = wire::dead_letter(shared.pattern, frames, MALFORMED, 0, Some(&problem));
-            return dead_letter(shared, frames, &letter, MALFORMED, shutdown).await;
+            let letter = dead::Letter {
+                pattern: shared.pattern,
+                endpoint: &shared.endpoint,
+                frames,
+                reason: MALFORMED,
+                attempts: 0,
+                problem: Some(problem.as_str()),
+            };
+            return dead_letter(shared, &letter, shutdown).await;
         }
     };
     let span = shared.engine.trace(
@@ -311,9 +343,15 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 return Some(Status::Ok);
             }
             Verdict::DeadLetter { reason, attempts } => {
-                let letter =
-                    wire::dead_letter(shared.pattern, frames, reason.as_str(), attempts, None);
-                return dead_letter(shared, frames, &letter, reason.as_str(), shutdown).await;
+                let letter = dead::Letter {
+                    pattern: shared.pattern,
+                    endpoint: &shared.endpoint,
+                    frames,
+                    reason: reason.as_str(),
+                    attempts,
+                    problem: None,
+                };
+                return dead_letter(shared, &letter, shutdown).await;
             }
             Verdict::Requeue { .. } if shutdown.is_cancelled() => {
                 return retry_or_lost(router, "shutting_down", frames, shared.pattern);
@@ -364,57 +402,38 @@ fn retry_or_lost(
     None
 }
 
-/// Sends a dead letter. A router peer is answered `dead`, or `retry` when no
-/// receiver is connected; a `pull`/`sub` message waits for a receiver.
+/// Sends a dead letter. A router peer is answered `dead` once the target
+/// has it, or `retry` when it does not take it now; a `pull`/`sub` message
+/// waits until it does.
 async fn dead_letter(
     shared: &Shared,
-    frames: &Frames,
-    letter: &Frames,
-    reason: &'static str,
+    letter: &dead::Letter<'_>,
     shutdown: &CancellationToken,
 ) -> Option<Status> {
+    let reason = letter.reason;
+    let mut logged = false;
     loop {
-        if shared.dead.send(letter) {
-            tracing::info!(reason, "dead-lettered");
-            shared.metrics.dead_letter(reason);
-            return Some(Status::Dead(reason));
+        match shared.dead.send(letter).await {
+            Ok(()) => {
+                tracing::info!(reason, attempts = letter.attempts, "dead-lettered");
+                shared.metrics.dead_letter(reason);
+                return Some(Status::Dead(reason));
+            }
+            Err(why) if shared.pattern == ZeroMqPattern::Router => {
+                tracing::warn!(error = %why, "dead letter not taken: the peer is told to retry");
+                return Some(Status::Retry("dead_letter_unavailable"));
+            }
+            Err(why) => {
+                if !logged {
+                    tracing::warn!(error = %why, "dead letter not taken: the message waits and is tried again");
+                    logged = true;
+                }
+            }
         }
-        if shared.pattern == ZeroMqPattern::Router {
-            tracing::warn!("no dead-letter receiver is connected: the peer is told to retry");
-            return Some(Status::Retry("dead_letter_unavailable"));
-        }
-        tracing::warn!("no dead-letter receiver is connected: the message waits for one");
         tokio::select! {
-            _ = shutdown.cancelled() => return retry_or_lost(false, "shutting_down", frames, shared.pattern),
+            _ = shutdown.cancelled() => return retry_or_lost(false, "shutting_down", letter.frames, shared.pattern),
             _ = tokio::time::sleep(DEAD_LETTER_RETRY) => {}
         }
-    }
-}
-
-/// The PUSH socket dead letters leave by. Sends never wait: with
-/// `ZMQ_IMMEDIATE` a letter is refused at once when no receiver is connected.
-struct DeadLetters {
-    socket: Mutex<zmq::Socket>,
-}
-
-impl DeadLetters {
-    fn connect(ctx: &zmq::Context, endpoint: &str) -> Result<Self, SourceError> {
-        let error = |source| SourceError::DeadLetter {
-            endpoint: endpoint.to_string(),
-            source,
-        };
-        let socket = ctx.socket(zmq::PUSH).map_err(error)?;
-        socket.set_immediate(true).map_err(error)?;
-        socket.set_linger(DEAD_LETTER_LINGER_MS).map_err(error)?;
-        socket.connect(endpoint).map_err(error)?;
-        Ok(Self {
-            socket: Mutex::new(socket),
-        })
-    }
-
-    fn send(&self, letter: &Frames) -> bool {
-        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
-        socket::send_frames(&socket, letter, zmq::DONTWAIT).is_ok()
     }
 }
 

@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod otlp;
+pub mod proxy;
 pub mod pubsub;
 pub mod rabbitmq;
 pub mod redis;

@@ -3,7 +3,8 @@
 //! message as a `router` request and sends it again until it gets `ok` or
 //! `dead`, on a DEALER socket of its own thread, with a window of requests
 //! outstanding. Its backlog is what has no final answer yet; dead letters
-//! are read from a PULL socket the test binds.
+//! are read from where the endpoint sends them ([`DeadLetterSink`]): a PULL
+//! socket the test binds, a RabbitMQ queue or a Kafka topic of the test's own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,8 @@ use idemq_sidecar::source::zeromq::socket::send_frames;
 use idemq_sidecar::source::zeromq::CurveKeys;
 
 use super::broker::{BrokerUnderTest, DeadLetter, Message};
+use super::kafka::Kafka;
+use super::rabbitmq::{self, RabbitMq};
 use super::scenarios::free_port;
 
 /// A CURVE key pair, Z85-encoded as the environment carries it.
@@ -338,20 +341,152 @@ impl DeadLetterReader {
     }
 }
 
-/// A `router` endpoint of one test, without CURVE, and its Lazy Pirate client.
-pub struct ZeroMq {
+/// Where a test endpoint's dead letters go, and how the test reads them back.
+#[allow(async_fn_in_trait)]
+pub trait DeadLetterSink: Sized {
+    /// The endpoint's name in printed figures.
+    const NAME: &'static str;
+
+    /// Creates the target of `test`, with names no other test uses.
+    async fn create(test: &str) -> Self;
+
+    /// The lines under `deadLetter:` (indented by six spaces).
+    fn yaml(&self) -> String;
+
+    /// Secrets of an in-process sidecar.
+    fn secrets(&self) -> Secrets;
+
+    /// Environment of a sidecar run as a child process.
+    fn env(&self) -> Vec<(String, String)>;
+
+    /// Takes every dead letter sent so far.
+    async fn take(&self) -> Vec<DeadLetter>;
+
+    /// Deletes what `create` made, and nothing else.
+    async fn delete(self);
+}
+
+impl DeadLetterSink for DeadLetterReader {
+    const NAME: &'static str = "zeromq";
+
+    async fn create(_test: &str) -> Self {
+        Self::bind()
+    }
+
+    fn yaml(&self) -> String {
+        format!("      endpoint: {}\n", self.endpoint)
+    }
+
+    fn secrets(&self) -> Secrets {
+        Secrets::default()
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    async fn take(&self) -> Vec<DeadLetter> {
+        DeadLetterReader::take(self)
+            .into_iter()
+            .map(|(about, frames)| DeadLetter {
+                reason: about["reason"].as_str().unwrap_or_default().to_string(),
+                key: frames
+                    .first()
+                    .filter(|id| !id.is_empty())
+                    .map(|id| String::from_utf8_lossy(id).into_owned()),
+            })
+            .collect()
+    }
+
+    async fn delete(self) {}
+}
+
+/// Dead letters to the test's RabbitMQ exchange (a fanout bound to its
+/// dead-letter queue), read from that queue: the key is the message id.
+impl DeadLetterSink for RabbitMq {
+    const NAME: &'static str = "zeromq, dead letters to rabbitmq";
+
+    async fn create(test: &str) -> Self {
+        <RabbitMq as BrokerUnderTest>::create(test).await
+    }
+
+    fn yaml(&self) -> String {
+        format!(
+            "      rabbitmq:\n        exchange: {}\n        routingKey: dead\n",
+            self.dlx
+        )
+    }
+
+    fn secrets(&self) -> Secrets {
+        BrokerUnderTest::secrets(self)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        BrokerUnderTest::env(self)
+    }
+
+    async fn take(&self) -> Vec<DeadLetter> {
+        BrokerUnderTest::dead_letters(self).await
+    }
+
+    async fn delete(self) {
+        BrokerUnderTest::delete(self).await
+    }
+}
+
+/// Dead letters to the test's Kafka topic `<topic>.dead`: the key is the
+/// record key.
+impl DeadLetterSink for Kafka {
+    const NAME: &'static str = "zeromq, dead letters to kafka";
+
+    async fn create(test: &str) -> Self {
+        Kafka::with_partitions(test, 1).await
+    }
+
+    fn yaml(&self) -> String {
+        format!("      kafka:\n        topic: {}\n", self.dead)
+    }
+
+    fn secrets(&self) -> Secrets {
+        BrokerUnderTest::secrets(self)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        BrokerUnderTest::env(self)
+    }
+
+    async fn take(&self) -> Vec<DeadLetter> {
+        BrokerUnderTest::dead_letters(self).await
+    }
+
+    async fn delete(self) {
+        BrokerUnderTest::delete(self).await
+    }
+}
+
+/// A `router` endpoint of one test, without CURVE, its Lazy Pirate client,
+/// and where its dead letters go.
+pub struct ZeroMqWith<D> {
     pub port: u16,
-    pub dead: DeadLetterReader,
+    pub dead: D,
     pub pirate: Pirate,
 }
 
-impl ZeroMq {
+/// Dead letters to a second ZeroMQ endpoint.
+pub type ZeroMq = ZeroMqWith<DeadLetterReader>;
+/// Dead letters to a RabbitMQ exchange.
+pub type ZeroMqToRabbitMq = ZeroMqWith<RabbitMq>;
+/// Dead letters to a Kafka topic.
+pub type ZeroMqToKafka = ZeroMqWith<Kafka>;
+
+impl<D> ZeroMqWith<D> {
     pub fn endpoint(&self) -> String {
         format!("tcp://127.0.0.1:{}", self.port)
     }
 }
 
-/// The `broker:` lines of a `zeromq` endpoint (indented under `broker:`).
+/// The `broker:` lines of a `zeromq` endpoint (indented under `broker:`)
+/// whose dead letters go to the ZeroMQ endpoint `dead_letters`.
 pub fn broker_yaml(
     port: u16,
     pattern: &str,
@@ -359,30 +494,48 @@ pub fn broker_yaml(
     max_in_flight: u32,
     dead_letters: &str,
 ) -> String {
-    format!(
-        "  zeromq:\n    bind: tcp://127.0.0.1:{port}\n    pattern: {pattern}\n    maxInFlight: {max_in_flight}\n{extra}    deadLetter:\n      endpoint: {dead_letters}\n"
+    broker_yaml_to(
+        port,
+        pattern,
+        extra,
+        max_in_flight,
+        &format!("      endpoint: {dead_letters}\n"),
     )
 }
 
-impl BrokerUnderTest for ZeroMq {
-    const NAME: &'static str = "zeromq";
+/// The `broker:` lines of a `zeromq` endpoint with `dead_letter` (the lines
+/// under `deadLetter:`).
+pub fn broker_yaml_to(
+    port: u16,
+    pattern: &str,
+    extra: &str,
+    max_in_flight: u32,
+    dead_letter: &str,
+) -> String {
+    format!(
+        "  zeromq:\n    bind: tcp://127.0.0.1:{port}\n    pattern: {pattern}\n    maxInFlight: {max_in_flight}\n{extra}    deadLetter:\n{dead_letter}"
+    )
+}
 
-    async fn create(_test: &str) -> Self {
+impl<D: DeadLetterSink> BrokerUnderTest for ZeroMqWith<D> {
+    const NAME: &'static str = D::NAME;
+
+    async fn create(test: &str) -> Self {
         let port = free_port();
         Self {
             port,
-            dead: DeadLetterReader::bind(),
+            dead: D::create(test).await,
             pirate: Pirate::start(PirateOptions::new(format!("tcp://127.0.0.1:{port}"))),
         }
     }
 
     fn broker_yaml(&self, max_in_flight: u32) -> String {
-        broker_yaml(
+        broker_yaml_to(
             self.port,
             "router",
             "    plain: true\n",
             max_in_flight,
-            &self.dead.endpoint,
+            &self.dead.yaml(),
         )
     }
 
@@ -392,11 +545,11 @@ impl BrokerUnderTest for ZeroMq {
     }
 
     fn secrets(&self) -> Secrets {
-        Secrets::default()
+        self.dead.secrets()
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        Vec::new()
+        self.dead.env()
     }
 
     /// Hands the messages to the client, which sends each until it is
@@ -410,20 +563,16 @@ impl BrokerUnderTest for ZeroMq {
     }
 
     async fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.dead
-            .take()
-            .into_iter()
-            .map(|(about, frames)| DeadLetter {
-                reason: about["reason"].as_str().unwrap_or_default().to_string(),
-                key: frames
-                    .first()
-                    .filter(|id| !id.is_empty())
-                    .map(|id| String::from_utf8_lossy(id).into_owned()),
-            })
-            .collect()
+        self.dead.take().await
     }
 
     async fn delete(self) {
         drop(self.pirate);
+        self.dead.delete().await;
     }
+}
+
+/// The RabbitMQ URL through `proxy`.
+pub fn rabbitmq_url_through(proxy: &super::proxy::Proxy) -> String {
+    rabbitmq::URL.replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port))
 }

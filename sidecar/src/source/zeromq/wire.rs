@@ -8,7 +8,8 @@
 //!   detail]`, after the request's route (the peer's routing id, and the
 //!   empty delimiter a REQ socket adds).
 //! - a dead letter: `[json, …the request's frames as received]`, the JSON
-//!   holding the reason, the attempts and the pattern.
+//!   holding the reason, the attempts and the pattern; sent to RabbitMQ or
+//!   Kafka, one message ([`BrokerLetter`]).
 
 use bytes::Bytes;
 
@@ -158,6 +159,80 @@ pub fn dead_letter(
     letter
 }
 
+/// A dead letter as one broker message (RabbitMQ, Kafka): the request's
+/// body, its header frame's values as headers, its message id; or, for a
+/// request that breaks the protocol, its frames in a JSON array (each
+/// hex-encoded), with the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerLetter {
+    /// The message-id frame (text, or hex when it is not UTF-8); the AMQP
+    /// `message_id` and the Kafka record key.
+    pub message_id: Option<String>,
+    pub content_type: Option<String>,
+    /// The header frame's values.
+    pub headers: Vec<(String, String)>,
+    /// Where the request came from (`x-idemq-original-*`), and the problem
+    /// of a malformed one (`x-idemq-problem`).
+    pub origin: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The broker form of a dead letter of a request received on `endpoint`.
+pub fn broker_letter(
+    pattern: ZeroMqPattern,
+    endpoint: &str,
+    frames: &[Vec<u8>],
+    problem: Option<&str>,
+) -> BrokerLetter {
+    let mut origin = vec![(
+        "x-idemq-original-endpoint".to_string(),
+        endpoint.to_string(),
+    )];
+    let parsed = match problem {
+        None => envelope(pattern, frames).ok(),
+        Some(_) => None,
+    };
+    let mut letter = match parsed {
+        Some((envelope, topic)) => {
+            if let Some(topic) = topic {
+                origin.push(("x-idemq-original-topic".to_string(), topic));
+            }
+            BrokerLetter {
+                message_id: envelope.message_id,
+                content_type: envelope.content_type,
+                headers: envelope.headers,
+                origin: Vec::new(),
+                body: envelope.body.to_vec(),
+            }
+        }
+        None => {
+            let id = message_id(pattern, frames);
+            let hex: Vec<String> = frames.iter().map(hex::encode).collect();
+            origin.push((
+                "x-idemq-problem".to_string(),
+                problem.unwrap_or("malformed").to_string(),
+            ));
+            BrokerLetter {
+                message_id: (!id.is_empty()).then(|| match std::str::from_utf8(id) {
+                    Ok(text) => text.to_string(),
+                    Err(_) => hex::encode(id),
+                }),
+                content_type: Some("application/json".to_string()),
+                headers: vec![("content-type".to_string(), "application/json".to_string())],
+                origin: Vec::new(),
+                body: serde_json::json!({ "frames": hex })
+                    .to_string()
+                    .into_bytes(),
+            }
+        }
+    };
+    if let Some(id) = &letter.message_id {
+        origin.push(("x-idemq-original-message-id".to_string(), id.clone()));
+    }
+    letter.origin = origin;
+    letter
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +313,51 @@ mod tests {
         assert_eq!(about["attempts"], 3);
         assert_eq!(about["pattern"], "router");
         assert_eq!(&letter[1..], &frames(&[b"m-1", b"", b"x"])[..]);
+    }
+
+    #[test]
+    fn broker_dead_letters_carry_the_body_headers_and_id_or_the_raw_frames() {
+        let letter = broker_letter(
+            ZeroMqPattern::Sub,
+            "tcp://10.0.0.7:5555",
+            &frames(&[b"orders", b"m-1", br#"{"tenant":"acme"}"#, b"{\"n\":1}"]),
+            None,
+        );
+        assert_eq!(letter.message_id.as_deref(), Some("m-1"));
+        assert_eq!(letter.body, b"{\"n\":1}");
+        let header = |l: &BrokerLetter, name: &str| {
+            l.headers
+                .iter()
+                .chain(&l.origin)
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header(&letter, "tenant").as_deref(), Some("acme"));
+        assert_eq!(
+            header(&letter, "x-idemq-original-topic").as_deref(),
+            Some("orders")
+        );
+        assert_eq!(
+            header(&letter, "x-idemq-original-message-id").as_deref(),
+            Some("m-1")
+        );
+        assert_eq!(
+            header(&letter, "x-idemq-original-endpoint").as_deref(),
+            Some("tcp://10.0.0.7:5555")
+        );
+        let malformed = broker_letter(
+            ZeroMqPattern::Pull,
+            "tcp://127.0.0.1:5555",
+            &frames(&[b"m-x", b"not json", b"{}"]),
+            Some("header frame is not JSON"),
+        );
+        assert_eq!(malformed.message_id.as_deref(), Some("m-x"));
+        let body: serde_json::Value = serde_json::from_slice(&malformed.body).expect("json");
+        assert_eq!(body["frames"][0], hex::encode(b"m-x"));
+        assert_eq!(body["frames"].as_array().map(Vec::len), Some(3));
+        assert_eq!(
+            header(&malformed, "x-idemq-problem").as_deref(),
+            Some("header frame is not JSON")
+        );
     }
 }
