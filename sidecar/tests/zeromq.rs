@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use common::broker::BrokerUnderTest;
 use common::broker::Message;
+use common::kafka::Kafka;
 use common::proxy::Proxy;
 use common::rabbitmq::RabbitMq;
 use common::scenarios::{self, free_port, keyed, messages, metric, wait_for, Store, WAIT};
+use common::tansu::OwnTansu;
 use common::zeromq::{
     self as zmq_test, Curve, DeadLetterReader, KeyPair, Pirate, PirateOptions, ZeroMq,
     ZeroMqToKafka, ZeroMqToRabbitMq,
@@ -161,6 +163,102 @@ async fn a_dead_letter_rabbitmq_outage_answers_retry_then_dead_and_loses_nothing
     drop(pirate);
     store.cleanup().await;
     BrokerUnderTest::delete(rabbit).await;
+}
+
+/// The dead-letter Kafka goes away (a tansu of the test's own, killed):
+/// poison and keyless requests are answered `retry` (dead_letter_unavailable)
+/// when their delivery report fails (at the latest after the 5 s delivery
+/// timeout), none `dead`; once it is started again, librdkafka reconnects,
+/// every one is answered `dead` and is in the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_kafka_outage_answers_retry_then_dead_and_loses_nothing() {
+    let mut own = OwnTansu::start().await;
+    let kafka = Kafka::on(&own.bootstrap(), "zmq-dl-kafka", 1).await;
+    let port = free_port();
+    let app = app::start(Arc::new(|_: &str, _| axum::http::StatusCode::BAD_REQUEST)).await;
+    let store = Store::new("zmq-dl-kafka").await;
+    let broker = zmq_test::broker_yaml_to(
+        port,
+        "router",
+        "    plain: true\n",
+        20,
+        &format!("      kafka:\n        topic: {}\n", kafka.dead),
+    );
+    let yaml = format!(
+        "consumer: zmq-dl-kafka\nstore:\n  kind: redis\n  url: redis://127.0.0.1:6379\ndedup:\n  maxAttempts: 3\nbroker:\n{broker}delivery:\n  url: {}\n  initialBackoff: 20ms\n  maxBackoff: 200ms\nshutdownGrace: 10s\n",
+        app.url()
+    );
+    let config = Config::from_yaml(&yaml).expect("valid test config");
+    let sidecar =
+        sidecar::start_with(config, BrokerUnderTest::secrets(&kafka), store.dyn_store()).await;
+    own.stop();
+    let pirate = Pirate::start(PirateOptions {
+        // Longer than the sidecar's 5 s delivery timeout: the answer comes first.
+        timeout: Duration::from_secs(20),
+        retry_after: Duration::from_millis(200),
+        ..PirateOptions::new(format!("tcp://127.0.0.1:{port}"))
+    });
+    let poison = 5;
+    let keyless = 3;
+    let mut sent: Vec<Message> = (0..poison)
+        .map(|i| Message::keyed(format!("dk-{i}"), scenarios::body(i)))
+        .collect();
+    sent.extend((0..keyless).map(|i| Message::unkeyed(scenarios::body(100 + i))));
+    pirate.send(sent);
+    let told_retry = wait_for(Duration::from_secs(30), async || {
+        pirate
+            .tally()
+            .retry_reasons
+            .get("dead_letter_unavailable")
+            .is_some_and(|n| *n >= (poison + keyless) as u64)
+    })
+    .await;
+    let during = pirate.tally();
+    own.restart().await;
+    let answered = pirate.wait_answered(Duration::from_secs(90)).await;
+    let after = pirate.tally();
+    let dead = BrokerUnderTest::dead_letters(&kafka).await;
+    sidecar.stop().await.expect("clean stop");
+    let keys: std::collections::BTreeSet<_> = dead.iter().filter_map(|d| d.key.clone()).collect();
+    println!(
+        "dead-letter kafka outage (zeromq): {poison} poison and {keyless} keyless requests; while it was away: {} dead, retry {:?}; once back: {} dead, {} in the topic ({} distinct keys, reasons {:?})",
+        during.dead,
+        during.retry_reasons,
+        after.dead,
+        dead.len(),
+        keys.len(),
+        dead.iter().map(|d| d.reason.as_str()).collect::<std::collections::BTreeSet<_>>(),
+    );
+    assert!(
+        told_retry,
+        "peers were not told retry: {:?}\n{}",
+        during.retry_reasons,
+        own.log()
+    );
+    assert_eq!(
+        during.dead, 0,
+        "nothing is answered dead while Kafka is away"
+    );
+    assert!(
+        answered,
+        "{} requests unanswered\n{}",
+        pirate.unanswered(),
+        own.log()
+    );
+    assert_eq!(
+        after.dead,
+        (poison + keyless) as u64,
+        "every request ends dead"
+    );
+    assert_eq!(keys.len(), poison, "every poison key is in the topic");
+    assert!(dead.iter().filter(|d| d.reason == "missing_key").count() >= keyless);
+    assert!(dead
+        .iter()
+        .all(|d| d.reason == "poison" || d.reason == "missing_key"));
+    drop(pirate);
+    store.cleanup().await;
+    // The broker and its storage go with `own`: nothing to delete on the shared one.
+    drop(kafka);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ use idemq_sidecar::source::kafka::KafkaSecrets;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -246,7 +247,23 @@ impl BrokerUnderTest for Kafka {
             let Some(polled) = self.dead_reader.poll(Duration::from_secs(1)) else {
                 break;
             };
-            let m = polled.expect("read a dead letter");
+            let m = match polled {
+                Ok(m) => m,
+                // The reader's connection to a broker of the test's own
+                // that was restarted: librdkafka reconnects by itself.
+                Err(e)
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::BrokerTransportFailure
+                                | RDKafkaErrorCode::AllBrokersDown
+                        )
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => panic!("read a dead letter: {e}"),
+            };
             let reason = m
                 .headers()
                 .and_then(|h| {
