@@ -31,7 +31,7 @@ use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext}
 
 use super::pool::{Connector, Pool, PoolConfig};
 use super::BindError;
-use crate::crd::{KafkaBinding, KafkaSecurityProtocol};
+use crate::crd::{KafkaBinding, KafkaSecretRef, KafkaSecurityProtocol};
 use crate::labels;
 use crate::render::config::{dead_letter_topics, kafka_sasl_mechanism, kafka_security_protocol};
 
@@ -84,8 +84,24 @@ impl Connection {
         kafka: &KafkaBinding,
         value: impl Fn(&str) -> Result<String, String>,
     ) -> Result<Self, String> {
-        let sasl = matches!(
+        Self::from_secret_parts(
+            &kafka.connection_secret_ref,
             kafka.security_protocol,
+            kafka.sasl_mechanism,
+            value,
+        )
+    }
+
+    /// The same, from the parts of a spec that name the Secret and how it is
+    /// used (a ZeroMQ endpoint's Kafka dead letters have them too).
+    pub fn from_secret_parts(
+        secret: &KafkaSecretRef,
+        security_protocol: KafkaSecurityProtocol,
+        sasl_mechanism: Option<crate::crd::SaslMechanism>,
+        value: impl Fn(&str) -> Result<String, String>,
+    ) -> Result<Self, String> {
+        let sasl = matches!(
+            security_protocol,
             KafkaSecurityProtocol::SaslPlaintext | KafkaSecurityProtocol::SaslSsl
         );
         let (username, password) = if sasl {
@@ -98,11 +114,11 @@ impl Connection {
         };
         Ok(Self {
             bootstrap_servers: value(labels::KAFKA_BOOTSTRAP_SERVERS_KEY)?,
-            security_protocol: kafka_security_protocol(kafka.security_protocol),
-            sasl_mechanism: kafka.sasl_mechanism.map(kafka_sasl_mechanism),
+            security_protocol: kafka_security_protocol(security_protocol),
+            sasl_mechanism: sasl_mechanism.map(kafka_sasl_mechanism),
             username,
             password,
-            ca_pem: match &kafka.connection_secret_ref.ca_key {
+            ca_pem: match &secret.ca_key {
                 Some(key) => Some(value(key)?),
                 None => None,
             },

@@ -17,7 +17,7 @@ use super::status::{publish, verdict, Verdict};
 use super::{key_missing, secret_data, Context, Error};
 use crate::broker::{self, zeromq, BindError, Connection, Plan, SecretProblem};
 use crate::crd::conditions::*;
-use crate::crd::IdempotentConsumer;
+use crate::crd::{DeadLetterTarget, IdempotentConsumer};
 use crate::render;
 
 /// The broker connection from the resource's Secret, or the verdict saying
@@ -53,6 +53,60 @@ async fn connection(
         )),
         Err(v) => Err(in_broker(v)),
     }
+}
+
+/// A ZeroMQ endpoint's dead-letter broker Secret, when its dead letters go
+/// to a broker: it exists and holds the keys the sidecars read, or the pods
+/// would not start, with nothing on the resource to say why.
+async fn dead_letter_secret(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(), Verdict> {
+    let Some(dead) = ic.spec.broker.zeromq.as_ref().map(|z| &z.dead_letter) else {
+        return Ok(());
+    };
+    let Some(name) = dead.secret_name() else {
+        return Ok(());
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let data = match secret_data(&secrets, name).await {
+        Ok(Some(data)) => data,
+        Ok(None) => {
+            return Err(verdict(
+                BROKER_BOUND,
+                false,
+                SECRET_NOT_FOUND,
+                format!("Secret {name} (the dead-letter broker's) does not exist"),
+            ))
+        }
+        Err(v) => {
+            return Err(Verdict {
+                type_: BROKER_BOUND,
+                ..v
+            })
+        }
+    };
+    let value = |key: &str| {
+        data.get(key)
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .ok_or_else(|| key.to_string())
+    };
+    let read = match dead.target() {
+        Some(DeadLetterTarget::RabbitMq(r)) => value(&r.connection_secret_ref.key).map(drop),
+        Some(DeadLetterTarget::Kafka(k)) => broker::kafka::Connection::from_secret_parts(
+            &k.connection_secret_ref,
+            k.security_protocol,
+            k.sasl_mechanism,
+            value,
+        )
+        .map(drop),
+        Some(DeadLetterTarget::Endpoint(_)) | None => Ok(()),
+    };
+    read.map_err(|key| Verdict {
+        type_: BROKER_BOUND,
+        ..key_missing(name, &key)
+    })
 }
 
 /// A spec without exactly one broker: validation stops it before this step,
@@ -96,6 +150,9 @@ pub async fn bind(
     };
     let digest = digest(ic, &plan, &connection);
     if let Plan::ZeroMq(endpoint) = &plan {
+        if let Err(v) = dead_letter_secret(ic, ctx, ns).await {
+            return Ok((v, None));
+        }
         let verdict = expose(ic, ctx, ns, endpoint).await?;
         let bound = verdict.ok.then_some(digest);
         return Ok((verdict, bound));

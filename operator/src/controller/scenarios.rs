@@ -1906,6 +1906,45 @@ mod zeromq {
         )));
     }
 
+    /// Dead letters to RabbitMQ through a Secret that lacks the URL key: the
+    /// pods could not start, so the resource says why before exposing them.
+    #[tokio::test]
+    async fn a_dead_letter_broker_secret_without_its_key_is_reported() {
+        const DEAD_SECRET: &str = "/api/v1/namespaces/shop/secrets/dead-letters";
+        let mut ic = fixtures::zeromq_policy();
+        ic.spec.broker.zeromq.as_mut().expect("zeromq").dead_letter = serde_yaml::from_str(
+            "rabbitmq: { connectionSecretRef: { name: dead-letters }, queue: orders.dead }",
+        )
+        .expect("a deadLetter");
+        let dead = json!({ "apiVersion": "v1", "kind": "Secret",
+            "metadata": { "name": "dead-letters", "namespace": "shop" },
+            "data": { "uri": "YW1xcDovL2d1ZXN0Omd1ZXN0QGxvY2FsaG9zdA==" } });
+        let (secret, _) = keys_secret();
+        let status = Arc::new(Mutex::new(None));
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
+            Expect::get(DEAD_SECRET, StatusCode::OK, dead.clone()),
+            Expect::get(DEAD_SECRET, StatusCode::OK, dead),
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET),
+            status_patch(status.clone()),
+            event("Injected"),
+            event("RedisNotReady"),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+                assert_eq!(e["reason"], "SecretKeyMissing");
+                assert_eq!(e["note"], "Secret dead-letters has no key \"url\"");
+            }),
+        ]);
+        run(ic, expected).await.expect("reconciles");
+        assert!(conditions(&status).contains(&(
+            "BrokerBound".into(),
+            "False".into(),
+            "SecretKeyMissing".into()
+        )));
+    }
+
     #[tokio::test]
     async fn with_its_keys_the_endpoint_gets_an_owned_service_and_network_policy_and_is_bound() {
         let status = Arc::new(Mutex::new(None));
