@@ -98,21 +98,8 @@ async fn a_dead_letter_rabbitmq_outage_answers_retry_then_dead_and_loses_nothing
         retry_after: Duration::from_millis(200),
         ..PirateOptions::new(format!("tcp://127.0.0.1:{port}"))
     });
-    let poison = 10;
-    let keyless = 5;
-    let mut sent: Vec<Message> = (0..poison)
-        .map(|i| Message::keyed(format!("dl-{i}"), scenarios::body(i)))
-        .collect();
-    sent.extend((0..keyless).map(|i| Message::unkeyed(scenarios::body(100 + i))));
-    pirate.send(sent);
-    let told_retry = wait_for(Duration::from_secs(30), async || {
-        pirate
-            .tally()
-            .retry_reasons
-            .get("dead_letter_unavailable")
-            .is_some_and(|n| *n >= (poison + keyless) as u64)
-    })
-    .await;
+    let (poison, keyless) = (10, 5);
+    let told_retry = send_while_dead_letters_are_away(&pirate, "dl", poison, keyless).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = pirate.tally();
     let queued_during = BrokerUnderTest::dead_letters(&rabbit).await.len();
@@ -198,21 +185,8 @@ async fn a_dead_letter_kafka_outage_answers_retry_then_dead_and_loses_nothing() 
         retry_after: Duration::from_millis(200),
         ..PirateOptions::new(format!("tcp://127.0.0.1:{port}"))
     });
-    let poison = 5;
-    let keyless = 3;
-    let mut sent: Vec<Message> = (0..poison)
-        .map(|i| Message::keyed(format!("dk-{i}"), scenarios::body(i)))
-        .collect();
-    sent.extend((0..keyless).map(|i| Message::unkeyed(scenarios::body(100 + i))));
-    pirate.send(sent);
-    let told_retry = wait_for(Duration::from_secs(30), async || {
-        pirate
-            .tally()
-            .retry_reasons
-            .get("dead_letter_unavailable")
-            .is_some_and(|n| *n >= (poison + keyless) as u64)
-    })
-    .await;
+    let (poison, keyless) = (5, 3);
+    let told_retry = send_while_dead_letters_are_away(&pirate, "dk", poison, keyless).await;
     let during = pirate.tally();
     own.restart().await;
     let answered = pirate.wait_answered(Duration::from_secs(90)).await;
@@ -785,4 +759,28 @@ async fn the_python_example_client_gets_each_message_processed_once() {
     assert_eq!(app.distinct(), 50);
     assert_eq!(dead.take().len(), 1);
     store.cleanup().await;
+}
+
+/// Sends `poison` keyed messages (`<prefix>-<i>`) and `keyless` unkeyed ones
+/// while the dead-letter broker is away; whether each was answered `retry
+/// dead_letter_unavailable` at least once within 30 s.
+async fn send_while_dead_letters_are_away(
+    pirate: &Pirate,
+    prefix: &str,
+    poison: usize,
+    keyless: usize,
+) -> bool {
+    let mut sent: Vec<Message> = (0..poison)
+        .map(|i| Message::keyed(format!("{prefix}-{i}"), scenarios::body(i)))
+        .collect();
+    sent.extend((0..keyless).map(|i| Message::unkeyed(scenarios::body(100 + i))));
+    pirate.send(sent);
+    wait_for(Duration::from_secs(30), async || {
+        pirate
+            .tally()
+            .retry_reasons
+            .get("dead_letter_unavailable")
+            .is_some_and(|n| *n >= (poison + keyless) as u64)
+    })
+    .await
 }

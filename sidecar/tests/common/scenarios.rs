@@ -439,16 +439,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Stops Redis mid-stream: nothing is delivered unchecked while it is down,
-/// readiness says so, and everything is processed once after it returns.
-/// `during_outage` runs while the store is down (a broker's own checks).
-pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
-    during_outage: impl AsyncFnOnce(&B, &Running),
-) {
-    // A durable store (every write on disk before it is answered), so the
-    // crash below is an outage and not also a loss of state: that would be a
-    // store reset, which pauses consumption until acknowledged.
-    let mut redis = super::redis::OwnRedis::start(&[
+/// A Redis of the test's own that writes everything to disk before it
+/// answers, and a store on it: a crash of it is an outage and not also a
+/// loss of state (that would be a store reset, which pauses consumption
+/// until acknowledged).
+async fn durable_redis_store(test: &str) -> (super::redis::OwnRedis, Arc<dyn KeyStore>) {
+    let redis = super::redis::OwnRedis::start(&[
         "--save",
         "",
         "--appendonly",
@@ -457,13 +453,23 @@ pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
         "always",
     ])
     .await;
-    let store: Arc<dyn KeyStore> = Arc::new(
+    let store = Arc::new(
         RedisStore::new(RedisOptions {
             timeout: Duration::from_millis(300),
-            ..RedisOptions::new(redis.url(), super::unique("outage"))
+            ..RedisOptions::new(redis.url(), super::unique(test))
         })
         .expect("options"),
     );
+    (redis, store)
+}
+
+/// Stops Redis mid-stream: nothing is delivered unchecked while it is down,
+/// readiness says so, and everything is processed once after it returns.
+/// `during_outage` runs while the store is down (a broker's own checks).
+pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
+    during_outage: impl AsyncFnOnce(&B, &Running),
+) {
+    let (mut redis, store) = durable_redis_store("outage").await;
     let t = B::create("outage").await;
     let app = app::start_slow(app::always_ok(), Duration::from_millis(10)).await;
     let n = 400;
@@ -517,22 +523,7 @@ pub async fn store_outage_pauses_delivery_and_loses_nothing<B: BrokerUnderTest>(
 pub async fn completions_refused_in_an_outage_are_recorded_when_the_store_returns<
     B: BrokerUnderTest,
 >() {
-    let mut redis = super::redis::OwnRedis::start(&[
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ])
-    .await;
-    let store: Arc<dyn KeyStore> = Arc::new(
-        RedisStore::new(RedisOptions {
-            timeout: Duration::from_millis(300),
-            ..RedisOptions::new(redis.url(), super::unique("refused"))
-        })
-        .expect("options"),
-    );
+    let (mut redis, store) = durable_redis_store("refused").await;
     let t = B::create("refused").await;
     let app = app::start_slow(app::always_ok(), Duration::from_millis(1500)).await;
     let n = 20;
