@@ -17,6 +17,7 @@ const EX_CONFIG: u8 = 64;
 // Every delivery allocates a few buffers on whichever runtime thread polls
 // it; glibc's malloc serialises those threads on its arena locks.
 #[global_allocator]
+// Its options are set at build time, in .cargo/config.toml.
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
