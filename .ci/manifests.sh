@@ -179,3 +179,29 @@ for case in two-dead rabbit-both; do
 done
 grep -q "exactly one dead-letter target" "$out/cel-zeromq-two-dead.txt" || { cat "$out/cel-zeromq-two-dead.txt" >&2; exit 1; }
 grep -q "exactly one of exchange (with routingKey) or queue" "$out/cel-zeromq-rabbit-both.txt" || { cat "$out/cel-zeromq-rabbit-both.txt" >&2; exit 1; }
+
+echo "== the CRD's CEL rules refuse managed.replicas 1, replicas with ephemeral, and durability replicated with one managed Redis"
+$PY - examples/managed-redis-ha.yaml "$out" <<'PY'
+import copy, sys, yaml
+ic = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "IdempotentConsumer"][0]
+cases = {
+    "one-replica": {"replicas": 1},
+    "ephemeral-replicas": {"replicas": 2, "ephemeral": True},
+    "replicated-without-replicas": {},
+}
+for case, managed in cases.items():
+    doc = copy.deepcopy(ic)
+    doc["spec"]["store"]["managed"] = managed
+    yaml.safe_dump(doc, open(f"{sys.argv[2]}/ha-{case}.yaml", "w"))
+PY
+for case in one-replica ephemeral-replicas replicated-without-replicas; do
+  if $PY .ci/validate_custom.py crds/idempotentconsumers.idemq.dev.yaml "$out/ha-$case.yaml" > "$out/cel-ha-$case.txt"; then
+    cat "$out/cel-ha-$case.txt" >&2
+    echo "a managed store ($case) was accepted" >&2
+    exit 1
+  fi
+  grep FAIL "$out/cel-ha-$case.txt"
+done
+grep -q "managed.replicas must be 0 (one Redis) or at least 2" "$out/cel-ha-one-replica.txt" || { cat "$out/cel-ha-one-replica.txt" >&2; exit 1; }
+grep -q "managed.replicas needs the durable store" "$out/cel-ha-ephemeral-replicas.txt" || { cat "$out/cel-ha-ephemeral-replicas.txt" >&2; exit 1; }
+grep -q "store.durability replicated needs replicas" "$out/cel-ha-replicated-without-replicas.txt" || { cat "$out/cel-ha-replicated-without-replicas.txt" >&2; exit 1; }

@@ -986,7 +986,7 @@ pub enum Unavailable {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("self.mode != 'external' || has(self.external)").message("store.external is required when store.mode is external"))]
-#[x_kube(validation = kube::core::Rule::new("!has(self.durability) || self.durability != 'replicated' || self.mode == 'external'").message("store.durability replicated needs an external store with replicas: the managed Redis has none"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.durability) || self.durability != 'replicated' || self.mode == 'external' || (has(self.managed) && has(self.managed.replicas) && self.managed.replicas >= 2)").message("store.durability replicated needs replicas: set store.managed.replicas (2 or more), or use an external store with replicas"))]
 pub struct StoreSpec {
     #[serde(default)]
     pub mode: StoreMode,
@@ -998,8 +998,9 @@ pub struct StoreSpec {
     #[serde(default)]
     pub unavailable: Unavailable,
     /// `replicated`: a completion waits until a replica holds it (`WAIT 1`)
-    /// before the message is acknowledged; needs an external store with
-    /// replicas (a Redis Cluster, or a primary with replicas).
+    /// before the message is acknowledged; needs replicas: a managed store
+    /// with `managed.replicas`, or an external Redis Cluster or primary with
+    /// replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durability: Option<StoreDurability>,
     /// What the sidecar does when the store lost its state (default
@@ -1032,12 +1033,32 @@ impl StoreSpec {
         self.external().is_some_and(|e| e.cluster)
     }
 
-    /// The primary's name, when an external store is reached through
-    /// Sentinels.
+    /// The primary's name, when the store is reached through Sentinels: an
+    /// external store that names one, or a managed store with replicas.
     pub fn sentinel(&self) -> Option<&str> {
+        if self.managed_replicas() > 0 {
+            return Some(MANAGED_PRIMARY);
+        }
         self.external()?.sentinel.as_deref()
     }
+
+    /// Redis replicas beside the managed primary (0: one Redis, or an
+    /// external store).
+    pub fn managed_replicas(&self) -> u8 {
+        match (&self.mode, &self.managed) {
+            // The schema refuses replicas with ephemeral; an object stored
+            // otherwise keeps its one ephemeral Redis.
+            (StoreMode::Managed, Some(managed)) if !managed.ephemeral.unwrap_or(false) => {
+                managed.replicas.unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
 }
+
+/// The name under which the Sentinels of a managed store monitor its
+/// primary: each store has Sentinels of its own, so one name serves all.
+pub const MANAGED_PRIMARY: &str = "idemq";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -1097,6 +1118,8 @@ pub struct ExternalStore {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.replicas) || self.replicas == 0 || self.replicas >= 2").message("managed.replicas must be 0 (one Redis) or at least 2: each pod runs a Sentinel, and three Sentinels still hold their quorum of 2 when one pod is lost"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.replicas) || self.replicas == 0 || !has(self.ephemeral) || !self.ephemeral").message("managed.replicas needs the durable store: remove ephemeral (each replica keeps its data on a claim of its own)"))]
 pub struct ManagedStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -1122,6 +1145,12 @@ pub struct ManagedStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub expected_keys: Option<u64>,
+    /// Redis replicas beside the primary (default 0: one Redis). 2 or more
+    /// run a Sentinel in every pod, which promotes a replica when the primary
+    /// is lost; the sidecars follow the primary they name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 6))]
+    pub replicas: Option<u8>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]

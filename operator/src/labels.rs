@@ -84,6 +84,8 @@ pub const POD_IP_ENV: &str = "POD_IP";
 pub const ADMIN_PORT: u16 = 9090;
 pub const GATE_PORT: u16 = 7071;
 pub const REDIS_PORT: u16 = 6379;
+/// The Sentinels' port, in every pod of a managed store with replicas.
+pub const SENTINEL_PORT: u16 = 26379;
 pub const DEFAULT_SIDECAR_IMAGE: &str = "ghcr.io/idemq/idemq-sidecar:0.1.0";
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7.2-alpine";
 

@@ -76,6 +76,9 @@ fn crd_has_the_names_columns_and_status_users_rely_on() {
         "self.injection == 'pod' ? (has(self.target.selector)",
         "self.injection == oldSelf.injection",
         "self.rollout == 'manual' || self.injection == 'pod'",
+        "!has(self.replicas) || self.replicas == 0 || self.replicas >= 2",
+        "!has(self.ephemeral) || !self.ephemeral",
+        "has(self.managed.replicas) && self.managed.replicas >= 2",
     ] {
         assert!(schema.contains(rule), "missing CEL rule {rule}");
     }

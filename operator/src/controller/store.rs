@@ -5,7 +5,9 @@
 //!
 //! Switching between the two kinds (an upgrade from the former Deployment, or
 //! `ephemeral` toggled) deletes the other kind first, so that two Redis
-//! servers never serve one consumer behind its Service.
+//! servers never serve one consumer behind its Service. Adding replicas to
+//! the StatefulSet (or removing them) keeps it, and re-creates the Service,
+//! which becomes headless (or stops being so).
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -67,7 +69,9 @@ pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<
             )
             .await?;
             let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-            apply(&services, &name, json(&render::redis::service(ic)?)).await?;
+            let service = render::redis::service(ic)?;
+            replace_if_headless_changes(&services, &name, &service).await?;
+            apply(&services, &name, json(&service)).await?;
             let client = &ctx.client;
             let available = if render::redis::is_ephemeral(ic) {
                 delete_if_present(&Api::<StatefulSet>::namespaced(client.clone(), ns), &name)
@@ -114,6 +118,28 @@ pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<
             })
         }
     }
+}
+
+/// Deletes the Service when it is to become headless or stop being so
+/// (replicas added or removed): its cluster IP cannot change in place, so the
+/// apply that follows creates it anew. Clients of the one Redis lose its
+/// address for that moment; the Sentinels' clients do not use it.
+async fn replace_if_headless_changes(
+    services: &Api<Service>,
+    name: &str,
+    desired: &Service,
+) -> Result<(), Error> {
+    let Some(current) = services.get_opt(name).await? else {
+        return Ok(());
+    };
+    if render::redis::is_headless(&current) != render::redis::is_headless(desired) {
+        tracing::info!(
+            service = name,
+            "re-creating the Redis Service: its cluster IP changes"
+        );
+        delete(services, name).await?;
+    }
+    Ok(())
 }
 
 /// Deletes `name` unless it is already gone.
@@ -215,8 +241,14 @@ async fn store_address(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Opti
             let password = secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY)
                 .await
                 .ok()??;
+            // With replicas, the Sentinels say where the primary is now.
+            let url = if render::redis::replicas(ic) > 0 {
+                render::redis::sentinel_urls(ic)
+            } else {
+                format!("redis://{name}.{ns}.svc:{}", labels::REDIS_PORT)
+            };
             Some(StoreAddress {
-                url: format!("redis://{name}.{ns}.svc:{}", labels::REDIS_PORT),
+                url,
                 password: Some(password),
                 ca: None,
             })

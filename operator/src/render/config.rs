@@ -543,6 +543,29 @@ mod tests {
     }
 
     #[test]
+    fn a_managed_store_with_replicas_is_reached_through_its_sentinels() {
+        let mut ic = sample::policy();
+        ic.spec.store.managed = Some(crate::crd::ManagedStore {
+            replicas: Some(2),
+            ..Default::default()
+        });
+        ic.spec.store.durability = Some(StoreDurability::Replicated);
+        let config = sidecar_config(&ic).expect("renders");
+        assert_eq!(config.store.sentinel.as_deref(), Some("idemq"));
+        assert_eq!(config.store.durability, Durability::Replicated);
+        assert_eq!(
+            config.store.url, None,
+            "the Sentinels' URLs come from the environment, as the one Redis's URL does"
+        );
+        assert_eq!(config.validate(), Ok(()));
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(
+            !yaml.to_lowercase().contains("password"),
+            "no password in the configuration: {yaml}"
+        );
+    }
+
+    #[test]
     fn an_external_redis_cluster_reaches_the_sidecar_and_one_partition_is_warned_of() {
         use crate::crd::{ExternalStore, SecretKeyRef, StoreMode};
         let mut ic = sample::policy();

@@ -30,7 +30,7 @@ use crate::crd::{
 use crate::labels;
 use crate::render::RenderError;
 
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+pub(crate) fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.to_string(),
         value_from: Some(EnvVarSource {
@@ -45,7 +45,7 @@ fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-fn plain_env(name: &str, value: &str) -> EnvVar {
+pub(crate) fn plain_env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.to_string(),
         value: Some(value.to_string()),
@@ -126,10 +126,15 @@ pub fn container(ic: &IdempotentConsumer, default_image: &str) -> Container {
     match spec.store.mode {
         StoreMode::Managed => {
             let redis = labels::redis(ic);
-            env.push(plain_env(
-                SecretEnv::REDIS_URL,
-                &format!("redis://{redis}:{}", labels::REDIS_PORT),
-            ));
+            // With replicas, the Sentinels (the configuration names the
+            // primary they monitor): they follow the primary through a
+            // failover, which one address could not.
+            let url = if super::redis::replicas(ic) > 0 {
+                super::redis::sentinel_urls(ic)
+            } else {
+                format!("redis://{redis}:{}", labels::REDIS_PORT)
+            };
+            env.push(plain_env(SecretEnv::REDIS_URL, &url));
             env.push(secret_env(
                 SecretEnv::REDIS_PASSWORD,
                 &redis,
@@ -703,6 +708,29 @@ mod tests {
             .iter()
             .flatten()
             .all(|e| e.name != "IDEMQ_REDIS_PASSWORD"));
+    }
+
+    #[test]
+    fn a_managed_store_with_replicas_is_given_as_its_sentinels() {
+        let mut ic = sample::policy();
+        ic.spec.store.managed = Some(crate::crd::ManagedStore {
+            replicas: Some(2),
+            ..Default::default()
+        });
+        let c = container(&ic, "img");
+        assert_eq!(
+            env_of(&c, "IDEMQ_REDIS_URL").value.as_deref(),
+            Some(
+                "redis://orders-idemq-redis-0.orders-idemq-redis.shop.svc:26379,\
+                 redis://orders-idemq-redis-1.orders-idemq-redis.shop.svc:26379,\
+                 redis://orders-idemq-redis-2.orders-idemq-redis.shop.svc:26379"
+            )
+        );
+        assert_eq!(
+            secret_ref(&c, "IDEMQ_REDIS_PASSWORD"),
+            ("orders-idemq-redis".to_string(), "password".to_string()),
+            "the Sentinels ask for the store's password too"
+        );
     }
 
     fn secret_ref(c: &Container, name: &str) -> (String, String) {

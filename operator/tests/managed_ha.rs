@@ -1,0 +1,504 @@
+//! The managed store with replicas, run for real: the start scripts the
+//! operator renders into the StatefulSet run with `sh` as three "pods" on
+//! loopback (each a redis-server and a redis-sentinel, on ports of their
+//! own), the environment as the StatefulSet sets it but for the addresses,
+//! directories and password. The primary is killed; a replica must be
+//! promoted with the completions, and the killed pod, started again by the
+//! same script, must come back as a replica of the new primary.
+//!
+//! Needs `redis-server` and `redis-cli` (7.0 or later) on the PATH.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use idemq_operator::crd::{IdempotentConsumer, ManagedStore};
+use idemq_operator::render;
+use idemq_sidecar::store::redis::{Durability, RedisOptions, RedisStore};
+use idemq_sidecar::store::{Claim, KeyStore, Transition};
+use k8s_openapi::api::core::v1::Container;
+
+const PODS: usize = 3;
+const PASSWORD: &str = "ha-test-password";
+const LEASE: Duration = Duration::from_secs(30);
+const RETENTION: Duration = Duration::from_secs(3600);
+
+/// The resource of the test: the sample policy with two replicas.
+fn replicated_policy() -> IdempotentConsumer {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/policy.yaml"
+    ))
+    .expect("sample policy");
+    let mut ic: IdempotentConsumer = serde_yaml::from_str(&yaml).expect("sample policy parses");
+    ic.metadata.uid = Some("3f7c8a2e-0000-4000-8000-000000000002".to_string());
+    ic.spec.store.managed = Some(ManagedStore {
+        replicas: Some(2),
+        ..ManagedStore::default()
+    });
+    ic
+}
+
+/// A rendered container's start script and its plain environment.
+struct Rendered {
+    script: String,
+    env: BTreeMap<String, String>,
+}
+
+fn rendered(container: &Container) -> Rendered {
+    let args = container.args.as_ref().expect("a start script");
+    assert_eq!(
+        container.command.as_deref(),
+        Some(&["sh".to_string(), "-c".to_string()][..]),
+        "{} starts through sh",
+        container.name
+    );
+    Rendered {
+        script: args[0].clone(),
+        env: container
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect(),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// One "pod": its Redis and Sentinel processes, started by the rendered
+/// scripts. Both are killed when it is dropped.
+struct Pod {
+    ordinal: usize,
+    dir: PathBuf,
+    redis_port: u16,
+    sentinel_port: u16,
+    redis: Option<Child>,
+    sentinel: Option<Child>,
+}
+
+/// The whole set: what the scripts need to know of every pod.
+struct Set {
+    redis: Rendered,
+    sentinel: Rendered,
+    redis_nodes: String,
+    sentinels: String,
+    _root: tempfile::TempDir,
+    pods: Vec<Pod>,
+}
+
+impl Set {
+    fn new() -> Self {
+        let ic = replicated_policy();
+        let set = render::redis::stateful_set(&ic).expect("renders");
+        let pod = set
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("a pod template");
+        let root = tempfile::tempdir().expect("temp dir");
+        let pods: Vec<Pod> = (0..PODS)
+            .map(|ordinal| {
+                let dir = root.path().join(format!("pod-{ordinal}"));
+                for sub in ["data", "sentinel"] {
+                    std::fs::create_dir_all(dir.join(sub)).expect("pod directories");
+                }
+                Pod {
+                    ordinal,
+                    dir,
+                    redis_port: free_port(),
+                    sentinel_port: free_port(),
+                    redis: None,
+                    sentinel: None,
+                }
+            })
+            .collect();
+        let list = |port: fn(&Pod) -> u16| {
+            pods.iter()
+                .map(|p| format!("127.0.0.1:{}", port(p)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        Self {
+            redis: rendered(&pod.containers[0]),
+            sentinel: rendered(&pod.containers[1]),
+            redis_nodes: list(|p| p.redis_port),
+            sentinels: list(|p| p.sentinel_port),
+            _root: root,
+            pods,
+        }
+    }
+
+    /// Runs `what`'s script for pod `ordinal` as the kubelet would, with
+    /// loopback addresses instead of the pods' names.
+    fn spawn(&self, what: &Rendered, ordinal: usize, log: &str) -> Child {
+        let pod = &self.pods[ordinal];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pod.dir.join(log))
+            .expect("log file");
+        Command::new("sh")
+            .arg("-c")
+            .arg(&what.script)
+            .envs(&what.env)
+            .env("POD_NAME", format!("orders-idemq-redis-{ordinal}"))
+            .env("REDIS_PASSWORD", PASSWORD)
+            .env("IDEMQ_REDIS_NODES", &self.redis_nodes)
+            .env("IDEMQ_SENTINELS", &self.sentinels)
+            .env("IDEMQ_DATA_DIR", pod.dir.join("data"))
+            .env("IDEMQ_SENTINEL_DIR", pod.dir.join("sentinel"))
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start sh (redis-server and redis-cli must be on the PATH)")
+    }
+
+    async fn start_redis(&mut self, ordinal: usize) {
+        let child = self.spawn(&self.redis, ordinal, "redis.log");
+        self.pods[ordinal].redis = Some(child);
+        let port = self.pods[ordinal].redis_port;
+        assert!(
+            wait_for(Duration::from_secs(20), async || { ping(port).await }).await,
+            "pod {ordinal}'s Redis did not answer; its log:\n{}",
+            self.pods[ordinal].log("redis.log")
+        );
+    }
+
+    async fn start_sentinel(&mut self, ordinal: usize) {
+        let child = self.spawn(&self.sentinel, ordinal, "sentinel.log");
+        self.pods[ordinal].sentinel = Some(child);
+        let port = self.pods[ordinal].sentinel_port;
+        assert!(
+            wait_for(Duration::from_secs(20), async || { ping(port).await }).await,
+            "pod {ordinal}'s Sentinel did not answer; its log:\n{}",
+            self.pods[ordinal].log("sentinel.log")
+        );
+    }
+
+    /// Every pod, in order, as a StatefulSet starts them (the next one
+    /// once the one before answers).
+    async fn start(&mut self) {
+        for ordinal in 0..PODS {
+            self.start_redis(ordinal).await;
+            self.start_sentinel(ordinal).await;
+        }
+    }
+
+    fn sentinel_urls(&self) -> String {
+        self.pods
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{}", p.sentinel_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The primary's port as the first Sentinel that answers names it.
+    async fn primary_named(&self) -> Option<u16> {
+        for pod in &self.pods {
+            let answer: Option<Vec<String>> = query(
+                pod.sentinel_port,
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(idemq_operator::crd::MANAGED_PRIMARY),
+            )
+            .await;
+            if let Some(port) = answer.and_then(|a| a.get(1)?.parse().ok()) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    /// Whether every Sentinel knows the two replicas and the two other
+    /// Sentinels: they can agree on a failover.
+    async fn sentinels_agree(&self) -> bool {
+        for pod in &self.pods {
+            for (kind, expected) in [("REPLICAS", PODS - 1), ("SENTINELS", PODS - 1)] {
+                let known: Option<Vec<redis::Value>> = query(
+                    pod.sentinel_port,
+                    redis::cmd("SENTINEL")
+                        .arg(kind)
+                        .arg(idemq_operator::crd::MANAGED_PRIMARY),
+                )
+                .await;
+                if known.map(|k| k.len()) != Some(expected) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Pod {
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// SIGKILL of the pod's Redis, as a lost node would do it.
+    fn kill_redis(&mut self) {
+        if let Some(mut child) = self.redis.take() {
+            child.kill().expect("kill redis");
+            child.wait().expect("reap redis");
+        }
+    }
+
+    /// `ROLE`: "master", or "slave" with the primary's port.
+    async fn role(&self) -> Option<(String, Option<u16>)> {
+        let role: Vec<redis::Value> = query(self.redis_port, &redis::cmd("ROLE")).await?;
+        let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
+        let kind = text(role.first()?)?;
+        let primary_port = match kind.as_str() {
+            "slave" => role
+                .get(2)
+                .and_then(|v| redis::from_redis_value_ref::<u16>(v).ok()),
+            _ => None,
+        };
+        Some((kind, primary_port))
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        for mut child in [self.redis.take(), self.sentinel.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}");
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        redis::Client::open(url)
+            .ok()?
+            .get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tokio::time::timeout(Duration::from_secs(2), cmd.query_async(&mut conn))
+        .await
+        .ok()?
+        .ok()
+}
+
+async fn ping(port: u16) -> bool {
+    query::<String>(port, &redis::cmd("PING")).await.as_deref() == Some("PONG")
+}
+
+async fn wait_for(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+fn assert_tools() {
+    for tool in ["redis-server", "redis-cli"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            found,
+            "{tool} is not on the PATH: apt-get install redis-server (7.0 or later)"
+        );
+    }
+}
+
+fn log_lines(pod: &Pod, file: &str, pattern: &str) -> Vec<String> {
+    pod.log(file)
+        .lines()
+        .filter(|l| l.contains(pattern))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_comes_back_as_a_replica(
+) {
+    assert_tools();
+    let mut set = Set::new();
+    set.start().await;
+
+    assert!(
+        wait_for(Duration::from_secs(30), async || set
+            .sentinels_agree()
+            .await)
+        .await,
+        "the Sentinels did not find the replicas and each other; pod 0's Sentinel log:\n{}",
+        set.pods[0].log("sentinel.log")
+    );
+    let first = set.pods[0].redis_port;
+    assert_eq!(set.pods[0].role().await, Some(("master".into(), None)));
+    for pod in &set.pods[1..] {
+        assert_eq!(
+            pod.role().await,
+            Some(("slave".into(), Some(first))),
+            "pod {} starts as a replica of pod 0",
+            pod.ordinal
+        );
+    }
+
+    // The sidecar's own store client, through the Sentinels, as the
+    // operator configures it for a managed store with replicas.
+    let store = RedisStore::new(RedisOptions {
+        sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
+        password: Some(PASSWORD.to_string()),
+        durability: Durability::Replicated,
+        timeout: Duration::from_secs(1),
+        ..RedisOptions::new(set.sentinel_urls(), "shop.orders")
+    })
+    .expect("store options");
+    const COMPLETED: usize = 200;
+    for i in 0..COMPLETED {
+        let key = format!("order-{i}");
+        let token = match store
+            .claim(&key, Some("fp"), LEASE, RETENTION)
+            .await
+            .expect("claim")
+        {
+            Claim::Acquired { token } => token,
+            other => panic!("expected to acquire {key}, got {other:?}"),
+        };
+        let done = store.complete(&key, &token, RETENTION).await;
+        assert_eq!(done.expect("a replica confirms"), Transition::Done);
+    }
+
+    set.pods[0].kill_redis();
+    let killed = Instant::now();
+    let promoted = wait_for(
+        Duration::from_secs(60),
+        async || matches!(set.primary_named().await, Some(port) if port != first),
+    )
+    .await;
+    let failover = killed.elapsed();
+    assert!(
+        promoted,
+        "no replica was promoted within 60 s; pod 1's Sentinel log:\n{}",
+        set.pods[1].log("sentinel.log")
+    );
+    let new_primary = set.primary_named().await.expect("a primary");
+    let promoted_pod = set
+        .pods
+        .iter()
+        .position(|p| p.redis_port == new_primary)
+        .expect("the new primary is one of the pods");
+    assert!(
+        wait_for(Duration::from_secs(20), async || {
+            set.pods[promoted_pod].role().await.map(|r| r.0).as_deref() == Some("master")
+        })
+        .await,
+        "pod {promoted_pod} is named but not promoted"
+    );
+
+    let mut kept = 0;
+    for i in 0..COMPLETED {
+        // The first calls after a failover may still reach the lost primary.
+        let mut answer = None;
+        for _ in 0..50 {
+            match store
+                .claim(&format!("order-{i}"), Some("fp"), LEASE, RETENTION)
+                .await
+            {
+                Ok(claim) => {
+                    answer = Some(claim);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if answer == Some(Claim::Completed) {
+            kept += 1;
+        }
+    }
+
+    // Pod 0 again, by the same script: its Sentinel names the new primary.
+    set.start_redis(0).await;
+    let rejoined = wait_for(Duration::from_secs(20), async || {
+        set.pods[0].role().await == Some(("slave".into(), Some(new_primary)))
+    })
+    .await;
+    let role = set.pods[0].role().await;
+    let decision = log_lines(&set.pods[0], "redis.log", "starting 127.0.0.1");
+    println!(
+        "managed store with replicas: pod {} promoted {:.1} s after the primary was killed \
+         (down-after 5 s); completions kept {kept}/{COMPLETED}; resets {}; \
+         pod 0 restarted with ROLE {} (its script: {})",
+        promoted_pod,
+        failover.as_secs_f64(),
+        store.resets(),
+        match &role {
+            Some((kind, Some(port))) => format!("{kind} of port {port}"),
+            Some((kind, None)) => kind.clone(),
+            None => "none (no answer)".to_string(),
+        },
+        decision
+            .last()
+            .map(String::as_str)
+            .unwrap_or("no decision logged"),
+    );
+    assert_eq!(kept, COMPLETED, "every replicated completion survives");
+    assert_eq!(store.resets(), 0, "a failover is not a reset");
+    assert!(
+        failover < Duration::from_secs(30),
+        "the failover took {failover:?}"
+    );
+    assert!(
+        rejoined,
+        "pod 0 came back as {role:?}, not as a replica of {new_primary}; its log:\n{}",
+        set.pods[0].log("redis.log")
+    );
+    // And it stays one: nothing promotes it behind the Sentinels' back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let masters = {
+        let mut masters = Vec::new();
+        for pod in &set.pods {
+            if pod.role().await.map(|r| r.0).as_deref() == Some("master") {
+                masters.push(pod.ordinal);
+            }
+        }
+        masters
+    };
+    assert_eq!(
+        masters,
+        [promoted_pod],
+        "exactly one primary after the restart"
+    );
+}
+
+/// The scripts refuse to run with an ordinal outside the lists, rather than
+/// start a Redis that announces a wrong name.
+#[test]
+fn a_pod_outside_the_lists_does_not_start() {
+    let set = Set::new();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&set.redis.script)
+        .envs(&set.redis.env)
+        .env("POD_NAME", "orders-idemq-redis-7")
+        .env("REDIS_PASSWORD", PASSWORD)
+        .env("IDEMQ_REDIS_NODES", &set.redis_nodes)
+        .env("IDEMQ_SENTINELS", "")
+        .output()
+        .expect("run sh");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no entry 7"), "{stderr}");
+}
