@@ -53,6 +53,8 @@ fn apply_prefix() -> Vec<Expect> {
         Expect::get(REDIS_SECRET, StatusCode::NOT_FOUND, not_found()),
         Expect::apply(REDIS_SECRET)
             .with_body(|s| assert_eq!(s["data"]["password"].as_str().map(str::len), Some(44))),
+        // Read first: a Service that turns headless is re-created.
+        Expect::get(REDIS_SVC, StatusCode::NOT_FOUND, not_found()),
         Expect::get(REDIS_SVC, StatusCode::NOT_FOUND, not_found()),
         Expect::apply(REDIS_SVC),
         // No Deployment from an earlier version is left to serve beside it.
@@ -494,7 +496,7 @@ async fn upgrade_from_the_redis_deployment_deletes_it_before_the_stateful_set_is
     let old = json!({ "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": { "name": "orders-idemq-redis", "namespace": "shop" } });
     expected.splice(
-        7..8,
+        8..9,
         [
             Expect::get(REDIS_DEPLOY, StatusCode::OK, old),
             Expect::new(Method::DELETE, REDIS_DEPLOY, StatusCode::OK, deleted),
@@ -518,7 +520,7 @@ async fn an_ephemeral_store_is_a_deployment_and_no_stateful_set_remains() {
     let deleted = json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 });
     let mut expected = apply_prefix();
     expected.splice(
-        7..12,
+        8..13,
         [
             Expect::get(
                 REDIS_STS,
@@ -538,6 +540,66 @@ async fn an_ephemeral_store_is_a_deployment_and_no_stateful_set_remains() {
     );
     expected.push(Expect::get(TARGET, StatusCode::OK, target()));
     expected.push(Expect::apply(TARGET));
+    expected.push(status_patch(Arc::new(Mutex::new(None))));
+    expected.push(event("Injected"));
+    expected.push(event("RedisNotReady"));
+    run(ic, expected).await.expect("reconciles");
+}
+
+#[tokio::test]
+async fn adding_replicas_recreates_the_service_headless_and_keeps_the_stateful_set() {
+    let mut ic = fixtures::policy();
+    ic.spec.store.managed = Some(crate::crd::ManagedStore {
+        replicas: Some(2),
+        ..Default::default()
+    });
+    let deleted = json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 });
+    // The one Redis's Service, with its cluster IP: it cannot become
+    // headless in place, so it goes first and comes back headless.
+    let single = json!({ "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "orders-idemq-redis", "namespace": "shop" },
+        "spec": { "clusterIP": "10.96.0.17", "ports": [{ "name": "redis", "port": 6379 }] } });
+    let mut expected = apply_prefix();
+    expected.splice(
+        5..8,
+        [
+            Expect::get(REDIS_SVC, StatusCode::OK, single),
+            Expect::new(Method::DELETE, REDIS_SVC, StatusCode::OK, deleted),
+            Expect::get(REDIS_SVC, StatusCode::NOT_FOUND, not_found()),
+            Expect::apply(REDIS_SVC).with_body(|s| {
+                assert_eq!(s["spec"]["clusterIP"], "None");
+                assert_eq!(s["spec"]["publishNotReadyAddresses"], true);
+            }),
+        ],
+    );
+    // The StatefulSet keeps its name and Service name; it grows to 3 pods
+    // of Redis and Sentinel. The budget lets one pod go at a time.
+    let sts = expected
+        .iter()
+        .position(|e| e.path == REDIS_STS && e.method == Method::PATCH)
+        .expect("the StatefulSet is applied");
+    expected[sts] = Expect::apply(REDIS_STS).with_body(|s| {
+        assert_eq!(s["spec"]["replicas"], 3);
+        assert_eq!(s["spec"]["serviceName"], "orders-idemq-redis");
+        let containers = &s["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers[1]["name"], "sentinel");
+    });
+    let pdb = expected
+        .iter()
+        .position(|e| e.path == REDIS_PDB && e.method == Method::PATCH)
+        .expect("the budget is applied");
+    expected[pdb] = Expect::apply(REDIS_PDB).with_body(|p| {
+        assert_eq!(p["spec"]["maxUnavailable"], 1);
+        assert!(p["spec"].get("minAvailable").is_none(), "{p}");
+    });
+    expected.push(Expect::get(TARGET, StatusCode::OK, target()));
+    expected.push(Expect::apply(TARGET).with_body(|p| {
+        assert!(
+            p.to_string()
+                .contains("redis://orders-idemq-redis-0.orders-idemq-redis.shop.svc:26379"),
+            "the sidecars are given the Sentinels: {p}"
+        );
+    }));
     expected.push(status_patch(Arc::new(Mutex::new(None))));
     expected.push(event("Injected"));
     expected.push(event("RedisNotReady"));
