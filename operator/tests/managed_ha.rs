@@ -2,9 +2,10 @@
 //! operator renders into the StatefulSet run with `sh` as three "pods" on
 //! loopback (each a redis-server and a redis-sentinel, on ports of their
 //! own), the environment as the StatefulSet sets it but for the addresses,
-//! directories and password. The primary is killed; a replica must be
-//! promoted with the completions, and the killed pod, started again by the
-//! same script, must come back as a replica of the new primary.
+//! directories and password. The primary's pod is killed (its Redis and its
+//! Sentinel, SIGKILL); a replica must be promoted with the completions, and
+//! the killed pod, started again by the same scripts, must come back as a
+//! replica of the new primary.
 //!
 //! Needs `redis-server` and `redis-cli` (7.0 or later) on the PATH.
 
@@ -181,6 +182,25 @@ impl Set {
         );
     }
 
+    /// Pod `ordinal` re-created: its Redis and Sentinel start together, as
+    /// a pod's containers do, so the Redis may find its own Sentinel not
+    /// listening yet.
+    async fn recreate(&mut self, ordinal: usize) {
+        let redis = self.spawn(&self.redis, ordinal, "redis.log");
+        let sentinel = self.spawn(&self.sentinel, ordinal, "sentinel.log");
+        let pod = &mut self.pods[ordinal];
+        pod.redis = Some(redis);
+        pod.sentinel = Some(sentinel);
+        for (what, port) in [("Redis", pod.redis_port), ("Sentinel", pod.sentinel_port)] {
+            assert!(
+                wait_for(Duration::from_secs(20), async || ping(port).await).await,
+                "pod {ordinal}'s {what} did not answer; its logs:\n{}\n{}",
+                pod.log("redis.log"),
+                pod.log("sentinel.log")
+            );
+        }
+    }
+
     /// Every pod, in order, as a StatefulSet starts them (the next one
     /// once the one before answers).
     async fn start(&mut self) {
@@ -241,11 +261,14 @@ impl Pod {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
-    /// SIGKILL of the pod's Redis, as a lost node would do it.
-    fn kill_redis(&mut self) {
-        if let Some(mut child) = self.redis.take() {
-            child.kill().expect("kill redis");
-            child.wait().expect("reap redis");
+    /// The pod lost with its node: SIGKILL of its Redis and its Sentinel.
+    fn kill(&mut self) {
+        for mut child in [self.redis.take(), self.sentinel.take()]
+            .into_iter()
+            .flatten()
+        {
+            child.kill().expect("kill");
+            child.wait().expect("reap");
         }
     }
 
@@ -381,7 +404,7 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
         assert_eq!(done.expect("a replica confirms"), Transition::Done);
     }
 
-    set.pods[0].kill_redis();
+    set.pods[0].kill();
     let killed = Instant::now();
     let promoted = wait_for(
         Duration::from_secs(60),
@@ -429,8 +452,9 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
         }
     }
 
-    // Pod 0 again, by the same script: its Sentinel names the new primary.
-    set.start_redis(0).await;
+    // Pod 0 again, by the same scripts: the other Sentinels name the new
+    // primary to its Sentinel and to its Redis.
+    set.recreate(0).await;
     let rejoined = wait_for(Duration::from_secs(20), async || {
         set.pods[0].role().await == Some(("slave".into(), Some(new_primary)))
     })
@@ -438,7 +462,7 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
     let role = set.pods[0].role().await;
     let decision = log_lines(&set.pods[0], "redis.log", "starting 127.0.0.1");
     println!(
-        "managed store with replicas: pod {} promoted {:.1} s after the primary was killed \
+        "managed store with replicas: pod {} promoted {:.1} s after the primary's pod was killed \
          (down-after 5 s); completions kept {kept}/{COMPLETED}; resets {}; \
          pod 0 restarted with ROLE {} (its script: {})",
         promoted_pod,
