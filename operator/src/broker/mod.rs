@@ -148,10 +148,7 @@ impl Connection {
         data: &BTreeMap<String, ByteString>,
     ) -> Result<Self, SecretProblem> {
         if let Some(BrokerKind::ZeroMq(z)) = ic.spec.broker.kind() {
-            let value = |key: &str| {
-                data.get(key)
-                    .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-            };
+            let value = |key: &str| secret_value(data, key).ok();
             return zeromq::Connection::from_secret(z, value).map(Connection::ZeroMq);
         }
         Self::from_values(ic, data).map_err(SecretProblem::Missing)
@@ -163,11 +160,7 @@ impl Connection {
         ic: &IdempotentConsumer,
         data: &BTreeMap<String, ByteString>,
     ) -> Result<Self, String> {
-        let value = |key: &str| {
-            data.get(key)
-                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-                .ok_or_else(|| key.to_string())
-        };
+        let value = |key: &str| secret_value(data, key);
         match ic.spec.broker.kind() {
             Some(BrokerKind::RabbitMq(rabbit)) => Ok(Connection::RabbitMq {
                 url: value(&rabbit.connection_secret_ref.key)?,
@@ -212,6 +205,16 @@ impl Connection {
             Connection::ZeroMq(z) => z.identity(),
         }
     }
+}
+
+/// The value of `key` in a Secret's `data`, as text; `Err(key)` names a key
+/// the Secret lacks. One lookup for every connection read from a Secret (the
+/// consumed broker's and a ZeroMQ endpoint's dead-letter broker's), so that
+/// they decode values and name missing keys alike.
+pub fn secret_value(data: &BTreeMap<String, ByteString>, key: &str) -> Result<String, String> {
+    data.get(key)
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        .ok_or_else(|| key.to_string())
 }
 
 /// Whether the queues go with the resource when it is deleted. Kafka topics,

@@ -14,11 +14,43 @@ use sha2::{Digest, Sha256};
 
 use super::ssa::{apply_owned, owned_by, Owned};
 use super::status::{publish, verdict, Verdict};
-use super::{key_missing, secret_data, Context, Error};
+use super::{key_missing, secrets, unreadable, Context, Error};
 use crate::broker::{self, zeromq, BindError, Connection, Plan, SecretProblem};
 use crate::crd::conditions::*;
 use crate::crd::{DeadLetterTarget, IdempotentConsumer};
 use crate::render;
+
+/// The data of Secret `name`, read once per reconcile through `read`, or
+/// the BrokerBound verdict saying why there is none; `whose` follows the
+/// name in the sentence for an absent Secret (" (the dead-letter
+/// broker's)"), or is empty.
+async fn read_secret(
+    read: &mut secrets::Read,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    whose: &str,
+) -> Result<secrets::Data, Verdict> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match read.data(&api, name).await {
+        Ok(Some(data)) => Ok(data),
+        Ok(None) => Err(verdict(
+            BROKER_BOUND,
+            false,
+            SECRET_NOT_FOUND,
+            format!("Secret {name}{whose} does not exist"),
+        )),
+        Err(e) => Err(in_broker(unreadable(name, &e))),
+    }
+}
+
+/// A verdict of the shared Secret helpers, as the broker step's.
+fn in_broker(v: Verdict) -> Verdict {
+    Verdict {
+        type_: BROKER_BOUND,
+        ..v
+    }
+}
 
 /// The broker connection from the resource's Secret, or the verdict saying
 /// why there is none.
@@ -26,33 +58,21 @@ async fn connection(
     ic: &IdempotentConsumer,
     ctx: &Context,
     ns: &str,
+    read: &mut secrets::Read,
 ) -> Result<Connection, Verdict> {
     let Some(name) = Connection::secret_name(ic) else {
         return Connection::without_secret(ic).ok_or_else(no_broker);
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let in_broker = |v: Verdict| Verdict {
-        type_: BROKER_BOUND,
-        ..v
-    };
-    match secret_data(&secrets, name).await {
-        Ok(Some(data)) => Connection::from_secret(ic, &data).map_err(|problem| match problem {
-            SecretProblem::Missing(key) => in_broker(key_missing(name, &key)),
-            SecretProblem::Invalid { key, problem } => verdict(
-                BROKER_BOUND,
-                false,
-                CURVE_KEY_INVALID,
-                format!("key {key:?} of Secret {name} {problem}"),
-            ),
-        }),
-        Ok(None) => Err(verdict(
+    let data = read_secret(read, ctx, ns, name, "").await?;
+    Connection::from_secret(ic, &data).map_err(|problem| match problem {
+        SecretProblem::Missing(key) => in_broker(key_missing(name, &key)),
+        SecretProblem::Invalid { key, problem } => verdict(
             BROKER_BOUND,
             false,
-            SECRET_NOT_FOUND,
-            format!("Secret {name} does not exist"),
-        )),
-        Err(v) => Err(in_broker(v)),
-    }
+            CURVE_KEY_INVALID,
+            format!("key {key:?} of Secret {name} {problem}"),
+        ),
+    })
 }
 
 /// A ZeroMQ endpoint's dead-letter broker Secret, when its dead letters go
@@ -62,6 +82,7 @@ async fn dead_letter_secret(
     ic: &IdempotentConsumer,
     ctx: &Context,
     ns: &str,
+    read: &mut secrets::Read,
 ) -> Result<(), Verdict> {
     let Some(dead) = ic.spec.broker.zeromq.as_ref().map(|z| &z.dead_letter) else {
         return Ok(());
@@ -69,30 +90,9 @@ async fn dead_letter_secret(
     let Some(name) = dead.secret_name() else {
         return Ok(());
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let data = match secret_data(&secrets, name).await {
-        Ok(Some(data)) => data,
-        Ok(None) => {
-            return Err(verdict(
-                BROKER_BOUND,
-                false,
-                SECRET_NOT_FOUND,
-                format!("Secret {name} (the dead-letter broker's) does not exist"),
-            ))
-        }
-        Err(v) => {
-            return Err(Verdict {
-                type_: BROKER_BOUND,
-                ..v
-            })
-        }
-    };
-    let value = |key: &str| {
-        data.get(key)
-            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-            .ok_or_else(|| key.to_string())
-    };
-    let read = match dead.target() {
+    let data = read_secret(read, ctx, ns, name, " (the dead-letter broker's)").await?;
+    let value = |key: &str| broker::secret_value(&data, key);
+    let checked = match dead.target() {
         Some(DeadLetterTarget::RabbitMq(r)) => value(&r.connection_secret_ref.key).map(drop),
         Some(DeadLetterTarget::Kafka(k)) => broker::kafka::Connection::from_secret_parts(
             &k.connection_secret_ref,
@@ -103,10 +103,7 @@ async fn dead_letter_secret(
         .map(drop),
         Some(DeadLetterTarget::Endpoint(_)) | None => Ok(()),
     };
-    read.map_err(|key| Verdict {
-        type_: BROKER_BOUND,
-        ..key_missing(name, &key)
-    })
+    checked.map_err(|key| in_broker(key_missing(name, &key)))
 }
 
 /// A spec without exactly one broker: validation stops it before this step,
@@ -135,22 +132,24 @@ fn digest(ic: &IdempotentConsumer, plan: &Plan, connection: &Connection) -> Stri
 /// Secret's content differ from what was last bound) or a periodic check is
 /// due; returns the verdict and, once bound, the digest to record. A ZeroMQ
 /// endpoint's objects are applied on every reconcile instead (an apply that
-/// would change nothing sends nothing).
+/// would change nothing sends nothing). The Secrets go through `read`, so
+/// the rest of the reconcile finds them there.
 pub async fn bind(
     ic: &IdempotentConsumer,
     ctx: &Context,
     ns: &str,
+    read: &mut secrets::Read,
 ) -> Result<(Verdict, Option<String>), Error> {
     let Some(plan) = Plan::of(ic) else {
         return Ok((no_broker(), None));
     };
-    let connection = match connection(ic, ctx, ns).await {
+    let connection = match connection(ic, ctx, ns, read).await {
         Ok(connection) => connection,
         Err(v) => return Ok((v, None)),
     };
     let digest = digest(ic, &plan, &connection);
     if let Plan::ZeroMq(endpoint) = &plan {
-        if let Err(v) = dead_letter_secret(ic, ctx, ns).await {
+        if let Err(v) = dead_letter_secret(ic, ctx, ns, read).await {
             return Ok((v, None));
         }
         let verdict = expose(ic, ctx, ns, endpoint).await?;
@@ -378,7 +377,7 @@ pub async fn unbind(ic: &IdempotentConsumer, ctx: &Context, ns: &str) {
     // Deleting a namespace deletes its Secrets at once, while resources
     // wait for this finalizer: the queues then stay, and only a log line
     // can say so (no Event is accepted in a terminating namespace).
-    let connection = match connection(ic, ctx, ns).await {
+    let connection = match connection(ic, ctx, ns, &mut secrets::Read::default()).await {
         Ok(connection) => connection,
         Err(v) => {
             tracing::warn!(name = %ic.name_any(), namespace = %ns, reason = v.reason, message = %v.message, "deleteOnCleanup: cannot read the broker Secret, the queues stay");

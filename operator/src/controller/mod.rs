@@ -361,15 +361,21 @@ pub(crate) async fn secret_data(
     api: &Api<Secret>,
     name: &str,
 ) -> Result<Option<std::collections::BTreeMap<String, k8s_openapi::ByteString>>, Verdict> {
-    match api.get_opt(name).await {
-        Ok(secret) => Ok(secret.map(|s| s.data.unwrap_or_default())),
-        Err(e) => Err(verdict(
-            "",
-            false,
-            SECRET_NOT_FOUND,
-            format!("cannot read Secret {name}: {e}"),
-        )),
-    }
+    api.get_opt(name)
+        .await
+        .map(|secret| secret.map(|s| s.data.unwrap_or_default()))
+        .map_err(|e| unreadable(name, &e))
+}
+
+/// Secret `name` could not be read (the API server failed, or the operator
+/// may not read it).
+pub(crate) fn unreadable(name: &str, e: &kube::Error) -> Verdict {
+    verdict(
+        "",
+        false,
+        SECRET_NOT_FOUND,
+        format!("cannot read Secret {name}: {e}"),
+    )
 }
 
 pub(crate) fn key_missing(name: &str, key: &str) -> Verdict {
@@ -416,7 +422,8 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
     } else {
         None
     };
-    let (broker, binding) = broker::bind(ic, ctx, &ns).await?;
+    let mut read = secrets::Read::default();
+    let (broker, binding) = broker::bind(ic, ctx, &ns, &mut read).await?;
     // Said before the pods roll: a new key definition forgets what was completed.
     let key_definition =
         render::config::sidecar_config(ic).map(|config| render::config::key_definition(&config))?;
@@ -429,7 +436,7 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
             publish(ctx, ic, EventType::Warning, v.reason, v.message.clone()).await;
         }
     }
-    let secrets = secrets::digest(ic, ctx, &ns).await?;
+    let secrets = secrets::digest(ic, ctx, &ns, &mut read).await?;
     let injected = target::inject(ic, ctx, &ns, &hash, &secrets).await?;
     // Said only of a workload this resource serves; not part of Ready,
     // which says that idemq did its part (a Deployment at zero replicas is

@@ -66,8 +66,8 @@ fn apply_prefix() -> Vec<Expect> {
         }),
         Expect::get(REDIS_PDB, StatusCode::NOT_FOUND, not_found()),
         Expect::apply(REDIS_PDB),
-        Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
-        // Read again for the digest of the Secrets' content in the pod template.
+        // Read once: the digest of the Secrets' content in the pod
+        // template takes it from this read.
         Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
     ]
 }
@@ -204,8 +204,7 @@ async fn a_rotated_broker_secret_rolls_the_pods_and_an_unchanged_one_does_not() 
                     "data": { "url": url_base64 } })
         };
         let mut expected = apply_prefix();
-        expected.truncate(expected.len() - 2);
-        expected.push(Expect::get(BROKER_SECRET, StatusCode::OK, secret()));
+        expected.truncate(expected.len() - 1);
         expected.push(Expect::get(BROKER_SECRET, StatusCode::OK, secret()));
         expected.push(Expect::get(TARGET, StatusCode::OK, target()));
         let into = seen.clone();
@@ -683,9 +682,8 @@ async fn a_store_reset_is_reported_and_the_annotation_acknowledges_it() {
                 Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
                 Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
                 Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
-                // The digest of both Secrets' content, in name order.
+                // The digest of both Secrets' content: the broker's as read above.
                 Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
-                Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
                 Expect::get(TARGET, StatusCode::OK, target()),
                 Expect::apply(TARGET),
             ];
@@ -819,12 +817,7 @@ mod kafka {
                 StatusCode::OK,
                 secret("kafka-orders", "bootstrapServers", BOOTSTRAP),
             ),
-            // The digest of both Secrets' content, in name order.
-            Expect::get(
-                KAFKA_SECRET,
-                StatusCode::OK,
-                secret("kafka-orders", "bootstrapServers", BOOTSTRAP),
-            ),
+            // The digest of both Secrets' content: the broker's as read above.
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
@@ -1026,8 +1019,7 @@ mod jetstream {
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(NATS_SECRET, StatusCode::OK, nats_secret()),
-            // The digest of both Secrets' content, in name order.
-            Expect::get(NATS_SECRET, StatusCode::OK, nats_secret()),
+            // The digest of both Secrets' content: the broker's as read above.
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
@@ -1279,9 +1271,8 @@ mod mqtt {
             }),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
-            Expect::get(MQTT_SECRET, StatusCode::OK, broker.clone()),
-            // The digest of both Secrets' content, in name order.
             Expect::get(MQTT_SECRET, StatusCode::OK, broker),
+            // The digest of both Secrets' content: the broker's as read above.
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
@@ -1470,10 +1461,9 @@ mod pubsub {
             }),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
-            Expect::get(KEY_SECRET, StatusCode::OK, key_secret.clone()),
-            // The digest of both Secrets' content, in name order.
-            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
             Expect::get(KEY_SECRET, StatusCode::OK, key_secret),
+            // The digest of both Secrets' content: the broker's as read above.
+            Expect::get(STORE_SECRET, StatusCode::OK, store_secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
                 let pod = &p["spec"]["template"]["spec"];
@@ -1867,7 +1857,7 @@ mod zeromq {
     /// The store's requests (a managed Redis not yet available).
     fn store_prefix() -> Vec<Expect> {
         let mut prefix = apply_prefix();
-        prefix.truncate(prefix.len() - 2);
+        prefix.truncate(prefix.len() - 1);
         prefix
     }
 
@@ -1908,7 +1898,7 @@ mod zeromq {
         let status = Arc::new(Mutex::new(None));
         let mut expected = store_prefix();
         expected.extend([
-            Expect::get(KEYS_SECRET, StatusCode::NOT_FOUND, not_found()),
+            // Absent once is absent for the digest too: no second read.
             Expect::get(KEYS_SECRET, StatusCode::NOT_FOUND, not_found()),
             Expect::get(TARGET, StatusCode::OK, target()),
             target_apply(),
@@ -1937,7 +1927,6 @@ mod zeromq {
         let secret = keys_secret_with("not-a-curve-key-but-a-secret", "also-not-a-key");
         let mut expected = store_prefix();
         expected.extend([
-            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
             Expect::get(KEYS_SECRET, StatusCode::OK, secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             target_apply(),
@@ -1985,10 +1974,9 @@ mod zeromq {
         let status = Arc::new(Mutex::new(None));
         let mut expected = store_prefix();
         expected.extend([
-            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
-            Expect::get(DEAD_SECRET, StatusCode::OK, dead.clone()),
-            Expect::get(DEAD_SECRET, StatusCode::OK, dead),
             Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            // Both Secrets as read here make the digest.
+            Expect::get(DEAD_SECRET, StatusCode::OK, dead),
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET),
             status_patch(status.clone()),
@@ -2007,13 +1995,50 @@ mod zeromq {
         )));
     }
 
+    /// Dead letters to Kafka through a Secret that does not exist: said
+    /// with whose Secret it is, and read once (absent for the digest too).
+    #[tokio::test]
+    async fn an_absent_dead_letter_broker_secret_is_reported_as_the_dead_letter_brokers() {
+        const DEAD_SECRET: &str = "/api/v1/namespaces/shop/secrets/kafka-dead";
+        let mut ic = fixtures::zeromq_policy();
+        ic.spec.broker.zeromq.as_mut().expect("zeromq").dead_letter = serde_yaml::from_str(
+            "kafka: { connectionSecretRef: { name: kafka-dead }, topic: orders.dead }",
+        )
+        .expect("a deadLetter");
+        let (secret, _) = keys_secret();
+        let status = Arc::new(Mutex::new(None));
+        let mut expected = store_prefix();
+        expected.extend([
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            Expect::get(DEAD_SECRET, StatusCode::NOT_FOUND, not_found()),
+            Expect::get(TARGET, StatusCode::OK, target()),
+            Expect::apply(TARGET),
+            status_patch(status.clone()),
+            event("Injected"),
+            event("RedisNotReady"),
+            Expect::new(Method::POST, EVENTS, StatusCode::CREATED, Value::Null).with_body(|e| {
+                assert_eq!(e["reason"], "SecretNotFound");
+                assert_eq!(
+                    e["note"],
+                    "Secret kafka-dead (the dead-letter broker's) does not exist"
+                );
+            }),
+        ]);
+        run(ic, expected).await.expect("reconciles");
+        assert!(conditions(&status).contains(&(
+            "BrokerBound".into(),
+            "False".into(),
+            "SecretNotFound".into()
+        )));
+    }
+
     #[tokio::test]
     async fn with_its_keys_the_endpoint_gets_an_owned_service_and_network_policy_and_is_bound() {
         let status = Arc::new(Mutex::new(None));
         let (secret, secret_key) = keys_secret();
         let mut expected = store_prefix();
         expected.extend([
-            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
+            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
             Expect::get(SVC, StatusCode::NOT_FOUND, not_found()),
             Expect::apply(SVC).with_body(|s| {
                 assert_eq!(
@@ -2034,7 +2059,6 @@ mod zeromq {
                 );
                 assert_eq!(p["spec"]["ingress"][0]["ports"][0]["port"], 5555);
             }),
-            Expect::get(KEYS_SECRET, StatusCode::OK, secret),
             Expect::get(TARGET, StatusCode::OK, target()),
             target_apply().with_body(no_secret_in(&secret_key)),
             status_patch(status.clone()),
@@ -2068,9 +2092,8 @@ mod zeromq {
                              "spec": { "selector": { "app": "orders-api" } } });
         let mut expected = store_prefix();
         expected.extend([
-            Expect::get(KEYS_SECRET, StatusCode::OK, secret.clone()),
-            Expect::get(SVC, StatusCode::OK, theirs),
             Expect::get(KEYS_SECRET, StatusCode::OK, secret),
+            Expect::get(SVC, StatusCode::OK, theirs),
             Expect::get(TARGET, StatusCode::OK, target()),
             target_apply(),
             status_patch(status.clone()),

@@ -3,8 +3,15 @@
 //! change of their content must roll the pods: a digest of that content goes
 //! into the pod template. And a Secret created, changed or deleted reconciles
 //! the resources that name it at once, rather than at their next back-off.
+//!
+//! The broker step and the digest read their Secrets through one [`Read`]
+//! per reconcile, so that the broker's are fetched from the API server once,
+//! not once for the bindings and again for the digest.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
 use kube::api::Api;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::ResourceExt;
@@ -42,6 +49,33 @@ pub fn referenced(ic: &IdempotentConsumer) -> Vec<&str> {
     names
 }
 
+/// A Secret's `data`.
+pub type Data = BTreeMap<String, ByteString>;
+
+/// The Secrets one reconcile has read, by name (`None`: absent). The broker
+/// step reads its connection Secret and the pod template's digest needs the
+/// same content: one GET serves both, and both see the same content.
+/// A failed read is not kept, so the next step tries again.
+#[derive(Default)]
+pub struct Read(BTreeMap<String, Option<Data>>);
+
+impl Read {
+    /// The data of Secret `name`: what this reconcile read already, or else
+    /// the API server's answer.
+    pub async fn data(
+        &mut self,
+        api: &Api<Secret>,
+        name: &str,
+    ) -> Result<Option<Data>, kube::Error> {
+        if let Some(data) = self.0.get(name) {
+            return Ok(data.clone());
+        }
+        let data = api.get_opt(name).await?.map(|s| s.data.unwrap_or_default());
+        self.0.insert(name.to_string(), data.clone());
+        Ok(data)
+    }
+}
+
 /// A digest of the content of the Secrets the resource names (an absent one
 /// counts as absent), salted with the resource's uid so that the pod
 /// template shows nothing that could be checked against a guessed password.
@@ -49,6 +83,7 @@ pub async fn digest(
     ic: &IdempotentConsumer,
     ctx: &Context,
     ns: &str,
+    read: &mut Read,
 ) -> Result<String, kube::Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut h = Sha256::new();
@@ -56,11 +91,11 @@ pub async fn digest(
     for name in referenced(ic) {
         h.update(name);
         h.update([0]);
-        match api.get_opt(name).await? {
+        match read.data(&api, name).await? {
             None => h.update(b"\x01absent"),
             // `data` is a BTreeMap: its order is the same on every read.
-            Some(secret) => {
-                for (key, value) in secret.data.unwrap_or_default() {
+            Some(data) => {
+                for (key, value) in data {
                     h.update(key);
                     h.update([0]);
                     h.update(&value.0);
