@@ -49,6 +49,19 @@ fn owner(ic: &IdempotentConsumer) -> Result<OwnerReference, RenderError> {
         .ok_or(RenderError::Metadata("uid"))
 }
 
+/// Test helper: the Secret name and key an environment variable takes its
+/// value from. Render tests check that secrets reach the pods only this way;
+/// a variable with anything else fails the test, named.
+#[cfg(test)]
+pub(crate) fn secret_key_ref(var: &k8s_openapi::api::core::v1::EnvVar) -> (String, String) {
+    let r = var
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .unwrap_or_else(|| panic!("{} is not a Secret reference", var.name));
+    (r.name.clone(), r.key.clone())
+}
+
 /// Test resources: the sample policy as the API server would return it.
 #[cfg(test)]
 pub(crate) mod sample {

@@ -858,14 +858,9 @@ mod tests {
                 .find(|e| e.name == "REDIS_PASSWORD")
                 .expect("password");
             assert_eq!(password.value, None, "no password in the manifest");
-            let from = password
-                .value_from
-                .as_ref()
-                .and_then(|v| v.secret_key_ref.as_ref())
-                .expect("from the Secret");
             assert_eq!(
-                (from.name.as_str(), from.key.as_str()),
-                ("orders-idemq-redis", "password")
+                crate::render::secret_key_ref(password),
+                ("orders-idemq-redis".into(), "password".into())
             );
             assert_eq!(
                 env_value(c, "IDEMQ_REDIS_NODES"),

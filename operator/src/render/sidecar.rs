@@ -575,7 +575,7 @@ pub fn pod_patch(pod: &Pod, additions: PodAdditions) -> Vec<Value> {
 mod tests {
     use super::*;
     use crate::crd::{ExternalStore, SecretKeyRef};
-    use crate::render::sample;
+    use crate::render::{sample, secret_key_ref};
 
     fn env_of(c: &Container, name: &str) -> EnvVar {
         c.env
@@ -658,19 +658,14 @@ mod tests {
     fn secrets_reach_the_sidecar_only_as_secret_references() {
         let mut ic = sample::policy();
         let c = container(&ic, "img");
-        let broker = env_of(&c, "IDEMQ_BROKER_URL")
-            .value_from
-            .and_then(|v| v.secret_key_ref)
-            .expect("secret ref");
         assert_eq!(
-            (broker.name.as_str(), broker.key.as_str()),
-            ("rabbitmq-orders", "url")
+            secret_ref(&c, "IDEMQ_BROKER_URL"),
+            ("rabbitmq-orders".into(), "url".into())
         );
-        let password = env_of(&c, "IDEMQ_REDIS_PASSWORD")
-            .value_from
-            .and_then(|v| v.secret_key_ref)
-            .expect("ref");
-        assert_eq!(password.name, "orders-idemq-redis");
+        assert_eq!(
+            secret_ref(&c, "IDEMQ_REDIS_PASSWORD").0,
+            "orders-idemq-redis"
+        );
         assert_eq!(
             env_of(&c, "IDEMQ_REDIS_URL").value.as_deref(),
             Some("redis://orders-idemq-redis:6379")
@@ -687,21 +682,14 @@ mod tests {
             ca_key: Some("ca.pem".into()),
         });
         let c = container(&ic, "img");
-        let url = env_of(&c, "IDEMQ_REDIS_URL")
-            .value_from
-            .and_then(|v| v.secret_key_ref)
-            .expect("ref");
         assert_eq!(
-            (url.name.as_str(), url.key.as_str()),
-            ("shared-redis", "uri")
+            secret_ref(&c, "IDEMQ_REDIS_URL"),
+            ("shared-redis".into(), "uri".into())
         );
-        let ca = env_of(&c, "IDEMQ_REDIS_CA")
-            .value_from
-            .and_then(|v| v.secret_key_ref)
-            .expect("the private CA comes from the Secret");
         assert_eq!(
-            (ca.name.as_str(), ca.key.as_str()),
-            ("shared-redis", "ca.pem")
+            secret_ref(&c, "IDEMQ_REDIS_CA"),
+            ("shared-redis".into(), "ca.pem".into()),
+            "the private CA comes from the Secret"
         );
         assert!(c
             .env
@@ -733,12 +721,9 @@ mod tests {
         );
     }
 
+    /// The Secret and key of `c`'s variable `name`.
     fn secret_ref(c: &Container, name: &str) -> (String, String) {
-        let r = env_of(c, name)
-            .value_from
-            .and_then(|v| v.secret_key_ref)
-            .unwrap_or_else(|| panic!("{name} is not a Secret reference"));
-        (r.name, r.key)
+        secret_key_ref(&env_of(c, name))
     }
 
     #[test]
@@ -763,11 +748,7 @@ mod tests {
         ] {
             let e = env_of(&c, var);
             assert_eq!(e.value, None, "a reference, not a value");
-            let r = e
-                .value_from
-                .and_then(|v| v.secret_key_ref)
-                .expect("secretKeyRef");
-            assert_eq!((r.name.as_str(), r.key.as_str()), ("zeromq-orders", key));
+            assert_eq!(secret_key_ref(&e), ("zeromq-orders".into(), key.into()));
         }
         let additions = pod_additions(&ic, "h", None, "img");
         assert_eq!(
@@ -809,11 +790,8 @@ mod tests {
                 .filter(|e| e.name.starts_with("IDEMQ_") && !e.name.starts_with("IDEMQ_ZMQ"))
                 .map(|e| {
                     assert_eq!(e.value, None, "a reference, not a value");
-                    let r = e
-                        .value_from
-                        .and_then(|v| v.secret_key_ref)
-                        .expect("a secretKeyRef");
-                    (e.name, r.name, r.key)
+                    let (secret, key) = secret_key_ref(&e);
+                    (e.name, secret, key)
                 })
                 .collect()
         };
@@ -885,11 +863,8 @@ mod tests {
                 .into_iter()
                 .map(|e| {
                     assert_eq!(e.value, None, "a reference, not a value");
-                    let r = e
-                        .value_from
-                        .and_then(|v| v.secret_key_ref)
-                        .expect("a secretKeyRef");
-                    (e.name, r.name, r.key)
+                    let (secret, key) = secret_key_ref(&e);
+                    (e.name, secret, key)
                 })
                 .collect()
         };
