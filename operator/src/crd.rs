@@ -494,12 +494,14 @@ fn default_client_public_keys() -> String {
 }
 
 /// Exactly one dead-letter target: the schema says so (a CEL rule), and
-/// the operator checks again ([`ZeroMqDeadLetter::target`]).
+/// the operator checks again ([`ZeroMqDeadLetter::target`]). The sidecar's
+/// config validation says it in the same words (its `ONE_TARGET`), since
+/// its config can be written by hand.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
     "[has(self.endpoint), has(self.rabbitmq), has(self.kafka)].exists_one(set, set)"
-).message("set exactly one dead-letter target: endpoint, rabbitmq or kafka"))]
+).message(idemq_sidecar::config::ZeroMqDeadLetter::ONE_TARGET))]
 pub struct ZeroMqDeadLetter {
     /// `tcp://host:port` or `ipc://path` of the PULL socket that receives
     /// dead letters.

@@ -641,8 +641,11 @@ pub enum DeadLetterTarget<'a> {
 }
 
 impl ZeroMqDeadLetter {
-    /// The field names of the targets, as the config spells them.
-    pub const TARGETS: &'static [&'static str] = &["endpoint", "rabbitmq", "kafka"];
+    /// The rule [`Self::target`] enforces, in the words both checks use:
+    /// the CRD's schema rule (the operator's `ZeroMqDeadLetter`) and this
+    /// config's validation, which a config written by hand goes through.
+    pub const ONE_TARGET: &'static str =
+        "set exactly one dead-letter target: endpoint, rabbitmq or kafka";
 
     /// The configured target; `None` unless exactly one is set.
     pub fn target(&self) -> Option<DeadLetterTarget<'_>> {
@@ -1675,8 +1678,8 @@ fn zeromq_problems(zmq: &ZeroMqConfig, key: &KeySource, check: &mut impl FnMut(b
         dead.target().is_some(),
         "broker.zeromq.deadLetter",
         &format!(
-            "must set exactly one of {} (a second ZeroMQ endpoint, a RabbitMQ exchange or queue, a Kafka topic)",
-            ZeroMqDeadLetter::TARGETS.join(", ")
+            "must {} (a second ZeroMQ endpoint, a RabbitMQ exchange or queue, a Kafka topic)",
+            ZeroMqDeadLetter::ONE_TARGET
         ),
     );
     if let Some(endpoint) = &dead.endpoint {

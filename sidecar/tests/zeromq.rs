@@ -632,10 +632,10 @@ async fn dead_letters_go_to_exactly_one_target_with_its_secrets_from_the_environ
         ))
     };
     for (bad, says) in [
-        ("      {}\n", "broker.zeromq.deadLetter: must set exactly one of endpoint, rabbitmq, kafka"),
+        ("      {}\n", "broker.zeromq.deadLetter: must set exactly one dead-letter target: endpoint, rabbitmq or kafka"),
         (
             "      endpoint: tcp://127.0.0.1:5556\n      kafka:\n        topic: dead\n",
-            "exactly one of endpoint, rabbitmq, kafka",
+            "exactly one dead-letter target: endpoint, rabbitmq or kafka",
         ),
         (
             "      rabbitmq:\n        exchange: dlx\n        queue: dead\n",

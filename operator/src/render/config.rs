@@ -338,9 +338,10 @@ fn zeromq_config(zmq: &ZeroMqBinding) -> Result<ZeroMqConfig, RenderError> {
 fn zeromq_dead_letter(dead: &ZeroMqDeadLetter) -> Result<sidecar::ZeroMqDeadLetter, RenderError> {
     // Said again for objects stored before the schema's rule.
     let target = dead.target().ok_or_else(|| {
-        RenderError::Config(
-            "broker.zeromq.deadLetter: set exactly one of endpoint, rabbitmq or kafka".to_string(),
-        )
+        RenderError::Config(format!(
+            "broker.zeromq.deadLetter: {}",
+            sidecar::ZeroMqDeadLetter::ONE_TARGET
+        ))
     })?;
     Ok(match target {
         DeadLetterTarget::Endpoint(endpoint) => sidecar::ZeroMqDeadLetter {
@@ -728,7 +729,7 @@ mod tests {
         zmq.dead_letter.endpoint = Some("tcp://orders-dead.shop.svc:5556".into());
         let err = sidecar_config(&ic).expect_err("two targets").to_string();
         assert!(
-            err.contains("exactly one of endpoint, rabbitmq or kafka"),
+            err.contains("exactly one dead-letter target: endpoint, rabbitmq or kafka"),
             "{err}"
         );
     }

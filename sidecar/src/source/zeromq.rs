@@ -140,7 +140,8 @@ pub enum SourceError {
     #[error("dead letters: {0}")]
     DeadLetterBroker(String),
     #[error(
-        "broker.zeromq.deadLetter must set exactly one of endpoint, rabbitmq or kafka (validated)"
+        "broker.zeromq.deadLetter: must {} (validated)",
+        crate::config::ZeroMqDeadLetter::ONE_TARGET
     )]
     NoDeadLetterTarget,
 }
