@@ -25,10 +25,10 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    Secret, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
     WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -39,7 +39,7 @@ use k8s_openapi::ByteString;
 
 use kube::ResourceExt;
 
-use super::sidecar::{plain_env, restricted_security_context, secret_env};
+use super::sidecar::{field_env, plain_env, restricted_security_context, secret_env};
 use super::{owned_meta, RenderError};
 use crate::crd::{AppendFsync, IdempotentConsumer, ManagedStore, MANAGED_PRIMARY};
 use crate::labels;
@@ -345,17 +345,7 @@ const SENTINEL_DIR: &str = "/sentinel";
 fn node_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
     vec![
         password_env(ic),
-        EnvVar {
-            name: "POD_NAME".to_string(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".to_string(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        },
+        field_env("POD_NAME", "metadata.name"),
         plain_env("IDEMQ_PRIMARY_NAME", MANAGED_PRIMARY),
         plain_env("IDEMQ_REDIS_NODES", &node_list(ic, labels::REDIS_PORT)),
         plain_env("IDEMQ_SENTINELS", &node_list(ic, labels::SENTINEL_PORT)),

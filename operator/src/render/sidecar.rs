@@ -53,6 +53,21 @@ pub(crate) fn plain_env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// An env var from a field of the pod (the Downward API).
+pub(crate) fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_string(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn probe(path: &str) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -253,17 +268,7 @@ fn broker_env(ic: &IdempotentConsumer) -> Vec<EnvVar> {
         // The endpoint binds the pod's address, and CURVE's keys come from
         // their Secret.
         Some(BrokerKind::ZeroMq(zmq)) => {
-            let mut env = vec![EnvVar {
-                name: labels::POD_IP_ENV.to_string(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "status.podIP".to_string(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            }];
+            let mut env = vec![field_env(labels::POD_IP_ENV, "status.podIP")];
             if let Some(curve) = &zmq.curve {
                 env.push(secret_env(
                     SecretEnv::ZMQ_SERVER_SECRET_KEY,
