@@ -6,6 +6,11 @@
 //! headers as HTTP headers. The W3C `traceparent`/`tracestate` go on as the
 //! message carries them, or, when the sidecar traces the message, name the
 //! sidecar's delivery span as parent (see [`crate::traces`]).
+//!
+//! Redirects are not followed: a 3xx says the application did not process
+//! the message (a followed 301/302 would turn the POST into a GET elsewhere,
+//! whose 200 would count as processed). Following them also cost a URL parse
+//! per message.
 
 use std::time::{Duration, Instant};
 
@@ -70,6 +75,7 @@ impl Deliverer {
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(2)))
             .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             client,
@@ -193,5 +199,59 @@ mod tests {
         assert_eq!(classify(400), Outcome::Poison(400));
         assert_eq!(classify(422), Outcome::Poison(422));
         assert!(matches!(classify(302), Outcome::Retry(_)));
+    }
+
+    /// An application on loopback that answers `/in` with a redirect to
+    /// `/elsewhere`, and counts the requests that reach `/elsewhere`.
+    async fn redirecting_app() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/in", listener.local_addr().unwrap());
+        let elsewhere = std::sync::Arc::new(AtomicUsize::new(0));
+        let reached = elsewhere.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let reached = reached.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    while let Ok(n @ 1..) = socket.read(&mut buf).await {
+                        let head = String::from_utf8_lossy(&buf[..n]);
+                        let answer = if head.contains(" /elsewhere ") {
+                            reached.fetch_add(1, Ordering::SeqCst);
+                            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            "HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n"
+                        };
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, elsewhere)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_a_failed_delivery_and_is_not_followed() {
+        let (url, elsewhere) = redirecting_app().await;
+        let deliverer = Deliverer::new(&crate::config::DeliveryConfig::new(url)).unwrap();
+        let message = Envelope {
+            message_id: Some("m-1".into()),
+            headers: Vec::new(),
+            content_type: None,
+            body: bytes::Bytes::from_static(b"{}"),
+            redelivered: false,
+            record_key: None,
+            coordinates: None,
+        };
+        let (outcome, _) = deliverer.deliver(&message, Some("k-1"), 1, None).await;
+        assert_eq!(outcome, Outcome::Retry("status 302".into()));
+        assert_eq!(
+            elsewhere.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
     }
 }
