@@ -10,7 +10,8 @@
 //! Redirects are not followed: a 3xx says the application did not process
 //! the message (a followed 301/302 would turn the POST into a GET elsewhere,
 //! whose 200 would count as processed). Following them also cost a URL parse
-//! per message.
+//! per message. Nor does the client retry by itself: the engine decides
+//! every retry, and a client ready to retry clones each request first.
 
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,7 @@ impl Deliverer {
             .connect_timeout(config.timeout.min(Duration::from_secs(2)))
             .pool_idle_timeout(Duration::from_secs(90))
             .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()?;
         Ok(Self {
             client,
