@@ -16,10 +16,10 @@
 //!
 //! MQTT has no negative acknowledgement: a message can only be given back by
 //! not acknowledging it and ending the session. So a message whose key is in
-//! flight elsewhere waits here and is claimed again (the engine's
-//! `Requeue` delay); when the key store stops answering (fail closed), the
-//! circuit opens, or a dead letter is not confirmed, the session ends: what
-//! is settled is acknowledged, the rest stays with the broker, and reading
+//! flight elsewhere waits here and is claimed again ([`InFlightWait`]);
+//! when the key store stops answering (fail closed), the circuit opens, or a
+//! dead letter is not confirmed, the session ends: what is settled is
+//! acknowledged, the rest stays with the broker, and reading
 //! pauses until the store (or the application) is back. Nothing is lost as
 //! long as the broker keeps the session's messages (Mosquitto drops QoS 1
 //! messages past `max_queued_messages` per session, 1000 by default; see the
