@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::offsets::{Offsets, TopicPartition};
 use super::publish::{self, KafkaDeadLetters};
-use super::{DeadLetterReason, Envelope, Verdict};
+use super::{DeadLetterReason, Envelope, InFlightWait, Verdict};
 use crate::config::{
     Config, KafkaConfig, KafkaSecurity, OffsetReset, Ordering, SaslMechanism, SecurityProtocol,
 };
@@ -860,6 +860,7 @@ impl Dispatch {
                 destination: &record.tp.topic,
             },
         );
+        let mut wait = InFlightWait::default();
         loop {
             if self.stop.load(AtomicOrdering::SeqCst) {
                 return false;
@@ -884,7 +885,7 @@ impl Dispatch {
                         return false;
                     }
                     metrics.message("in_flight_requeued");
-                    if !self.pause_for(delay.max(Duration::from_millis(50))).await {
+                    if !self.pause_for(wait.next(delay)).await {
                         return false;
                     }
                 }

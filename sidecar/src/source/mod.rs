@@ -47,6 +47,31 @@ impl Envelope {
     }
 }
 
+/// How long a source that holds a message whose key is in flight elsewhere
+/// (MQTT, Kafka, Pub/Sub, a ZeroMQ dealer: they cannot or should not give it
+/// back) waits before the message is claimed again. The message holds one of
+/// the in-flight slots meanwhile, and its offset or acknowledgement holds up
+/// those behind it (MQTT's PUBACKs go in order, Kafka commits only up to it).
+/// The holder usually finishes within milliseconds, so the first look comes
+/// soon, and the waits double up to the engine's delay.
+#[derive(Debug)]
+pub struct InFlightWait(Duration);
+
+impl Default for InFlightWait {
+    fn default() -> Self {
+        Self(Duration::from_millis(4))
+    }
+}
+
+impl InFlightWait {
+    /// The next wait, at most `delay` (the engine's).
+    pub fn next(&mut self, delay: Duration) -> Duration {
+        let wait = self.0.min(delay);
+        self.0 = (self.0 * 2).min(delay);
+        wait
+    }
+}
+
 /// Why a message was dead-lettered; sent in the `x-idemq-reason` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReason {
@@ -97,4 +122,31 @@ pub enum Verdict {
     /// consuming until [`Flow::until_available`](crate::flow::Flow::until_available)
     /// returns.
     AppUnavailable,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_for_an_in_flight_key_starts_short_and_doubles_up_to_the_engines_delay() {
+        let ms = Duration::from_millis;
+        let mut wait = InFlightWait::default();
+        let waits: Vec<_> = (0..8).map(|_| wait.next(ms(250))).collect();
+        assert_eq!(
+            waits,
+            [
+                ms(4),
+                ms(8),
+                ms(16),
+                ms(32),
+                ms(64),
+                ms(128),
+                ms(250),
+                ms(250)
+            ]
+        );
+        // A shorter delay from the engine (the holder's lease nearly out) caps it.
+        assert_eq!(InFlightWait::default().next(ms(1)), ms(1));
+    }
 }

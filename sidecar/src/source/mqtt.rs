@@ -16,7 +16,8 @@
 //!
 //! MQTT has no negative acknowledgement: a message can only be given back by
 //! not acknowledging it and ending the session. So a message whose key is in
-//! flight elsewhere waits here and is claimed again ([`InFlightWait`]);
+//! flight elsewhere waits here and is claimed again ([`InFlightWait`]: the
+//! wait holds up the PUBACKs of every later message, which go in order);
 //! when the key store stops answering (fail closed), the circuit opens, or a
 //! dead letter is not confirmed, the session ends: what is settled is
 //! acknowledged, the rest stays with the broker, and reading
@@ -57,7 +58,7 @@ pub use client::{probe, ConnectError, Endpoint, Options};
 use client::{Connection, Event, Outgoing, Received};
 
 use super::sessions::{SessionEnd, Sessions};
-use super::{DeadLetterReason, Envelope, Verdict};
+use super::{DeadLetterReason, Envelope, InFlightWait, Verdict};
 use crate::config::{Config, MqttConfig, MqttProtocol};
 use crate::engine::Engine;
 use crate::flow::{Flow, Permit};
@@ -315,30 +316,6 @@ async fn handle(
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// How long a message whose key is in flight elsewhere waits before it is
-/// claimed again. It waits here (MQTT cannot give it back), and while it
-/// waits the PUBACKs of every later message wait too (they go in order);
-/// once the broker's window of unacknowledged messages is full, so does the
-/// flow. The holder usually finishes within milliseconds, so the first look
-/// comes soon, and the waits double up to the engine's delay.
-#[derive(Debug)]
-pub struct InFlightWait(Duration);
-
-impl Default for InFlightWait {
-    fn default() -> Self {
-        Self(Duration::from_millis(4))
-    }
-}
-
-impl InFlightWait {
-    /// The next wait, at most `delay` (the engine's).
-    pub fn next(&mut self, delay: Duration) -> Duration {
-        let wait = self.0.min(delay);
-        self.0 = (self.0 * 2).min(delay);
-        wait
-    }
-}
-
 /// Which received messages are settled, in arrival order: PUBACKs go out for
 /// the settled prefix only.
 #[derive(Debug, Default)]
@@ -514,28 +491,6 @@ fn envelope(message: &Received) -> Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_wait_for_an_in_flight_key_starts_short_and_doubles_up_to_the_engines_delay() {
-        let ms = Duration::from_millis;
-        let mut wait = InFlightWait::default();
-        let waits: Vec<_> = (0..8).map(|_| wait.next(ms(250))).collect();
-        assert_eq!(
-            waits,
-            [
-                ms(4),
-                ms(8),
-                ms(16),
-                ms(32),
-                ms(64),
-                ms(128),
-                ms(250),
-                ms(250)
-            ]
-        );
-        // A shorter delay from the engine (the holder's lease nearly out) caps it.
-        assert_eq!(InFlightWait::default().next(ms(1)), ms(1));
-    }
 
     fn received(payload: &[u8]) -> Received {
         Received {

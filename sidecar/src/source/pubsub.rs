@@ -67,7 +67,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::sessions::{SessionEnd, Sessions};
-use super::{DeadLetterReason, Envelope, Verdict};
+use super::{DeadLetterReason, Envelope, InFlightWait, Verdict};
 use crate::config::{Config, PubSubConfig};
 use crate::engine::{backoff, Engine};
 use crate::flow::{Flow, Permit};
@@ -567,13 +567,14 @@ impl Settler {
         span: &MessageSpan,
         shutdown: &CancellationToken,
     ) -> Verdict {
+        let mut wait = InFlightWait::default();
         loop {
             match engine.handle(envelope, span, shutdown).await {
                 Verdict::Requeue { delay } if !delay.is_zero() => {
                     self.metrics.message("in_flight_requeued");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Verdict::Requeue { delay: Duration::ZERO },
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(wait.next(delay)) => {}
                     }
                 }
                 verdict => return verdict,

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::Verdict;
+use super::{InFlightWait, Verdict};
 use crate::config::{Config, ZeroMqConfig, ZeroMqPattern};
 use crate::engine::Engine;
 use crate::flow::{Flow, Permit};
@@ -331,6 +331,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
         },
     );
     let router = shared.pattern == ZeroMqPattern::Router;
+    let mut wait = InFlightWait::default();
     loop {
         let verdict = shared.engine.handle(&envelope, &span, shutdown).await;
         let _step = span.settlement(&verdict);
@@ -364,7 +365,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return retry_or_lost(router, "shutting_down", frames, shared.pattern),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(wait.next(delay)) => {}
                 }
             }
             Verdict::StoreUnavailable => {
