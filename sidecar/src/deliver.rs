@@ -240,13 +240,8 @@ mod tests {
         let (url, elsewhere) = redirecting_app().await;
         let deliverer = Deliverer::new(&crate::config::DeliveryConfig::new(url)).unwrap();
         let message = Envelope {
-            message_id: Some("m-1".into()),
-            headers: Vec::new(),
-            content_type: None,
             body: bytes::Bytes::from_static(b"{}"),
-            redelivered: false,
-            record_key: None,
-            coordinates: None,
+            ..Envelope::default()
         };
         let (outcome, _) = deliverer.deliver(&message, Some("k-1"), 1, None).await;
         assert_eq!(outcome, Outcome::Retry("status 302".into()));

@@ -885,7 +885,7 @@ impl Dispatch {
                         return false;
                     }
                     metrics.message("in_flight_requeued");
-                    if !self.pause_for(wait.next(delay)).await {
+                    if !wait.sleep(delay, &self.work).await {
                         return false;
                     }
                 }

@@ -19,6 +19,7 @@ pub mod zeromq;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 /// A message as the engine sees it, whatever broker it came from.
 #[derive(Debug, Clone, Default)]
@@ -65,10 +66,19 @@ impl Default for InFlightWait {
 
 impl InFlightWait {
     /// The next wait, at most `delay` (the engine's).
-    pub fn next(&mut self, delay: Duration) -> Duration {
+    fn next(&mut self, delay: Duration) -> Duration {
         let wait = self.0.min(delay);
         self.0 = (self.0 * 2).min(delay);
         wait
+    }
+
+    /// Sleeps the next wait; false when `shutdown` came first.
+    pub async fn sleep(&mut self, delay: Duration, shutdown: &CancellationToken) -> bool {
+        let wait = self.next(delay);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
     }
 }
 

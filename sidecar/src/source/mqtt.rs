@@ -298,9 +298,10 @@ async fn handle(
         match engine.handle(&envelope, &span, &shutdown).await {
             Verdict::Requeue { delay } if !delay.is_zero() => {
                 settle.metrics.message("in_flight_requeued");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Verdict::Requeue { delay: Duration::ZERO },
-                    _ = tokio::time::sleep(wait.next(delay)) => {}
+                if !wait.sleep(delay, &shutdown).await {
+                    break Verdict::Requeue {
+                        delay: Duration::ZERO,
+                    };
                 }
             }
             verdict => break verdict,

@@ -572,9 +572,10 @@ impl Settler {
             match engine.handle(envelope, span, shutdown).await {
                 Verdict::Requeue { delay } if !delay.is_zero() => {
                     self.metrics.message("in_flight_requeued");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Verdict::Requeue { delay: Duration::ZERO },
-                        _ = tokio::time::sleep(wait.next(delay)) => {}
+                    if !wait.sleep(delay, shutdown).await {
+                        return Verdict::Requeue {
+                            delay: Duration::ZERO,
+                        };
                     }
                 }
                 verdict => return verdict,

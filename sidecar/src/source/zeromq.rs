@@ -363,9 +363,8 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 if router {
                     return Some(Status::Retry("in_flight"));
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return retry_or_lost(router, "shutting_down", frames, shared.pattern),
-                    _ = tokio::time::sleep(wait.next(delay)) => {}
+                if !wait.sleep(delay, shutdown).await {
+                    return retry_or_lost(router, "shutting_down", frames, shared.pattern);
                 }
             }
             Verdict::StoreUnavailable => {
