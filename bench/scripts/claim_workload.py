@@ -1,14 +1,15 @@
 """A fixed key-store workload for counting what Redis spends on it.
 
 Writes, for `redis-cli --pipe`, the script calls the sidecar makes for
-MESSAGES messages in batches of BATCH (1 in 5 a duplicate of a completed key):
-a claim call per batch, then a completion call for the keys it acquired, with
-the argument layout of sidecar/src/store/redis.rs. Fixed keys, tokens and
-batches: the same Redis work on every run, whatever the machine's load.
+MESSAGES messages in batches of BATCH (1 in 5 a duplicate of a completed key),
+with the argument layout of sidecar/src/store/redis.rs: one settle call per
+batch that completes the keys the previous batch acquired and claims this
+batch's keys, as under load, where completions and claims share a call.
+Fixed keys, tokens and batches: the same Redis work on every run, whatever
+the machine's load.
 
     python3 bench/scripts/claim_workload.py sidecar/src/store 16 5000 ns1 > w.resp
-    valgrind --tool=callgrind --toggle-collect=readQueryFromClient \
-      --toggle-collect=handleClientsWithPendingWritesUsingThreads \
+    valgrind --tool=callgrind --toggle-collect=evalShaCommand \
       redis-server --port 6391 --save '' --appendonly no &
     redis-cli -p 6391 --pipe < w.resp; redis-cli -p 6391 shutdown nosave
 
@@ -23,9 +24,7 @@ scripts, batch, messages, ns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 
 warmup = sys.argv[5] if len(sys.argv) > 5 else None
 past_windows = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 read = lambda name: open(os.path.join(scripts, name)).read()
-meta = read('meta.lua')
-claim = meta + "\n" + read('claim.lua')
-complete = meta + "\n" + read('complete.lua')
+settle = read('meta.lua') + "\n" + read('settle.lua')
 rest = sys.stdout.buffer
 out = open(warmup, "wb") if warmup else rest
 def cmd(*args):
@@ -33,14 +32,25 @@ def cmd(*args):
     out.write(b"*%d\r\n" % len(a))
     for x in a:
         out.write(b"$%d\r\n%s\r\n" % (len(x), x))
-cs, ps = hashlib.sha1(claim.encode()).hexdigest(), hashlib.sha1(complete.encode()).hexdigest()
-cmd("SCRIPT", "LOAD", claim); cmd("SCRIPT", "LOAD", complete)
+sha = hashlib.sha1(settle.encode()).hexdigest()
+cmd("SCRIPT", "LOAD", settle)
 prefix = ("idemq:{%s}:" % ns).encode()
 R, L = 3600000, 30000
 width = R // 4
 def digest(k): return hashlib.sha256(k.encode()).digest()[:16]
 def token(k): return hashlib.md5(k.encode()).hexdigest()
-done, m, epoch = [], 0, ""
+def settle_call(epoch, candidate, completing, claiming):
+    keys, args = [], [prefix, epoch, candidate, width, "0", R, 0, len(completing)]
+    for k in completing:
+        d = digest(k)
+        keys.append(prefix + b"p:" + d)
+        args += [d[2:], token(k)]
+    for k in claiming:
+        d = digest(k)
+        keys.append(prefix + b"p:" + d)
+        args += [d[2:], b"", token(k), L]
+    cmd("EVALSHA", sha, len(keys), *keys, *args)
+done, acquired, m, epoch = [], [], 0, ""
 while m < messages:
     n = min(batch, messages - m)
     items = []
@@ -51,25 +61,15 @@ while m < messages:
         else:
             items.append(("k%d" % i, True))
     m += n
-    keys, args = [], [prefix, epoch, "e%015d" % m, width, "0", R]
-    for k, fresh in items:
-        d = digest(k)
-        keys.append(prefix + b"p:" + d)
-        args += [d[2:], b"", token(k), L]
-    cmd("EVALSHA", cs, len(keys), *keys, *args)
+    settle_call(epoch, "e%015d" % m, acquired, [k for k, _ in items])
     epoch = "e%015d" % batch  # first batch's candidate becomes the epoch
-    fresh = [k for k, f in items if f]
-    if not fresh: continue
-    keys, args = [], [prefix, "e%015d" % m, width, 0, R]
-    for k in fresh:
-        d = digest(k)
-        keys.append(prefix + b"p:" + d)
-        args += [d[2:], token(k)]
-    cmd("EVALSHA", ps, len(keys), *keys, *args)
-    done = fresh
+    if acquired:
+        done = acquired
+    acquired = [k for k, f in items if f]
     if out is not rest:
         now_window = int(time.time() * 1000) // width
         for w in range(now_window - past_windows, now_window):
             cmd("HSET", prefix + b"m", "b:%d" % w, 12)
         out.close()
         out = rest
+settle_call(epoch, "e%015d" % m, acquired, [])

@@ -378,6 +378,87 @@ async fn redis_keeps_one_hash_field_per_completed_key_and_no_claim_behind() {
     assert_eq!(common::redis::count(store.prefix()).await, 0);
 }
 
+/// A bucket's expiry is set when its first key creates it, and only looked
+/// at again by a completion that must outlive the window's earliest bucket:
+/// a longer retention (a rollout lengthening it) lengthens the life of every
+/// bucket it writes to, a shorter one never shortens it.
+#[tokio::test]
+async fn redis_bucket_lives_as_long_as_its_longest_retained_key() {
+    use sha2::{Digest, Sha256};
+    let store = common::redis::store("expiry").await;
+    let mut conn = common::redis::connection(common::redis::URL).await;
+    let long = RETENTION * 2;
+    let complete = async |key: &str, retention: Duration| {
+        let token = acquire(&store, key, None, LEASE).await;
+        let done = store
+            .complete(key, &token, retention)
+            .await
+            .expect("complete");
+        assert_eq!(done, Transition::Done);
+    };
+    // Window width: a quarter of the first retention; 12 shard bits.
+    let bucket_of = |key: &str, window: u64| {
+        let digest = &Sha256::digest(key.as_bytes())[..16];
+        let shard = u32::from_be_bytes([0, digest[0], digest[1], digest[2]]) >> 12;
+        let width = RETENTION.as_millis() as u64 / 4;
+        format!("{}c:{width}:{window}:{shard}", store.prefix())
+    };
+    for i in 0..300 {
+        complete(&format!("short-{i}"), RETENTION).await;
+    }
+    let (seconds, micros): (u64, u64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let window = (seconds * 1000 + micros / 1000) / (RETENTION.as_millis() as u64 / 4);
+    let ttl = async |conn: &mut ::redis::aio::MultiplexedConnection, bucket: &str| -> u64 {
+        ::redis::cmd("PTTL")
+            .arg(bucket)
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    // Keys of the long retention that land in buckets the short one created.
+    let mut shared = Vec::new();
+    for i in 0.. {
+        let key = format!("long-{i}");
+        let bucket = bucket_of(&key, window);
+        let exists: bool = ::redis::cmd("EXISTS")
+            .arg(&bucket)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if exists {
+            assert!(ttl(&mut conn, &bucket).await <= (RETENTION * 5 / 4).as_millis() as u64);
+            complete(&key, long).await;
+            shared.push(bucket);
+            if shared.len() == 5 {
+                break;
+            }
+        }
+    }
+    for bucket in &shared {
+        let left = ttl(&mut conn, bucket).await;
+        assert!(
+            left > long.as_millis() as u64 - 1000,
+            "{bucket} lives {left} ms more"
+        );
+    }
+    // The short retention again, into the same buckets: never shortened.
+    for i in 0.. {
+        let key = format!("short-again-{i}");
+        if shared.contains(&bucket_of(&key, window)) {
+            complete(&key, RETENTION).await;
+            break;
+        }
+    }
+    for bucket in &shared {
+        let left = ttl(&mut conn, bucket).await;
+        assert!(
+            left > long.as_millis() as u64 - 2000,
+            "{bucket} lives {left} ms more"
+        );
+    }
+    common::redis::cleanup(store.prefix()).await;
+}
+
 /// A store first written by a version without the meta hash kept completed
 /// keys in buckets of 12 shard bits and a quarter of the retention wide: the
 /// meta hash created later still finds them, and marks only the windows that
@@ -839,12 +920,13 @@ async fn replicated_completion_is_on_the_replica_when_it_answers() {
             .expect("SCAN on the replica");
         let mut fields = 0u64;
         for bucket in &buckets {
-            let n: u64 = ::redis::cmd("HLEN")
+            let names: Vec<Vec<u8>> = ::redis::cmd("HKEYS")
                 .arg(bucket)
                 .query_async(&mut on_replica)
                 .await
-                .expect("HLEN");
-            fields += n;
+                .expect("HKEYS");
+            // The empty field is the bucket's marker, not a key.
+            fields += names.iter().filter(|n| !n.is_empty()).count() as u64;
         }
         assert_eq!(fields, i + 1, "the replica holds every completion so far");
     }

@@ -1,5 +1,5 @@
--- meta: the shared head of claim.lua and complete.lua (prepended to each, so
--- each stays one script run by SHA). It reads the partition's meta hash
+-- meta: the head of settle.lua (prepended to it, so that it stays one
+-- script run by SHA). It reads the partition's meta hash
 -- (<prefix>m), creating it when it is missing, and gives the window layout.
 --
 -- The meta hash holds:
@@ -15,6 +15,9 @@
 --              that notices a reset; removed when a person acknowledges it.
 --   b:<window> shard bits of that window, chosen at its first completion.
 --   n:<window> completions in that window (the observed rate).
+--   x:<window> the earliest expiry (ms) of that window's marked buckets: a
+--              completion that expires no later needs no look at the
+--              expiry of a bucket it writes to (see settle.lua).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,33 +48,6 @@ local function holds_buckets(prefix, width, window)
   return false
 end
 
--- Opens the meta hash of `prefix`; creates it (epoch `candidate`, width
--- `width`) when absent. Returns a table {key, epoch, width, r, u, reset}.
-local function open_meta(prefix, candidate, width, retention)
-  local key = prefix .. 'm'
-  local m = redis.call('HMGET', key, 'e', 'w', 'r', 'u', 'reset')
-  local meta = {key = key}
-  if not m[1] then
-    local w = tonumber(width)
-    meta.epoch, meta.width, meta.r, meta.u = candidate, w, 0, 0
-    redis.call('HSET', key, 'e', candidate, 'w', width)
-    -- Buckets written before the meta hash existed used 12 shard bits and
-    -- this same width (a quarter of the retention): keep the past windows
-    -- that hold any readable. Only those: every window marked costs each
-    -- claim a lookup. The current window is left to be sized by its first
-    -- completion (12 bits too unless a rate is declared).
-    for window = math.floor((now - retention) / w), math.floor(now / w) - 1 do
-      if holds_buckets(prefix, w, window) then
-        redis.call('HSET', key, 'b:' .. win(window), DEFAULT_BITS)
-      end
-    end
-  else
-    meta.epoch, meta.width = m[1], tonumber(m[2])
-    meta.r, meta.u, meta.reset = tonumber(m[3] or '0'), tonumber(m[4] or '0'), m[5]
-  end
-  return meta
-end
-
 -- How far back (ms) a claim with `retention` must look.
 local function lookback(meta, retention)
   if now <= meta.u and meta.r > retention then
@@ -80,20 +56,74 @@ local function lookback(meta, retention)
   return retention
 end
 
--- Shard bits of windows `from`..`to` (nil: nothing was completed there).
-local function window_bits(meta, from, to)
-  local fields = {}
+-- Shard bits of windows `from`..`to` (nil: nothing was completed there), and
+-- the x field of window `to`.
+local function window_bits(key, from, to)
+  local fields = {'x:' .. win(to)}
   for window = from, to do
     fields[#fields + 1] = 'b:' .. win(window)
   end
-  local bits = redis.call('HMGET', meta.key, unpack(fields))
+  local m = redis.call('HMGET', key, unpack(fields))
+  return m, 2
+end
+
+-- Reads window bits from `m` (HMGET answers), where window `from`'s are at
+-- index `at`.
+local function bits_of(m, at, from, to)
   local out = {}
-  for i, b in ipairs(bits) do
+  for window = from, to do
+    local b = m[at + window - from]
     if b then
-      out[from + i - 1] = tonumber(b)
+      out[window] = tonumber(b)
     end
   end
   return out
+end
+
+-- Opens the meta hash of `prefix`; creates it (epoch `candidate`, width
+-- `width`) when absent. Returns a table {key, epoch, width, r, u, reset,
+-- current, oldest, bits, x}: the current window, the oldest that a claim with
+-- `retention` looks at, the shard bits of those windows, and the current
+-- window's x. One HMGET reads it all when the hash has width `width` and no
+-- longer retention is in use, as nearly always; else a second reads the
+-- windows.
+local function open_meta(prefix, candidate, width, retention)
+  local key = prefix .. 'm'
+  local guess = tonumber(width)
+  local from, to = math.floor((now - retention) / guess), math.floor(now / guess)
+  local fields = {'e', 'w', 'r', 'u', 'reset', 'x:' .. win(to)}
+  for window = from, to do
+    fields[#fields + 1] = 'b:' .. win(window)
+  end
+  local m = redis.call('HMGET', key, unpack(fields))
+  local meta = {key = key}
+  if not m[1] then
+    meta.epoch, meta.width, meta.r, meta.u = candidate, guess, 0, 0
+    redis.call('HSET', key, 'e', candidate, 'w', width)
+    -- Buckets written before the meta hash existed used 12 shard bits and
+    -- this same width (a quarter of the retention): keep the past windows
+    -- that hold any readable. Only those: every window marked costs each
+    -- claim a lookup. The current window is left to be sized by its first
+    -- completion (12 bits too unless a rate is declared).
+    for window = from, to - 1 do
+      if holds_buckets(prefix, guess, window) then
+        redis.call('HSET', key, 'b:' .. win(window), DEFAULT_BITS)
+      end
+    end
+  else
+    meta.epoch, meta.width = m[1], tonumber(m[2])
+    meta.r, meta.u, meta.reset = tonumber(m[3] or '0'), tonumber(m[4] or '0'), m[5]
+  end
+  local w = meta.width
+  meta.current = math.floor(now / w)
+  meta.oldest = math.floor((now - lookback(meta, retention)) / w)
+  local at = 7
+  if not m[1] or w ~= guess or meta.oldest ~= from then
+    m, at = window_bits(key, meta.oldest, meta.current)
+  end
+  meta.bits = bits_of(m, at, meta.oldest, meta.current)
+  meta.x = tonumber(m[at - 1])
+  return meta
 end
 
 -- Bucket names up to the shard, by window: built once per call, since

@@ -19,11 +19,14 @@
 //!
 //! `<digest>` is the first 16 bytes of SHA-256 of the idempotency key, so key
 //! size is fixed whatever the application sends. Every transition is one Lua
-//! script (see the `.lua` files beside this one), run by SHA. Claims,
-//! completions and lease renewals are batched (see [`super::batch`]): one
-//! script call per partition (and retention, which is the same for every
-//! delivery of a sidecar) runs the transitions of every delivery that asked
-//! meanwhile, each atomically.
+//! script (see the `.lua` files beside this one), run by SHA. Claims and
+//! completions are batched together, lease renewals apart (see
+//! [`super::batch`]): one script call per partition (and retention, which is
+//! the same for every delivery of a sidecar) runs the transitions of every
+//! delivery that asked meanwhile, each atomically. Under load one `settle`
+//! call completes what earlier deliveries finished and claims what new ones
+//! start, so the script's fixed cost (reading the meta hash, the server's
+//! time) is paid once for both.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +45,7 @@ const FIELD_FROM: usize = 2;
 /// retention then. It stays fixed afterwards (see `meta.lua`).
 const WINDOWS_PER_RETENTION: u32 = 4;
 const TOKEN_LEN: usize = 32;
-/// What `claim.lua` answers for a key, apart from an in-flight holder's
+/// What `settle.lua` answers for a claim, apart from an in-flight holder's
 /// remaining lease (0 or more).
 const ACQUIRED: i64 = -1;
 const COMPLETED: i64 = -2;
@@ -100,14 +103,13 @@ impl RedisOptions {
 }
 
 /// The Redis store. Cheap to clone; clones share one multiplexed connection
-/// and the batching tasks of claims and completions.
+/// and the batching tasks.
 #[derive(Clone)]
 pub struct RedisStore {
     redis: Redis,
     partitions: Arc<[Partition]>,
     resets: Arc<AtomicU64>,
-    claims: Arc<Batcher<ClaimItem, i64>>,
-    completions: Arc<Batcher<CompleteItem, i64>>,
+    settles: Arc<Batcher<SettleItem, Result<i64, StoreError>>>,
     renewals: Arc<Batcher<RenewItem, i64>>,
 }
 
@@ -159,7 +161,29 @@ impl Redis {
     }
 }
 
-/// One claim of a batch: the arguments of `claim.lua` for one key.
+/// One transition of a settle batch.
+enum SettleItem {
+    Claim(ClaimItem),
+    Complete(CompleteItem),
+}
+
+impl SettleItem {
+    fn digest(&self) -> &Digest16 {
+        match self {
+            Self::Claim(c) => &c.digest,
+            Self::Complete(c) => &c.digest,
+        }
+    }
+
+    fn retention_ms(&self) -> u64 {
+        match self {
+            Self::Claim(c) => c.retention_ms,
+            Self::Complete(c) => c.retention_ms,
+        }
+    }
+}
+
+/// One claim of a batch: its arguments of `settle.lua`.
 struct ClaimItem {
     digest: Digest16,
     fingerprint: Vec<u8>,
@@ -168,7 +192,7 @@ struct ClaimItem {
     retention_ms: u64,
 }
 
-/// One completion of a batch: the arguments of `complete.lua` for one key.
+/// One completion of a batch: its arguments of `settle.lua`.
 struct CompleteItem {
     digest: Digest16,
     token: String,
@@ -183,15 +207,17 @@ struct RenewItem {
     lease_ms: u64,
 }
 
-/// The claim and complete scripts each start with `meta.lua`, their shared
-/// reading of the partition's meta hash.
-fn scripts() -> &'static [Script; 4] {
-    static SCRIPTS: std::sync::OnceLock<[Script; 4]> = std::sync::OnceLock::new();
+/// The scripts: settle (with `meta.lua`, its reading of the partition's
+/// meta hash, ahead of it), release and renew.
+fn scripts() -> &'static [Script; 3] {
+    static SCRIPTS: std::sync::OnceLock<[Script; 3]> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| {
-        let meta = include_str!("meta.lua");
         [
-            Script::new(&format!("{meta}\n{}", include_str!("claim.lua"))),
-            Script::new(&format!("{meta}\n{}", include_str!("complete.lua"))),
+            Script::new(&format!(
+                "{}\n{}",
+                include_str!("meta.lua"),
+                include_str!("settle.lua")
+            )),
             Script::new(include_str!("release.lua")),
             Script::new(include_str!("renew.lua")),
         ]
@@ -208,7 +234,8 @@ struct BatchContext {
     rate_per_partition: f64,
     /// With `durability: replicated`, the connection completions are written
     /// and `WAIT`ed on. Its own: `WAIT` blocks the connection it is sent on,
-    /// and claims must not queue behind it.
+    /// and claims must not queue behind it (so they go in calls of their
+    /// own then).
     replicated: Option<Redis>,
 }
 
@@ -262,13 +289,9 @@ impl RedisStore {
                 / f64::from(options.partitions.max(1)),
         });
         Ok(Self {
-            claims: Arc::new(Batcher::spawn("claim", {
+            settles: Arc::new(Batcher::spawn("settle", {
                 let context = context.clone();
-                move |items| claim_batch(context.clone(), items)
-            })),
-            completions: Arc::new(Batcher::spawn("complete", {
-                let context = context.clone();
-                move |items| complete_batch(context.clone(), items)
+                move |items| settle_batch(context.clone(), items)
             })),
             renewals: Arc::new(Batcher::spawn("renew", {
                 let context = context.clone();
@@ -308,9 +331,11 @@ pub fn partition_prefixes(namespace: &str, partitions: u16) -> Vec<String> {
     }
 }
 
-/// What the items of one script call share: the partition, and the
-/// retention (ms) when the script takes it once per call (else 0).
-type CallGroup = (usize, u64);
+/// What the items of one script call share: the partition, the retention
+/// (ms) when the script takes it once per call (else 0), and whether they
+/// must go apart from the other items (completions that wait for a
+/// replica).
+type CallGroup = (usize, u64, bool);
 
 /// Runs `items` as one script call per [`CallGroup`], concurrently, and
 /// answers in the order of `items`.
@@ -356,56 +381,162 @@ where
         .collect()
 }
 
-async fn claim_batch(
+/// Settles a batch: one `settle.lua` call per partition and retention
+/// (and, with `durability: replicated`, per kind: claims stay off the
+/// connection that waits for replicas). Each item gets its own answer: a
+/// claim refused by an unacknowledged reset, or a completion no replica
+/// confirmed, fails alone.
+async fn settle_batch(
     context: Arc<BatchContext>,
-    items: Vec<ClaimItem>,
-) -> Result<Vec<i64>, StoreError> {
-    per_call(
+    items: Vec<SettleItem>,
+) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+    let apart = context.replicated.is_some();
+    let mut written: Vec<usize> = items
+        .iter()
+        .filter(|i| matches!(i, SettleItem::Complete(_)))
+        .map(|i| i.digest().partition)
+        .collect();
+    written.sort_unstable();
+    written.dedup();
+    let mut answers = per_call(
         items,
-        |i| (i.digest.partition, i.retention_ms),
-        |(p, retention_ms), items| {
-            let context = context.clone();
-            async move {
-                let partition = &context.partitions[p];
-                let seen = partition
-                    .seen
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let mut invocation = scripts()[0].prepare_invoke();
-                invocation
-                    .arg(&partition.prefix)
-                    .arg(seen.as_deref().unwrap_or(""))
-                    .arg(new_epoch())
-                    .arg(window_width(retention_ms))
-                    .arg(if context.on_reset == ResetPolicy::FailClosed {
-                        "1"
-                    } else {
-                        "0"
-                    })
-                    .arg(retention_ms);
-                for item in &items {
-                    invocation
-                        .key(&item.digest.in_progress)
-                        .arg(&item.digest.field)
-                        .arg(&item.fingerprint)
-                        .arg(&item.token)
-                        .arg(item.lease_ms);
-                }
-                let (epoch, reset, answers): (String, String, Vec<i64>) =
-                    context.redis.invoke("claim", &invocation).await?;
-                context.observe_epoch(partition, seen, epoch);
-                if answers.contains(&REFUSED) {
-                    return Err(StoreError::ResetUnacknowledged {
-                        partition: partition.prefix.clone(),
-                        record: reset,
-                    });
-                }
-                Ok(answers)
-            }
+        |i| {
+            let kind = apart && matches!(i, SettleItem::Complete(_));
+            (i.digest().partition, i.retention_ms(), kind)
         },
+        |(p, retention_ms, _), items| settle_call(context.clone(), p, retention_ms, items),
     )
-    .await
+    .await?;
+    if let Some(redis) = &context.replicated {
+        if !written.is_empty() {
+            if let Err(e) = wait_for_replica(redis, &context, written).await {
+                // Only the completions wait for a replica.
+                for (answer, completed) in answers.iter_mut() {
+                    if *completed {
+                        *answer = Err(e.clone());
+                    }
+                }
+            }
+        }
+    }
+    Ok(answers.into_iter().map(|(answer, _)| answer).collect())
+}
+
+/// One `settle.lua` call: the completions, then the claims, of one
+/// partition and retention. Answers each item in the order given, with
+/// whether it was a completion.
+async fn settle_call(
+    context: Arc<BatchContext>,
+    p: usize,
+    retention_ms: u64,
+    items: Vec<SettleItem>,
+) -> Result<Vec<(Result<i64, StoreError>, bool)>, StoreError> {
+    let partition = &context.partitions[p];
+    let seen = partition
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let completions = items
+        .iter()
+        .filter(|i| matches!(i, SettleItem::Complete(_)))
+        .count();
+    let mut invocation = scripts()[0].prepare_invoke();
+    invocation
+        .arg(&partition.prefix)
+        .arg(seen.as_deref().unwrap_or(""))
+        .arg(new_epoch())
+        .arg(window_width(retention_ms))
+        .arg(if context.on_reset == ResetPolicy::FailClosed {
+            "1"
+        } else {
+            "0"
+        })
+        .arg(retention_ms)
+        .arg(context.rate_per_partition)
+        .arg(completions);
+    for item in &items {
+        if let SettleItem::Complete(c) = item {
+            invocation
+                .key(&c.digest.in_progress)
+                .arg(&c.digest.field)
+                .arg(&c.token);
+        }
+    }
+    for item in &items {
+        if let SettleItem::Claim(c) = item {
+            invocation
+                .key(&c.digest.in_progress)
+                .arg(&c.digest.field)
+                .arg(&c.fingerprint)
+                .arg(&c.token)
+                .arg(c.lease_ms);
+        }
+    }
+    let redis = match &context.replicated {
+        Some(replicated) if completions > 0 => replicated,
+        _ => &context.redis,
+    };
+    let (epoch, reset, claimed, completed): (String, String, Vec<i64>, Vec<i64>) =
+        redis.invoke("settle", &invocation).await?;
+    context.observe_epoch(partition, seen, epoch);
+    if claimed.len() + completed.len() != items.len() {
+        return Err(StoreError::Protocol {
+            op: "settle",
+            detail: format!(
+                "{} answers to {} requests",
+                claimed.len() + completed.len(),
+                items.len()
+            ),
+        });
+    }
+    let (mut claimed, mut completed) = (claimed.into_iter(), completed.into_iter());
+    Ok(items
+        .iter()
+        .map(|item| match item {
+            SettleItem::Complete(_) => (Ok(completed.next().unwrap_or(0)), true),
+            SettleItem::Claim(_) => match claimed.next().unwrap_or(REFUSED) {
+                REFUSED => (
+                    Err(StoreError::ResetUnacknowledged {
+                        partition: partition.prefix.clone(),
+                        record: reset.clone(),
+                    }),
+                    false,
+                ),
+                status => (Ok(status), false),
+            },
+        })
+        .collect())
+}
+
+/// `durability: replicated`: waits until a replica has every write of this
+/// connection so far. `WAIT` covers every write sent on the connection to
+/// that node, so one call per partition written confirms a whole batch;
+/// only where it wrote (on a Cluster, a shard without a replica holds up
+/// only its own partitions).
+async fn wait_for_replica(
+    redis: &Redis,
+    context: &BatchContext,
+    mut written: Vec<usize>,
+) -> Result<(), StoreError> {
+    let wait_ms = (redis.timeout / 2).as_millis() as u64;
+    if !redis.conn.is_cluster() {
+        written.truncate(1);
+    }
+    let waits = written.iter().map(|&p| {
+        let mut conn = redis.conn.clone();
+        let key = &context.partitions[p].prefix;
+        redis.bounded("wait replica", async move {
+            conn.wait_replicas(key, 1, wait_ms).await
+        })
+    });
+    let replicas = futures::future::try_join_all(waits).await?;
+    if replicas.iter().any(|&r| r < 1) {
+        return Err(StoreError::Unreplicated {
+            timeout: redis.timeout / 2,
+        });
+    }
+    Ok(())
 }
 
 impl BatchContext {
@@ -434,75 +565,17 @@ impl BatchContext {
     }
 }
 
-async fn complete_batch(
-    context: Arc<BatchContext>,
-    items: Vec<CompleteItem>,
-) -> Result<Vec<i64>, StoreError> {
-    let mut written: Vec<usize> = items.iter().map(|i| i.digest.partition).collect();
-    written.sort_unstable();
-    written.dedup();
-    let answers = per_call(
-        items,
-        |i| (i.digest.partition, i.retention_ms),
-        |(p, retention_ms), items| {
-            let context = context.clone();
-            async move {
-                let redis = context.replicated.as_ref().unwrap_or(&context.redis);
-                let mut invocation = scripts()[1].prepare_invoke();
-                invocation
-                    .arg(&context.partitions[p].prefix)
-                    .arg(new_epoch())
-                    .arg(window_width(retention_ms))
-                    .arg(context.rate_per_partition)
-                    .arg(retention_ms);
-                for item in &items {
-                    invocation
-                        .key(&item.digest.in_progress)
-                        .arg(&item.digest.field)
-                        .arg(&item.token);
-                }
-                redis.invoke("complete", &invocation).await
-            }
-        },
-    )
-    .await?;
-    if let Some(redis) = &context.replicated {
-        // WAIT covers every write sent on this connection to that node so
-        // far, so one call per partition written confirms the whole batch;
-        // only where it wrote (on a Cluster, a shard without a replica
-        // holds up only its own partitions).
-        let wait_ms = (redis.timeout / 2).as_millis() as u64;
-        if !redis.conn.is_cluster() {
-            written.truncate(1);
-        }
-        let waits = written.iter().map(|&p| {
-            let mut conn = redis.conn.clone();
-            let key = &context.partitions[p].prefix;
-            redis.bounded("wait replica", async move {
-                conn.wait_replicas(key, 1, wait_ms).await
-            })
-        });
-        let replicas = futures::future::try_join_all(waits).await?;
-        if replicas.iter().any(|&r| r < 1) {
-            return Err(StoreError::Unreplicated {
-                timeout: redis.timeout / 2,
-            });
-        }
-    }
-    Ok(answers)
-}
-
 async fn renew_batch(
     context: Arc<BatchContext>,
     items: Vec<RenewItem>,
 ) -> Result<Vec<i64>, StoreError> {
     per_call(
         items,
-        |i| (i.partition, 0),
+        |i| (i.partition, 0, false),
         |_, items| {
             let context = context.clone();
             async move {
-                let mut invocation = scripts()[3].prepare_invoke();
+                let mut invocation = scripts()[2].prepare_invoke();
                 for item in &items {
                     invocation
                         .key(&item.in_progress)
@@ -578,15 +651,15 @@ impl KeyStore for RedisStore {
     ) -> Result<Claim, StoreError> {
         let token = Token::random();
         let status = self
-            .claims
-            .call(ClaimItem {
+            .settles
+            .call(SettleItem::Claim(ClaimItem {
                 digest: self.digest(key),
                 fingerprint: short_fingerprint(fingerprint),
                 token: token.0.clone(),
                 lease_ms: millis(lease),
                 retention_ms: millis(retention),
-            })
-            .await?;
+            }))
+            .await??;
         match status {
             ACQUIRED => Ok(Claim::Acquired { token }),
             COMPLETED => Ok(Claim::Completed),
@@ -611,13 +684,13 @@ impl KeyStore for RedisStore {
             return Ok(Transition::Stale);
         }
         let done = self
-            .completions
-            .call(CompleteItem {
+            .settles
+            .call(SettleItem::Complete(CompleteItem {
                 digest: self.digest(key),
                 token: token.0.clone(),
                 retention_ms: millis(retention),
-            })
-            .await?;
+            }))
+            .await??;
         Ok(if done == 1 {
             Transition::Done
         } else {
@@ -629,7 +702,7 @@ impl KeyStore for RedisStore {
         if token.0.len() != TOKEN_LEN {
             return Ok(Transition::Stale);
         }
-        let mut invocation = scripts()[2].prepare_invoke();
+        let mut invocation = scripts()[1].prepare_invoke();
         invocation.key(self.digest(key).in_progress).arg(&token.0);
         let done: i64 = self.redis.invoke("release", &invocation).await?;
         Ok(if done == 1 {
