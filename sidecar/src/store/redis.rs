@@ -11,7 +11,9 @@
 //! - `c:<width>:<window>:<shard>`: a hash of completed keys, field = digest
 //!   past its first two bytes, value = fingerprint, bucketed by completion
 //!   window and by shard. A plain key with a TTL costs ~160 bytes in Redis; a
-//!   field of a small (listpack-encoded) hash costs under 32.
+//!   field of a small (listpack-encoded) hash costs under 32. Each bucket
+//!   also holds an empty field, written with its first key, so that the
+//!   write that creates it knows to set its expiry (see `settle.lua`).
 //! - `m`: the meta hash: the epoch (amnesia detection), the window width
 //!   (fixed when the partition is first written, so changing the retention
 //!   renames nothing), the longest retention in use, and per window its
