@@ -87,6 +87,8 @@ struct Pod {
 /// The whole set: what the scripts need to know of every pod.
 struct Set {
     redis: Rendered,
+    /// The Redis container's preStop hook.
+    hand_over: Rendered,
     sentinel: Rendered,
     redis_nodes: String,
     sentinels: String,
@@ -125,8 +127,19 @@ impl Set {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let redis = rendered(&pod.containers[0]);
+        let hook = pod.containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref()?.exec.as_ref()?.command.clone())
+            .expect("the Redis container has a preStop exec hook");
+        assert_eq!(hook[..2], ["sh", "-c"], "the hook runs through sh");
         Self {
-            redis: rendered(&pod.containers[0]),
+            hand_over: Rendered {
+                script: hook[2].clone(),
+                env: redis.env.clone(),
+            },
+            redis,
             sentinel: rendered(&pod.containers[1]),
             redis_nodes: list(|p| p.redis_port),
             sentinels: list(|p| p.sentinel_port),
@@ -138,13 +151,32 @@ impl Set {
     /// Runs `what`'s script for pod `ordinal` as the kubelet would, with
     /// loopback addresses instead of the pods' names.
     fn spawn(&self, what: &Rendered, ordinal: usize, log: &str) -> Child {
-        let pod = &self.pods[ordinal];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(pod.dir.join(log))
+            .open(self.pods[ordinal].dir.join(log))
             .expect("log file");
-        Command::new("sh")
+        self.command(what, ordinal)
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start sh (redis-server and redis-cli must be on the PATH)")
+    }
+
+    /// Pod `ordinal`'s preStop hook, run to its end: its exit status and
+    /// output.
+    async fn run_hand_over(&self, ordinal: usize) -> std::process::Output {
+        let mut command = self.command(&self.hand_over, ordinal);
+        tokio::task::spawn_blocking(move || command.output().expect("run the preStop hook"))
+            .await
+            .expect("the hook's thread")
+    }
+
+    /// `what`'s script for pod `ordinal`, with the pod's environment.
+    fn command(&self, what: &Rendered, ordinal: usize) -> Command {
+        let pod = &self.pods[ordinal];
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg(&what.script)
             .envs(&what.env)
@@ -153,11 +185,8 @@ impl Set {
             .env("IDEMQ_REDIS_NODES", &self.redis_nodes)
             .env("IDEMQ_SENTINELS", &self.sentinels)
             .env("IDEMQ_DATA_DIR", pod.dir.join("data"))
-            .env("IDEMQ_SENTINEL_DIR", pod.dir.join("sentinel"))
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start sh (redis-server and redis-cli must be on the PATH)")
+            .env("IDEMQ_SENTINEL_DIR", pod.dir.join("sentinel"));
+        command
     }
 
     async fn start_redis(&mut self, ordinal: usize) {
@@ -505,6 +534,115 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
         [promoted_pod],
         "exactly one primary after the restart"
     );
+}
+
+/// A pod stopped on purpose (a drain, a rolling update): the Redis
+/// container's preStop hook. On a replica's pod it changes nothing; on the
+/// primary's it has the Sentinels fail the primary over while that Redis
+/// still runs, so the sidecars move at once instead of after down-after
+/// (5 s), and every replicated completion is on the new primary.
+#[tokio::test]
+async fn a_primary_stopped_on_purpose_hands_over_before_it_stops() {
+    assert_tools();
+    let mut set = Set::new();
+    set.start().await;
+    assert!(
+        wait_for(Duration::from_secs(30), async || set
+            .sentinels_agree()
+            .await)
+        .await,
+        "the Sentinels did not find the replicas and each other"
+    );
+    let first = set.pods[0].redis_port;
+    let store = RedisStore::new(RedisOptions {
+        sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
+        password: Some(PASSWORD.to_string()),
+        durability: Durability::Replicated,
+        timeout: Duration::from_secs(1),
+        ..RedisOptions::new(set.sentinel_urls(), "shop.orders")
+    })
+    .expect("store options");
+    const COMPLETED: usize = 100;
+    for i in 0..COMPLETED {
+        let key = format!("order-{i}");
+        let Claim::Acquired { token } = store
+            .claim(&key, Some("fp"), LEASE, RETENTION)
+            .await
+            .expect("claim")
+        else {
+            panic!("expected to acquire {key}");
+        };
+        let done = store.complete(&key, &token, RETENTION).await;
+        assert_eq!(done.expect("a replica confirms"), Transition::Done);
+    }
+
+    let replica = set.run_hand_over(2).await;
+    let replica_said = String::from_utf8_lossy(&replica.stdout).to_string();
+    assert!(replica.status.success(), "{replica_said}");
+    assert!(
+        replica_said.contains("nothing to hand over"),
+        "{replica_said}"
+    );
+    assert_eq!(
+        set.primary_named().await,
+        Some(first),
+        "a replica's stop moves nothing"
+    );
+
+    let started = Instant::now();
+    let primary = set.run_hand_over(0).await;
+    let took = started.elapsed();
+    let said = String::from_utf8_lossy(&primary.stdout).to_string();
+    assert!(primary.status.success(), "{said}");
+    let named = set.primary_named().await;
+    // Named while pod 0's Redis still runs: the hand-over, not down-after.
+    let role_before_stop = set.pods[0].role().await;
+    set.pods[0].kill();
+
+    let mut kept = 0;
+    for i in 0..COMPLETED {
+        let mut answer = None;
+        for _ in 0..50 {
+            match store
+                .claim(&format!("order-{i}"), Some("fp"), LEASE, RETENTION)
+                .await
+            {
+                Ok(claim) => {
+                    answer = Some(claim);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if answer == Some(Claim::Completed) {
+            kept += 1;
+        }
+    }
+    println!(
+        "hand-over: the hook took {:.1} s; primary :{first} -> {named:?}; the old primary was \
+         {role_before_stop:?} when it stopped; completions kept {kept}/{COMPLETED}; resets {}; \
+         its output:\n{said}",
+        took.as_secs_f64(),
+        store.resets()
+    );
+    assert!(
+        said.contains("fails 127.0.0.1") && said.contains("is the primary"),
+        "a Sentinel took the failover and named another primary:\n{said}"
+    );
+    assert!(
+        matches!(named, Some(port) if port != first),
+        "another primary is named before pod 0 stops: {named:?}"
+    );
+    assert_eq!(
+        role_before_stop.map(|r| r.0).as_deref(),
+        Some("slave"),
+        "the old primary is a replica when it stops"
+    );
+    assert_eq!(
+        kept, COMPLETED,
+        "every replicated completion is on the new primary"
+    );
+    assert_eq!(store.resets(), 0, "a hand-over is not a reset");
 }
 
 /// The scripts refuse to run with an ordinal outside the lists, rather than

@@ -25,10 +25,10 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction, Lifecycle,
+    LifecycleHandler, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Secret, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
     WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -336,6 +336,10 @@ const START_SENTINEL: &str = concat!(
     include_str!("redis/nodes.sh"),
     include_str!("redis/start-sentinel.sh")
 );
+const HAND_OVER: &str = concat!(
+    include_str!("redis/nodes.sh"),
+    include_str!("redis/hand-over.sh")
+);
 /// Where a Sentinel writes (and rewrites) its configuration file.
 const SENTINEL_DIR: &str = "/sentinel";
 
@@ -360,7 +364,9 @@ fn shell(script: &str) -> (Option<Vec<String>>, Option<Vec<String>>) {
 }
 
 /// The Redis container of a store with replicas: as the one durable Redis,
-/// but started by the script that asks the Sentinels for its role.
+/// but started by the script that asks the Sentinels for its role, and
+/// stopped after the script that hands the primary over (see
+/// `redis/hand-over.sh`).
 fn replicated_redis(ic: &IdempotentConsumer) -> Container {
     let managed = ic.spec.store.managed.clone().unwrap_or_default();
     let (fsync, maxmemory) = durable_settings(&managed);
@@ -375,6 +381,15 @@ fn replicated_redis(ic: &IdempotentConsumer) -> Container {
         command,
         args,
         env: Some(env),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(["sh", "-c", HAND_OVER].map(String::from).to_vec()),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..container(ic, true)
     }
 }
@@ -796,6 +811,10 @@ mod tests {
         let set = stateful_set(&explicit).expect("renders");
         let pod = set.spec.and_then(|s| s.template.spec).expect("pod");
         assert_eq!(pod.containers.len(), 1, "no Sentinel");
+        assert!(
+            pod.containers[0].lifecycle.is_none(),
+            "nothing to hand over to"
+        );
         assert_eq!(
             durable_script(&stateful_set(&explicit).expect("renders")),
             "exec redis-server --requirepass \"$REDIS_PASSWORD\" --dir /data \
@@ -834,6 +853,17 @@ mod tests {
         let pod = spec.template.spec.expect("pod");
         let names: Vec<_> = pod.containers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["redis", "sentinel"]);
+        let hook = pod.containers[0]
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref()?.exec.as_ref()?.command.clone())
+            .expect("Redis hands the primary over before it stops");
+        assert_eq!(hook[..2], ["sh", "-c"]);
+        assert!(hook[2].contains("SENTINEL failover"), "{}", hook[2]);
+        assert!(
+            pod.containers[1].lifecycle.is_none(),
+            "the Sentinel stops at once"
+        );
         for c in &pod.containers {
             let security = c.security_context.clone().expect("security context");
             assert_eq!(security.read_only_root_filesystem, Some(true), "{}", c.name);
