@@ -174,6 +174,19 @@ pub fn memory_for(expected_keys: u64) -> (u64, u64) {
     (maxmemory, maxmemory.saturating_mul(2))
 }
 
+/// Requests of `cpu` and `memory`, and a limit of memory only (no CPU limit:
+/// throttling a store delays every sidecar's calls).
+fn resources(cpu: &str, memory: Quantity, memory_limit: Quantity) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.to_string())),
+            ("memory".to_string(), memory),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), memory_limit)])),
+        ..ResourceRequirements::default()
+    }
+}
+
 fn mebibytes(bytes: u64) -> Quantity {
     Quantity(format!("{}Mi", bytes.div_ceil(1 << 20)))
 }
@@ -240,26 +253,9 @@ fn container(ic: &IdempotentConsumer, durable: bool) -> Container {
     let (_, request) = memory_for(managed.expected_keys.unwrap_or(DEFAULT_EXPECTED_KEYS));
     let resources = managed.resources.clone().unwrap_or_else(|| {
         if durable {
-            ResourceRequirements {
-                requests: Some(BTreeMap::from([
-                    ("cpu".to_string(), Quantity("100m".to_string())),
-                    ("memory".to_string(), mebibytes(request)),
-                ])),
-                limits: Some(BTreeMap::from([("memory".to_string(), mebibytes(request))])),
-                ..ResourceRequirements::default()
-            }
+            resources("100m", mebibytes(request), mebibytes(request))
         } else {
-            ResourceRequirements {
-                requests: Some(BTreeMap::from([
-                    ("cpu".to_string(), Quantity("100m".to_string())),
-                    ("memory".to_string(), Quantity("128Mi".to_string())),
-                ])),
-                limits: Some(BTreeMap::from([(
-                    "memory".to_string(),
-                    Quantity("512Mi".to_string()),
-                )])),
-                ..ResourceRequirements::default()
-            }
+            resources("100m", Quantity("128Mi".into()), Quantity("512Mi".into()))
         }
     });
     let (command, args) = if durable {
@@ -414,17 +410,11 @@ fn sentinel(ic: &IdempotentConsumer) -> Container {
         }]),
         readiness_probe: Some(ping_probe(labels::SENTINEL_PORT)),
         // A Sentinel holds a few connections and no data.
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("20m".to_string())),
-                ("memory".to_string(), Quantity("32Mi".to_string())),
-            ])),
-            limits: Some(BTreeMap::from([(
-                "memory".to_string(),
-                Quantity("64Mi".to_string()),
-            )])),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(resources(
+            "20m",
+            Quantity("32Mi".into()),
+            Quantity("64Mi".into()),
+        )),
         security_context: Some(restricted_security_context(999)),
         volume_mounts: Some(vec![VolumeMount {
             name: "sentinel".to_string(),
