@@ -96,8 +96,28 @@ pub fn not_found() -> Value {
     json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found" })
 }
 
-/// Serves `expected` in order, then checks that no other request comes.
+/// Serves `expected` in order.
 pub async fn serve(mut handle: Handle, expected: Vec<Expect>) {
+    serve_on(&mut handle, expected).await;
+}
+
+/// Serves `expected` in order, then checks that no other request comes
+/// before the client is gone (the reconcile ended and dropped it).
+pub async fn serve_only(mut handle: Handle, expected: Vec<Expect>) {
+    serve_on(&mut handle, expected).await;
+    let next = tokio::time::timeout(std::time::Duration::from_secs(2), handle.next_request())
+        .await
+        .expect("the reconcile neither sent another request nor ended");
+    if let Some((request, _)) = next {
+        panic!(
+            "unexpected request after the last expected one: {} {}",
+            request.method(),
+            request.uri().path()
+        );
+    }
+}
+
+async fn serve_on(handle: &mut Handle, expected: Vec<Expect>) {
     for (i, e) in expected.into_iter().enumerate() {
         let (request, send) =
             tokio::time::timeout(std::time::Duration::from_secs(2), handle.next_request())

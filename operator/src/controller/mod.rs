@@ -35,7 +35,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -340,33 +340,6 @@ pub(crate) fn apply_params() -> PatchParams {
     PatchParams::apply(MANAGER).force()
 }
 
-/// Dereference: reads `key` of Secret `name`: Ok(None) when the Secret is
-/// absent, Err(verdict) when the key is.
-pub(crate) async fn secret_value(
-    api: &Api<Secret>,
-    name: &str,
-    key: &str,
-) -> Result<Option<String>, Verdict> {
-    match secret_data(api, name).await? {
-        None => Ok(None),
-        Some(data) => match data.get(key) {
-            Some(value) => Ok(Some(String::from_utf8_lossy(&value.0).into_owned())),
-            None => Err(key_missing(name, key)),
-        },
-    }
-}
-
-/// Dereference: the data of Secret `name`, Ok(None) when it is absent.
-pub(crate) async fn secret_data(
-    api: &Api<Secret>,
-    name: &str,
-) -> Result<Option<std::collections::BTreeMap<String, k8s_openapi::ByteString>>, Verdict> {
-    api.get_opt(name)
-        .await
-        .map(|secret| secret.map(|s| s.data.unwrap_or_default()))
-        .map_err(|e| unreadable(name, &e))
-}
-
 /// Secret `name` could not be read (the API server failed, or the operator
 /// may not read it).
 pub(crate) fn unreadable(name: &str, e: &kube::Error) -> Verdict {
@@ -415,14 +388,15 @@ async fn apply(ic: &IdempotentConsumer, ctx: &Context) -> Result<Action, Error> 
         serde_json::to_value(&config_map).unwrap_or_default(),
     )
     .await?;
-    let store = store::ensure(ic, ctx, &ns).await?;
+    // Every step reads a Secret once, and all see the same content.
+    let mut read = secrets::Read::default();
+    let store = store::ensure(ic, ctx, &ns, &mut read).await?;
     // Only a store that answers can say whether it lost its state.
     let reset = if store.ok {
-        store::reset(ic, ctx, &ns).await
+        store::reset(ic, ctx, &ns, &mut read).await
     } else {
         None
     };
-    let mut read = secrets::Read::default();
     let (broker, binding) = broker::bind(ic, ctx, &ns, &mut read).await?;
     // Said before the pods roll: a new key definition forgets what was completed.
     let key_definition =

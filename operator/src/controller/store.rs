@@ -16,13 +16,18 @@ use kube::api::{Api, DeleteParams};
 
 use super::ssa::apply;
 use super::status::{verdict, Verdict};
-use super::{secret_data, secret_value, Context, Error};
+use super::{key_missing, secrets, unreadable, Context, Error};
 use crate::crd::conditions::*;
 use crate::crd::{IdempotentConsumer, StoreMode};
 use crate::labels;
 use crate::render;
 
-pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<Verdict, Error> {
+pub async fn ensure(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+    read: &mut secrets::Read,
+) -> Result<Verdict, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     match ic.spec.store.mode {
         StoreMode::External => {
@@ -35,33 +40,40 @@ pub async fn ensure(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Result<
                 ));
             };
             let r = &external.secret_ref;
-            Ok(match secret_value(&secrets, &r.name, &r.key).await {
-                Ok(Some(_)) => verdict(
+            Ok(match read.data(&secrets, &r.name).await {
+                Ok(Some(data)) if data.contains_key(&r.key) => verdict(
                     STORE_READY,
                     true,
                     EXTERNAL_SECRET_FOUND,
                     format!("Secret {} holds the Redis URL", r.name),
                 ),
+                Ok(Some(_)) => Verdict {
+                    type_: STORE_READY,
+                    ..key_missing(&r.name, &r.key)
+                },
                 Ok(None) => verdict(
                     STORE_READY,
                     false,
                     SECRET_NOT_FOUND,
                     format!("Secret {} does not exist", r.name),
                 ),
-                Err(v) => Verdict {
+                Err(e) => Verdict {
                     type_: STORE_READY,
-                    ..v
+                    ..unreadable(&r.name, &e)
                 },
             })
         }
         StoreMode::Managed => {
             let name = labels::redis(ic);
             // The password is generated once and then read back: a new one
-            // would lock every sidecar out of its store.
-            let password = match secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY).await {
-                Ok(Some(password)) => password,
-                _ => render::redis::generate_password(),
-            };
+            // would lock every sidecar out of its store. So a Secret that
+            // cannot be read now fails the reconcile (it is retried); only
+            // an absent one, or one without the key, gets a new password.
+            let password = read
+                .data(&secrets, &name)
+                .await?
+                .and_then(|data| text(data.get(labels::REDIS_PASSWORD_KEY)?))
+                .unwrap_or_else(render::redis::generate_password);
             apply(
                 &secrets,
                 &name,
@@ -217,30 +229,39 @@ struct StoreAddress {
     ca: Option<String>,
 }
 
-/// Dereference: the consumer's store address, from its Secret (one read).
-async fn store_address(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<StoreAddress> {
+/// A Secret value as text.
+fn text(value: &k8s_openapi::ByteString) -> Option<String> {
+    Some(String::from_utf8_lossy(&value.0).into_owned())
+}
+
+/// Dereference: the consumer's store address, from its Secret (as this
+/// reconcile read it).
+async fn store_address(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+    read: &mut secrets::Read,
+) -> Option<StoreAddress> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let text = |value: &k8s_openapi::ByteString| String::from_utf8_lossy(&value.0).into_owned();
     match ic.spec.store.mode {
         StoreMode::External => {
             let external = ic.spec.store.external.as_ref()?;
             let r = &external.secret_ref;
-            let data = secret_data(&secrets, &r.name).await.ok()??;
+            let data = read.data(&secrets, &r.name).await.ok()??;
             let ca = match &external.ca_key {
-                Some(key) => Some(text(data.get(key)?)),
+                Some(key) => Some(text(data.get(key)?)?),
                 None => None,
             };
             Some(StoreAddress {
-                url: text(data.get(&r.key)?),
+                url: text(data.get(&r.key)?)?,
                 password: None,
                 ca,
             })
         }
         StoreMode::Managed => {
             let name = labels::redis(ic);
-            let password = secret_value(&secrets, &name, labels::REDIS_PASSWORD_KEY)
-                .await
-                .ok()??;
+            let data = read.data(&secrets, &name).await.ok()??;
+            let password = text(data.get(labels::REDIS_PASSWORD_KEY)?)?;
             // With replicas, the Sentinels say where the primary is now.
             let url = if render::redis::replicas(ic) > 0 {
                 render::redis::sentinel_urls(ic)
@@ -260,9 +281,14 @@ async fn store_address(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Opti
 /// resource's annotation names, and says whether the store lost its state
 /// (`StoreReset` True, quoting the record to acknowledge). None when the
 /// store cannot be read now: no verdict rather than a wrong one.
-pub async fn reset(ic: &IdempotentConsumer, ctx: &Context, ns: &str) -> Option<Verdict> {
+pub async fn reset(
+    ic: &IdempotentConsumer,
+    ctx: &Context,
+    ns: &str,
+    read: &mut secrets::Read,
+) -> Option<Verdict> {
     use idemq_sidecar::store::redis::admin;
-    let address = store_address(ic, ctx, ns).await?;
+    let address = store_address(ic, ctx, ns, read).await?;
     let namespace = labels::consumer(ic);
     let target = admin::Target {
         url: &address.url,
