@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use idemq_operator::crd::{IdempotentConsumer, ManagedStore};
+use idemq_operator::crd::{IdempotentConsumer, ManagedStore, StoreDurability};
 use idemq_operator::render;
 use idemq_sidecar::store::redis::{Durability, RedisOptions, RedisStore};
 use idemq_sidecar::store::{Claim, KeyStore, Transition};
@@ -98,8 +98,11 @@ struct Set {
 
 impl Set {
     fn new() -> Self {
-        let ic = replicated_policy();
-        let set = render::redis::stateful_set(&ic).expect("renders");
+        Self::for_policy(&replicated_policy())
+    }
+
+    fn for_policy(ic: &IdempotentConsumer) -> Self {
+        let set = render::redis::stateful_set(ic).expect("renders");
         let pod = set
             .spec
             .and_then(|s| s.template.spec)
@@ -288,6 +291,14 @@ impl Set {
 impl Pod {
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// Its Redis alone lost (SIGKILL); its Sentinel stays.
+    fn kill_redis(&mut self) {
+        if let Some(mut child) = self.redis.take() {
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+        }
     }
 
     /// The pod lost with its node: SIGKILL of its Redis and its Sentinel.
@@ -643,6 +654,72 @@ async fn a_primary_stopped_on_purpose_hands_over_before_it_stops() {
         "every replicated completion is on the new primary"
     );
     assert_eq!(store.resets(), 0, "a hand-over is not a reset");
+}
+
+/// `durability: replicated` on the managed store: a primary that no replica
+/// has acknowledged for 4 s refuses writes (`min-replicas-to-write`), so a
+/// sidecar cut off with it keeps its completions and pauses, instead of
+/// having them acknowledged where a failover would discard them. Once a
+/// replica is back, it writes again.
+#[tokio::test]
+async fn with_replicated_durability_a_primary_without_replicas_refuses_writes() {
+    assert_tools();
+    let mut ic = replicated_policy();
+    ic.spec.store.durability = Some(StoreDurability::Replicated);
+    let mut set = Set::for_policy(&ic);
+    set.start().await;
+    assert!(
+        wait_for(Duration::from_secs(30), async || set
+            .sentinels_agree()
+            .await)
+        .await,
+        "the Sentinels did not find the replicas and each other"
+    );
+    let store = RedisStore::new(RedisOptions {
+        sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
+        password: Some(PASSWORD.to_string()),
+        durability: Durability::Replicated,
+        timeout: Duration::from_secs(1),
+        ..RedisOptions::new(set.sentinel_urls(), "shop.orders")
+    })
+    .expect("store options");
+    let mut n = 0;
+    let mut claim_next = async || {
+        n += 1;
+        store
+            .claim(&format!("order-{n}"), None, LEASE, RETENTION)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    assert!(claim_next().await.is_ok(), "the store takes writes");
+
+    // Both replicas' Redis lost; the primary and every Sentinel stay, so
+    // there is no failover: only the primary can refuse.
+    set.pods[1].kill_redis();
+    set.pods[2].kill_redis();
+    let cut = Instant::now();
+    let mut refusal = String::new();
+    let refused = wait_for(Duration::from_secs(20), async || match claim_next().await {
+        Err(e) => {
+            refusal = e;
+            refusal.contains("NOREPLICAS")
+        }
+        Ok(_) => false,
+    })
+    .await;
+    let refused_after = cut.elapsed();
+    set.start_redis(1).await;
+    let back = Instant::now();
+    let resumed = wait_for(Duration::from_secs(20), async || claim_next().await.is_ok()).await;
+    println!(
+        "replicated durability: writes refused {:.1} s after both replicas were lost ({refusal}); \
+         taken again {:.1} s after one came back",
+        refused_after.as_secs_f64(),
+        back.elapsed().as_secs_f64()
+    );
+    assert!(refused, "the primary went on taking writes: {refusal}");
+    assert!(resumed, "writes resume once a replica is back");
+    assert_eq!(set.primary_named().await, Some(set.pods[0].redis_port));
 }
 
 /// The scripts refuse to run with an ordinal outside the lists, rather than

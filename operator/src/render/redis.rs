@@ -41,7 +41,7 @@ use kube::ResourceExt;
 
 use super::sidecar::{field_env, plain_env, restricted_security_context, secret_env};
 use super::{owned_meta, RenderError};
-use crate::crd::{AppendFsync, IdempotentConsumer, ManagedStore, MANAGED_PRIMARY};
+use crate::crd::{AppendFsync, IdempotentConsumer, ManagedStore, StoreDurability, MANAGED_PRIMARY};
 use crate::labels;
 
 /// A fresh random password for a new managed Redis.
@@ -369,6 +369,15 @@ fn replicated_redis(ic: &IdempotentConsumer) -> Container {
     let mut env = node_env(ic);
     env.push(plain_env("IDEMQ_DATA_DIR", "/data"));
     env.push(plain_env("IDEMQ_APPENDFSYNC", fsync));
+    // durability: replicated: a primary that has heard from no replica for
+    // a few seconds (cut off, or its replicas gone) refuses writes, so the
+    // sidecars keep their completions and pause instead of writing where a
+    // failover would lose them.
+    let replicated = ic.spec.store.durability == Some(StoreDurability::Replicated);
+    env.push(plain_env(
+        "IDEMQ_MIN_REPLICAS",
+        if replicated { "1" } else { "0" },
+    ));
     if let Some(bytes) = maxmemory {
         env.push(plain_env("IDEMQ_MAXMEMORY", &bytes.to_string()));
     }
@@ -853,6 +862,20 @@ mod tests {
         assert!(
             pod.containers[1].lifecycle.is_none(),
             "the Sentinel stops at once"
+        );
+        assert_eq!(env_value(&pod.containers[0], "IDEMQ_MIN_REPLICAS"), "0");
+        let mut replicated = ic.clone();
+        replicated.spec.store.durability = Some(StoreDurability::Replicated);
+        let set = stateful_set(&replicated).expect("renders");
+        let redis = &set
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("pod")
+            .containers[0];
+        assert_eq!(
+            env_value(redis, "IDEMQ_MIN_REPLICAS"),
+            "1",
+            "durability: replicated: no writes without a replica"
         );
         for c in &pod.containers {
             let security = c.security_context.clone().expect("security context");

@@ -20,8 +20,13 @@ else
 fi
 # masterauth on every node: any of them may become a replica. `exec` makes
 # Redis PID 1, so SIGTERM reaches it and it flushes the append-only file.
+# IDEMQ_MIN_REPLICAS 1 (durability: replicated): writes are refused while no
+# replica has acknowledged for 4 s, less than the Sentinels' down-after (5 s),
+# so a primary cut off from its replicas stops taking writes before another
+# is promoted.
 exec redis-server --port "${self##*:}" \
   --requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD" \
   --replica-announce-ip "${self%:*}" --replica-announce-port "${self##*:}" \
   --dir "$IDEMQ_DATA_DIR" --appendonly yes --appendfsync "$IDEMQ_APPENDFSYNC" --save "" \
+  --min-replicas-to-write "${IDEMQ_MIN_REPLICAS:-0}" --min-replicas-max-lag 4 \
   --maxmemory-policy noeviction ${IDEMQ_MAXMEMORY:+--maxmemory "$IDEMQ_MAXMEMORY"} "$@"
