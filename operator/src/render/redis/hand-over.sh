@@ -7,6 +7,7 @@
 # replica at once (the Sentinels would do so only later), so that a sidecar
 # still connected to it is refused (READONLY) rather than write where the
 # new primary will not see it; the sidecar writes a refused completion again.
+# It is reached on 127.0.0.1: a terminating pod's name may no longer resolve.
 # Bounded to 20 s, and it never fails the stop: the Sentinels replace a lost
 # primary anyway.
 self=$(nth "$IDEMQ_REDIS_NODES" "$ordinal")
@@ -32,7 +33,7 @@ while [ "$waited" -lt 40 ]; do
   now=$(primary_from_sentinels "$own_sentinel")
   if [ -n "$now" ] && [ "$now" != "$self" ]; then
     echo "hand-over: $now is the primary"
-    redis-cli -h "${self%:*}" -p "${self##*:}" -a "$REDIS_PASSWORD" --no-auth-warning \
+    redis-cli -h 127.0.0.1 -p "${self##*:}" -a "$REDIS_PASSWORD" --no-auth-warning \
       REPLICAOF "${now%:*}" "${now##*:}" >/dev/null &&
       echo "hand-over: $self replicates $now until it stops"
     exit 0
