@@ -242,6 +242,32 @@ impl Set {
         }
     }
 
+    /// Every pod started, and the Sentinels agreeing on the set.
+    async fn start_agreed(&mut self) {
+        self.start().await;
+        assert!(
+            wait_for(Duration::from_secs(30), async || self
+                .sentinels_agree()
+                .await)
+            .await,
+            "the Sentinels did not find the replicas and each other; pod 0's Sentinel log:\n{}",
+            self.pods[0].log("sentinel.log")
+        );
+    }
+
+    /// The sidecar's own store client, through the Sentinels, as the
+    /// operator configures it for a managed store with replicas.
+    fn store(&self) -> RedisStore {
+        RedisStore::new(RedisOptions {
+            sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
+            password: Some(PASSWORD.to_string()),
+            durability: Durability::Replicated,
+            timeout: Duration::from_secs(1),
+            ..RedisOptions::new(self.sentinel_urls(), "shop.orders")
+        })
+        .expect("store options")
+    }
+
     fn sentinel_urls(&self) -> String {
         self.pods
             .iter()
@@ -385,6 +411,49 @@ fn assert_tools() {
     }
 }
 
+/// Claims and completes `order-0` … `order-<n-1>`, each confirmed by a
+/// replica.
+async fn complete_orders(store: &RedisStore, n: usize) {
+    for i in 0..n {
+        let key = format!("order-{i}");
+        let token = match store
+            .claim(&key, Some("fp"), LEASE, RETENTION)
+            .await
+            .expect("claim")
+        {
+            Claim::Acquired { token } => token,
+            other => panic!("expected to acquire {key}, got {other:?}"),
+        };
+        let done = store.complete(&key, &token, RETENTION).await;
+        assert_eq!(done.expect("a replica confirms"), Transition::Done);
+    }
+}
+
+/// How many of `order-0` … `order-<n-1>` a claim finds completed.
+async fn completed_orders(store: &RedisStore, n: usize) -> usize {
+    let mut kept = 0;
+    for i in 0..n {
+        // The first calls after a failover may still reach the lost primary.
+        let mut answer = None;
+        for _ in 0..50 {
+            match store
+                .claim(&format!("order-{i}"), Some("fp"), LEASE, RETENTION)
+                .await
+            {
+                Ok(claim) => {
+                    answer = Some(claim);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if answer == Some(Claim::Completed) {
+            kept += 1;
+        }
+    }
+    kept
+}
+
 fn log_lines(pod: &Pod, file: &str, pattern: &str) -> Vec<String> {
     pod.log(file)
         .lines()
@@ -398,16 +467,7 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
 ) {
     assert_tools();
     let mut set = Set::new();
-    set.start().await;
-
-    assert!(
-        wait_for(Duration::from_secs(30), async || set
-            .sentinels_agree()
-            .await)
-        .await,
-        "the Sentinels did not find the replicas and each other; pod 0's Sentinel log:\n{}",
-        set.pods[0].log("sentinel.log")
-    );
+    set.start_agreed().await;
     let first = set.pods[0].redis_port;
     assert_eq!(set.pods[0].role().await, Some(("master".into(), None)));
     for pod in &set.pods[1..] {
@@ -419,30 +479,9 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
         );
     }
 
-    // The sidecar's own store client, through the Sentinels, as the
-    // operator configures it for a managed store with replicas.
-    let store = RedisStore::new(RedisOptions {
-        sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
-        password: Some(PASSWORD.to_string()),
-        durability: Durability::Replicated,
-        timeout: Duration::from_secs(1),
-        ..RedisOptions::new(set.sentinel_urls(), "shop.orders")
-    })
-    .expect("store options");
+    let store = set.store();
     const COMPLETED: usize = 200;
-    for i in 0..COMPLETED {
-        let key = format!("order-{i}");
-        let token = match store
-            .claim(&key, Some("fp"), LEASE, RETENTION)
-            .await
-            .expect("claim")
-        {
-            Claim::Acquired { token } => token,
-            other => panic!("expected to acquire {key}, got {other:?}"),
-        };
-        let done = store.complete(&key, &token, RETENTION).await;
-        assert_eq!(done.expect("a replica confirms"), Transition::Done);
-    }
+    complete_orders(&store, COMPLETED).await;
 
     set.pods[0].kill();
     let killed = Instant::now();
@@ -471,26 +510,7 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
         "pod {promoted_pod} is named but not promoted"
     );
 
-    let mut kept = 0;
-    for i in 0..COMPLETED {
-        // The first calls after a failover may still reach the lost primary.
-        let mut answer = None;
-        for _ in 0..50 {
-            match store
-                .claim(&format!("order-{i}"), Some("fp"), LEASE, RETENTION)
-                .await
-            {
-                Ok(claim) => {
-                    answer = Some(claim);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-        if answer == Some(Claim::Completed) {
-            kept += 1;
-        }
-    }
+    let kept = completed_orders(&store, COMPLETED).await;
 
     // Pod 0 again, by the same scripts: the other Sentinels name the new
     // primary to its Sentinel and to its Redis.
@@ -556,36 +576,11 @@ async fn a_lost_primary_is_replaced_without_losing_replicated_completions_and_co
 async fn a_primary_stopped_on_purpose_hands_over_before_it_stops() {
     assert_tools();
     let mut set = Set::new();
-    set.start().await;
-    assert!(
-        wait_for(Duration::from_secs(30), async || set
-            .sentinels_agree()
-            .await)
-        .await,
-        "the Sentinels did not find the replicas and each other"
-    );
+    set.start_agreed().await;
     let first = set.pods[0].redis_port;
-    let store = RedisStore::new(RedisOptions {
-        sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
-        password: Some(PASSWORD.to_string()),
-        durability: Durability::Replicated,
-        timeout: Duration::from_secs(1),
-        ..RedisOptions::new(set.sentinel_urls(), "shop.orders")
-    })
-    .expect("store options");
+    let store = set.store();
     const COMPLETED: usize = 100;
-    for i in 0..COMPLETED {
-        let key = format!("order-{i}");
-        let Claim::Acquired { token } = store
-            .claim(&key, Some("fp"), LEASE, RETENTION)
-            .await
-            .expect("claim")
-        else {
-            panic!("expected to acquire {key}");
-        };
-        let done = store.complete(&key, &token, RETENTION).await;
-        assert_eq!(done.expect("a replica confirms"), Transition::Done);
-    }
+    complete_orders(&store, COMPLETED).await;
 
     let replica = set.run_hand_over(2).await;
     let replica_said = String::from_utf8_lossy(&replica.stdout).to_string();
@@ -610,25 +605,7 @@ async fn a_primary_stopped_on_purpose_hands_over_before_it_stops() {
     let role_before_stop = set.pods[0].role().await;
     set.pods[0].kill();
 
-    let mut kept = 0;
-    for i in 0..COMPLETED {
-        let mut answer = None;
-        for _ in 0..50 {
-            match store
-                .claim(&format!("order-{i}"), Some("fp"), LEASE, RETENTION)
-                .await
-            {
-                Ok(claim) => {
-                    answer = Some(claim);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-        if answer == Some(Claim::Completed) {
-            kept += 1;
-        }
-    }
+    let kept = completed_orders(&store, COMPLETED).await;
     println!(
         "hand-over: the hook took {:.1} s; primary :{first} -> {named:?}; the old primary was \
          {role_before_stop:?} when it stopped; completions kept {kept}/{COMPLETED}; resets {}; \
@@ -667,22 +644,8 @@ async fn with_replicated_durability_a_primary_without_replicas_refuses_writes() 
     let mut ic = replicated_policy();
     ic.spec.store.durability = Some(StoreDurability::Replicated);
     let mut set = Set::for_policy(&ic);
-    set.start().await;
-    assert!(
-        wait_for(Duration::from_secs(30), async || set
-            .sentinels_agree()
-            .await)
-        .await,
-        "the Sentinels did not find the replicas and each other"
-    );
-    let store = RedisStore::new(RedisOptions {
-        sentinel: Some(idemq_operator::crd::MANAGED_PRIMARY.to_string()),
-        password: Some(PASSWORD.to_string()),
-        durability: Durability::Replicated,
-        timeout: Duration::from_secs(1),
-        ..RedisOptions::new(set.sentinel_urls(), "shop.orders")
-    })
-    .expect("store options");
+    set.start_agreed().await;
+    let store = set.store();
     let mut n = 0;
     let mut claim_next = async || {
         n += 1;

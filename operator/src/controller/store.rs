@@ -72,7 +72,7 @@ pub async fn ensure(
             let password = read
                 .data(&secrets, &name)
                 .await?
-                .and_then(|data| text(data.get(labels::REDIS_PASSWORD_KEY)?))
+                .and_then(|data| data.get(labels::REDIS_PASSWORD_KEY).map(text))
                 .unwrap_or_else(render::redis::generate_password);
             apply(
                 &secrets,
@@ -230,8 +230,8 @@ struct StoreAddress {
 }
 
 /// A Secret value as text.
-fn text(value: &k8s_openapi::ByteString) -> Option<String> {
-    Some(String::from_utf8_lossy(&value.0).into_owned())
+fn text(value: &k8s_openapi::ByteString) -> String {
+    String::from_utf8_lossy(&value.0).into_owned()
 }
 
 /// Dereference: the consumer's store address, from its Secret (as this
@@ -249,11 +249,11 @@ async fn store_address(
             let r = &external.secret_ref;
             let data = read.data(&secrets, &r.name).await.ok()??;
             let ca = match &external.ca_key {
-                Some(key) => Some(text(data.get(key)?)?),
+                Some(key) => Some(text(data.get(key)?)),
                 None => None,
             };
             Some(StoreAddress {
-                url: text(data.get(&r.key)?)?,
+                url: text(data.get(&r.key)?),
                 password: None,
                 ca,
             })
@@ -261,7 +261,7 @@ async fn store_address(
         StoreMode::Managed => {
             let name = labels::redis(ic);
             let data = read.data(&secrets, &name).await.ok()??;
-            let password = text(data.get(labels::REDIS_PASSWORD_KEY)?)?;
+            let password = text(data.get(labels::REDIS_PASSWORD_KEY)?);
             // With replicas, the Sentinels say where the primary is now.
             let url = if render::redis::replicas(ic) > 0 {
                 render::redis::sentinel_urls(ic)

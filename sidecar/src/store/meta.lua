@@ -56,28 +56,25 @@ local function lookback(meta, retention)
   return retention
 end
 
--- Shard bits of windows `from`..`to` (nil: nothing was completed there), and
--- the x field of window `to`.
-local function window_bits(key, from, to)
-  local fields = {'x:' .. win(to)}
+-- One HMGET of the meta hash: the fields `head`, then the x field of window
+-- `to` and the shard bits of windows `from`..`to`. Returns the answers to
+-- `head`, and {bits, x}: bits by window (nil: nothing was completed there).
+local function read_meta(key, head, from, to)
+  local fields = {unpack(head)}
+  fields[#fields + 1] = 'x:' .. win(to)
   for window = from, to do
     fields[#fields + 1] = 'b:' .. win(window)
   end
   local m = redis.call('HMGET', key, unpack(fields))
-  return m, 2
-end
-
--- Reads window bits from `m` (HMGET answers), where window `from`'s are at
--- index `at`.
-local function bits_of(m, at, from, to)
-  local out = {}
+  local at = #head + 1
+  local windows = {bits = {}, x = tonumber(m[at])}
   for window = from, to do
-    local b = m[at + window - from]
+    local b = m[at + 1 + window - from]
     if b then
-      out[window] = tonumber(b)
+      windows.bits[window] = tonumber(b)
     end
   end
-  return out
+  return m, windows
 end
 
 -- Opens the meta hash of `prefix`; creates it (epoch `candidate`, width
@@ -91,11 +88,7 @@ local function open_meta(prefix, candidate, width, retention)
   local key = prefix .. 'm'
   local guess = tonumber(width)
   local from, to = math.floor((now - retention) / guess), math.floor(now / guess)
-  local fields = {'e', 'w', 'r', 'u', 'reset', 'x:' .. win(to)}
-  for window = from, to do
-    fields[#fields + 1] = 'b:' .. win(window)
-  end
-  local m = redis.call('HMGET', key, unpack(fields))
+  local m, windows = read_meta(key, {'e', 'w', 'r', 'u', 'reset'}, from, to)
   local meta = {key = key}
   if not m[1] then
     meta.epoch, meta.width, meta.r, meta.u = candidate, guess, 0, 0
@@ -117,12 +110,10 @@ local function open_meta(prefix, candidate, width, retention)
   local w = meta.width
   meta.current = math.floor(now / w)
   meta.oldest = math.floor((now - lookback(meta, retention)) / w)
-  local at = 7
   if not m[1] or w ~= guess or meta.oldest ~= from then
-    m, at = window_bits(key, meta.oldest, meta.current)
+    windows = select(2, read_meta(key, {}, meta.oldest, meta.current))
   end
-  meta.bits = bits_of(m, at, meta.oldest, meta.current)
-  meta.x = tonumber(m[at - 1])
+  meta.bits, meta.x = windows.bits, windows.x
   return meta
 end
 

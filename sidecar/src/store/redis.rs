@@ -170,6 +170,10 @@ enum SettleItem {
 }
 
 impl SettleItem {
+    fn is_completion(&self) -> bool {
+        matches!(self, Self::Complete(_))
+    }
+
     fn digest(&self) -> &Digest16 {
         match self {
             Self::Claim(c) => &c.digest,
@@ -395,7 +399,7 @@ async fn settle_batch(
     let apart = context.replicated.is_some();
     let mut written: Vec<usize> = items
         .iter()
-        .filter(|i| matches!(i, SettleItem::Complete(_)))
+        .filter(|i| i.is_completion())
         .map(|i| i.digest().partition)
         .collect();
     written.sort_unstable();
@@ -403,7 +407,7 @@ async fn settle_batch(
     let mut answers = per_call(
         items,
         |i| {
-            let kind = apart && matches!(i, SettleItem::Complete(_));
+            let kind = apart && i.is_completion();
             (i.digest().partition, i.retention_ms(), kind)
         },
         |(p, retention_ms, _), items| settle_call(context.clone(), p, retention_ms, items),
@@ -439,10 +443,7 @@ async fn settle_call(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let completions = items
-        .iter()
-        .filter(|i| matches!(i, SettleItem::Complete(_)))
-        .count();
+    let completions = items.iter().filter(|i| i.is_completion()).count();
     let mut invocation = scripts()[0].prepare_invoke();
     invocation
         .arg(&partition.prefix)
