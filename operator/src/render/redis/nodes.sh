@@ -25,23 +25,31 @@ nth() {
   return 1
 }
 
+# named_by SENTINEL: host:port of the primary as SENTINEL names it, or
+# nothing when it does not answer within 2 seconds (its pod may be gone) or
+# names none.
+named_by() {
+  answer=$(timeout 2 redis-cli -h "${1%:*}" -p "${1##*:}" \
+    -a "$REDIS_PASSWORD" --no-auth-warning \
+    SENTINEL get-master-addr-by-name "$IDEMQ_PRIMARY_NAME" 2>/dev/null) || return 0
+  # An answer is two lines, host and port; an error or nil is not.
+  set -- $answer
+  [ "$#" -eq 2 ] || return 0
+  case $2 in '' | *[!0-9]*) return 0 ;; esac
+  echo "$1:$2"
+}
+
 # primary_from_sentinels [SKIP]: host:port of the primary as the first
 # Sentinel that answers names it (leaving out SKIP, a Sentinel's own
-# address), or nothing when none answers. A Sentinel that does not answer
-# within 2 seconds is passed over: its pod may be gone.
+# address), or nothing when none answers.
 primary_from_sentinels() {
-  skip=${1:-}
   for sentinel in $IDEMQ_SENTINELS; do
-    [ "$sentinel" = "$skip" ] && continue
-    answer=$(timeout 2 redis-cli -h "${sentinel%:*}" -p "${sentinel##*:}" \
-      -a "$REDIS_PASSWORD" --no-auth-warning \
-      SENTINEL get-master-addr-by-name "$IDEMQ_PRIMARY_NAME" 2>/dev/null) || continue
-    # An answer is two lines, host and port; an error or nil is not.
-    set -- $answer
-    [ "$#" -eq 2 ] || continue
-    case $2 in '' | *[!0-9]*) continue ;; esac
-    echo "$1:$2"
-    return 0
+    [ "$sentinel" = "${1:-}" ] && continue
+    named=$(named_by "$sentinel")
+    if [ -n "$named" ]; then
+      echo "$named"
+      return 0
+    fi
   done
   return 0
 }
