@@ -107,7 +107,16 @@ impl Set {
             .spec
             .and_then(|s| s.template.spec)
             .expect("a pod template");
-        let root = tempfile::tempdir().expect("temp dir");
+        // In memory where the machine has it: Redis and Sentinel fsync
+        // their files, which a busy disk (a build beside the tests) can
+        // hold up for many seconds.
+        let shm = std::path::Path::new("/dev/shm");
+        let root = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("temp dir");
         let pods: Vec<Pod> = (0..PODS)
             .map(|ordinal| {
                 let dir = root.path().join(format!("pod-{ordinal}"));
@@ -246,12 +255,16 @@ impl Set {
     async fn start_agreed(&mut self) {
         self.start().await;
         assert!(
-            wait_for(Duration::from_secs(30), async || self
+            wait_for(Duration::from_secs(60), async || self
                 .sentinels_agree()
                 .await)
             .await,
-            "the Sentinels did not find the replicas and each other; pod 0's Sentinel log:\n{}",
-            self.pods[0].log("sentinel.log")
+            "the Sentinels did not find the replicas and each other; their logs:\n{}",
+            self.pods
+                .iter()
+                .map(|pod| pod.log("sentinel.log"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 
