@@ -186,7 +186,7 @@ pub async fn raw(
 ) {
     let result: anyhow::Result<()> = async {
         let consumer = consumer(&stream, max_ack_pending).await?;
-        let http = reqwest::Client::new();
+        let post = crate::post::Post::new(&url)?;
         let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(max_ack_pending)));
         'pulls: loop {
             let room = slots.available_permits().min(MAX_BATCH);
@@ -212,12 +212,10 @@ pub async fn raw(
                 let Some(message) = next else { break };
                 let message = message.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
                 let slot = slots.clone().acquire_owned().await?;
-                let mut request = http.post(&url).body(message.payload.clone());
-                if let Some(sent) = header(&message, sent_header) {
-                    request = request.header(sent_header, sent);
-                }
+                let post = post.clone();
                 tokio::spawn(async move {
-                    let _ = request.send().await;
+                    let sent = header(&message, sent_header).map(|sent| (sent_header, sent));
+                    post.send(message.payload.clone(), None, sent).await;
                     if let Err(e) = message.ack().await {
                         eprintln!("raw jetstream ack: {e}");
                     }

@@ -225,7 +225,7 @@ pub async fn raw(
 ) {
     let result: anyhow::Result<()> = async {
         let consumer = consumer(&topic)?;
-        let http = reqwest::Client::new();
+        let post = crate::post::Post::new(&url)?;
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         for p in 0..PARTITIONS {
             offsets
@@ -273,15 +273,11 @@ pub async fn raw(
                 o.taken(&tp, offset);
                 o.generation(&tp).unwrap_or(0)
             };
-            let mut request = http
-                .post(&url)
-                .body(message.payload().unwrap_or_default().to_vec());
-            if let Some(sent) = sent(&message, sent_header) {
-                request = request.header(sent_header, sent);
-            }
-            let (offsets, settled) = (offsets.clone(), settled.clone());
+            let body = message.payload().unwrap_or_default().to_vec();
+            let sent = sent(&message, sent_header).map(|sent| (sent_header, sent));
+            let (post, offsets, settled) = (post.clone(), offsets.clone(), settled.clone());
             tokio::spawn(async move {
-                let _ = request.send().await;
+                post.send(body, None, sent).await;
                 offsets
                     .lock()
                     .expect("lock")

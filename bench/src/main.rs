@@ -9,6 +9,7 @@ mod key_memory;
 mod mqtt;
 mod naive;
 mod pipeline;
+mod post;
 mod pubsub;
 mod redis_admin;
 mod zeromq;

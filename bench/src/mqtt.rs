@@ -240,7 +240,7 @@ pub async fn raw(
     let result: anyhow::Result<()> = async {
         let (conn, mut events) = Connection::open(&options(port, client_id, receive_maximum)?).await?;
         conn.subscribe(&[filter]).await.map_err(anyhow::Error::msg)?;
-        let http = reqwest::Client::new();
+        let post = crate::post::Post::new(&url)?;
         let order = Arc::new(Mutex::new(InOrder::default()));
         let settled = Arc::new(tokio::sync::Notify::new());
         let mut seq = 0u64;
@@ -256,14 +256,11 @@ pub async fn raw(
                 event = events.recv() => match event {
                     Some(Event::Message(m)) => {
                         order.lock().expect("lock").received(seq, m.pkid);
-                        let mut request = http.post(&url).body(m.payload.clone());
-                        if let Some((_, sent)) = m.user_properties.iter().find(|(k, _)| k == sent_header) {
-                            request = request.header(sent_header, sent.clone());
-                        }
-                        let (order, settled, this) = (order.clone(), settled.clone(), seq);
+                        let sent = m.user_properties.iter().find(|(k, _)| k == sent_header).map(|(_, sent)| (sent_header, sent.clone()));
+                        let (post, order, settled, this) = (post.clone(), order.clone(), settled.clone(), seq);
                         seq += 1;
                         tokio::spawn(async move {
-                            let _ = request.send().await;
+                            post.send(m.payload, None, sent).await;
                             order.lock().expect("lock").settle(this);
                             settled.notify_one();
                         });

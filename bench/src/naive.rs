@@ -6,6 +6,7 @@
 use anyhow::Context;
 
 use crate::pipeline::{REDIS, SENT_HEADER};
+use crate::post::Post;
 
 /// How long a naive key is kept: a day, as tutorials do.
 const KEY_TTL_SECONDS: u64 = 86_400;
@@ -17,8 +18,7 @@ pub fn prefix(run_id: &str) -> String {
 
 pub struct Naive {
     redis: redis::aio::MultiplexedConnection,
-    http: reqwest::Client,
-    url: String,
+    post: Post,
     prefix: String,
 }
 
@@ -27,8 +27,7 @@ impl Naive {
     pub async fn connect(url: String, run_id: &str) -> anyhow::Result<Self> {
         Ok(Self {
             redis: crate::redis_admin::connection(REDIS).await?,
-            http: reqwest::Client::new(),
-            url,
+            post: Post::new(&url)?,
             prefix: prefix(run_id),
         })
     }
@@ -39,7 +38,7 @@ impl Naive {
     pub async fn step(
         &mut self,
         key: &str,
-        body: impl Into<reqwest::Body>,
+        body: impl Into<bytes::Bytes>,
         sent: Option<String>,
     ) -> anyhow::Result<bool> {
         let fresh: Option<String> = redis::cmd("SET")
@@ -54,15 +53,10 @@ impl Naive {
         if fresh.is_none() {
             return Ok(false);
         }
-        let mut request = self
-            .http
-            .post(&self.url)
-            .header("idempotency-key", key)
-            .body(body);
-        if let Some(sent) = sent {
-            request = request.header(SENT_HEADER, sent);
+        let sent = sent.map(|sent| (SENT_HEADER, sent));
+        if !self.post.send(body, Some(key), sent).await {
+            anyhow::bail!("the app did not take a POST");
         }
-        request.send().await.context("POST to the app")?;
         Ok(true)
     }
 }

@@ -1118,7 +1118,7 @@ async fn raw(queue: String, prefetch: u16, url: String, stop: tokio_util::sync::
         let mut consumer = channel
             .basic_consume(queue.as_str().into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
-        let http = reqwest::Client::new();
+        let post = crate::post::Post::new(&url)?;
         let tracker = Arc::new(Mutex::new(AckTracker::default()));
         let settled = Arc::new(tokio::sync::Notify::new());
         loop {
@@ -1138,13 +1138,10 @@ async fn raw(queue: String, prefetch: u16, url: String, stop: tokio_util::sync::
                     let Some(delivery) = next else { break };
                     let delivery = delivery?;
                     tracker.lock().expect("lock").received(delivery.delivery_tag, Instant::now());
-                    let (http, url, tracker, settled) = (http.clone(), url.clone(), tracker.clone(), settled.clone());
+                    let (post, tracker, settled) = (post.clone(), tracker.clone(), settled.clone());
                     tokio::spawn(async move {
-                        let mut request = http.post(&url).body(delivery.data.clone());
-                        if let Some(sent) = sent_header(&delivery) {
-                            request = request.header(SENT_HEADER, sent);
-                        }
-                        let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
+                        let sent = sent_header(&delivery).map(|sent| (SENT_HEADER, sent));
+                        let ok = post.send(delivery.data.clone(), None, sent).await;
                         tracker.lock().expect("lock").settle(delivery.delivery_tag, ok);
                         settled.notify_one();
                     });

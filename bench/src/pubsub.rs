@@ -169,7 +169,7 @@ pub async fn raw(pubsub: PubSubConfig, url: String, stop: CancellationToken) {
     let result: anyhow::Result<()> = async {
         let most = pubsub.max_outstanding_messages as usize;
         let mut stream = subscribe(&pubsub).await?;
-        let http = reqwest::Client::new();
+        let post = crate::post::Post::new(&url)?;
         let slots = Arc::new(tokio::sync::Semaphore::new(most));
         loop {
             let slot = tokio::select! {
@@ -183,14 +183,15 @@ pub async fn raw(pubsub: PubSubConfig, url: String, stop: CancellationToken) {
                     None => bail!("the streaming pull ended"),
                 },
             };
-            let mut request = http
-                .post(&url)
-                .body(std::mem::take(&mut message.message.data));
-            if let Some(sent) = message.message.attributes.get(SENT_HEADER) {
-                request = request.header(SENT_HEADER, sent);
-            }
+            let body = std::mem::take(&mut message.message.data);
+            let sent = message
+                .message
+                .attributes
+                .get(SENT_HEADER)
+                .map(|sent| (SENT_HEADER, sent.clone()));
+            let post = post.clone();
             tokio::spawn(async move {
-                let _ = request.send().await;
+                post.send(body, None, sent).await;
                 if let Err(e) = message.ack().await {
                     eprintln!("raw pubsub ack: {e}");
                 }

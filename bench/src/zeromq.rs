@@ -255,7 +255,13 @@ pub async fn raw(
         }
     };
     let handle = Arc::new(handle);
-    let http = reqwest::Client::new();
+    let post = match crate::post::Post::new(&url) {
+        Ok(post) => post,
+        Err(e) => {
+            eprintln!("raw zeromq consumer failed: {e}");
+            return;
+        }
+    };
     loop {
         let received = tokio::select! {
             _ = stop.cancelled() => break,
@@ -264,16 +270,19 @@ pub async fn raw(
                 None => break,
             },
         };
-        let mut request = http.post(&url);
-        if let Ok(envelope) = wire::envelope(ZeroMqPattern::Router, &received.frames) {
-            if let Some(sent) = envelope.0.header(sent_header) {
-                request = request.header(sent_header, sent.to_string());
+        let (body, sent) = match wire::envelope(ZeroMqPattern::Router, &received.frames) {
+            Ok(envelope) => {
+                let sent = envelope
+                    .0
+                    .header(sent_header)
+                    .map(|sent| (sent_header, sent.to_string()));
+                (envelope.0.body, sent)
             }
-            request = request.body(envelope.0.body);
-        }
-        let handle = handle.clone();
+            Err(_) => (bytes::Bytes::new(), None),
+        };
+        let (post, handle) = (post.clone(), handle.clone());
         tokio::spawn(async move {
-            let _ = request.send().await;
+            post.send(body, None, sent).await;
             let id = wire::message_id(ZeroMqPattern::Router, &received.frames);
             handle.reply(wire::reply(&received.route, id, Status::Ok));
         });

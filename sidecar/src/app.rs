@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CircuitBreakerConfig, DeliveryConfig, ReadinessCheck};
+use crate::deliver::{exchange, http_client, HttpClient};
 use crate::health::Component;
 use crate::metrics::Metrics;
 
@@ -183,8 +184,8 @@ pub struct Check {
     /// Host and port of the delivery URL.
     addr: (String, u16),
     /// The URL of the HTTP check.
-    url: reqwest::Url,
-    client: reqwest::Client,
+    uri: http::Uri,
+    client: HttpClient,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,13 +194,13 @@ pub enum CheckError {
     Url(#[from] url::ParseError),
     #[error("delivery.url names no host and port")]
     NoAddress,
-    #[error("cannot build the HTTP client of the readiness check: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("the readiness check's URL is not valid: {0}")]
+    Uri(#[from] http::uri::InvalidUri),
 }
 
 impl Check {
     pub fn new(config: &DeliveryConfig) -> Result<Self, CheckError> {
-        let delivery = reqwest::Url::parse(&config.url)?;
+        let delivery = url::Url::parse(&config.url)?;
         let host = delivery.host_str().ok_or(CheckError::NoAddress)?;
         let port = delivery
             .port_or_known_default()
@@ -208,8 +209,8 @@ impl Check {
         Ok(Self {
             kind: config.readiness.check,
             addr: (host.trim_matches(['[', ']']).to_string(), port),
-            url,
-            client: reqwest::Client::builder().timeout(CHECK_TIMEOUT).build()?,
+            uri: url.as_str().parse()?,
+            client: http_client(CHECK_TIMEOUT),
         })
     }
 
@@ -223,12 +224,13 @@ impl Check {
                     Ok(Ok(_))
                 )
             }
-            ReadinessCheck::Http => self
-                .client
-                .get(self.url.clone())
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success()),
+            ReadinessCheck::Http => {
+                let mut request = http::Request::new(Default::default());
+                *request.uri_mut() = self.uri.clone();
+                let answer =
+                    tokio::time::timeout(CHECK_TIMEOUT, exchange(&self.client, request)).await;
+                matches!(answer, Ok(Ok(200..=299)))
+            }
         }
     }
 }
