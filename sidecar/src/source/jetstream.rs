@@ -251,7 +251,7 @@ impl Source {
                 } => match next {
                     Some(Ok(message)) => {
                         let permit = self.flow.take(message.payload.len());
-                        tasks.spawn(handle(message, permit, self.engine.clone(), settle.clone(), shutdown.clone()));
+                        tasks.spawn(Box::pin(handle(message, permit, self.engine.clone(), settle.clone(), shutdown.clone())));
                     }
                     Some(Err(e)) => {
                         let message = e.to_string();

@@ -782,7 +782,7 @@ impl Dispatch {
         let d = self.clone();
         self.runtime.spawn(async move {
             for taken in batch {
-                tokio::spawn(d.clone().settle(taken));
+                tokio::spawn(Box::pin(d.clone().settle(taken)));
             }
         });
     }

@@ -4,6 +4,10 @@
 //! [`Verdict`]; a source turns verdicts into the broker's own operations. Adding
 //! a broker (Kafka, NATS JetStream, Pub/Sub) means writing a source that yields
 //! envelopes and applies verdicts; the engine does not change.
+//!
+//! Each message is a task, spawned boxed (`Box::pin`): the future that
+//! handles a message is a few kilobytes, and tokio moves a task's future by
+//! value several times (into the task, then at each change of its stage).
 
 pub mod acks;
 pub mod jetstream;

@@ -235,7 +235,7 @@ impl Source {
                         let size = message.payload.len();
                         self.largest_message.fetch_max(size as u64, Ordering::Relaxed);
                         let permit = self.flow.take(size);
-                        tasks.spawn(handle(seq, message, permit, self.engine.clone(), settle.clone(), shutdown.clone()));
+                        tasks.spawn(Box::pin(handle(seq, message, permit, self.engine.clone(), settle.clone(), shutdown.clone())));
                     }
                     Some(Event::Subscribed { refused: 0 }) => {
                         self.health.set(true);

@@ -300,14 +300,14 @@ impl Source {
                         settle.leases.hold(&message.ack_id);
                         let turn = (ordering && !message.message.ordering_key.is_empty())
                             .then(|| lanes.next(&message.message.ordering_key));
-                        tasks.spawn(handle(
+                        tasks.spawn(Box::pin(handle(
                             message,
                             permit,
                             turn,
                             self.engine.clone(),
                             settle.clone(),
                             shutdown.clone(),
-                        ));
+                        )));
                     }
                     None => break Err(SourceError::StreamEnded {
                         subscription: self.pubsub.subscription.clone(),

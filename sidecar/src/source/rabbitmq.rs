@@ -217,7 +217,7 @@ impl Source {
                         let size = delivery.data.len() as u64;
                         let permit = self.flow.take(delivery.data.len());
                         self.largest_message.fetch_max(size, Ordering::Relaxed);
-                        tasks.spawn(handle(delivery, permit, self.engine.clone(), settle.clone(), shutdown.clone()));
+                        tasks.spawn(Box::pin(handle(delivery, permit, self.engine.clone(), settle.clone(), shutdown.clone())));
                         // Also when it may grow: the first session of a sidecar
                         // runs at prefetch 1 until it has seen a message.
                         if self.prefetch() != prefetch {

@@ -257,7 +257,7 @@ impl Source {
                     }
                     let size = received.frames.iter().map(Vec::len).sum();
                     let Some(permit) = self.flow.admit(size, &shutdown).await else { break };
-                    tasks.spawn(serve(shared.clone(), received, permit, shutdown.clone()));
+                    tasks.spawn(Box::pin(serve(shared.clone(), received, permit, shutdown.clone())));
                 }
             }
         }
