@@ -216,10 +216,17 @@ fn headers(
     }
 }
 
+/// What caused `e`, from the nearest cause on.
+fn causes(
+    e: &hyper_util::client::legacy::Error,
+) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |&s| s.source())
+}
+
 /// Whether a connection attempt timed out (the application may be stuck,
 /// not absent).
 fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
-    std::iter::successors(e.source(), |&s| s.source()).any(|s| {
+    causes(e).any(|s| {
         s.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     })
@@ -228,7 +235,7 @@ fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
 /// An error with its causes, as one line.
 fn chain(e: &hyper_util::client::legacy::Error) -> String {
     let mut text = e.to_string();
-    for cause in std::iter::successors(e.source(), |&s| s.source()) {
+    for cause in causes(e) {
         text.push_str(": ");
         text.push_str(&cause.to_string());
     }

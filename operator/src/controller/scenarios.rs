@@ -702,7 +702,7 @@ async fn a_store_reset_is_reported_and_the_annotation_acknowledges_it() {
                 Expect::apply(CM),
                 Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
                 Expect::get(BROKER_SECRET, StatusCode::OK, broker_secret()),
-                // The digest of both Secrets\' content: as read above.
+                // The digest of both Secrets' content: as read above.
                 Expect::get(TARGET, StatusCode::OK, target()),
                 Expect::apply(TARGET),
             ];
@@ -835,7 +835,7 @@ mod kafka {
                 StatusCode::OK,
                 secret("kafka-orders", "bootstrapServers", BOOTSTRAP),
             ),
-            // The digest of both Secrets\' content: as read above.
+            // The digest of both Secrets' content: as read above.
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
                 let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
@@ -1035,7 +1035,7 @@ mod jetstream {
             }),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(NATS_SECRET, StatusCode::OK, nats_secret()),
-            // The digest of both Secrets\' content: as read above.
+            // The digest of both Secrets' content: as read above.
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
                 let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
@@ -1286,7 +1286,7 @@ mod mqtt {
             }),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(MQTT_SECRET, StatusCode::OK, broker),
-            // The digest of both Secrets\' content: as read above.
+            // The digest of both Secrets' content: as read above.
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
                 let env = p["spec"]["template"]["spec"]["initContainers"][0]["env"].to_string();
@@ -1474,7 +1474,7 @@ mod pubsub {
             }),
             Expect::get(STORE_SECRET, StatusCode::OK, store_secret.clone()),
             Expect::get(KEY_SECRET, StatusCode::OK, key_secret),
-            // The digest of both Secrets\' content: as read above.
+            // The digest of both Secrets' content: as read above.
             Expect::get(TARGET, StatusCode::OK, target()),
             Expect::apply(TARGET).with_body(|p| {
                 let pod = &p["spec"]["template"]["spec"];

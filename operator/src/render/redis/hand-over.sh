@@ -22,16 +22,14 @@ fi
 # failover; says which did, or nothing (a Sentinel refuses while it does
 # not yet see a replica fit to promote).
 ask_failover() {
-  for sentinel in $IDEMQ_SENTINELS; do
-    [ "$sentinel" = "$own_sentinel" ] && continue
-    answer=$(timeout 2 redis-cli -h "${sentinel%:*}" -p "${sentinel##*:}" \
-      -a "$REDIS_PASSWORD" --no-auth-warning \
-      SENTINEL failover "$IDEMQ_PRIMARY_NAME" 2>&1) || continue
+  for other in $IDEMQ_SENTINELS; do
+    [ "$other" = "$own_sentinel" ] && continue
+    answer=$(cli_at "$other" SENTINEL failover "$IDEMQ_PRIMARY_NAME" 2>&1) || continue
     if [ "$answer" = "OK" ]; then
-      echo "$sentinel"
+      echo "$other"
       return 0
     fi
-    echo "hand-over: Sentinel $sentinel answered: $answer" >&2
+    echo "hand-over: Sentinel $other answered: $answer" >&2
   done
   return 0
 }

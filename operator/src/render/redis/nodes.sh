@@ -25,13 +25,20 @@ nth() {
   return 1
 }
 
+# cli_at HOST:PORT COMMAND...: COMMAND sent to the Redis or Sentinel at
+# HOST:PORT, given up after 2 seconds (its pod may be gone).
+cli_at() {
+  cli_host=${1%:*}
+  cli_port=${1##*:}
+  shift
+  timeout 2 redis-cli -h "$cli_host" -p "$cli_port" \
+    -a "$REDIS_PASSWORD" --no-auth-warning "$@"
+}
+
 # named_by SENTINEL: host:port of the primary as SENTINEL names it, or
-# nothing when it does not answer within 2 seconds (its pod may be gone) or
-# names none.
+# nothing when it does not answer or names none.
 named_by() {
-  answer=$(timeout 2 redis-cli -h "${1%:*}" -p "${1##*:}" \
-    -a "$REDIS_PASSWORD" --no-auth-warning \
-    SENTINEL get-master-addr-by-name "$IDEMQ_PRIMARY_NAME" 2>/dev/null) || return 0
+  answer=$(cli_at "$1" SENTINEL get-master-addr-by-name "$IDEMQ_PRIMARY_NAME" 2>/dev/null) || return 0
   # An answer is two lines, host and port; an error or nil is not.
   set -- $answer
   [ "$#" -eq 2 ] || return 0
