@@ -61,8 +61,7 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
   now=$(named_by_all)
   if [ -n "$taken_by" ] && [ -n "$now" ] && [ "$now" != "$self" ]; then
     echo "hand-over: $now is the primary"
-    redis-cli -h 127.0.0.1 -p "${self##*:}" -a "$REDIS_PASSWORD" --no-auth-warning \
-      REPLICAOF "${now%:*}" "${now##*:}" >/dev/null &&
+    cli_at "127.0.0.1:${self##*:}" REPLICAOF "${now%:*}" "${now##*:}" >/dev/null &&
       echo "hand-over: $self replicates $now until it stops"
     exit 0
   fi
