@@ -2,13 +2,16 @@
 //! at the store go together in the next one. Under light load a batch holds
 //! one request and waits for nothing; under load the fixed cost of a call (a
 //! round trip, a script's set-up in Redis, a reply to parse) is paid once per
-//! batch instead of once per message.
+//! batch instead of once per message. While a batch is at the store, the next
+//! one waits for its answer unless it is full: sent at once, a batch of a few
+//! requests would pay a whole call's fixed cost, and with a steady trickle of
+//! messages (RabbitMQ hands them over one by one) every batch was that small.
 
 use std::future::Future;
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::StoreError;
 
@@ -16,8 +19,8 @@ use super::StoreError;
 /// that one script call does not hold Redis for long.
 pub const MAX_BATCH: usize = 64;
 
-/// Batches at the store at once: a batch is assembled while others are
-/// answered, so the store never waits for the sidecar.
+/// Batches at the store at once: full batches are sent while others are
+/// answered, so under a burst the store never waits for the sidecar.
 const MAX_IN_FLIGHT: usize = 4;
 /// Turns given to the runtime's ready tasks before a batch goes.
 const LINGER_YIELDS: usize = 2;
@@ -41,6 +44,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     {
         let (requests, mut queue) = mpsc::unbounded_channel::<(I, Reply<O>)>();
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let answered = Arc::new(Notify::new());
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             loop {
@@ -66,8 +70,21 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         }
                     }
                 }
+                // This batch holds one permit; any other taken is a batch at
+                // the store. Until that one is answered, this one fills up.
+                while batch.len() < MAX_BATCH && in_flight.available_permits() + 1 < MAX_IN_FLIGHT {
+                    let room = MAX_BATCH - batch.len();
+                    tokio::select! {
+                        _ = answered.notified() => {}
+                        received = queue.recv_many(&mut batch, room) => {
+                            if received == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
                 let (inputs, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
-                tokio::spawn(answer(op, run(inputs), replies, permit));
+                tokio::spawn(answer(op, run(inputs), replies, permit, answered.clone()));
             }
         });
         Self { op, requests }
@@ -90,10 +107,15 @@ async fn answer<O>(
     op: &'static str,
     outputs: impl Future<Output = Result<Vec<O>, StoreError>>,
     replies: Vec<Reply<O>>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
+    answered: Arc<Notify>,
 ) {
     let expected = replies.len();
-    match outputs.await {
+    let outputs = outputs.await;
+    // The slot is free before a waiting batch hears of it.
+    drop(permit);
+    answered.notify_one();
+    match outputs {
         Ok(outputs) if outputs.len() == expected => {
             for (reply, output) in replies.into_iter().zip(outputs) {
                 let _ = reply.send(Ok(output));
@@ -147,6 +169,81 @@ mod tests {
             (500 / MAX_BATCH..500).contains(&calls),
             "500 requests took {calls} calls"
         );
+    }
+
+    /// A batcher whose calls wait for `gate` and count themselves.
+    fn gated(calls: Arc<AtomicUsize>, gate: Arc<Notify>) -> Arc<Batcher<u32, u32>> {
+        Arc::new(Batcher::spawn("gated", move |inputs: Vec<u32>| {
+            let (calls, gate) = (calls.clone(), gate.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                gate.notified().await;
+                Ok(inputs)
+            }
+        }))
+    }
+
+    async fn settle_tasks() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_batch_waits_for_the_one_at_the_store() {
+        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        let batcher = gated(calls.clone(), gate.clone());
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(0).await }
+        });
+        settle_tasks().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let rest: Vec<_> = (1..=10u32)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.call(i).await })
+            })
+            .collect();
+        settle_tasks().await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "10 requests went to the store beside a batch still there"
+        );
+        gate.notify_one();
+        assert_eq!(first.await.expect("task").expect("answer"), 0);
+        settle_tasks().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the 10 went as one batch");
+        gate.notify_one();
+        for (i, task) in (1..).zip(rest) {
+            assert_eq!(task.await.expect("task").expect("answer"), i);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_beside_the_one_at_the_store() {
+        let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        let batcher = gated(calls.clone(), gate.clone());
+        let first = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(0).await }
+        });
+        settle_tasks().await;
+        let n = MAX_BATCH as u32;
+        let rest: Vec<_> = (1..=n)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.call(i).await })
+            })
+            .collect();
+        settle_tasks().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "a full batch waited");
+        gate.notify_waiters();
+        assert_eq!(first.await.expect("task").expect("answer"), 0);
+        for (i, task) in (1..).zip(rest) {
+            assert_eq!(task.await.expect("task").expect("answer"), i);
+        }
     }
 
     #[tokio::test]
