@@ -54,6 +54,11 @@ pub enum Outcome {
 
 /// Headers a message must not set: they belong to the HTTP exchange itself or
 /// to idemq.
+const DELIVERY_ATTEMPT: HeaderName = HeaderName::from_static("idemq-delivery-attempt");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
 const RESERVED: &[&str] = &[
     "host",
     "content-length",
@@ -177,9 +182,9 @@ fn headers(
     attempt: u32,
     trace: Option<&TraceHeaders>,
 ) {
-    into.insert("idemq-delivery-attempt", HeaderValue::from(attempt));
+    into.insert(DELIVERY_ATTEMPT, HeaderValue::from(attempt));
     if let Some(key) = key.and_then(|k| HeaderValue::from_str(k).ok()) {
-        into.insert("idempotency-key", key);
+        into.insert(IDEMPOTENCY_KEY, key);
     }
     if let Some(ct) = message
         .content_type
@@ -189,29 +194,29 @@ fn headers(
         into.insert(CONTENT_TYPE, ct);
     }
     for (name, value) in &message.headers {
-        let lower = name.to_ascii_lowercase();
-        if RESERVED.contains(&lower.as_str())
-            || (trace.is_some() && (lower == "traceparent" || lower == "tracestate"))
+        // The parsed name is lower case whatever the message's case was.
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if RESERVED.contains(&name.as_str())
+            || (trace.is_some() && (name == TRACEPARENT || name == TRACESTATE))
         {
             continue;
         }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(lower.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            into.append(n, v);
+        if let Ok(value) = HeaderValue::from_str(value) {
+            into.append(name, value);
         }
     }
     if let Some(trace) = trace {
         if let Ok(v) = HeaderValue::from_str(&trace.traceparent) {
-            into.insert("traceparent", v);
+            into.insert(TRACEPARENT, v);
         }
         if let Some(v) = trace
             .tracestate
             .as_deref()
             .and_then(|v| HeaderValue::from_str(v).ok())
         {
-            into.insert("tracestate", v);
+            into.insert(TRACESTATE, v);
         }
     }
 }
@@ -271,6 +276,60 @@ fn classify(status: u16) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_carries_the_message_headers_less_the_reserved_and_the_invalid() {
+        let message = Envelope {
+            headers: [
+                ("X-Tenant", "acme"),
+                ("Host", "elsewhere"),
+                ("Content-Length", "5"),
+                ("TraceParent", "00-from-the-message"),
+                ("bad name", "dropped"),
+                ("x-bad-value", "line\nbreak"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            content_type: Some("application/json".into()),
+            ..Envelope::default()
+        };
+        let trace = TraceHeaders {
+            traceparent: "00-of-the-sidecar".into(),
+            tracestate: None,
+        };
+        let mut sent = HeaderMap::new();
+        headers(&mut sent, &message, Some("order-7"), 2, Some(&trace));
+        let get = |name: &str| sent.get(name).map(|v| v.to_str().expect("ASCII"));
+        assert_eq!(
+            get("x-tenant"),
+            Some("acme"),
+            "mixed case is kept as a header"
+        );
+        assert_eq!(get("idempotency-key"), Some("order-7"));
+        assert_eq!(get("idemq-delivery-attempt"), Some("2"));
+        assert_eq!(get("content-type"), Some("application/json"));
+        assert_eq!(get("host"), None);
+        assert_eq!(get("content-length"), None);
+        assert_eq!(
+            sent.get_all("traceparent").iter().collect::<Vec<_>>(),
+            ["00-of-the-sidecar"],
+            "the sidecar's span replaces the message's parent"
+        );
+        assert_eq!(get("x-bad-value"), None);
+        assert_eq!(sent.len(), 5, "{sent:?}");
+
+        let mut untraced = HeaderMap::new();
+        headers(&mut untraced, &message, None, 1, None);
+        assert_eq!(
+            untraced
+                .get("traceparent")
+                .map(|v| v.to_str().expect("ASCII")),
+            Some("00-from-the-message"),
+            "without a span of its own the sidecar passes the message's on"
+        );
+        assert_eq!(untraced.get("idempotency-key"), None);
+    }
 
     #[test]
     fn statuses_are_classified_as_the_contract_says() {

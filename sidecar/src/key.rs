@@ -86,7 +86,7 @@ pub fn body_hash(body: &[u8]) -> String {
     // cost about as much as the hash itself.
     let mut text = [0u8; 64];
     hex::encode_to_slice(Sha256::digest(body), &mut text).expect("64 bytes hold a SHA-256 in hex");
-    String::from_utf8_lossy(&text).into_owned()
+    String::from_utf8(text.to_vec()).expect("hex is ASCII")
 }
 
 #[cfg(test)]

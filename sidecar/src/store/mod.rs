@@ -37,7 +37,10 @@ impl Token {
     /// A fresh token: 128 random bits as 32 hex characters, from the thread's
     /// generator (no system call per claim).
     pub fn random() -> Self {
-        Self(format!("{:032x}", rand::random::<u128>()))
+        let mut text = [0u8; 32];
+        hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut text)
+            .expect("32 bytes hold 16 in hex");
+        Self(String::from_utf8(text.to_vec()).expect("hex is ASCII"))
     }
 }
 
