@@ -52,13 +52,14 @@ pub enum Outcome {
     Poison(u16),
 }
 
-/// Headers a message must not set: they belong to the HTTP exchange itself or
-/// to idemq.
+// The headers the sidecar sets, parsed once.
 const DELIVERY_ATTEMPT: HeaderName = HeaderName::from_static("idemq-delivery-attempt");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
+/// Headers a message must not set: they belong to the HTTP exchange itself or
+/// to idemq.
 const RESERVED: &[&str] = &[
     "host",
     "content-length",

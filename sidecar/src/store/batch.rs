@@ -183,6 +183,15 @@ mod tests {
         }))
     }
 
+    /// A call of `batcher` with `i`, in a task of its own.
+    fn spawn_call(
+        batcher: &Arc<Batcher<u32, u32>>,
+        i: u32,
+    ) -> tokio::task::JoinHandle<Result<u32, StoreError>> {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.call(i).await })
+    }
+
     async fn settle_tasks() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
@@ -193,18 +202,10 @@ mod tests {
     async fn a_small_batch_waits_for_the_one_at_the_store() {
         let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         let batcher = gated(calls.clone(), gate.clone());
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.call(0).await }
-        });
+        let first = spawn_call(&batcher, 0);
         settle_tasks().await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        let rest: Vec<_> = (1..=10u32)
-            .map(|i| {
-                let b = batcher.clone();
-                tokio::spawn(async move { b.call(i).await })
-            })
-            .collect();
+        let rest: Vec<_> = (1..=10).map(|i| spawn_call(&batcher, i)).collect();
         settle_tasks().await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -225,17 +226,10 @@ mod tests {
     async fn a_full_batch_goes_beside_the_one_at_the_store() {
         let (calls, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
         let batcher = gated(calls.clone(), gate.clone());
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.call(0).await }
-        });
+        let first = spawn_call(&batcher, 0);
         settle_tasks().await;
-        let n = MAX_BATCH as u32;
-        let rest: Vec<_> = (1..=n)
-            .map(|i| {
-                let b = batcher.clone();
-                tokio::spawn(async move { b.call(i).await })
-            })
+        let rest: Vec<_> = (1..=MAX_BATCH as u32)
+            .map(|i| spawn_call(&batcher, i))
             .collect();
         settle_tasks().await;
         assert_eq!(calls.load(Ordering::SeqCst), 2, "a full batch waited");
