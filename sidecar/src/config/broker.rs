@@ -488,19 +488,7 @@ impl KafkaConfig {
             ca_file: self.ca_file.as_deref(),
         }
     }
-}
 
-impl KafkaDeadLetter {
-    pub fn security(&self) -> KafkaSecurity<'_> {
-        KafkaSecurity {
-            security_protocol: self.security_protocol,
-            sasl_mechanism: self.sasl_mechanism,
-            ca_file: self.ca_file.as_deref(),
-        }
-    }
-}
-
-impl KafkaConfig {
     /// A member of `group_id` consuming `topics`, with every other setting at
     /// its default.
     pub fn new(topics: Vec<String>, group_id: impl Into<String>) -> Self {
@@ -518,6 +506,16 @@ impl KafkaConfig {
             security_protocol: SecurityProtocol::default(),
             sasl_mechanism: None,
             ca_file: None,
+        }
+    }
+}
+
+impl KafkaDeadLetter {
+    pub fn security(&self) -> KafkaSecurity<'_> {
+        KafkaSecurity {
+            security_protocol: self.security_protocol,
+            sasl_mechanism: self.sasl_mechanism,
+            ca_file: self.ca_file.as_deref(),
         }
     }
 }

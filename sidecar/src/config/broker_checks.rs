@@ -45,17 +45,11 @@ fn rabbitmq_problems(
         "broker.rabbitmq.prefetch",
         "must be at least 1",
     );
-    if let Some(url) = &rabbit.url {
-        check(
-            url.starts_with("amqp://") || url.starts_with("amqps://"),
-            "broker.rabbitmq.url",
-            "must start with amqp:// or amqps://",
-        );
-    }
-    check(
-        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
-        "dedup.key.from",
-        "recordKey and coordinates are Kafka keys; with RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent",
+    amqp_url(rabbit.url.as_deref(), "broker.rabbitmq.url", check);
+    no_kafka_key(
+        key,
+        "RabbitMQ use messageId, header, jsonPointer, bodyHash or cloudEvent",
+        check,
     );
 }
 
@@ -90,10 +84,10 @@ fn jetstream_problems(
         "broker.jetstream.maxDeliver",
         "must be at least 1 (leave it unset for no limit)",
     );
-    check(
-        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
-        "dedup.key.from",
-        "recordKey and coordinates are Kafka keys; with JetStream use messageId (Nats-Msg-Id), header, jsonPointer, bodyHash or cloudEvent",
+    no_kafka_key(
+        key,
+        "JetStream use messageId (Nats-Msg-Id), header, jsonPointer, bodyHash or cloudEvent",
+        check,
     );
     if let Some(url) = &js.url {
         check(
@@ -205,21 +199,9 @@ fn kafka_problems(kafka: &KafkaConfig, key: &KeySource, check: &mut impl FnMut(b
         "must be greater than zero",
     );
     if let Some(topic) = &kafka.dead_letter_topic {
-        check(
-            is_topic_name(topic),
-            "broker.kafka.deadLetterTopic",
-            "must be a topic name: letters, digits, '.', '_' and '-' (at most 249)",
-        );
+        topic_name(topic, "broker.kafka.deadLetterTopic", check);
     }
-    let sasl = matches!(
-        kafka.security_protocol,
-        SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
-    );
-    check(
-        sasl == kafka.sasl_mechanism.is_some(),
-        "broker.kafka.saslMechanism",
-        "is required with a SASL securityProtocol, and only with one",
-    );
+    sasl_mechanism(kafka.security(), "broker.kafka.saslMechanism", check);
     check(
         !matches!(key, KeySource::MessageId),
         "dedup.key.from",
@@ -271,11 +253,7 @@ fn mqtt_problems(mqtt: &MqttConfig, key: &KeySource, check: &mut impl FnMut(bool
             "must be mqtt://host[:port] or mqtts://host[:port]",
         );
     }
-    check(
-        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
-        "dedup.key.from",
-        "recordKey and coordinates are Kafka keys; with MQTT use messageId (MQTT 5 correlation data), header (an MQTT 5 user property), jsonPointer, bodyHash or cloudEvent",
-    );
+    no_kafka_key(key, "MQTT use messageId (MQTT 5 correlation data), header (an MQTT 5 user property), jsonPointer, bodyHash or cloudEvent", check);
     if mqtt.protocol == MqttProtocol::V311 {
         check(
             !matches!(key, KeySource::MessageId | KeySource::Header { .. }),
@@ -364,35 +342,21 @@ fn zeromq_problems(zmq: &ZeroMqConfig, key: &KeySource, check: &mut impl FnMut(b
             "broker.zeromq.deadLetter.rabbitmq.routingKey",
             "goes with exchange (a queue is its own routing key)",
         );
-        if let Some(url) = &rabbit.url {
-            check(
-                url.starts_with("amqp://") || url.starts_with("amqps://"),
-                "broker.zeromq.deadLetter.rabbitmq.url",
-                "must start with amqp:// or amqps://",
-            );
-        }
+        amqp_url(
+            rabbit.url.as_deref(),
+            "broker.zeromq.deadLetter.rabbitmq.url",
+            check,
+        );
     }
     if let Some(kafka) = &dead.kafka {
-        check(
-            is_topic_name(&kafka.topic),
-            "broker.zeromq.deadLetter.kafka.topic",
-            "must be a topic name: letters, digits, '.', '_' and '-' (at most 249)",
-        );
-        let sasl = matches!(
-            kafka.security_protocol,
-            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
-        );
-        check(
-            sasl == kafka.sasl_mechanism.is_some(),
+        topic_name(&kafka.topic, "broker.zeromq.deadLetter.kafka.topic", check);
+        sasl_mechanism(
+            kafka.security(),
             "broker.zeromq.deadLetter.kafka.saslMechanism",
-            "is required with a SASL securityProtocol, and only with one",
+            check,
         );
     }
-    check(
-        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
-        "dedup.key.from",
-        "recordKey and coordinates are Kafka keys; with ZeroMQ use messageId (the message-id frame), header (the header frame), jsonPointer, bodyHash or cloudEvent",
-    );
+    no_kafka_key(key, "ZeroMQ use messageId (the message-id frame), header (the header frame), jsonPointer, bodyHash or cloudEvent", check);
 }
 
 /// Kafka's legal topic names.
@@ -403,4 +367,50 @@ fn is_topic_name(s: &str) -> bool {
         && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A broker URL, when set, is an AMQP one.
+fn amqp_url(url: Option<&str>, field: &str, check: &mut impl FnMut(bool, &str, &str)) {
+    if let Some(url) = url {
+        check(
+            url.starts_with("amqp://") || url.starts_with("amqps://"),
+            field,
+            "must start with amqp:// or amqps://",
+        );
+    }
+}
+
+fn topic_name(topic: &str, field: &str, check: &mut impl FnMut(bool, &str, &str)) {
+    check(
+        is_topic_name(topic),
+        field,
+        "must be a topic name: letters, digits, '.', '_' and '-' (at most 249)",
+    );
+}
+
+/// A SASL mechanism is set with a SASL security protocol, and only then.
+fn sasl_mechanism(
+    security: KafkaSecurity<'_>,
+    field: &str,
+    check: &mut impl FnMut(bool, &str, &str),
+) {
+    let sasl = matches!(
+        security.security_protocol,
+        SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+    );
+    check(
+        sasl == security.sasl_mechanism.is_some(),
+        field,
+        "is required with a SASL securityProtocol, and only with one",
+    );
+}
+
+/// Kafka's own key sources with another broker; `instead` names that broker
+/// and its key sources ("RabbitMQ use messageId, …").
+fn no_kafka_key(key: &KeySource, instead: &str, check: &mut impl FnMut(bool, &str, &str)) {
+    check(
+        !matches!(key, KeySource::RecordKey | KeySource::Coordinates),
+        "dedup.key.from",
+        &format!("recordKey and coordinates are Kafka keys; with {instead}"),
+    );
 }
