@@ -43,6 +43,10 @@ pub trait BrokerUnderTest: Sized {
     /// The broker's name in printed figures.
     const NAME: &'static str;
 
+    /// How long what a killed consumer held may take to come back to the
+    /// next one.
+    const REDELIVERY_WAIT: Duration = super::scenarios::WAIT;
+
     /// Creates the topology of `test`, with names no other test uses. Panics,
     /// saying how to start the broker, when it does not answer.
     async fn create(test: &str) -> Self;

@@ -771,7 +771,9 @@ pub async fn crash_loses_nothing_and_reprocesses_at_most_max_in_flight<B: Broker
     first.wait().expect("reap");
     let at_kill = app.processed();
     let mut second = spawn_sidecar(&t, &path);
-    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let done = app
+        .wait_until(B::REDELIVERY_WAIT, |a| a.distinct() == n)
+        .await;
     // Claims orphaned by the kill keep their redeliveries cycling (requeued as
     // in flight) until their lease ends; wait until the backlog stays empty
     // for longer than the lease before counting.
