@@ -17,8 +17,9 @@ one line per message on stdout: "<id> <status> [detail]".
 
     zeromq_client.py --endpoint tcp://127.0.0.1:5555 < messages.jsonl
 
-CURVE: --server-key (the endpoint's public key), and the client's own pair
-from the environment, ZMQ_CLIENT_PUBLIC_KEY and ZMQ_CLIENT_SECRET_KEY (Z85).
+CURVE: --server-key=KEY (the endpoint's public key, joined with "=": a Z85 key
+may begin with "-"), and the client's own pair from the environment,
+ZMQ_CLIENT_PUBLIC_KEY and ZMQ_CLIENT_SECRET_KEY (Z85).
 """
 
 import argparse
@@ -81,7 +82,9 @@ class LazyPirate:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--server-key", help="the endpoint's CURVE public key (Z85)")
+    parser.add_argument(
+        "--server-key", help="the endpoint's CURVE public key (Z85); pass it as --server-key=KEY"
+    )
     parser.add_argument("--timeout-ms", type=int, default=2500)
     args = parser.parse_args()
     curve = None

@@ -727,7 +727,9 @@ async fn the_python_example_client_gets_each_message_processed_once() {
     let mut child = tokio::process::Command::new(&python)
         .arg(root.join("examples/zeromq_client.py"))
         .args(["--endpoint", &format!("tcp://127.0.0.1:{port}")])
-        .args(["--server-key", &curve.server.public])
+        // Joined with "=": a Z85 key may begin with "-", which argparse
+        // would take for an option.
+        .arg(format!("--server-key={}", curve.server.public))
         .env("ZMQ_CLIENT_PUBLIC_KEY", &curve.clients[0].public)
         .env("ZMQ_CLIENT_SECRET_KEY", &curve.clients[0].secret)
         .stdin(std::process::Stdio::piped())
