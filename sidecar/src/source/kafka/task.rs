@@ -9,11 +9,9 @@ use std::time::{Duration, Instant};
 use super::poll::{Record, Taken};
 use super::Dispatch;
 use crate::source::publish;
+use crate::source::sessions::wait_for_store;
 use crate::source::{DeadLetterReason, InFlightWait, Verdict};
 use crate::traces;
-
-/// How often a record waiting for the key store asks whether it answers again.
-const STORE_POLL: Duration = Duration::from_millis(500);
 
 impl Dispatch {
     /// A record's task: waits for its lane, decides it, and releases what it
@@ -93,7 +91,7 @@ impl Dispatch {
                 }
                 Verdict::StoreUnavailable => {
                     self.store_waiters.fetch_add(1, AtomicOrdering::SeqCst);
-                    let back = self.until_store_answers().await;
+                    let back = wait_for_store(self.store.as_ref(), &self.work).await;
                     self.store_waiters.fetch_sub(1, AtomicOrdering::SeqCst);
                     if !back {
                         return false;
@@ -120,17 +118,6 @@ impl Dispatch {
         tokio::select! {
             _ = self.work.cancelled() => false,
             _ = tokio::time::sleep(delay) => true,
-        }
-    }
-
-    async fn until_store_answers(&self) -> bool {
-        loop {
-            if self.store.ping().await.is_ok() {
-                return true;
-            }
-            if !self.pause_for(STORE_POLL).await {
-                return false;
-            }
         }
     }
 
