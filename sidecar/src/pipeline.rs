@@ -14,6 +14,7 @@ use crate::engine::Engine;
 use crate::flow::Flow;
 use crate::health::Component;
 use crate::metrics::Metrics;
+use crate::source::Common;
 use crate::store::refused::Refused;
 use crate::store::KeyStore;
 use crate::traces::Tracer;
@@ -77,6 +78,14 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         app,
         ctx.tracer,
     ));
+    let common = Common {
+        config: ctx.config.clone(),
+        engine,
+        store,
+        metrics: ctx.metrics,
+        health: ctx.broker_health,
+        flow,
+    };
     let broker = ctx
         .config
         .broker
@@ -91,14 +100,9 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 .context("the RabbitMQ source needs a broker URL")?;
             let uri = crate::source::rabbitmq::parse_url(url).map_err(anyhow::Error::msg)?;
             let source = crate::source::rabbitmq::Source {
+                common,
                 rabbit: rabbit.clone(),
-                config: ctx.config.clone(),
                 uri,
-                engine,
-                store: store.clone(),
-                metrics: ctx.metrics,
-                health: ctx.broker_health,
-                flow,
                 largest_message,
             };
             source.run(shutdown.clone()).await;
@@ -110,14 +114,9 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 .clone()
                 .context("the Kafka source needs its bootstrap servers")?;
             let source = crate::source::kafka::Source {
+                common,
                 kafka: kafka.clone(),
-                config: ctx.config.clone(),
                 secrets,
-                engine,
-                store: store.clone(),
-                metrics: ctx.metrics,
-                health: ctx.broker_health,
-                flow,
             };
             source
                 .run(shutdown.clone())
@@ -129,15 +128,10 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 .broker_url
                 .context("the JetStream source needs a server URL")?;
             let source = crate::source::jetstream::Source {
+                common,
                 jetstream: js.clone(),
-                config: ctx.config.clone(),
                 url,
                 auth: ctx.broker_auth,
-                engine,
-                store: store.clone(),
-                metrics: ctx.metrics,
-                health: ctx.broker_health,
-                flow,
             };
             source.run(shutdown.clone()).await;
             Ok(())
@@ -156,14 +150,9 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
                 crate::source::mqtt::options(&ctx.config, mqtt, &url, &ctx.broker_auth, hostname)
                     .map_err(anyhow::Error::msg)?;
             let source = crate::source::mqtt::Source {
+                common,
                 mqtt: mqtt.clone(),
-                config: ctx.config.clone(),
                 options,
-                engine,
-                store: store.clone(),
-                metrics: ctx.metrics,
-                health: ctx.broker_health,
-                flow,
                 largest_message,
             };
             source.run(shutdown.clone()).await;
@@ -171,32 +160,22 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
         }
         BrokerKind::PubSub(pubsub) => {
             let source = crate::source::pubsub::Source {
+                common,
                 pubsub: pubsub.clone(),
-                config: ctx.config.clone(),
                 emulator_host: ctx.pubsub_emulator_host,
-                engine,
-                store: store.clone(),
-                metrics: ctx.metrics,
-                health: ctx.broker_health,
-                flow,
             };
             source.run(shutdown.clone()).await;
             Ok(())
         }
         BrokerKind::ZeroMq(zeromq) => {
             let source = crate::source::zeromq::Source {
+                common,
                 zeromq: zeromq.clone(),
-                config: ctx.config.clone(),
                 curve: ctx.zeromq_curve,
                 dead_letter_secrets: crate::source::zeromq::dead::Secrets {
                     rabbitmq_url: ctx.broker_url,
                     kafka: ctx.kafka,
                 },
-                engine,
-                store: store.clone(),
-                metrics: ctx.metrics,
-                health: ctx.broker_health,
-                flow,
             };
             source
                 .run(shutdown.clone())

@@ -44,14 +44,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::sessions::{SessionEnd, Sessions};
-use super::{DeadLetterReason, Envelope, Verdict};
-use crate::config::{Config, JetStreamConfig};
+use super::{Common, DeadLetterReason, Envelope, Verdict};
+use crate::config::JetStreamConfig;
 use crate::engine::Engine;
-use crate::flow::{Flow, Permit};
-use crate::health::Component;
+use crate::flow::Permit;
 use crate::metrics::Metrics;
 use crate::secrets::BrokerAuth;
-use crate::store::KeyStore;
 use crate::traces;
 
 /// How long one pull request waits for messages on an idle stream.
@@ -63,17 +61,12 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 
 /// Everything a JetStream source needs.
 pub struct Source {
-    pub config: Arc<Config>,
+    pub common: Common,
     /// The `broker.jetstream` section of `config`.
     pub jetstream: JetStreamConfig,
     /// Server URL, possibly with credentials.
     pub url: String,
     pub auth: BrokerAuth,
-    pub engine: Arc<Engine>,
-    pub store: Arc<dyn KeyStore>,
-    pub metrics: Arc<Metrics>,
-    pub health: Component,
-    pub flow: Flow,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +101,12 @@ pub enum SourceError {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new("JetStream", &self.config, &*self.store, &self.flow);
+        let mut sessions = Sessions::new(
+            "JetStream",
+            &self.common.config,
+            &*self.common.store,
+            &self.common.flow,
+        );
         while sessions.ready(&shutdown).await {
             let ended = self.session(&shutdown).await;
             if !sessions.ended(ended, &shutdown).await {
@@ -119,7 +117,7 @@ impl Source {
 
     async fn connect(&self) -> Result<async_nats::Client, SourceError> {
         let mut options = async_nats::ConnectOptions::new()
-            .name(format!("idemq-sidecar {}", self.config.consumer))
+            .name(format!("idemq-sidecar {}", self.common.config.consumer))
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(Duration::from_secs(5)));
         if let Some(creds) = &self.auth.creds {
@@ -182,11 +180,11 @@ impl Source {
             max_ack_pending,
             ack_wait = ?ack_wait,
             max_deliver,
-            budget = self.flow.budget(),
+            budget = self.common.flow.budget(),
             "consuming"
         );
-        self.health.set(true);
-        self.metrics.broker_connected.set(1);
+        self.common.health.set(true);
+        self.common.metrics.broker_connected.set(1);
 
         let settle = Arc::new(Settler {
             js,
@@ -194,7 +192,7 @@ impl Source {
             ack_wait,
             max_deliver,
             store_down: CancellationToken::new(),
-            metrics: self.metrics.clone(),
+            metrics: self.common.metrics.clone(),
         });
         let mut tasks = JoinSet::new();
         let mut batch: Option<Batch> = None;
@@ -209,9 +207,9 @@ impl Source {
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                     _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
-                    _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
+                    _ = self.common.flow.unavailable() => break Ok(SessionEnd::AppDown),
                     Some(_) = tasks.join_next(), if room == 0 => continue,
-                    ready = self.flow.ready(shutdown), if room > 0 => if !ready {
+                    ready = self.common.flow.ready(shutdown), if room > 0 => if !ready {
                         break Ok(SessionEnd::Shutdown);
                     },
                 }
@@ -219,7 +217,11 @@ impl Source {
                 if std::mem::take(&mut one_unbounded) {
                     pull = pull.max_messages(1);
                 } else {
-                    let left = self.flow.budget().saturating_sub(self.flow.held_bytes());
+                    let left = self
+                        .common
+                        .flow
+                        .budget()
+                        .saturating_sub(self.common.flow.held_bytes());
                     pull = pull
                         .max_messages(room)
                         .max_bytes(usize::try_from(left.max(1)).unwrap_or(usize::MAX));
@@ -240,18 +242,18 @@ impl Source {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
-                _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
+                _ = self.common.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 // Takes the next message only when the flow has room for it.
                 next = async {
-                    if !self.flow.ready(shutdown).await {
+                    if !self.common.flow.ready(shutdown).await {
                         std::future::pending::<()>().await;
                     }
                     pulled.next().await
                 } => match next {
                     Some(Ok(message)) => {
-                        let permit = self.flow.take(message.payload.len());
-                        tasks.spawn(Box::pin(handle(message, permit, self.engine.clone(), settle.clone(), shutdown.clone())));
+                        let permit = self.common.flow.take(message.payload.len());
+                        tasks.spawn(Box::pin(handle(message, permit, self.common.engine.clone(), settle.clone(), shutdown.clone())));
                     }
                     Some(Err(e)) => {
                         let message = e.to_string();
@@ -270,8 +272,8 @@ impl Source {
                 },
             }
         };
-        self.health.set(false);
-        self.metrics.broker_connected.set(0);
+        self.common.health.set(false);
+        self.common.metrics.broker_connected.set(0);
 
         // Give back what the pull still holds (it ends within PULL_EXPIRES),
         // and let what is in flight settle.
@@ -284,7 +286,7 @@ impl Source {
                 }
             }
         };
-        let grace = self.config.shutdown_grace;
+        let grace = self.common.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             tokio::join!(give_back, async {
                 while tasks.join_next().await.is_some() {}

@@ -20,10 +20,32 @@ pub mod rabbitmq;
 pub mod sessions;
 pub mod zeromq;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::flow::Flow;
+use crate::health::Component;
+use crate::metrics::Metrics;
+use crate::store::KeyStore;
+
+/// What every source is given, whatever its broker: the rest of a source's
+/// fields are its broker's own.
+pub struct Common {
+    pub config: Arc<Config>,
+    /// Decides each message's fate.
+    pub engine: Arc<Engine>,
+    pub store: Arc<dyn KeyStore>,
+    pub metrics: Arc<Metrics>,
+    /// The broker's readiness.
+    pub health: Component,
+    /// Admits messages while the application takes them and their bytes fit.
+    pub flow: Flow,
+}
 
 /// A message as the engine sees it, whatever broker it came from.
 #[derive(Debug, Clone, Default)]

@@ -58,14 +58,12 @@ pub use client::{probe, ConnectError, Endpoint, Options};
 use client::{Connection, Event, Outgoing, Received};
 
 use super::sessions::{SessionEnd, Sessions};
-use super::{DeadLetterReason, Envelope, InFlightWait, Verdict};
+use super::{Common, DeadLetterReason, Envelope, InFlightWait, Verdict};
 use crate::config::{Config, MqttConfig, MqttProtocol};
 use crate::engine::Engine;
-use crate::flow::{Flow, Permit};
-use crate::health::Component;
+use crate::flow::Permit;
 use crate::metrics::Metrics;
 use crate::secrets::BrokerAuth;
-use crate::store::KeyStore;
 use crate::traces::Origin;
 
 /// How long the broker has to confirm a dead letter.
@@ -73,16 +71,11 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything an MQTT source needs.
 pub struct Source {
-    pub config: Arc<Config>,
+    pub common: Common,
     /// The `broker.mqtt` section of `config`.
     pub mqtt: MqttConfig,
     /// How to connect; see [`options`].
     pub options: Options,
-    pub engine: Arc<Engine>,
-    pub store: Arc<dyn KeyStore>,
-    pub metrics: Arc<Metrics>,
-    pub health: Component,
-    pub flow: Flow,
     /// The largest message body seen (or expected), in bytes; 0 before any.
     pub largest_message: AtomicU64,
 }
@@ -156,7 +149,12 @@ pub fn filters(mqtt: &MqttConfig) -> Vec<String> {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new("MQTT", &self.config, &*self.store, &self.flow);
+        let mut sessions = Sessions::new(
+            "MQTT",
+            &self.common.config,
+            &*self.common.store,
+            &self.common.flow,
+        );
         while sessions.ready(&shutdown).await {
             let ended = self.session(&shutdown).await;
             if !sessions.ended(ended, &shutdown).await {
@@ -172,7 +170,7 @@ impl Source {
             0 => self.mqtt.receive_maximum,
             largest => super::rabbitmq::prefetch_for(
                 self.mqtt.receive_maximum,
-                self.flow.budget(),
+                self.common.flow.budget(),
                 largest,
             ),
         }
@@ -203,7 +201,7 @@ impl Source {
             store_down: CancellationToken::new(),
             give_back: CancellationToken::new(),
             mqtt: self.mqtt.clone(),
-            metrics: self.metrics.clone(),
+            metrics: self.common.metrics.clone(),
         });
         let mut tasks = JoinSet::new();
         let mut next_seq = 0u64;
@@ -212,7 +210,7 @@ impl Source {
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
                 _ = settle.give_back.cancelled() => break Ok(SessionEnd::BackOff),
-                _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
+                _ = self.common.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 _ = settle.settled.notified() => {
                     if let Err(e) = settle.flush().await {
                         break Err(SourceError::Lost(e));
@@ -223,7 +221,7 @@ impl Source {
                 // and no more at once than Receive Maximum, whether or not
                 // the broker honours it (3.1.1 has none).
                 event = async {
-                    if !self.flow.ready(shutdown).await {
+                    if !self.common.flow.ready(shutdown).await {
                         std::future::pending::<()>().await;
                     }
                     events.recv().await
@@ -234,12 +232,12 @@ impl Source {
                         settle.received(seq, message.pkid);
                         let size = message.payload.len();
                         self.largest_message.fetch_max(size as u64, Ordering::Relaxed);
-                        let permit = self.flow.take(size);
-                        tasks.spawn(Box::pin(handle(seq, message, permit, self.engine.clone(), settle.clone(), shutdown.clone())));
+                        let permit = self.common.flow.take(size);
+                        tasks.spawn(Box::pin(handle(seq, message, permit, self.common.engine.clone(), settle.clone(), shutdown.clone())));
                     }
                     Some(Event::Subscribed { refused: 0 }) => {
-                        self.health.set(true);
-                        self.metrics.broker_connected.set(1);
+                        self.common.health.set(true);
+                        self.common.metrics.broker_connected.set(1);
                     }
                     Some(Event::Subscribed { refused }) => break Err(SourceError::Subscribe {
                         filters: filters.clone(),
@@ -250,12 +248,12 @@ impl Source {
                 },
             }
         };
-        self.health.set(false);
-        self.metrics.broker_connected.set(0);
+        self.common.health.set(false);
+        self.common.metrics.broker_connected.set(0);
 
         // Let what is in flight settle and acknowledge what can be; what is
         // left unacknowledged stays in the broker's session.
-        let grace = self.config.shutdown_grace;
+        let grace = self.common.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while tasks.join_next().await.is_some() {
                 let _ = settle.flush().await;

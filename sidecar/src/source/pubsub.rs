@@ -67,13 +67,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::sessions::{SessionEnd, Sessions};
-use super::{DeadLetterReason, Envelope, InFlightWait, Verdict};
-use crate::config::{Config, PubSubConfig};
+use super::{Common, DeadLetterReason, Envelope, InFlightWait, Verdict};
+use crate::config::PubSubConfig;
 use crate::engine::{backoff, Engine};
-use crate::flow::{Flow, Permit};
-use crate::health::Component;
+use crate::flow::Permit;
 use crate::metrics::{Metrics, OutcomeLabel};
-use crate::store::KeyStore;
 use crate::traces::{self, MessageSpan};
 
 /// Every call to Pub/Sub, the client's own retries included.
@@ -97,16 +95,11 @@ pub const MESSAGE_ID: &str = "idemq-message-id";
 
 /// Everything a Pub/Sub source needs.
 pub struct Source {
-    pub config: Arc<Config>,
+    pub common: Common,
     /// The `broker.pubsub` section of `config`.
     pub pubsub: PubSubConfig,
     /// An emulator's `host:port` (`PUBSUB_EMULATOR_HOST`): no credentials.
     pub emulator_host: Option<String>,
-    pub engine: Arc<Engine>,
-    pub store: Arc<dyn KeyStore>,
-    pub metrics: Arc<Metrics>,
-    pub health: Component,
-    pub flow: Flow,
 }
 
 /// A client and its streaming pull. It outlives a pause (store or
@@ -158,7 +151,12 @@ pub enum SourceError {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new("Pub/Sub", &self.config, &*self.store, &self.flow);
+        let mut sessions = Sessions::new(
+            "Pub/Sub",
+            &self.common.config,
+            &*self.common.store,
+            &self.common.flow,
+        );
         let mut connection = None;
         while sessions.ready(&shutdown).await {
             let ended = self.session(&mut connection, &shutdown).await;
@@ -176,7 +174,10 @@ impl Source {
         let client = connect(&self.pubsub, self.emulator_host.as_deref()).await?;
         let subscription = client.subscription(&self.pubsub.subscription);
         let settings = self.settings(&subscription).await?;
-        let deadline = ack_deadline(settings.ack_deadline_seconds, self.config.dedup.lease);
+        let deadline = ack_deadline(
+            settings.ack_deadline_seconds,
+            self.common.config.dedup.lease,
+        );
         let stream = subscription
             .subscribe(Some(subscribe_config(&self.pubsub, deadline)))
             .await
@@ -223,11 +224,11 @@ impl Source {
             exactly_once = settings.enable_exactly_once_delivery,
             dead_letters = %dead_letters,
             max_outstanding_messages = self.pubsub.max_outstanding_messages,
-            budget = self.flow.budget(),
+            budget = self.common.flow.budget(),
             "consuming"
         );
-        self.health.set(true);
-        self.metrics.broker_connected.set(1);
+        self.common.health.set(true);
+        self.common.metrics.broker_connected.set(1);
 
         let (initial_backoff, max_backoff) = self.delivery_backoff();
         let settle = Arc::new(Settler {
@@ -238,7 +239,7 @@ impl Source {
             initial_backoff,
             max_backoff,
             store_down: CancellationToken::new(),
-            metrics: self.metrics.clone(),
+            metrics: self.common.metrics.clone(),
         });
         let extender = tokio::spawn(settle.clone().extend_leases(conn.deadline));
         let outcome = self
@@ -253,8 +254,8 @@ impl Source {
             }
         }
         settle.nack_all().await;
-        self.health.set(false);
-        self.metrics.broker_connected.set(0);
+        self.common.health.set(false);
+        self.common.metrics.broker_connected.set(0);
         extender.abort();
         outcome
     }
@@ -281,7 +282,7 @@ impl Source {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
-                _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
+                _ = self.common.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = probe.tick() => {
                     if let Err(e) = self.settings(&conn.subscription).await {
@@ -290,13 +291,13 @@ impl Source {
                 }
                 // Takes the next message only when the flow has room for it.
                 next = async {
-                    if !self.flow.ready(shutdown).await {
+                    if !self.common.flow.ready(shutdown).await {
                         std::future::pending::<()>().await;
                     }
                     conn.stream.next().await
                 }, if room => match next {
                     Some(message) => {
-                        let permit = self.flow.take(message.message.data.len());
+                        let permit = self.common.flow.take(message.message.data.len());
                         settle.leases.hold(&message.ack_id);
                         let turn = (ordering && !message.message.ordering_key.is_empty())
                             .then(|| lanes.next(&message.message.ordering_key));
@@ -304,7 +305,7 @@ impl Source {
                             message,
                             permit,
                             turn,
-                            self.engine.clone(),
+                            self.common.engine.clone(),
                             settle.clone(),
                             shutdown.clone(),
                         )));
@@ -317,7 +318,7 @@ impl Source {
         };
 
         // Let what is in flight settle; deadlines are still being extended.
-        let grace = self.config.shutdown_grace;
+        let grace = self.common.config.shutdown_grace;
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
@@ -345,7 +346,8 @@ impl Source {
     }
 
     fn delivery_backoff(&self) -> (Duration, Duration) {
-        self.config
+        self.common
+            .config
             .delivery
             .as_ref()
             .map(|d| (d.initial_backoff, d.max_backoff))

@@ -48,13 +48,11 @@ use tokio_util::sync::CancellationToken;
 use super::acks::AckTracker;
 use super::publish::{self, Confirming, PublishError};
 use super::sessions::{SessionEnd, Sessions};
-use super::{Envelope, Verdict};
-use crate::config::{Config, RabbitMqConfig};
+use super::{Common, Envelope, Verdict};
+use crate::config::RabbitMqConfig;
 use crate::engine::Engine;
-use crate::flow::{Flow, Permit};
-use crate::health::Component;
+use crate::flow::Permit;
 use crate::metrics::Metrics;
-use crate::store::KeyStore;
 use crate::traces::Origin;
 
 /// Settled messages behind one pending this long are acked one by one.
@@ -62,16 +60,11 @@ const STUCK_AFTER: Duration = Duration::from_millis(20);
 
 /// Everything a RabbitMQ source needs.
 pub struct Source {
-    pub config: Arc<Config>,
+    pub common: Common,
     /// The `broker.rabbitmq` section of `config`.
     pub rabbit: RabbitMqConfig,
     /// Parsed once: the parser's error messages quote the URL, password included.
     pub uri: AMQPUri,
-    pub engine: Arc<Engine>,
-    pub store: Arc<dyn KeyStore>,
-    pub metrics: Arc<Metrics>,
-    pub health: Component,
-    pub flow: Flow,
     /// The largest message body seen (or expected), in bytes; 0 before any.
     pub largest_message: AtomicU64,
 }
@@ -106,7 +99,12 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new("RabbitMQ", &self.config, &*self.store, &self.flow);
+        let mut sessions = Sessions::new(
+            "RabbitMQ",
+            &self.common.config,
+            &*self.common.store,
+            &self.common.flow,
+        );
         while sessions.ready(&shutdown).await {
             let ended = self.session(&shutdown).await;
             if !sessions.ended(ended, &shutdown).await {
@@ -119,7 +117,7 @@ impl Source {
     fn prefetch(&self) -> u16 {
         prefetch_for(
             self.rabbit.prefetch,
-            self.flow.budget(),
+            self.common.flow.budget(),
             self.largest_message.load(Ordering::Relaxed),
         )
     }
@@ -128,7 +126,7 @@ impl Source {
         let rabbit = &self.rabbit;
         let prefetch = self.prefetch();
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
-            format!("idemq-sidecar {}", self.config.consumer),
+            format!("idemq-sidecar {}", self.common.config.consumer),
         ));
         let conn = Connection::connect_uri(self.uri.clone(), properties).await?;
         let consuming = conn.create_channel().await?;
@@ -168,12 +166,12 @@ impl Source {
         tracing::info!(
             queue = %rabbit.queue,
             prefetch,
-            budget = self.flow.budget(),
+            budget = self.common.flow.budget(),
             largest_message = self.largest_message.load(Ordering::Relaxed),
             "consuming"
         );
-        self.health.set(true);
-        self.metrics.broker_connected.set(1);
+        self.common.health.set(true);
+        self.common.metrics.broker_connected.set(1);
 
         let settle = Arc::new(Settler {
             consuming: consuming.clone(),
@@ -182,7 +180,7 @@ impl Source {
             settled: Notify::new(),
             store_down: CancellationToken::new(),
             rabbit: rabbit.clone(),
-            metrics: self.metrics.clone(),
+            metrics: self.common.metrics.clone(),
         });
         let mut tasks = JoinSet::new();
         // Wakes the loop to ack messages stuck behind a slow one even when
@@ -198,7 +196,7 @@ impl Source {
                 }
                 _ = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
                 _ = settle.store_down.cancelled() => break Ok(SessionEnd::StoreDown),
-                _ = self.flow.unavailable() => break Ok(SessionEnd::AppDown),
+                _ = self.common.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 _ = settle.settled.notified() => {
                     if let Err(e) = settle.flush().await {
                         break Err(e.into());
@@ -207,7 +205,7 @@ impl Source {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 // Takes the next delivery only when the flow has room for it.
                 next = async {
-                    if !self.flow.ready(shutdown).await {
+                    if !self.common.flow.ready(shutdown).await {
                         std::future::pending::<()>().await;
                     }
                     consumer.next().await
@@ -215,9 +213,9 @@ impl Source {
                     Some(Ok(delivery)) => {
                         settle.received(delivery.delivery_tag);
                         let size = delivery.data.len() as u64;
-                        let permit = self.flow.take(delivery.data.len());
+                        let permit = self.common.flow.take(delivery.data.len());
                         self.largest_message.fetch_max(size, Ordering::Relaxed);
-                        tasks.spawn(Box::pin(handle(delivery, permit, self.engine.clone(), settle.clone(), shutdown.clone())));
+                        tasks.spawn(Box::pin(handle(delivery, permit, self.common.engine.clone(), settle.clone(), shutdown.clone())));
                         // Also when it may grow: the first session of a sidecar
                         // runs at prefetch 1 until it has seen a message.
                         if self.prefetch() != prefetch {
@@ -230,15 +228,15 @@ impl Source {
                 },
             }
         };
-        self.health.set(false);
-        self.metrics.broker_connected.set(0);
+        self.common.health.set(false);
+        self.common.metrics.broker_connected.set(0);
 
         // Stop the flow, let what is in flight finish, ack what is settled;
         // closing the channels then returns every unacked message to the queue.
         let _ = consuming
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
-        let grace = self.config.shutdown_grace;
+        let grace = self.common.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while tasks.join_next().await.is_some() {
                 let _ = settle.flush().await;

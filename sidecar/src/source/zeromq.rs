@@ -38,11 +38,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{InFlightWait, Verdict};
-use crate::config::{Config, ZeroMqConfig, ZeroMqPattern};
+use super::{Common, InFlightWait, Verdict};
+use crate::config::{ZeroMqConfig, ZeroMqPattern};
 use crate::engine::Engine;
 use crate::flow::{Flow, Permit};
-use crate::health::Component;
 use crate::metrics::Metrics;
 use crate::store::KeyStore;
 use crate::traces::Origin;
@@ -148,18 +147,13 @@ pub enum SourceError {
 
 /// Everything a ZeroMQ source needs.
 pub struct Source {
-    pub config: Arc<Config>,
+    pub common: Common,
     /// The `broker.zeromq` section of `config`.
     pub zeromq: ZeroMqConfig,
     /// CURVE keys; `None` only with `plain: true` (checked in `run`).
     pub curve: Option<CurveKeys>,
     /// The secrets of a RabbitMQ or Kafka dead-letter target.
     pub dead_letter_secrets: dead::Secrets,
-    pub engine: Arc<Engine>,
-    pub store: Arc<dyn KeyStore>,
-    pub metrics: Arc<Metrics>,
-    pub health: Component,
-    pub flow: Flow,
 }
 
 /// What the message tasks share.
@@ -204,7 +198,7 @@ impl Source {
             &ctx,
             target,
             self.dead_letter_secrets,
-            &self.config.consumer,
+            &self.common.config.consumer,
         )
         .await?;
         let (handle, mut incoming) = socket::open(
@@ -225,17 +219,17 @@ impl Source {
             dead_letters = %dead.describe(),
             "ZeroMQ endpoint bound"
         );
-        self.health.set(true);
-        self.metrics.broker_connected.set(1);
+        self.common.health.set(true);
+        self.common.metrics.broker_connected.set(1);
         let shared = Arc::new(Shared {
             pattern: self.zeromq.pattern,
             endpoint,
             handle,
             dead,
-            engine: self.engine.clone(),
-            store: self.store.clone(),
-            metrics: self.metrics.clone(),
-            flow: self.flow.clone(),
+            engine: self.common.engine.clone(),
+            store: self.common.store.clone(),
+            metrics: self.common.metrics.clone(),
+            flow: self.common.flow.clone(),
         });
 
         let mut tasks = JoinSet::new();
@@ -250,20 +244,20 @@ impl Source {
                     };
                     // A router peer is told at once to come back later,
                     // rather than waiting for an application that is away.
-                    if shared.pattern == ZeroMqPattern::Router && !self.flow.app_state().takes_messages() {
+                    if shared.pattern == ZeroMqPattern::Router && !self.common.flow.app_state().takes_messages() {
                         let id = wire::message_id(shared.pattern, &received.frames).to_vec();
                         shared.handle.reply(wire::reply(&received.route, &id, Status::Retry("app_unavailable")));
                         continue;
                     }
                     let size = received.frames.iter().map(Vec::len).sum();
-                    let Some(permit) = self.flow.admit(size, &shutdown).await else { break };
+                    let Some(permit) = self.common.flow.admit(size, &shutdown).await else { break };
                     tasks.spawn(Box::pin(serve(shared.clone(), received, permit, shutdown.clone())));
                 }
             }
         }
-        self.health.set(false);
-        self.metrics.broker_connected.set(0);
-        let grace = self.config.shutdown_grace;
+        self.common.health.set(false);
+        self.common.metrics.broker_connected.set(0);
+        let grace = self.common.config.shutdown_grace;
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {

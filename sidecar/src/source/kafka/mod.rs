@@ -46,13 +46,12 @@ use self::group::{commit, KafkaContext, Shared};
 use self::poll::{poll_loop, Lane};
 use super::offsets::Offsets;
 use super::publish::KafkaDeadLetters;
+use super::Common;
 use crate::config::{
     Config, KafkaConfig, KafkaSecurity, OffsetReset, SaslMechanism, SecurityProtocol,
 };
 use crate::engine::Engine;
 use crate::flow::Flow;
-use crate::health::Component;
-use crate::metrics::Metrics;
 use crate::store::KeyStore;
 
 /// How soon librdkafka fetches again after finding its pre-fetch queue full.
@@ -86,15 +85,10 @@ pub enum SourceError {
 
 /// Everything a Kafka source needs.
 pub struct Source {
-    pub config: Arc<Config>,
+    pub common: Common,
     /// The `broker.kafka` section of `config`.
     pub kafka: KafkaConfig,
     pub secrets: KafkaSecrets,
-    pub engine: Arc<Engine>,
-    pub store: Arc<dyn KeyStore>,
-    pub metrics: Arc<Metrics>,
-    pub health: Component,
-    pub flow: Flow,
 }
 
 /// The librdkafka settings of a connection: the consumer's and the
@@ -164,18 +158,18 @@ impl Source {
     /// and commits what settled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SourceError> {
         // Nothing is taken before the application takes messages.
-        if !self.flow.until_available(&shutdown).await {
+        if !self.common.flow.until_available(&shutdown).await {
             return Ok(());
         }
         let kafka = &self.kafka;
-        let client_id = format!("idemq-sidecar {}", self.config.consumer);
+        let client_id = format!("idemq-sidecar {}", self.common.config.consumer);
         let shared = Arc::new(Shared {
             offsets: Mutex::new(Offsets::default()),
             paused: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
-            drain_timeout: self.config.shutdown_grace,
-            metrics: self.metrics.clone(),
-            health: self.health.clone(),
+            drain_timeout: self.common.config.shutdown_grace,
+            metrics: self.common.metrics.clone(),
+            health: self.common.health.clone(),
         });
         let session_ms = kafka.session_timeout.as_millis();
         let mut consumer_config = client_config(kafka.security(), &self.secrets, &client_id);
@@ -198,7 +192,7 @@ impl Source {
             )
             .set("partition.assignment.strategy", &kafka.assignment_strategy)
             .set("statistics.interval.ms", STATS_INTERVAL_MS);
-        for (key, value) in prefetch_settings(self.flow.budget()) {
+        for (key, value) in prefetch_settings(self.common.flow.budget()) {
             consumer_config.set(key, value);
         }
         let consumer: BaseConsumer<KafkaContext> = consumer_config
@@ -234,13 +228,13 @@ impl Source {
 
         let dispatch = Arc::new(Dispatch {
             runtime: Handle::current(),
-            engine: self.engine.clone(),
-            store: self.store.clone(),
-            flow: self.flow.clone(),
+            engine: self.common.engine.clone(),
+            store: self.common.store.clone(),
+            flow: self.common.flow.clone(),
             producer,
             shared: shared.clone(),
             kafka: kafka.clone(),
-            config: self.config.clone(),
+            config: self.common.config.clone(),
             slots: Arc::new(Semaphore::new(kafka.max_in_flight as usize)),
             lanes: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
@@ -275,7 +269,7 @@ impl Source {
         shutdown.cancelled().await;
         // Stop taking records, let what is in flight settle, then commit.
         dispatch.stop_taking.store(true, AtomicOrdering::SeqCst);
-        let grace = self.config.shutdown_grace;
+        let grace = self.common.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             loop {
                 let notified = dispatch.drained.notified();
@@ -291,8 +285,8 @@ impl Source {
         }
         dispatch.stop.store(true, AtomicOrdering::SeqCst);
         let _ = done_rx.await;
-        self.health.set(false);
-        self.metrics.broker_connected.set(0);
+        self.common.health.set(false);
+        self.common.metrics.broker_connected.set(0);
         Ok(())
     }
 }
