@@ -111,17 +111,18 @@ impl Topic {
                 .key(id.as_str())
                 .payload(body)
                 .headers(headers);
-            pending.push(self.producer.send(record, TIMEOUT));
+            // Enqueued now, at its send time: `send` is lazy and would enqueue
+            // only when its future is first polled, a whole chunk later.
+            let delivery = match self.producer.send_result(record) {
+                Ok(delivery) => delivery,
+                Err((e, _)) => bail!("enqueue record {id}: {e}"),
+            };
+            pending.push(delivery);
             if pending.len() >= 1000 {
-                for r in futures::future::join_all(pending.drain(..)).await {
-                    r.map_err(|(e, _)| e)?;
-                }
+                delivered(pending.drain(..)).await?;
             }
         }
-        for r in futures::future::join_all(pending).await {
-            r.map_err(|(e, _)| e)?;
-        }
-        Ok(())
+        delivered(pending.drain(..)).await
     }
 
     /// Waits until the group has committed every record of the topic.
@@ -324,4 +325,18 @@ pub async fn naive(topic: String, url: String, run_id: String, stop: Cancellatio
     if let Err(e) = result {
         eprintln!("naive kafka consumer failed: {e:#}");
     }
+}
+
+/// Waits for the delivery reports of enqueued records; the first failure is
+/// the error.
+async fn delivered(
+    reports: impl IntoIterator<Item = rdkafka::producer::DeliveryFuture>,
+) -> anyhow::Result<()> {
+    for report in futures::future::join_all(reports).await {
+        report
+            .context("the producer dropped a record")?
+            .map_err(|(e, _)| e)
+            .context("deliver a record")?;
+    }
+    Ok(())
 }
