@@ -101,12 +101,7 @@ pub enum SourceError {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new(
-            "JetStream",
-            &self.common.config,
-            &*self.common.store,
-            &self.common.flow,
-        );
+        let mut sessions = Sessions::new("JetStream", &self.common);
         while sessions.ready(&shutdown).await {
             let ended = self.session(&shutdown).await;
             if !sessions.ended(ended, &shutdown).await {

@@ -149,12 +149,7 @@ pub fn filters(mqtt: &MqttConfig) -> Vec<String> {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new(
-            "MQTT",
-            &self.common.config,
-            &*self.common.store,
-            &self.common.flow,
-        );
+        let mut sessions = Sessions::new("MQTT", &self.common);
         while sessions.ready(&shutdown).await {
             let ended = self.session(&shutdown).await;
             if !sessions.ended(ended, &shutdown).await {

@@ -151,12 +151,7 @@ pub enum SourceError {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new(
-            "Pub/Sub",
-            &self.common.config,
-            &*self.common.store,
-            &self.common.flow,
-        );
+        let mut sessions = Sessions::new("Pub/Sub", &self.common);
         let mut connection = None;
         while sessions.ready(&shutdown).await {
             let ended = self.session(&mut connection, &shutdown).await;

@@ -99,12 +99,7 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
 impl Source {
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut sessions = Sessions::new(
-            "RabbitMQ",
-            &self.common.config,
-            &*self.common.store,
-            &self.common.flow,
-        );
+        let mut sessions = Sessions::new("RabbitMQ", &self.common);
         while sessions.ready(&shutdown).await {
             let ended = self.session(&shutdown).await;
             if !sessions.ended(ended, &shutdown).await {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, UnavailablePolicy};
-use crate::flow::Flow;
+use super::Common;
+use crate::config::UnavailablePolicy;
 use crate::store::KeyStore;
 
 const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
@@ -37,7 +37,7 @@ pub enum SessionEnd {
 /// The state between one source's sessions: the back-off delay.
 ///
 /// ```ignore
-/// let mut sessions = Sessions::new("RabbitMQ", &config, &*store, &flow);
+/// let mut sessions = Sessions::new("RabbitMQ", &self.common);
 /// while sessions.ready(&shutdown).await {
 ///     let ended = self.session(&shutdown).await;
 ///     if !sessions.ended(ended, &shutdown).await {
@@ -48,24 +48,15 @@ pub enum SessionEnd {
 pub struct Sessions<'a> {
     /// The broker's name in log lines.
     broker: &'static str,
-    config: &'a Config,
-    store: &'a dyn KeyStore,
-    flow: &'a Flow,
+    common: &'a Common,
     delay: Duration,
 }
 
 impl<'a> Sessions<'a> {
-    pub fn new(
-        broker: &'static str,
-        config: &'a Config,
-        store: &'a dyn KeyStore,
-        flow: &'a Flow,
-    ) -> Self {
+    pub fn new(broker: &'static str, common: &'a Common) -> Self {
         Self {
             broker,
-            config,
-            store,
-            flow,
+            common,
             delay: FIRST_RECONNECT_DELAY,
         }
     }
@@ -73,12 +64,13 @@ impl<'a> Sessions<'a> {
     /// Waits for the application and, when the store policy is fail-closed,
     /// for the store; false when shutdown came first.
     pub async fn ready(&self, shutdown: &CancellationToken) -> bool {
-        if self.config.store.unavailable == UnavailablePolicy::FailClosed
-            && !wait_for_store(self.store, shutdown).await
+        let common = self.common;
+        if common.config.store.unavailable == UnavailablePolicy::FailClosed
+            && !wait_for_store(&*common.store, shutdown).await
         {
             return false;
         }
-        self.flow.until_available(shutdown).await
+        common.flow.until_available(shutdown).await
     }
 
     /// Says how a session ended and backs off when it must; false when no
