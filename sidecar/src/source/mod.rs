@@ -34,7 +34,8 @@ use crate::metrics::Metrics;
 use crate::store::KeyStore;
 
 /// What every source is given, whatever its broker: the rest of a source's
-/// fields are its broker's own.
+/// fields are its broker's own. Cheap to clone: a source's tasks hold a clone.
+#[derive(Clone)]
 pub struct Common {
     pub config: Arc<Config>,
     /// Decides each message's fate.

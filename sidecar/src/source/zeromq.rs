@@ -40,10 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Common, InFlightWait, Verdict};
 use crate::config::{ZeroMqConfig, ZeroMqPattern};
-use crate::engine::Engine;
-use crate::flow::{Flow, Permit};
-use crate::metrics::Metrics;
-use crate::store::KeyStore;
+use crate::flow::Permit;
 use crate::traces::Origin;
 use socket::{Handle, Received, SocketError};
 use wire::{Frames, Status};
@@ -163,10 +160,7 @@ struct Shared {
     endpoint: String,
     handle: Handle,
     dead: dead::DeadLetters,
-    engine: Arc<Engine>,
-    store: Arc<dyn KeyStore>,
-    metrics: Arc<Metrics>,
-    flow: Flow,
+    common: Common,
 }
 
 impl Source {
@@ -226,10 +220,7 @@ impl Source {
             endpoint,
             handle,
             dead,
-            engine: self.common.engine.clone(),
-            store: self.common.store.clone(),
-            metrics: self.common.metrics.clone(),
-            flow: self.common.flow.clone(),
+            common: self.common.clone(),
         });
 
         let mut tasks = JoinSet::new();
@@ -280,7 +271,7 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let started = Instant::now();
-    shared.metrics.in_flight.inc();
+    shared.common.metrics.in_flight.inc();
     let status = decide(&shared, &received.frames, &shutdown).await;
     match (shared.pattern, status) {
         (ZeroMqPattern::Router, Some(status)) => {
@@ -292,8 +283,9 @@ async fn serve(
         _ => shared.handle.settled(),
     }
     drop(permit);
-    shared.metrics.in_flight.dec();
+    shared.common.metrics.in_flight.dec();
     shared
+        .common
         .metrics
         .end_to_end_duration
         .observe(started.elapsed().as_secs_f64());
@@ -317,7 +309,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
             return dead_letter(shared, &letter, shutdown).await;
         }
     };
-    let span = shared.engine.trace(
+    let span = shared.common.engine.trace(
         &envelope,
         Origin {
             system: "zeromq",
@@ -327,15 +319,19 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
     let router = shared.pattern == ZeroMqPattern::Router;
     let mut wait = InFlightWait::default();
     loop {
-        let verdict = shared.engine.handle(&envelope, &span, shutdown).await;
+        let verdict = shared
+            .common
+            .engine
+            .handle(&envelope, &span, shutdown)
+            .await;
         let _step = span.settlement(&verdict);
         match verdict {
             Verdict::Ack => {
-                shared.metrics.message("delivered");
+                shared.common.metrics.message("delivered");
                 return Some(Status::Ok);
             }
             Verdict::Duplicate => {
-                shared.metrics.message("duplicate");
+                shared.common.metrics.message("duplicate");
                 return Some(Status::Ok);
             }
             Verdict::DeadLetter { reason, attempts } => {
@@ -353,7 +349,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 return retry_or_lost(router, "shutting_down", frames, shared.pattern);
             }
             Verdict::Requeue { delay } => {
-                shared.metrics.message("in_flight_requeued");
+                shared.common.metrics.message("in_flight_requeued");
                 if router {
                     return Some(Status::Retry("in_flight"));
                 }
@@ -365,7 +361,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 if router {
                     return Some(Status::Retry("store_unavailable"));
                 }
-                if !super::sessions::wait_for_store(shared.store.as_ref(), shutdown).await {
+                if !super::sessions::wait_for_store(shared.common.store.as_ref(), shutdown).await {
                     return retry_or_lost(router, "shutting_down", frames, shared.pattern);
                 }
             }
@@ -373,7 +369,7 @@ async fn decide(shared: &Shared, frames: &Frames, shutdown: &CancellationToken) 
                 if router {
                     return Some(Status::Retry("app_unavailable"));
                 }
-                if !shared.flow.until_available(shutdown).await {
+                if !shared.common.flow.until_available(shutdown).await {
                     return retry_or_lost(router, "shutting_down", frames, shared.pattern);
                 }
             }
@@ -411,7 +407,7 @@ async fn dead_letter(
         match shared.dead.send(letter).await {
             Ok(()) => {
                 tracing::info!(reason, attempts = letter.attempts, "dead-lettered");
-                shared.metrics.dead_letter(reason);
+                shared.common.metrics.dead_letter(reason);
                 return Some(Status::Dead(reason));
             }
             Err(why) if shared.pattern == ZeroMqPattern::Router => {

@@ -47,12 +47,7 @@ use self::poll::{poll_loop, Lane};
 use super::offsets::Offsets;
 use super::publish::KafkaDeadLetters;
 use super::Common;
-use crate::config::{
-    Config, KafkaConfig, KafkaSecurity, OffsetReset, SaslMechanism, SecurityProtocol,
-};
-use crate::engine::Engine;
-use crate::flow::Flow;
-use crate::store::KeyStore;
+use crate::config::{KafkaConfig, KafkaSecurity, OffsetReset, SaslMechanism, SecurityProtocol};
 
 /// How soon librdkafka fetches again after finding its pre-fetch queue full.
 const FETCH_QUEUE_BACKOFF_MS: u32 = 50;
@@ -228,13 +223,10 @@ impl Source {
 
         let dispatch = Arc::new(Dispatch {
             runtime: Handle::current(),
-            engine: self.common.engine.clone(),
-            store: self.common.store.clone(),
-            flow: self.common.flow.clone(),
+            common: self.common.clone(),
             producer,
             shared: shared.clone(),
             kafka: kafka.clone(),
-            config: self.common.config.clone(),
             slots: Arc::new(Semaphore::new(kafka.max_in_flight as usize)),
             lanes: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
@@ -303,13 +295,11 @@ impl Drop for StopOnDrop {
 /// Hands records to tasks; shared by the poll thread and the tasks.
 struct Dispatch {
     runtime: Handle,
-    engine: Arc<Engine>,
-    store: Arc<dyn KeyStore>,
-    flow: Flow,
+    common: Common,
     producer: KafkaDeadLetters,
+    /// What the rebalance callbacks share with the poll thread.
     shared: Arc<Shared>,
     kafka: KafkaConfig,
-    config: Arc<Config>,
     /// One permit per record in flight (`maxInFlight`).
     slots: Arc<Semaphore>,
     /// Per lane, the completion of the last record given to it.

@@ -181,7 +181,7 @@ impl Dispatch {
         self.runtime.block_on(async {
             tokio::time::timeout(POLL, async {
                 let permits = self.slots.clone().acquire_many_owned(batch).await.ok()?;
-                self.flow.ready(&self.work).await.then_some(permits)
+                self.common.flow.ready(&self.work).await.then_some(permits)
             })
             .await
             .ok()
@@ -191,7 +191,7 @@ impl Dispatch {
 
     /// The byte budget and the application let one more record in now.
     fn ready_now(&self) -> bool {
-        self.flow.ready(&self.work).now_or_never() == Some(true)
+        self.common.flow.ready(&self.work).now_or_never() == Some(true)
     }
 
     /// Takes what the consumer holds, one record per slot of `slots` (and
@@ -244,10 +244,10 @@ impl Dispatch {
             generation
         };
         let record = record(message, tp, generation);
-        let permit = self.flow.take(record.envelope.body.len());
+        let permit = self.common.flow.take(record.envelope.body.len());
         let (wait_for, done) = self.lane(&record);
         self.in_flight.fetch_add(1, AtomicOrdering::SeqCst);
-        self.shared.metrics.in_flight.inc();
+        self.common.metrics.in_flight.inc();
         Some(Taken {
             record,
             slot,
@@ -281,7 +281,7 @@ impl Dispatch {
             Ordering::None => return (None, None),
             Ordering::PerPartition => Lane::Partition(record.tp.clone()),
             Ordering::PerKey => {
-                let dedup = &self.config.dedup;
+                let dedup = &self.common.config.dedup;
                 match key::extract(&dedup.key, dedup.missing_key, &record.envelope) {
                     KeyDecision::Key(key) => Lane::Key(key),
                     // No key: keep such records in partition order.

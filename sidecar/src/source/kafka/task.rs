@@ -39,8 +39,8 @@ impl Dispatch {
         if let Some(done) = done {
             let _ = done.send(());
         }
-        self.shared.metrics.in_flight.dec();
-        self.shared
+        self.common.metrics.in_flight.dec();
+        self.common
             .metrics
             .end_to_end_duration
             .observe(started.elapsed().as_secs_f64());
@@ -52,8 +52,8 @@ impl Dispatch {
     /// Runs the engine until the record is settled (true), or shutdown
     /// leaves it unsettled (false: its offset is not committed).
     async fn decide(&self, record: &Record) -> bool {
-        let metrics = &self.shared.metrics;
-        let span = self.engine.trace(
+        let metrics = &self.common.metrics;
+        let span = self.common.engine.trace(
             &record.envelope,
             traces::Origin {
                 system: "kafka",
@@ -66,6 +66,7 @@ impl Dispatch {
                 return false;
             }
             let verdict = self
+                .common
                 .engine
                 .handle(&record.envelope, &span, &self.work)
                 .await;
@@ -91,7 +92,7 @@ impl Dispatch {
                 }
                 Verdict::StoreUnavailable => {
                     self.store_waiters.fetch_add(1, AtomicOrdering::SeqCst);
-                    let back = wait_for_store(self.store.as_ref(), &self.work).await;
+                    let back = wait_for_store(self.common.store.as_ref(), &self.work).await;
                     self.store_waiters.fetch_sub(1, AtomicOrdering::SeqCst);
                     if !back {
                         return false;
@@ -99,7 +100,7 @@ impl Dispatch {
                 }
                 Verdict::AppUnavailable => {
                     self.app_waiters.fetch_add(1, AtomicOrdering::SeqCst);
-                    let back = self.flow.until_available(&self.work).await;
+                    let back = self.common.flow.until_available(&self.work).await;
                     self.app_waiters.fetch_sub(1, AtomicOrdering::SeqCst);
                     if !back {
                         return false;
@@ -159,7 +160,7 @@ impl Dispatch {
             match sent {
                 Ok(_) => {
                     tracing::info!(reason = reason.as_str(), attempts, topic = %topic, "dead-lettered");
-                    self.shared.metrics.dead_letter(reason.as_str());
+                    self.common.metrics.dead_letter(reason.as_str());
                     return true;
                 }
                 Err(e) => {
