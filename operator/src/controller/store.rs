@@ -287,7 +287,7 @@ pub async fn reset(
     ns: &str,
     read: &mut secrets::Read,
 ) -> Option<Verdict> {
-    use idemq_sidecar::store::redis::admin;
+    use idemq_sidecar::store::admin;
     let address = store_address(ic, ctx, ns, read).await?;
     let namespace = labels::consumer(ic);
     let target = admin::Target {

@@ -20,6 +20,7 @@
 //! replica of a consumer) and [`memory::MemoryStore`], the embedded default for
 //! local runs. Both pass the same behavioural test suite.
 
+pub mod admin;
 pub mod batch;
 pub mod connection;
 pub mod instrumented;

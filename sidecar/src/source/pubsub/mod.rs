@@ -48,31 +48,32 @@
 //! few seconds), or the client's stream gives up; it then reconnects with a
 //! back-off. `idemq_broker_connected` and readiness follow.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+mod client;
+mod settle;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use gcloud_gax::conn::{ConnectionOptions, Environment};
-use gcloud_gax::grpc::{Code, Status};
-use gcloud_googleapis::pubsub::v1::{ModifyAckDeadlineRequest, PubsubMessage};
-use gcloud_pubsub::client::google_cloud_auth;
-use gcloud_pubsub::client::{Client, ClientConfig};
-use gcloud_pubsub::publisher::Publisher;
-use gcloud_pubsub::subscriber::{ReceivedMessage, SubscriberConfig};
-use gcloud_pubsub::subscription::{SubscribeConfig, Subscription, SubscriptionConfig};
+use gcloud_gax::grpc::Status;
+use gcloud_googleapis::pubsub::v1::PubsubMessage;
+use gcloud_pubsub::client::{google_cloud_auth, Client};
+use gcloud_pubsub::subscriber::ReceivedMessage;
+use gcloud_pubsub::subscription::{Subscription, SubscriptionConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use self::client::{ack_deadline, client, connect, subscribe_config};
+use self::settle::{DeadLetters, Leases, Settler};
 use super::sessions::{SessionEnd, Sessions};
-use super::{Common, DeadLetterReason, Envelope, InFlightWait, Verdict};
+use super::{Common, Envelope};
 use crate::config::PubSubConfig;
-use crate::engine::{backoff, Engine};
+use crate::engine::Engine;
 use crate::flow::Permit;
-use crate::metrics::{Metrics, OutcomeLabel};
-use crate::traces::{self, MessageSpan};
+use crate::traces;
 
 /// Every call to Pub/Sub, the client's own retries included.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,11 +82,6 @@ const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// Messages the client buffers between the stream and the sidecar. Their
 /// deadlines are not extended until the sidecar takes them, so few.
 const BUFFERED: usize = 16;
-/// Ack ids in one `modifyAckDeadline`.
-const MAX_ACK_IDS: usize = 1000;
-/// Pub/Sub's bounds on an ack deadline, in seconds.
-const MIN_DEADLINE: i32 = 10;
-const MAX_DEADLINE: i32 = 600;
 
 /// The dead-letter attributes.
 pub const REASON: &str = "idemq-reason";
@@ -350,132 +346,6 @@ impl Source {
     }
 }
 
-/// A Pub/Sub client of `pubsub.project`: the emulator at `emulator_host`
-/// without credentials, or Google Cloud with the key file or Application
-/// Default Credentials (Workload Identity).
-pub async fn connect(
-    pubsub: &PubSubConfig,
-    emulator_host: Option<&str>,
-) -> Result<Client, SourceError> {
-    let key = match (&pubsub.credentials_file, emulator_host) {
-        (Some(path), None) => Some(
-            google_cloud_auth::credentials::CredentialsFile::new_from_file(path.clone())
-                .await
-                .map_err(|source| SourceError::KeyFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
-        _ => None,
-    };
-    client(&pubsub.project, emulator_host, key).await
-}
-
-/// A Pub/Sub client of `project`: the emulator at `emulator_host` without
-/// credentials, or Google Cloud with the service-account `key` or, without
-/// one, Application Default Credentials. The operator's client too.
-pub async fn client(
-    project: &str,
-    emulator_host: Option<&str>,
-    key: Option<google_cloud_auth::credentials::CredentialsFile>,
-) -> Result<Client, SourceError> {
-    let mut config = ClientConfig {
-        project_id: Some(project.to_string()),
-        connection_option: ConnectionOptions {
-            connect_timeout: Some(Duration::from_secs(5)),
-            ..ConnectionOptions::default()
-        },
-        ..ClientConfig::default()
-    };
-    match emulator_host {
-        Some(host) => config.environment = Environment::Emulator(host.to_string()),
-        None => {
-            // TLS to Google Cloud: the process-wide provider (ring).
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            config = match key {
-                Some(key) => config.with_credentials(key).await,
-                None => config.with_auth().await,
-            }
-            .map_err(SourceError::Credentials)?;
-        }
-    }
-    Client::new(config).await.map_err(SourceError::Connect)
-}
-
-/// The streaming pull's settings: the flow control of `pubsub`, the ack
-/// deadline the sidecar keeps, and few messages buffered in the client.
-pub fn subscribe_config(pubsub: &PubSubConfig, deadline: i32) -> SubscribeConfig {
-    SubscribeConfig::default()
-        .with_channel_capacity(BUFFERED)
-        .with_subscriber_config(SubscriberConfig {
-            stream_ack_deadline_seconds: deadline,
-            max_outstanding_messages: i64::from(pubsub.max_outstanding_messages),
-            max_outstanding_bytes: i64::try_from(pubsub.max_outstanding_bytes).unwrap_or(i64::MAX),
-            ..SubscriberConfig::default()
-        })
-}
-
-/// The ack deadline the sidecar keeps: the subscription's, or the claim
-/// lease when that is longer, within Pub/Sub's bounds.
-pub fn ack_deadline(subscription_seconds: i32, lease: Duration) -> i32 {
-    let lease = i32::try_from(lease.as_secs_f64().ceil() as u64).unwrap_or(MAX_DEADLINE);
-    subscription_seconds
-        .max(lease)
-        .clamp(MIN_DEADLINE, MAX_DEADLINE)
-}
-
-/// Whole seconds of a deadline that gives a message back after `delay`.
-fn deadline_seconds(delay: Duration) -> i32 {
-    i32::try_from(delay.as_secs_f64().ceil() as u64)
-        .unwrap_or(MAX_DEADLINE)
-        .min(MAX_DEADLINE)
-}
-
-/// Where dead letters go.
-enum DeadLetters {
-    /// The subscription's dead-letter policy: Pub/Sub moves a message after
-    /// this many delivery attempts.
-    Policy { max_attempts: i32 },
-    /// `deadLetterTopic`: the sidecar publishes them.
-    Topic(Publisher),
-}
-
-impl std::fmt::Display for DeadLetters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Policy { max_attempts } => write!(
-                f,
-                "the subscription's dead-letter policy (after {max_attempts} attempts)"
-            ),
-            Self::Topic(_) => write!(f, "published by the sidecar to deadLetterTopic"),
-        }
-    }
-}
-
-/// The ack ids held from receipt to settlement, whose deadlines are extended.
-#[derive(Default)]
-struct Leases {
-    held: Mutex<HashSet<String>>,
-}
-
-impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn hold(&self, ack_id: &str) {
-        self.lock().insert(ack_id.to_string());
-    }
-    fn release(&self, ack_id: &str) {
-        self.lock().remove(ack_id);
-    }
-    fn all(&self) -> Vec<String> {
-        self.lock().iter().cloned().collect()
-    }
-    fn take_all(&self) -> Vec<String> {
-        self.lock().drain().collect()
-    }
-}
-
 /// At most one message per ordering key in flight, in the order received:
 /// each message waits until the one before it with the same key is settled
 /// (its sender dropped).
@@ -542,236 +412,6 @@ async fn handle(
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// Applies verdicts with Pub/Sub's acks, nacks and deadlines.
-struct Settler {
-    subscription: Subscription,
-    subscription_id: String,
-    leases: Leases,
-    dead_letters: DeadLetters,
-    initial_backoff: Duration,
-    max_backoff: Duration,
-    store_down: CancellationToken,
-    metrics: Arc<Metrics>,
-}
-
-impl Settler {
-    /// The engine's verdict. A key in flight elsewhere is waited for here,
-    /// the message still held (its deadline extended), instead of given back.
-    async fn decide(
-        &self,
-        engine: &Engine,
-        envelope: &Envelope,
-        span: &MessageSpan,
-        shutdown: &CancellationToken,
-    ) -> Verdict {
-        let mut wait = InFlightWait::default();
-        loop {
-            match engine.handle(envelope, span, shutdown).await {
-                Verdict::Requeue { delay } if !delay.is_zero() => {
-                    self.metrics.message("in_flight_requeued");
-                    if !wait.sleep(delay, shutdown).await {
-                        return Verdict::Requeue {
-                            delay: Duration::ZERO,
-                        };
-                    }
-                }
-                verdict => return verdict,
-            }
-        }
-    }
-
-    async fn apply(&self, message: &ReceivedMessage, envelope: &Envelope, verdict: Verdict) {
-        match verdict {
-            Verdict::Ack => {
-                self.metrics.message("delivered");
-                self.ack(message).await;
-            }
-            Verdict::Duplicate => {
-                self.metrics.message("duplicate");
-                self.ack(message).await;
-            }
-            Verdict::Requeue { .. } | Verdict::AppUnavailable => {
-                self.nack(message, Duration::ZERO).await;
-            }
-            Verdict::StoreUnavailable => {
-                self.nack(message, Duration::ZERO).await;
-                self.store_down.cancel();
-            }
-            Verdict::DeadLetter { reason, attempts } => {
-                self.dead_letter(message, envelope, reason, attempts).await;
-            }
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        message: &ReceivedMessage,
-        envelope: &Envelope,
-        reason: DeadLetterReason,
-        attempts: u32,
-    ) {
-        let attempt = message.delivery_attempt.unwrap_or(1);
-        let publisher = match &self.dead_letters {
-            DeadLetters::Policy { max_attempts } => {
-                let last = i64::try_from(attempt).unwrap_or(i64::MAX) >= i64::from(*max_attempts);
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    attempt,
-                    max_attempts,
-                    "dead letter: the subscription's dead-letter policy moves it after its last attempt"
-                );
-                if last {
-                    self.metrics.dead_letter(reason.as_str());
-                }
-                let delay = backoff(
-                    self.initial_backoff,
-                    self.max_backoff,
-                    u32::try_from(attempt).unwrap_or(u32::MAX),
-                );
-                self.nack(message, if last { Duration::ZERO } else { delay })
-                    .await;
-                return;
-            }
-            DeadLetters::Topic(publisher) => publisher,
-        };
-        let mut attributes = message.message.attributes.clone();
-        attributes.insert(REASON.into(), reason.as_str().into());
-        attributes.insert(ATTEMPTS.into(), attempts.to_string());
-        attributes.insert(SUBSCRIPTION.into(), self.subscription_id.clone());
-        attributes.insert(MESSAGE_ID.into(), message.message.message_id.clone());
-        let dead = PubsubMessage {
-            data: envelope.body.to_vec(),
-            attributes,
-            ..PubsubMessage::default()
-        };
-        let stored = tokio::time::timeout(RPC_TIMEOUT, async {
-            publisher.publish(dead).await.get().await
-        })
-        .await;
-        match stored {
-            Ok(Ok(_)) => {
-                tracing::info!(reason = reason.as_str(), attempts, "dead-lettered");
-                self.metrics.dead_letter(reason.as_str());
-                self.ack(message).await;
-            }
-            failed => {
-                // Never ack a message whose dead letter is not stored.
-                let error = match failed {
-                    Ok(Err(status)) => status.to_string(),
-                    _ => format!("no answer within {RPC_TIMEOUT:?}"),
-                };
-                tracing::warn!(error, "dead letter not published (does deadLetterTopic exist?): the message goes back");
-                let delay = backoff(self.initial_backoff, self.max_backoff, attempts.max(1));
-                self.nack(message, delay).await;
-            }
-        }
-    }
-
-    /// Acks a settled message. A failed ack loses nothing: Pub/Sub delivers
-    /// the message again, and the store, which holds its outcome, makes that
-    /// delivery a duplicate.
-    async fn ack(&self, message: &ReceivedMessage) {
-        self.leases.release(&message.ack_id);
-        let failure = match tokio::time::timeout(RPC_TIMEOUT, message.ack()).await {
-            Ok(Ok(())) => return,
-            Ok(Err(status)) => ack_failure(&status),
-            Err(_) => "failed",
-        };
-        self.metrics
-            .broker_ack_failures
-            .get_or_create(&OutcomeLabel { outcome: failure })
-            .inc();
-        tracing::warn!(
-            outcome = failure,
-            message_id = %message.message.message_id,
-            "Pub/Sub did not take the ack: it delivers the message again, and the store makes that delivery a duplicate"
-        );
-    }
-
-    /// Gives a message back: Pub/Sub delivers it again after `delay`
-    /// (whole seconds; at once when zero).
-    async fn nack(&self, message: &ReceivedMessage, delay: Duration) {
-        self.leases.release(&message.ack_id);
-        let seconds = deadline_seconds(delay);
-        let error =
-            match tokio::time::timeout(RPC_TIMEOUT, message.modify_ack_deadline(seconds)).await {
-                Ok(Ok(())) => return,
-                Ok(Err(status)) => status.to_string(),
-                Err(_) => format!("no answer within {RPC_TIMEOUT:?}"),
-            };
-        tracing::debug!(
-            error,
-            "nack failed: the message comes back when its deadline passes"
-        );
-    }
-
-    /// Gives back every message still held.
-    async fn nack_all(&self) {
-        let held = self.leases.take_all();
-        if held.is_empty() {
-            return;
-        }
-        tracing::info!(messages = held.len(), "giving back the messages still held");
-        if let Err(e) = self.modify(held, 0).await {
-            tracing::warn!(error = %e, "nack failed: the messages come back when their deadlines pass");
-        }
-    }
-
-    /// Every third of the deadline, extends the deadlines of the messages held.
-    async fn extend_leases(self: Arc<Self>, deadline: i32) {
-        let every = Duration::from_secs(u64::try_from(deadline).unwrap_or(10)) / 3;
-        loop {
-            tokio::time::sleep(every).await;
-            let held = self.leases.all();
-            if held.is_empty() {
-                continue;
-            }
-            let count = held.len() as u64;
-            let outcome = match self.modify(held, deadline).await {
-                Ok(()) => "extended",
-                Err(e) => {
-                    tracing::warn!(error = %e, "extending ack deadlines failed: messages whose deadline passes are delivered again, and the store decides again");
-                    "failed"
-                }
-            };
-            self.metrics
-                .broker_lease_extensions
-                .get_or_create(&OutcomeLabel { outcome })
-                .inc_by(count);
-        }
-    }
-
-    /// One `modifyAckDeadline` per `MAX_ACK_IDS` ack ids.
-    async fn modify(&self, ack_ids: Vec<String>, seconds: i32) -> Result<(), String> {
-        let client = self.subscription.get_client();
-        let mut failed = None;
-        for chunk in ack_ids.chunks(MAX_ACK_IDS) {
-            let request = ModifyAckDeadlineRequest {
-                subscription: self.subscription.fully_qualified_name().to_string(),
-                ack_ids: chunk.to_vec(),
-                ack_deadline_seconds: seconds,
-            };
-            match tokio::time::timeout(RPC_TIMEOUT, client.modify_ack_deadline(request, None)).await
-            {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) => failed = Some(status.to_string()),
-                Err(_) => failed = Some(format!("no answer within {RPC_TIMEOUT:?}")),
-            }
-        }
-        failed.map_or(Ok(()), Err)
-    }
-}
-
-/// Why an ack failed: `expired` when Pub/Sub refused the ack id (an
-/// exactly-once subscription says so when the deadline had passed or the
-/// message was delivered again), `failed` otherwise.
-fn ack_failure(status: &Status) -> &'static str {
-    match status.code() {
-        Code::InvalidArgument | Code::FailedPrecondition => "expired",
-        _ => "failed",
-    }
-}
-
 /// The broker-neutral view of a message: its attributes are the headers, and
 /// the `content-type` attribute (Pub/Sub's CloudEvents binding) its media
 /// type. The body moves out of the message.
@@ -798,17 +438,6 @@ fn envelope(message: &mut PubsubMessage, delivery_attempt: Option<usize>) -> Env
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_ack_deadline_covers_the_claim_lease_within_pubsub_bounds() {
-        assert_eq!(ack_deadline(10, Duration::from_secs(30)), 30);
-        assert_eq!(ack_deadline(60, Duration::from_secs(30)), 60);
-        assert_eq!(ack_deadline(0, Duration::from_secs(2)), MIN_DEADLINE);
-        assert_eq!(ack_deadline(10, Duration::from_millis(10_500)), 11);
-        assert_eq!(ack_deadline(10, Duration::from_secs(3600)), MAX_DEADLINE);
-        assert_eq!(deadline_seconds(Duration::from_millis(20)), 1);
-        assert_eq!(deadline_seconds(Duration::ZERO), 0);
-    }
 
     #[test]
     fn attributes_are_headers_and_the_message_id_is_pubsubs() {
@@ -844,18 +473,5 @@ mod tests {
             .await
             .expect_err("released when the first is settled");
         drop(second);
-    }
-
-    #[test]
-    fn a_refused_ack_id_is_told_from_a_failure_to_answer() {
-        assert_eq!(
-            ack_failure(&Status::new(Code::InvalidArgument, "")),
-            "expired"
-        );
-        assert_eq!(
-            ack_failure(&Status::new(Code::FailedPrecondition, "")),
-            "expired"
-        );
-        assert_eq!(ack_failure(&Status::new(Code::Unavailable, "")), "failed");
     }
 }

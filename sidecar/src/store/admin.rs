@@ -1,0 +1,94 @@
+//! What an administrator (the operator) reads and does in a consumer's Redis
+//! store: its unacknowledged reset records, and their acknowledgement.
+
+use std::time::Duration;
+
+use super::redis::partition_prefixes;
+use crate::store::connection::{Connection, Endpoint};
+use crate::store::StoreError;
+
+/// Where a consumer's store is, and how its keys are spread.
+pub struct Target<'a> {
+    pub url: &'a str,
+    pub password: Option<&'a str>,
+    /// PEM certificates of a private CA for a `rediss://` store.
+    pub ca: Option<&'a [u8]>,
+    /// Whether `url` names Redis Cluster nodes.
+    pub cluster: bool,
+    /// The primary's name, when `url` names Sentinels.
+    pub sentinel: Option<&'a str>,
+    pub namespace: &'a str,
+    pub partitions: u16,
+    pub timeout: Duration,
+}
+
+fn connection(target: &Target<'_>) -> Result<Connection, StoreError> {
+    Connection::open(&Endpoint {
+        url: target.url,
+        password: target.password,
+        ca: target.ca,
+        cluster: target.cluster,
+        sentinel: target.sentinel,
+        timeout: target.timeout,
+    })
+}
+
+async fn bounded<T>(
+    target: &Target<'_>,
+    op: &'static str,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(target.timeout, call).await {
+        Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
+        Err(_) => Err(StoreError::Timeout {
+            op,
+            timeout: target.timeout,
+        }),
+    }
+}
+
+/// The reset records waiting for acknowledgement, one per partition
+/// that has one: `(partition prefix, record)`.
+pub async fn reset_records(target: &Target<'_>) -> Result<Vec<(String, String)>, StoreError> {
+    let mut conn = connection(target)?;
+    let mut records = Vec::new();
+    for prefix in partition_prefixes(target.namespace, target.partitions) {
+        let record: Option<String> = bounded(
+            target,
+            "read reset",
+            redis::cmd("HGET")
+                .arg(format!("{prefix}m"))
+                .arg("reset")
+                .query_async(&mut conn),
+        )
+        .await?;
+        if let Some(record) = record {
+            records.push((prefix, record));
+        }
+    }
+    Ok(records)
+}
+
+/// Acknowledges the reset `record`: removes it wherever it is still the
+/// record (a newer reset is not acknowledged by an older word). Returns
+/// how many partitions it released.
+pub async fn acknowledge_reset(target: &Target<'_>, record: &str) -> Result<u64, StoreError> {
+    let script = redis::Script::new(
+        "if redis.call('HGET', KEYS[1], 'reset') == ARGV[1] then \
+           return redis.call('HDEL', KEYS[1], 'reset') end return 0",
+    );
+    let mut conn = connection(target)?;
+    let mut released = 0;
+    for prefix in partition_prefixes(target.namespace, target.partitions) {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(format!("{prefix}m")).arg(record);
+        let n: u64 = bounded(
+            target,
+            "acknowledge reset",
+            invocation.invoke_async(&mut conn),
+        )
+        .await?;
+        released += n;
+    }
+    Ok(released)
+}
