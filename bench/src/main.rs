@@ -1,8 +1,10 @@
 //! idemq benchmarks: each prints its figures, measured against a baseline in
 //! the same run. See README's "Benchmarks" section.
 
+mod app;
 mod chart;
 mod claims;
+mod cpu;
 mod jetstream;
 mod kafka;
 mod key_memory;
@@ -11,6 +13,7 @@ mod naive;
 mod pipeline;
 mod post;
 mod pubsub;
+mod rabbitmq;
 mod redis_admin;
 mod zeromq;
 

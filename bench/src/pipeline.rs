@@ -1,16 +1,19 @@
 //! The pipeline benchmark: what deduplication costs next to what users would
 //! do without idemq, on the same messages, in one run.
 //!
-//! Scenarios, each on its own fresh queue:
-//! - `raw`: a lapin consumer → HTTP POST → ack, no dedup, with idemq's prefetch,
-//!   concurrency and batched `multiple` acks (the honest baseline);
+//! Scenarios, each on its own fresh queue (topic, stream, subscription or
+//! endpoint):
+//! - `raw`: the broker's client → HTTP POST → ack, no dedup, with idemq's
+//!   prefetch, concurrency and ack or commit strategy (the honest baseline);
 //! - `idemq`: the sidecar binary with the Redis store;
-//! - `naive`: the tutorial consumer: prefetch 1, the naive step (`naive.rs`:
-//!   `SET key 1 NX EX`, POST), ack;
+//! - `naive`: the tutorial consumer: one message at a time, the naive step
+//!   (`naive.rs`: `SET key 1 NX EX`, POST), ack;
 //! - `idemq-memory`: the sidecar binary with the in-memory store.
 //!
-//! `--broker kafka` runs the same scenarios on a topic of the Kafka broker
-//! on 127.0.0.1:9092 (see `kafka.rs` for its raw and naive consumers),
+//! Each broker's queues and baselines are in a module of its own:
+//! `--broker rabbitmq` (the default) on a queue of the RabbitMQ on
+//! 127.0.0.1:5672 (see `rabbitmq.rs`), `--broker kafka` on a topic of the
+//! Kafka broker on 127.0.0.1:9092 (see `kafka.rs`),
 //! `--broker jetstream` on a stream of the NATS server on 127.0.0.1:4222
 //! (see `jetstream.rs`), `--broker mqtt` on a Mosquitto of its own per
 //! scenario (see `mqtt.rs`), `--broker pubsub` on a subscription of the
@@ -21,22 +24,15 @@
 //! Latency is measured separately on a paced stream (a fixed publish rate well
 //! below capacity), since on a backlog it would only measure queueing.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
-use hdrhistogram::Histogram;
-use idemq_sidecar::source::acks::AckTracker;
-use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+use crate::app::App;
+use crate::cpu::{process_usage, CpuSample};
+
 pub(crate) const REDIS: &str = "redis://127.0.0.1:6379";
 pub(crate) const SENT_HEADER: &str = "x-bench-sent-us";
 
@@ -217,8 +213,7 @@ async fn scenario_run(
     run_id: &str,
 ) -> anyhow::Result<Figures> {
     let queue = format!("bench-{run_id}-{scenario}");
-    let dlx = format!("{queue}.dlx");
-    let broker = Topology::create(args, &queue, &dlx).await?;
+    let broker = Topology::create(args, &queue).await?;
     let ids = message_ids(n, args.dup_ratio);
     let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
     let body = vec![b'x'; args.body_bytes];
@@ -229,7 +224,7 @@ async fn scenario_run(
     let mut redis_admin = crate::redis_admin::connection(REDIS).await?;
     let memory_before = crate::redis_admin::used_memory(&mut redis_admin).await?;
     let cpu_before = CpuSample::take(&mut redis_admin, broker.process()).await?;
-    let consumer = Consumer::start(args, scenario, &broker, &queue, &dlx, app, run_id)?;
+    let consumer = Consumer::start(args, scenario, &broker, &queue, app, run_id)?;
     let expected_app = if scenario == "raw" { n } else { distinct };
     wait(Duration::from_secs(600), || app.count() >= expected_app).await?;
     let delivered_after = app.since_first();
@@ -329,8 +324,7 @@ pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Resu
     let app = App::start().await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let queue = format!("idemq-demo-{run_id}");
-    let dlx = format!("{queue}.dlx");
-    let broker = Topology::create(&args, &queue, &dlx).await?;
+    let broker = Topology::create(&args, &queue).await?;
     let ids = message_ids(messages, args.dup_ratio);
     let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
     broker
@@ -340,7 +334,7 @@ pub async fn demo(messages: usize, sidecar_bin: Option<PathBuf>) -> anyhow::Resu
         "published {messages} messages to queue {queue} ({} repeat an earlier message_id)",
         messages - distinct
     );
-    let consumer = Consumer::start(&args, "idemq-memory", &broker, &queue, &dlx, &app, &run_id)?;
+    let consumer = Consumer::start(&args, "idemq-memory", &broker, &queue, &app, &run_id)?;
     let settled = async {
         wait(Duration::from_secs(60), || app.count() >= distinct).await?;
         broker.wait_settled().await
@@ -477,191 +471,9 @@ pub(crate) fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU seconds used so far: by the whole machine (busy time of all cores),
-/// by the broker (its processes: `beam.smp`, `tansu`, …), by Redis (its own INFO)
-/// and by this process.
-#[derive(Default)]
-struct CpuSample {
-    host: f64,
-    broker: f64,
-    redis: f64,
-    bench: f64,
-}
-
-impl CpuSample {
-    async fn take(
-        redis: &mut redis::aio::MultiplexedConnection,
-        (broker_process, broker_command): (&str, &str),
-    ) -> anyhow::Result<Self> {
-        let stat = std::fs::read_to_string("/proc/stat")?;
-        let busy: u64 = stat
-            .lines()
-            .next()
-            .context("/proc/stat is empty")?
-            .split_whitespace()
-            .skip(1)
-            .enumerate()
-            // user nice system idle iowait irq softirq steal: all but idle and iowait.
-            .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
-            .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
-            .sum();
-        let mut broker = 0.0;
-        for entry in std::fs::read_dir("/proc")?.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let command = || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if comm.trim() == broker_process
-                && String::from_utf8_lossy(&command()).contains(broker_command)
-            {
-                broker += process_usage(pid).map(|(_, cpu)| cpu).unwrap_or(0.0);
-            }
-        }
-        Ok(Self {
-            host: busy as f64 / 100.0,
-            broker,
-            redis: crate::redis_admin::cpu_seconds(redis).await?,
-            bench: process_usage(std::process::id())?.1,
-        })
-    }
-
-    fn since(&self, before: &Self) -> Self {
-        Self {
-            host: self.host - before.host,
-            broker: self.broker - before.broker,
-            redis: self.redis - before.redis,
-            bench: self.bench - before.bench,
-        }
-    }
-}
-
-/// Peak RSS (KiB) and CPU seconds of a process, from /proc.
-fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok((rss, ticks as f64 / 100.0))
-}
-
-/// The application: answers 200 and records end-to-end latency and counts.
-#[derive(Clone)]
-struct App {
-    addr: std::net::SocketAddr,
-    state: Arc<AppState>,
-}
-
-struct AppState {
-    count: AtomicU64,
-    /// When the first delivery of the current phase arrived (µs since the epoch).
-    first_us: AtomicU64,
-    per_key: Mutex<HashMap<String, u32>>,
-    latencies: Mutex<Histogram<u64>>,
-}
-
-impl App {
-    async fn start() -> anyhow::Result<Self> {
-        use axum::http::HeaderMap;
-        let state = Arc::new(AppState {
-            count: AtomicU64::new(0),
-            first_us: AtomicU64::new(0),
-            per_key: Mutex::new(HashMap::new()),
-            latencies: Mutex::new(Histogram::new(3)?),
-        });
-        let s = state.clone();
-        let router = axum::Router::new().route(
-            "/messages",
-            axum::routing::post(move |headers: HeaderMap| {
-                let s = s.clone();
-                async move {
-                    let now = now_us();
-                    if let Some(sent) = headers
-                        .get(SENT_HEADER)
-                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                    {
-                        let _ = s
-                            .latencies
-                            .lock()
-                            .expect("lock")
-                            .record(now.saturating_sub(sent).max(1));
-                    }
-                    if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok())
-                    {
-                        *s.per_key
-                            .lock()
-                            .expect("lock")
-                            .entry(key.to_string())
-                            .or_default() += 1;
-                    }
-                    let _ =
-                        s.first_us
-                            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-                    s.count.fetch_add(1, Ordering::Relaxed);
-                    axum::http::StatusCode::OK
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Ok(Self { addr, state })
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/messages", self.addr)
-    }
-
-    fn reset(&self) {
-        self.state.count.store(0, Ordering::Relaxed);
-        self.state.first_us.store(0, Ordering::Relaxed);
-        self.state.per_key.lock().expect("lock").clear();
-        self.state.latencies.lock().expect("lock").reset();
-    }
-
-    /// Time since the first delivery of this phase.
-    fn since_first(&self) -> Duration {
-        Duration::from_micros(now_us().saturating_sub(self.state.first_us.load(Ordering::Relaxed)))
-    }
-
-    fn count(&self) -> usize {
-        self.state.count.load(Ordering::Relaxed) as usize
-    }
-
-    fn max_per_key(&self) -> u32 {
-        self.state
-            .per_key
-            .lock()
-            .expect("lock")
-            .values()
-            .copied()
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn latencies(&self) -> Histogram<u64> {
-        self.state.latencies.lock().expect("lock").clone()
-    }
-}
-
 /// A scenario's queue or topic on the broker under benchmark.
 enum Topology {
-    RabbitMq {
-        broker: Box<Broker>,
-        queue: String,
-        dlx: String,
-    },
+    RabbitMq(crate::rabbitmq::Queue),
     Kafka(crate::kafka::Topic),
     JetStream(crate::jetstream::Stream),
     Mqtt(crate::mqtt::Topic),
@@ -670,33 +482,15 @@ enum Topology {
 }
 
 impl Topology {
-    async fn create(args: &Args, queue: &str, dlx: &str) -> anyhow::Result<Self> {
-        match args.broker.as_str() {
-            "kafka" => return Ok(Self::Kafka(crate::kafka::Topic::create(queue).await?)),
-            "jetstream" => {
-                return Ok(Self::JetStream(
-                    crate::jetstream::Stream::create(queue).await?,
-                ))
-            }
-            _ => {}
-        }
-        if args.broker == "mqtt" {
-            return Ok(Self::Mqtt(crate::mqtt::Topic::create(queue).await?));
-        }
-        if args.broker == "zeromq" {
-            return Ok(Self::ZeroMq(crate::zeromq::Endpoint::create().await?));
-        }
-        if args.broker == "pubsub" {
-            return Ok(Self::PubSub(
-                crate::pubsub::Subscription::create(queue).await?,
-            ));
-        }
-        let broker = Broker::connect().await?;
-        broker.declare(queue, dlx).await?;
-        Ok(Self::RabbitMq {
-            broker: Box::new(broker),
-            queue: queue.to_string(),
-            dlx: dlx.to_string(),
+    async fn create(args: &Args, name: &str) -> anyhow::Result<Self> {
+        Ok(match args.broker.as_str() {
+            "rabbitmq" => Self::RabbitMq(crate::rabbitmq::Queue::create(name).await?),
+            "kafka" => Self::Kafka(crate::kafka::Topic::create(name).await?),
+            "jetstream" => Self::JetStream(crate::jetstream::Stream::create(name).await?),
+            "mqtt" => Self::Mqtt(crate::mqtt::Topic::create(name).await?),
+            "pubsub" => Self::PubSub(crate::pubsub::Subscription::create(name).await?),
+            "zeromq" => Self::ZeroMq(crate::zeromq::Endpoint::create().await?),
+            other => bail!("unknown broker {other}"),
         })
     }
 
@@ -707,9 +501,7 @@ impl Topology {
         rate: Option<u64>,
     ) -> anyhow::Result<()> {
         match self {
-            Self::RabbitMq { broker, queue, .. } => {
-                broker.publish_all(queue, ids, body, rate).await
-            }
+            Self::RabbitMq(queue) => queue.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::Kafka(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::JetStream(stream) => stream.publish_all(ids, body, rate, SENT_HEADER).await,
             Self::Mqtt(topic) => topic.publish_all(ids, body, rate, SENT_HEADER).await,
@@ -721,7 +513,7 @@ impl Topology {
     /// Waits until the consumer settled everything (queue empty, or all committed).
     async fn wait_settled(&self) -> anyhow::Result<()> {
         match self {
-            Self::RabbitMq { broker, queue, .. } => broker.wait_empty(queue).await,
+            Self::RabbitMq(queue) => queue.wait_settled().await,
             Self::Kafka(topic) => topic.wait_committed().await,
             Self::JetStream(stream) => stream.wait_settled().await,
             Self::Mqtt(topic) => topic.wait_settled().await,
@@ -736,7 +528,7 @@ impl Topology {
     /// word of the command line (the emulator is one Java process of many).
     fn process(&self) -> (&'static str, &'static str) {
         match self {
-            Self::RabbitMq { .. } => ("beam.smp", ""),
+            Self::RabbitMq(_) => ("beam.smp", ""),
             Self::Kafka(_) => ("tansu", ""),
             Self::JetStream(_) => ("nats-server", ""),
             Self::Mqtt(_) => ("mosquitto", ""),
@@ -746,139 +538,72 @@ impl Topology {
         }
     }
 
+    /// The sidecar's `dedup` (where the key is) and `broker` sections for
+    /// this queue.
+    fn sidecar_config(&self, queue: &str, prefetch: u16) -> String {
+        match self {
+            Self::RabbitMq(queue) => format!(
+                "broker:\n  rabbitmq:\n    queue: {}\n    prefetch: {prefetch}\n    deadLetterExchange: {}\n",
+                queue.name, queue.dlx
+            ),
+            Self::Kafka(_) => format!(
+                "dedup:\n  key:\n    from: recordKey\nbroker:\n  kafka:\n    topics: [{queue}]\n    groupId: {}\n    maxInFlight: {prefetch}\n    sessionTimeout: 6s\n",
+                crate::kafka::group(queue),
+            ),
+            Self::JetStream(_) => {
+                let js = crate::jetstream::settings(queue, prefetch);
+                format!(
+                    "dedup:\n  key:\n    from: header\n    name: {}\nbroker:\n  jetstream:\n    stream: {}\n    consumer: {}\n    maxAckPending: {}\n    ackWait: 30s\n    deadLetterSubject: {}\n",
+                    crate::jetstream::KEY_HEADER,
+                    js.stream,
+                    js.consumer,
+                    js.max_ack_pending,
+                    js.dead_letter_subject
+                )
+            }
+            Self::Mqtt(topic) => format!(
+                "broker:\n  mqtt:\n    clientId: {}\n    topics: [{}]\n    receiveMaximum: {prefetch}\n    deadLetterTopic: {queue}/dead\n",
+                topic.client_id(),
+                topic.filter(),
+            ),
+            Self::PubSub(subscription) => {
+                let pubsub = crate::pubsub::settings(subscription, prefetch);
+                format!(
+                    "dedup:\n  key:\n    from: attribute\n    name: {}\nbroker:\n  pubsub:\n    project: {}\n    subscription: {}\n    maxOutstandingMessages: {}\n    deadLetterTopic: {}\n",
+                    crate::pubsub::KEY_ATTRIBUTE,
+                    pubsub.project,
+                    pubsub.subscription,
+                    pubsub.max_outstanding_messages,
+                    pubsub.dead_letter_topic.unwrap_or_default()
+                )
+            }
+            Self::ZeroMq(endpoint) => format!(
+                "broker:\n  zeromq:\n    bind: {}\n    maxInFlight: {prefetch}\n    plain: true\n    deadLetter:\n      endpoint: {}\n",
+                endpoint.bind(),
+                endpoint.dead_letters
+            ),
+        }
+    }
+
+    /// The sidecar's `IDEMQ_BROKER_URL` (Kafka's bootstrap servers and the
+    /// Pub/Sub emulator have variables of their own; ZeroMQ binds).
+    fn broker_url(&self) -> String {
+        match self {
+            Self::Mqtt(topic) => topic.url(),
+            Self::JetStream(_) => crate::jetstream::URL.to_string(),
+            _ => crate::rabbitmq::URL.to_string(),
+        }
+    }
+
     async fn delete(self) {
         match self {
-            Self::RabbitMq { broker, queue, dlx } => broker.delete(&queue, &dlx).await,
+            Self::RabbitMq(queue) => queue.delete().await,
             Self::Kafka(topic) => topic.delete().await,
             Self::JetStream(stream) => stream.delete().await,
             Self::Mqtt(topic) => topic.delete().await,
             Self::PubSub(subscription) => subscription.delete().await,
             Self::ZeroMq(endpoint) => endpoint.delete().await,
         }
-    }
-}
-
-struct Broker {
-    channel: Channel,
-    _conn: Connection,
-}
-
-impl Broker {
-    async fn connect() -> anyhow::Result<Self> {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default())
-            .await
-            .context("RabbitMQ on 127.0.0.1:5672 (start it with: rabbitmq-server -detached)")?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self {
-            channel,
-            _conn: conn,
-        })
-    }
-
-    async fn declare(&self, queue: &str, dlx: &str) -> anyhow::Result<()> {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        self.channel
-            .exchange_declare(
-                dlx.into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Publishes every id, confirmed; at `rate` messages per second when given.
-    async fn publish_all(
-        &self,
-        queue: &str,
-        ids: &[String],
-        body: &[u8],
-        rate: Option<u64>,
-    ) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let mut confirms = Vec::with_capacity(1000);
-        for (i, id) in ids.iter().enumerate() {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let mut headers = FieldTable::default();
-            headers.insert(
-                SENT_HEADER.into(),
-                AMQPValue::LongString(LongString::from(now_us().to_string())),
-            );
-            let properties = BasicProperties::default()
-                .with_message_id(id.as_str().into())
-                .with_headers(headers);
-            confirms.push(
-                self.channel
-                    .basic_publish(
-                        "".into(),
-                        queue.into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        properties,
-                    )
-                    .await?,
-            );
-            if confirms.len() >= 1000 {
-                for c in confirms.drain(..) {
-                    c.await?;
-                }
-            }
-        }
-        for c in confirms {
-            c.await?;
-        }
-        Ok(())
-    }
-
-    async fn wait_empty(&self, queue: &str) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let q = self
-                .channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            if q.message_count() == 0 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("queue {queue} still has {} messages", q.message_count());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn delete(&self, queue: &str, dlx: &str) {
-        let _ = self
-            .channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-        let _ = self
-            .channel
-            .exchange_delete(dlx.into(), ExchangeDeleteOptions::default())
-            .await;
     }
 }
 
@@ -897,7 +622,6 @@ impl Consumer {
         scenario: &str,
         topology: &Topology,
         queue: &str,
-        dlx: &str,
         app: &App,
         run_id: &str,
     ) -> anyhow::Result<Self> {
@@ -906,12 +630,16 @@ impl Consumer {
             let (name, url, run_id) = (queue.to_string(), app.url(), run_id.to_string());
             let naive = scenario == "naive";
             let task = match topology {
-                Topology::RabbitMq { .. } if naive => {
-                    tokio::spawn(self::naive(name, url, run_id, stop.clone()))
+                Topology::RabbitMq(_) if naive => {
+                    tokio::spawn(crate::rabbitmq::naive(name, url, run_id, stop.clone()))
                 }
-                Topology::RabbitMq { .. } => {
-                    tokio::spawn(raw(name, args.prefetch, url, stop.clone()))
-                }
+                Topology::RabbitMq(_) => tokio::spawn(crate::rabbitmq::raw(
+                    name,
+                    args.prefetch,
+                    url,
+                    SENT_HEADER,
+                    stop.clone(),
+                )),
                 Topology::Kafka(_) if naive => {
                     tokio::spawn(crate::kafka::naive(name, url, run_id, stop.clone()))
                 }
@@ -976,7 +704,7 @@ impl Consumer {
         }
         Ok(match scenario {
             "idemq" | "idemq-memory" => {
-                Self::Sidecar(sidecar(args, scenario, topology, queue, dlx, app, run_id)?)
+                Self::Sidecar(sidecar(args, scenario, topology, queue, app, run_id)?)
             }
             other => bail!("unknown scenario {other}"),
         })
@@ -1003,7 +731,6 @@ fn sidecar(
     scenario: &str,
     topology: &Topology,
     queue: &str,
-    dlx: &str,
     app: &App,
     run_id: &str,
 ) -> anyhow::Result<Child> {
@@ -1021,52 +748,7 @@ fn sidecar(
     } else {
         "memory"
     };
-    let broker = if let Topology::ZeroMq(endpoint) = topology {
-        format!(
-            "broker:\n  zeromq:\n    bind: {}\n    maxInFlight: {}\n    plain: true\n    deadLetter:\n      endpoint: {}\n",
-            endpoint.bind(),
-            args.prefetch,
-            endpoint.dead_letters
-        )
-    } else if let Topology::PubSub(subscription) = topology {
-        let pubsub = crate::pubsub::settings(subscription, args.prefetch);
-        format!(
-            "dedup:\n  key:\n    from: attribute\n    name: {}\nbroker:\n  pubsub:\n    project: {}\n    subscription: {}\n    maxOutstandingMessages: {}\n    deadLetterTopic: {}\n",
-            crate::pubsub::KEY_ATTRIBUTE,
-            pubsub.project,
-            pubsub.subscription,
-            pubsub.max_outstanding_messages,
-            pubsub.dead_letter_topic.unwrap_or_default()
-        )
-    } else if let Topology::Mqtt(topic) = topology {
-        format!(
-            "broker:\n  mqtt:\n    clientId: {}\n    topics: [{}]\n    receiveMaximum: {}\n    deadLetterTopic: {queue}/dead\n",
-            topic.client_id(),
-            topic.filter(),
-            args.prefetch
-        )
-    } else if args.broker == "kafka" {
-        format!(
-            "dedup:\n  key:\n    from: recordKey\nbroker:\n  kafka:\n    topics: [{queue}]\n    groupId: {}\n    maxInFlight: {}\n    sessionTimeout: 6s\n",
-            crate::kafka::group(queue),
-            args.prefetch
-        )
-    } else if args.broker == "jetstream" {
-        let js = crate::jetstream::settings(queue, args.prefetch);
-        format!(
-            "dedup:\n  key:\n    from: header\n    name: {}\nbroker:\n  jetstream:\n    stream: {}\n    consumer: {}\n    maxAckPending: {}\n    ackWait: 30s\n    deadLetterSubject: {}\n",
-            crate::jetstream::KEY_HEADER,
-            js.stream,
-            js.consumer,
-            js.max_ack_pending,
-            js.dead_letter_subject
-        )
-    } else {
-        format!(
-            "broker:\n  rabbitmq:\n    queue: {queue}\n    prefetch: {}\n    deadLetterExchange: {dlx}\n",
-            args.prefetch
-        )
-    };
+    let broker = topology.sidecar_config(queue, args.prefetch);
     let config = format!(
         "consumer: bench-{run_id}-{scenario}\nstore:\n  kind: {store}\n{broker}delivery:\n  url: {}\nadmin:\n  listen: 127.0.0.1:0\n",
         app.url()
@@ -1076,14 +758,7 @@ fn sidecar(
     Ok(Command::new(bin)
         .arg("--config")
         .arg(&path)
-        .env(
-            "IDEMQ_BROKER_URL",
-            match topology {
-                Topology::Mqtt(topic) => topic.url(),
-                _ if args.broker == "jetstream" => crate::jetstream::URL.to_string(),
-                _ => AMQP.to_string(),
-            },
-        )
+        .env("IDEMQ_BROKER_URL", topology.broker_url())
         .env("IDEMQ_KAFKA_BOOTSTRAP_SERVERS", crate::kafka::BOOTSTRAP)
         .env("PUBSUB_EMULATOR_HOST", crate::pubsub::EMULATOR)
         .env("IDEMQ_REDIS_URL", REDIS)
@@ -1093,112 +768,4 @@ fn sidecar(
         )
         .stderr(Stdio::inherit())
         .spawn()?)
-}
-
-/// HTTP headers the app needs from a delivery.
-fn sent_header(delivery: &lapin::message::Delivery) -> Option<String> {
-    match delivery
-        .properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .get(SENT_HEADER)?
-    {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        _ => None,
-    }
-}
-
-/// The raw baseline: idemq's prefetch, concurrency and batched acks, no dedup.
-async fn raw(queue: String, prefetch: u16, url: String, stop: tokio_util::sync::CancellationToken) {
-    let result: anyhow::Result<()> = async {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let mut consumer = channel
-            .basic_consume(queue.as_str().into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await?;
-        let post = crate::post::Post::new(&url)?;
-        let tracker = Arc::new(Mutex::new(AckTracker::default()));
-        let settled = Arc::new(tokio::sync::Notify::new());
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = settled.notified() => {
-                    // The same ack strategy as idemq's source.
-                    let acks = tracker.lock().expect("lock").take(Instant::now(), Duration::from_millis(20));
-                    if let Some(tag) = acks.multiple {
-                        channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
-                    }
-                    for tag in acks.single {
-                        channel.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
-                    }
-                }
-                next = consumer.next() => {
-                    let Some(delivery) = next else { break };
-                    let delivery = delivery?;
-                    tracker.lock().expect("lock").received(delivery.delivery_tag, Instant::now());
-                    let (post, tracker, settled) = (post.clone(), tracker.clone(), settled.clone());
-                    tokio::spawn(async move {
-                        let sent = sent_header(&delivery).map(|sent| (SENT_HEADER, sent));
-                        let ok = post.send(delivery.data.clone(), None, sent).await;
-                        tracker.lock().expect("lock").settle(delivery.delivery_tag, ok);
-                        settled.notify_one();
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        eprintln!("raw consumer failed: {e:#}");
-    }
-}
-
-/// The tutorial consumer: one message at a time (prefetch 1), the naive
-/// step, ack.
-async fn naive(
-    queue: String,
-    url: String,
-    run_id: String,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let result: anyhow::Result<()> = async {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
-        channel.basic_qos(1, BasicQosOptions::default()).await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "naive".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut naive = crate::naive::Naive::connect(url, &run_id).await?;
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => break,
-                next = consumer.next() => next,
-            };
-            let Some(delivery) = next else { break };
-            let delivery = delivery?;
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default();
-            naive
-                .step(&id, delivery.data.clone(), sent_header(&delivery))
-                .await?;
-            delivery.ack(BasicAckOptions::default()).await?;
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        eprintln!("naive consumer failed: {e:#}");
-    }
 }
