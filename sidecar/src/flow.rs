@@ -128,6 +128,20 @@ impl Flow {
         self.wait(0, shutdown).await
     }
 
+    /// Runs `next` (taking a message from the broker) only once [`Self::ready`]
+    /// lets one more in; pending for good once `shutdown` fired, so that the
+    /// caller's shutdown branch ends its loop. Cancel-safe when `next` is.
+    pub async fn when_ready<T>(
+        &self,
+        shutdown: &CancellationToken,
+        next: impl std::future::Future<Output = T>,
+    ) -> T {
+        if !self.ready(shutdown).await {
+            std::future::pending::<()>().await;
+        }
+        next.await
+    }
+
     /// Charges a taken message of `bytes` to the budget, without waiting.
     pub fn take(&self, bytes: usize) -> Permit {
         let bytes = bytes as u64;

@@ -240,12 +240,7 @@ impl Source {
                 _ = self.common.flow.unavailable() => break Ok(SessionEnd::AppDown),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 // Takes the next message only when the flow has room for it.
-                next = async {
-                    if !self.common.flow.ready(shutdown).await {
-                        std::future::pending::<()>().await;
-                    }
-                    pulled.next().await
-                } => match next {
+                next = self.common.flow.when_ready(shutdown, pulled.next()) => match next {
                     Some(Ok(message)) => {
                         let permit = self.common.flow.take(message.payload.len());
                         tasks.spawn(Box::pin(handle(message, permit, self.common.engine.clone(), settle.clone(), shutdown.clone())));

@@ -215,12 +215,7 @@ impl Source {
                 // Takes the next message only when the flow has room for it,
                 // and no more at once than Receive Maximum, whether or not
                 // the broker honours it (3.1.1 has none).
-                event = async {
-                    if !self.common.flow.ready(shutdown).await {
-                        std::future::pending::<()>().await;
-                    }
-                    events.recv().await
-                }, if tasks.len() < usize::from(options.receive_maximum) => match event {
+                event = self.common.flow.when_ready(shutdown, events.recv()), if tasks.len() < usize::from(options.receive_maximum) => match event {
                     Some(Event::Message(message)) => {
                         let seq = next_seq;
                         next_seq += 1;

@@ -199,12 +199,7 @@ impl Source {
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 // Takes the next delivery only when the flow has room for it.
-                next = async {
-                    if !self.common.flow.ready(shutdown).await {
-                        std::future::pending::<()>().await;
-                    }
-                    consumer.next().await
-                } => match next {
+                next = self.common.flow.when_ready(shutdown, consumer.next()) => match next {
                     Some(Ok(delivery)) => {
                         settle.received(delivery.delivery_tag);
                         let size = delivery.data.len() as u64;

@@ -281,12 +281,7 @@ impl Source {
                     }
                 }
                 // Takes the next message only when the flow has room for it.
-                next = async {
-                    if !self.common.flow.ready(shutdown).await {
-                        std::future::pending::<()>().await;
-                    }
-                    conn.stream.next().await
-                }, if room => match next {
+                next = self.common.flow.when_ready(shutdown, conn.stream.next()), if room => match next {
                     Some(message) => {
                         let permit = self.common.flow.take(message.message.data.len());
                         settle.leases.hold(&message.ack_id);
