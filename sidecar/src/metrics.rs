@@ -6,6 +6,9 @@
 //! pod labels already say which one it is. Each metric is listed in README's
 //! metrics reference.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -130,7 +133,32 @@ impl Default for Metrics {
     }
 }
 
+/// A message from its receipt to its settlement: counted in `in_flight`
+/// while it lives; its time is observed in `end_to_end_duration` when it is
+/// dropped.
+pub struct InFlight {
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics
+            .end_to_end_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 impl Metrics {
+    /// Counts a received message in flight until the returned guard drops.
+    pub fn received(self: &Arc<Self>) -> InFlight {
+        self.in_flight.inc();
+        InFlight {
+            metrics: self.clone(),
+            started: Instant::now(),
+        }
+    }
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("idemq");
         let metrics = Self {

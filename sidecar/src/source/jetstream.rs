@@ -31,7 +31,7 @@
 //! buffers much more than the budget.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::header::HeaderMap;
 use async_nats::jetstream::consumer::pull::{self, Batch};
@@ -324,8 +324,7 @@ async fn handle(
     settle: Arc<Settler>,
     shutdown: CancellationToken,
 ) {
-    let started = Instant::now();
-    settle.metrics.in_flight.inc();
+    let _in_flight = settle.metrics.received();
     let (deliveries, origin) = match message.info() {
         Ok(info) => (
             info.delivered,
@@ -356,11 +355,6 @@ async fn handle(
         .apply(&acker, &subject, &origin, headers, envelope.body, verdict)
         .await;
     drop((step, span, permit));
-    settle.metrics.in_flight.dec();
-    settle
-        .metrics
-        .end_to_end_duration
-        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Bodies at least this large get an allocation of their own.

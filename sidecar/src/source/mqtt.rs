@@ -47,7 +47,7 @@ pub mod client;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -271,8 +271,7 @@ async fn handle(
     settle: Arc<Settler>,
     shutdown: CancellationToken,
 ) {
-    let started = Instant::now();
-    settle.metrics.in_flight.inc();
+    let _in_flight = settle.metrics.received();
     let envelope = envelope(&message);
     let span = engine.trace(
         &envelope,
@@ -298,11 +297,6 @@ async fn handle(
     let step = span.settlement(&verdict);
     settle.apply(seq, &message, verdict).await;
     drop((step, span, permit));
-    settle.metrics.in_flight.dec();
-    settle
-        .metrics
-        .end_to_end_duration
-        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Which received messages are settled, in arrival order: PUBACKs go out for

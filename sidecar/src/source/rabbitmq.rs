@@ -255,8 +255,7 @@ async fn handle(
     settle: Arc<Settler>,
     shutdown: CancellationToken,
 ) {
-    let started = Instant::now();
-    settle.metrics.in_flight.inc();
+    let _in_flight = settle.metrics.received();
     let body = Bytes::from(std::mem::take(&mut delivery.data));
     let envelope = envelope(&delivery, body);
     let span = engine.trace(
@@ -272,11 +271,6 @@ async fn handle(
         .apply(&delivery, &envelope.body, verdict, &shutdown)
         .await;
     drop((step, span, permit));
-    settle.metrics.in_flight.dec();
-    settle
-        .metrics
-        .end_to_end_duration
-        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Applies verdicts on one session's channels.

@@ -33,7 +33,7 @@ pub mod socket;
 pub mod wire;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -270,8 +270,7 @@ async fn serve(
     permit: Permit,
     shutdown: CancellationToken,
 ) {
-    let started = Instant::now();
-    shared.common.metrics.in_flight.inc();
+    let _in_flight = shared.common.metrics.received();
     let status = decide(&shared, &received.frames, &shutdown).await;
     match (shared.pattern, status) {
         (ZeroMqPattern::Router, Some(status)) => {
@@ -283,12 +282,6 @@ async fn serve(
         _ => shared.handle.settled(),
     }
     drop(permit);
-    shared.common.metrics.in_flight.dec();
-    shared
-        .common
-        .metrics
-        .end_to_end_duration
-        .observe(started.elapsed().as_secs_f64());
 }
 
 /// The outcome of one request; `None` when a `pull`/`sub` message could not

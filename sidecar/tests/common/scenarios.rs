@@ -166,9 +166,19 @@ pub async fn producer_duplicates_are_delivered_exactly_once<B: BrokerUnderTest>(
         messages(&sidecar, "duplicate").await,
     );
     let requeued = messages(&sidecar, "in_flight_requeued").await;
+    // Each message taken is counted in flight until it is settled, then
+    // timed end to end: the gauge comes back to 0 and the histogram counts
+    // every settled message.
+    let (mut held, mut timed) = (0, 0);
+    let gauges_settled = wait_for(Duration::from_secs(10), async || {
+        held = metric(&sidecar, "idemq_in_flight").await;
+        timed = metric(&sidecar, "idemq_end_to_end_duration_seconds_count").await;
+        held == 0 && timed == delivered + duplicates
+    })
+    .await;
     sidecar.stop().await.expect("clean stop");
     println!(
-        "duplicates ({}): published {published} ({distinct} distinct), app processed {} ({} distinct, {} twice), duplicates dropped {duplicates}, in-flight requeues {requeued}",
+        "duplicates ({}): published {published} ({distinct} distinct), app processed {} ({} distinct, {} twice), duplicates dropped {duplicates}, in-flight requeues {requeued}, in flight after {held}, timed end to end {timed}",
         B::NAME,
         app.processed(),
         app.distinct(),
@@ -186,6 +196,11 @@ pub async fn producer_duplicates_are_delivered_exactly_once<B: BrokerUnderTest>(
     );
     assert_eq!(delivered as usize, distinct);
     assert_eq!(duplicates as usize, published - distinct);
+    assert!(
+        gauges_settled,
+        "idemq_in_flight {held} (expected 0), end-to-end timings {timed} (expected {})",
+        delivered + duplicates
+    );
     assert_eq!(t.backlog().await, 0, "the queue ends empty");
     assert!(t.dead_letters().await.is_empty());
     store.cleanup().await;

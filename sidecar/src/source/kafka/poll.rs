@@ -52,6 +52,7 @@ pub(super) struct Taken {
     pub(super) permit: crate::flow::Permit,
     pub(super) wait_for: Option<oneshot::Receiver<()>>,
     pub(super) done: Option<oneshot::Sender<()>>,
+    pub(super) in_flight: crate::metrics::InFlight,
 }
 
 /// The poll thread: takes records while slots are free, serves group events,
@@ -247,13 +248,13 @@ impl Dispatch {
         let permit = self.common.flow.take(record.envelope.body.len());
         let (wait_for, done) = self.lane(&record);
         self.in_flight.fetch_add(1, AtomicOrdering::SeqCst);
-        self.common.metrics.in_flight.inc();
         Some(Taken {
             record,
             slot,
             permit,
             wait_for,
             done,
+            in_flight: self.common.metrics.received(),
         })
     }
 

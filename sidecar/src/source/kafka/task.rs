@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::poll::{Record, Taken};
 use super::Dispatch;
@@ -23,8 +23,8 @@ impl Dispatch {
             permit,
             wait_for,
             done,
+            in_flight,
         } = taken;
-        let started = Instant::now();
         if let Some(previous) = wait_for {
             let _ = previous.await;
         }
@@ -39,11 +39,7 @@ impl Dispatch {
         if let Some(done) = done {
             let _ = done.send(());
         }
-        self.common.metrics.in_flight.dec();
-        self.common
-            .metrics
-            .end_to_end_duration
-            .observe(started.elapsed().as_secs_f64());
+        drop(in_flight);
         if self.in_flight.fetch_sub(1, AtomicOrdering::SeqCst) == 1 {
             self.drained.notify_waiters();
         }

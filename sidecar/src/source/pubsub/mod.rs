@@ -53,7 +53,7 @@ mod settle;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -386,8 +386,7 @@ async fn handle(
         }
         None => None,
     };
-    let started = Instant::now();
-    settle.metrics.in_flight.inc();
+    let _in_flight = settle.metrics.received();
     let envelope = envelope(&mut message.message, message.delivery_attempt);
     let span = engine.trace(
         &envelope,
@@ -400,11 +399,6 @@ async fn handle(
     let step = span.settlement(&verdict);
     settle.apply(&message, &envelope, verdict).await;
     drop((step, span, permit));
-    settle.metrics.in_flight.dec();
-    settle
-        .metrics
-        .end_to_end_duration
-        .observe(started.elapsed().as_secs_f64());
 }
 
 /// The broker-neutral view of a message: its attributes are the headers, and
