@@ -4,8 +4,12 @@
 
 mod common;
 
+use std::time::Duration;
+
+use common::app;
+use common::broker::BrokerUnderTest;
 use common::rabbitmq::RabbitMq;
-use common::scenarios;
+use common::scenarios::{self, keyed, readyz, wait_for, Store, MAX_IN_FLIGHT, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_duplicates_are_delivered_exactly_once() {
@@ -68,4 +72,51 @@ async fn crash_loses_nothing_and_reprocesses_at_most_prefetch() {
 async fn store_failover_loses_nothing_and_reprocesses_at_most_prefetch() {
     scenarios::store_failover_loses_nothing_and_reprocesses_at_most_max_in_flight::<RabbitMq>()
         .await;
+}
+
+/// A dead-letter exchange that does not exist (a typo, or not declared yet):
+/// the sidecar takes nothing from the queue, since the first dead letter would
+/// close its channel, says so in /readyz, and consumes everything once the
+/// exchange is declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_exchange_takes_nothing_until_it_is_declared() {
+    let t = RabbitMq::create("no-dlx").await;
+    let missing = format!("{}.missing", t.queue);
+    let app = app::start(app::always_ok()).await;
+    let store = Store::new("no-dlx").await;
+    let mut config = scenarios::config(&t, &app, "no-dlx", MAX_IN_FLIGHT, "");
+    config
+        .broker
+        .as_mut()
+        .and_then(|b| b.rabbitmq.as_mut())
+        .expect("a rabbitmq section")
+        .dead_letter_exchange = missing.clone();
+    let n = 200;
+    t.publish((0..n).map(keyed).collect()).await;
+    let sidecar = scenarios::start(&t, config, store.dyn_store()).await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, waiting) = readyz(&sidecar).await;
+    let left = t.backlog().await;
+    t.declare_exchange(&missing).await;
+    let done = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let drained = wait_for(WAIT, async || t.backlog().await == 0).await;
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "missing dead-letter exchange: {left} of {n} left in the queue while it was missing, /readyz {status} {:?}; once declared {} processed ({} twice)",
+        waiting.trim(),
+        app.distinct(),
+        app.processed_twice()
+    );
+    assert_eq!(
+        left, n as u64,
+        "nothing taken while the exchange is missing"
+    );
+    assert_eq!(status, 503, "{waiting}");
+    assert!(done, "processed {} of {n} once declared", app.distinct());
+    assert_eq!(app.processed_twice(), 0);
+    assert!(drained, "the queue ends empty");
+    t.delete_exchange(&missing).await;
+    store.cleanup().await;
+    t.delete().await;
 }

@@ -12,9 +12,9 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -72,6 +72,23 @@ impl Confirming {
 
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// Checks that `exchange` exists (a passive declare), so that a missing
+    /// one is found at once rather than by the broker closing the channel at
+    /// the first publish.
+    pub async fn exchange_exists(&self, exchange: &str) -> Result<(), lapin::Error> {
+        self.channel
+            .exchange_declare(
+                ShortString::from(exchange),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
     }
 
     /// Publishes and waits for the broker's confirm. With `mandatory`, a

@@ -36,11 +36,10 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ExchangeDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -132,16 +131,7 @@ impl Source {
         // A missing dead-letter exchange would close the channel at the first
         // dead letter; find out now, and say which exchange.
         publishing
-            .channel()
-            .exchange_declare(
-                rabbit.dead_letter_exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+            .exchange_exists(&rabbit.dead_letter_exchange)
             .await
             .inspect_err(|_| {
                 tracing::error!(

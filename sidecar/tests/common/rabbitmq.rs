@@ -84,6 +84,36 @@ async fn topology(test: &str) -> RabbitMq {
 }
 
 impl RabbitMq {
+    /// Declares the fanout exchange `name`, bound to the dead-letter queue.
+    pub async fn declare_exchange(&self, name: &str) {
+        self.channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+        self.channel
+            .queue_bind(
+                self.dlq.as_str().into(),
+                name.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind dlq");
+    }
+
+    pub async fn delete_exchange(&self, name: &str) {
+        let _ = self
+            .channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+
     /// Messages ready in `queue` (not counting unacked ones).
     async fn ready(&self, queue: &str) -> u32 {
         let passive = QueueDeclareOptions {

@@ -17,10 +17,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, LongString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use super::socket;
 use super::wire::{self, Frames};
@@ -248,19 +248,7 @@ impl Rabbit {
             .map_err(|e| e.to_string())?;
         let channel = Confirming::open(&conn).await.map_err(|e| e.to_string())?;
         let passive = match (&self.config.exchange, &self.config.queue) {
-            (Some(exchange), _) => channel
-                .channel()
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|_| ()),
+            (Some(exchange), _) => channel.exchange_exists(exchange).await,
             (None, queue) => channel
                 .channel()
                 .queue_declare(
