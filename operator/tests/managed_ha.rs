@@ -259,10 +259,10 @@ impl Set {
                 .sentinels_agree()
                 .await)
             .await,
-            "the Sentinels did not find the replicas and each other; their logs:\n{}",
+            "the Sentinels did not find the replicas and each other; the pods' Sentinel and Redis logs:\n{}",
             self.pods
                 .iter()
-                .map(|pod| pod.log("sentinel.log"))
+                .map(|pod| format!("{}\n{}", pod.log("sentinel.log"), pod.log("redis.log")))
                 .collect::<Vec<_>>()
                 .join("\n")
         );
