@@ -98,14 +98,11 @@ impl Stream {
         rate: Option<u64>,
         sent_header: &'static str,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
+        let pace = crate::pipeline::Pace::new(rate);
         let body = bytes::Bytes::copy_from_slice(body);
         let mut acks = Vec::with_capacity(1000);
         for (i, id) in ids.iter().enumerate() {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
+            pace.wait(i).await;
             let mut headers = HeaderMap::new();
             headers.insert(KEY_HEADER, id.as_str());
             headers.insert(sent_header, super::pipeline::now_us().to_string().as_str());

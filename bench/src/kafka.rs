@@ -95,13 +95,10 @@ impl Topic {
         rate: Option<u64>,
         sent_header: &str,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
+        let pace = crate::pipeline::Pace::new(rate);
         let mut pending = Vec::with_capacity(1000);
         for (i, id) in ids.iter().enumerate() {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
+            pace.wait(i).await;
             let sent = super::pipeline::now_us().to_string();
             let headers = OwnedHeaders::new().insert(Header {
                 key: sent_header,

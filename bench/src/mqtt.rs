@@ -132,13 +132,10 @@ impl Topic {
             }
             anyhow::Ok(())
         });
-        let started = Instant::now();
+        let pace = crate::pipeline::Pace::new(rate);
         let body = Bytes::copy_from_slice(body);
         for (i, id) in ids.iter().enumerate() {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
+            pace.wait(i).await;
             let properties = PublishProperties {
                 correlation_data: Some(Bytes::from(id.clone())),
                 user_properties: vec![(

@@ -464,6 +464,37 @@ async fn wait(timeout: Duration, done: impl Fn() -> bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The send times of one publishing run: message `i` is due `i / rate`
+/// seconds after the start, or at once without a rate.
+pub(crate) struct Pace {
+    started: Instant,
+    rate: Option<u64>,
+}
+
+impl Pace {
+    pub(crate) fn new(rate: Option<u64>) -> Self {
+        Self {
+            started: Instant::now(),
+            rate,
+        }
+    }
+
+    /// When message `i` is due.
+    pub(crate) fn due(&self, i: usize) -> Instant {
+        match self.rate {
+            Some(rate) => self.started + Duration::from_micros(i as u64 * 1_000_000 / rate),
+            None => self.started,
+        }
+    }
+
+    /// Waits until message `i` is due (never without a rate).
+    pub(crate) async fn wait(&self, i: usize) {
+        if self.rate.is_some() {
+            tokio::time::sleep_until(self.due(i).into()).await;
+        }
+    }
+}
+
 pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

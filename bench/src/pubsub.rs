@@ -14,7 +14,7 @@
 //! key: `from: attribute`), its send time in the latency attribute.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
@@ -117,13 +117,10 @@ impl Subscription {
             .into(),
             ..PubsubMessage::default()
         };
-        let started = Instant::now();
+        let pace = crate::pipeline::Pace::new(rate);
         let mut pending = Vec::with_capacity(BUNDLE);
         for (i, id) in ids.iter().enumerate() {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
+            pace.wait(i).await;
             pending.push(publisher.publish(message(id)).await);
             if pending.len() >= BUNDLE {
                 for awaiter in pending.drain(..) {

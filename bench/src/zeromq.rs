@@ -101,17 +101,13 @@ impl Endpoint {
         body: &[u8],
         rate: Option<u64>,
     ) -> anyhow::Result<()> {
-        let started = Instant::now();
+        let pace = crate::pipeline::Pace::new(rate);
         let body: Arc<[u8]> = Arc::from(body);
         {
             let mut queue = self.queue.lock().expect("lock");
             for (i, id) in ids.iter().enumerate() {
-                let due = match rate {
-                    Some(rate) => started + Duration::from_micros(i as u64 * 1_000_000 / rate),
-                    None => started,
-                };
                 queue.push_back(Pending {
-                    due,
+                    due: pace.due(i),
                     id: id.clone(),
                     body: body.clone(),
                 });
