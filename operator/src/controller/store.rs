@@ -288,17 +288,20 @@ pub async fn reset(
     read: &mut secrets::Read,
 ) -> Option<Verdict> {
     use idemq_sidecar::store::admin;
+    use idemq_sidecar::store::connection::Endpoint;
     let address = store_address(ic, ctx, ns, read).await?;
     let namespace = labels::consumer(ic);
     let target = admin::Target {
-        url: &address.url,
-        password: address.password.as_deref(),
-        ca: address.ca.as_deref().map(str::as_bytes),
-        cluster: ic.spec.store.cluster(),
-        sentinel: ic.spec.store.sentinel(),
+        endpoint: Endpoint {
+            url: &address.url,
+            password: address.password.as_deref(),
+            ca: address.ca.as_deref().map(str::as_bytes),
+            cluster: ic.spec.store.cluster(),
+            sentinel: ic.spec.store.sentinel(),
+            timeout: std::time::Duration::from_secs(2),
+        },
         namespace: &namespace,
         partitions: ic.spec.store.partitions.unwrap_or(1),
-        timeout: std::time::Duration::from_secs(2),
     };
     let acknowledged = ic
         .metadata

@@ -1,36 +1,19 @@
 //! What an administrator (the operator) reads and does in a consumer's Redis
 //! store: its unacknowledged reset records, and their acknowledgement.
 
-use std::time::Duration;
-
 use super::redis::partition_prefixes;
 use crate::store::connection::{Connection, Endpoint};
 use crate::store::StoreError;
 
 /// Where a consumer's store is, and how its keys are spread.
 pub struct Target<'a> {
-    pub url: &'a str,
-    pub password: Option<&'a str>,
-    /// PEM certificates of a private CA for a `rediss://` store.
-    pub ca: Option<&'a [u8]>,
-    /// Whether `url` names Redis Cluster nodes.
-    pub cluster: bool,
-    /// The primary's name, when `url` names Sentinels.
-    pub sentinel: Option<&'a str>,
+    pub endpoint: Endpoint<'a>,
     pub namespace: &'a str,
     pub partitions: u16,
-    pub timeout: Duration,
 }
 
 fn connection(target: &Target<'_>) -> Result<Connection, StoreError> {
-    Connection::open(&Endpoint {
-        url: target.url,
-        password: target.password,
-        ca: target.ca,
-        cluster: target.cluster,
-        sentinel: target.sentinel,
-        timeout: target.timeout,
-    })
+    Connection::open(&target.endpoint)
 }
 
 async fn bounded<T>(
@@ -38,12 +21,10 @@ async fn bounded<T>(
     op: &'static str,
     call: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(target.timeout, call).await {
+    let timeout = target.endpoint.timeout;
+    match tokio::time::timeout(timeout, call).await {
         Ok(result) => result.map_err(|source| StoreError::Redis { op, source }),
-        Err(_) => Err(StoreError::Timeout {
-            op,
-            timeout: target.timeout,
-        }),
+        Err(_) => Err(StoreError::Timeout { op, timeout }),
     }
 }
 
