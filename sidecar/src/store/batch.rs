@@ -83,32 +83,14 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 // This batch holds one permit; any other taken is a batch at
                 // the store. Until that one is answered, this one fills up.
                 while batch.len() < MAX_BATCH && in_flight.available_permits() + 1 < MAX_IN_FLIGHT {
-                    let room = MAX_BATCH - batch.len();
-                    tokio::select! {
-                        _ = answered.notified() => {}
-                        received = queue.recv_many(&mut batch, room) => {
-                            if received == 0 {
-                                break;
-                            }
-                        }
+                    if !fill(&mut queue, &mut batch, answered.notified()).await {
+                        break;
                     }
                 }
                 // Under load, a fuller batch costs Redis less per request
                 // than the millisecond costs the requests.
                 if batch.len() >= LINGER_FROM {
-                    let deadline = tokio::time::sleep(LINGER);
-                    tokio::pin!(deadline);
-                    while batch.len() < MAX_BATCH {
-                        let room = MAX_BATCH - batch.len();
-                        tokio::select! {
-                            _ = &mut deadline => break,
-                            received = queue.recv_many(&mut batch, room) => {
-                                if received == 0 {
-                                    break;
-                                }
-                            }
-                        }
-                    }
+                    fill(&mut queue, &mut batch, tokio::time::sleep(LINGER)).await;
                 }
                 let (inputs, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
                 tokio::spawn(answer(op, run(inputs), replies, permit, answered.clone()));
@@ -127,6 +109,28 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         self.requests.send((input, reply)).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+}
+
+/// Adds the requests that arrive to `batch` until it is full or `until`
+/// completes. False when the queue has closed.
+async fn fill<T>(
+    queue: &mut mpsc::UnboundedReceiver<T>,
+    batch: &mut Vec<T>,
+    until: impl Future<Output = ()>,
+) -> bool {
+    tokio::pin!(until);
+    while batch.len() < MAX_BATCH {
+        let room = MAX_BATCH - batch.len();
+        tokio::select! {
+            _ = &mut until => return true,
+            received = queue.recv_many(batch, room) => {
+                if received == 0 {
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 /// Waits for a batch's outputs and hands each to its request.
