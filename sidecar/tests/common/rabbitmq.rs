@@ -52,45 +52,28 @@ async fn topology(test: &str) -> RabbitMq {
             .await
             .expect("declare queue");
     }
-    channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare dlx");
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind dlq");
-    RabbitMq {
+    let t = RabbitMq {
         queue,
         dlx,
         dlq,
         channel,
         _conn: conn,
-    }
+    };
+    t.declare_exchange(&t.dlx).await;
+    t
 }
 
 impl RabbitMq {
-    /// Declares the fanout exchange `name`, bound to the dead-letter queue.
+    /// Declares the durable fanout exchange `name`, bound to the dead-letter queue.
     pub async fn declare_exchange(&self, name: &str) {
         self.channel
             .exchange_declare(
                 name.into(),
                 ExchangeKind::Fanout,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
