@@ -137,6 +137,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    let by_round = round_ratios(&rounds, "idemq", "raw");
     let mut results: Vec<(String, Figures)> = Vec::new();
     for (scenario, mut figures) in rounds {
         figures.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
@@ -145,6 +146,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         results.push((scenario, figures[figures.len() / 2].clone()));
     }
     print_table(&args, &results);
+    if by_round.len() > 1 {
+        let shown: Vec<String> = by_round.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "ratio idemq/raw throughput by round (each against the raw run of its own round): {}",
+            shown.join(", ")
+        );
+    }
     let path = args
         .chart
         .clone()
@@ -152,6 +160,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     write_chart(&args, &results, &path)?;
     println!("chart: {}", path.display());
     Ok(())
+}
+
+/// The throughput ratio `a`/`b` of each round: scenarios of one round run
+/// minutes apart, so these pairs drift less than the medians of all rounds.
+fn round_ratios(rounds: &[(String, Vec<Figures>)], a: &str, b: &str) -> Vec<f64> {
+    let get = |name: &str| rounds.iter().find(|(n, _)| n == name).map(|(_, f)| f);
+    match (get(a), get(b)) {
+        (Some(a), Some(b)) => a.iter().zip(b).map(|(a, b)| a.rate() / b.rate()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn write_chart(
@@ -799,4 +817,27 @@ fn sidecar(
         )
         .stderr(Stdio::inherit())
         .spawn()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(consumed: usize, secs: u64) -> Figures {
+        Figures {
+            consumed,
+            elapsed: Duration::from_secs(secs),
+            ..Figures::default()
+        }
+    }
+
+    #[test]
+    fn each_round_is_compared_with_its_own_baseline() {
+        let rounds = vec![
+            ("raw".to_string(), vec![drained(100, 1), drained(100, 2)]),
+            ("idemq".to_string(), vec![drained(90, 1), drained(40, 1)]),
+        ];
+        assert_eq!(round_ratios(&rounds, "idemq", "raw"), vec![0.9, 0.8]);
+        assert!(round_ratios(&rounds, "idemq", "naive").is_empty());
+    }
 }
