@@ -120,3 +120,63 @@ async fn a_missing_dead_letter_exchange_takes_nothing_until_it_is_declared() {
     store.cleanup().await;
     t.delete().await;
 }
+
+/// A slow delivery holds the first unacked tag, so the messages settled after
+/// it cannot be acked by one `multiple` ack: they are acked one by one once it
+/// has been pending a while, even when nothing settles after them. Otherwise
+/// they would hold every prefetch slot and the queue would stop until the slow
+/// one finished. The slow message is the first the sidecar takes, at prefetch
+/// 1 (its size unknown): raising the prefetch must not wait for it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_settled_behind_a_slow_one_are_acked_and_the_queue_keeps_flowing() {
+    const SLOW: Duration = Duration::from_secs(8);
+    // Two slots: the slow message and one more, which settles at once and
+    // then waits for the timer that acks it alone (nothing else settles).
+    const PREFETCH: u32 = 2;
+    let t = RabbitMq::create("behind-slow").await;
+    let app = app::start_with_delays(
+        app::always_ok(),
+        std::sync::Arc::new(|key: &str| if key == "m-0" { SLOW } else { Duration::ZERO }),
+    )
+    .await;
+    let store = Store::new("behind-slow").await;
+    let mut config = scenarios::config(&t, &app, "behind-slow", PREFETCH, "");
+    config
+        .delivery
+        .as_mut()
+        .expect("a delivery section")
+        .timeout = 4 * SLOW;
+    let n = 40;
+    t.publish((0..n).map(keyed).collect()).await;
+    let sidecar = scenarios::start(&t, config, store.dyn_store()).await;
+
+    assert!(
+        app.wait_until(WAIT, |a| a.started() >= 1).await,
+        "nothing delivered"
+    );
+    let started = std::time::Instant::now();
+    // Every other message, while the slow one (delivered first) is still at the app.
+    let others = app
+        .wait_until(SLOW - Duration::from_secs(2), |a| a.distinct() >= n - 1)
+        .await;
+    let others_in = started.elapsed();
+    let others_done = app.distinct();
+    let all = app.wait_until(WAIT, |a| a.distinct() == n).await;
+    let drained = wait_for(WAIT, async || t.backlog().await == 0).await;
+    sidecar.stop().await.expect("clean stop");
+    println!(
+        "behind a {SLOW:?} delivery, with prefetch {PREFETCH}: {others_done} of the other {} processed in {others_in:.1?}; all {} in the end, {} twice",
+        n - 1,
+        app.distinct(),
+        app.processed_twice()
+    );
+    assert!(
+        others,
+        "only {others_done} of {n} processed while the slow one was at the app"
+    );
+    assert!(all, "processed {} of {n}", app.distinct());
+    assert_eq!(app.processed_twice(), 0);
+    assert!(drained, "the queue ends empty");
+    store.cleanup().await;
+    t.delete().await;
+}

@@ -23,6 +23,8 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct AckTracker {
     pending: BTreeMap<u64, Pending>,
+    /// How many of `pending` are settled: waiting behind an unsettled one.
+    settled: usize,
 }
 
 /// The acknowledgements to send now.
@@ -47,8 +49,17 @@ impl AckTracker {
 
     pub fn settle(&mut self, tag: u64, ack: bool) {
         if let Some(p) = self.pending.get_mut(&tag) {
+            if p.settled.is_none() {
+                self.settled += 1;
+            }
             p.settled = Some(ack);
         }
+    }
+
+    /// Whether settled messages wait behind an unsettled one: only then can
+    /// the wait make one stuck, and is a timer needed to look again.
+    pub fn holds_settled(&self) -> bool {
+        self.settled > 0
     }
 
     /// Takes what can be acknowledged at `now`: the settled prefix, and the
@@ -63,6 +74,7 @@ impl AckTracker {
                         acks.multiple = Some(*entry.key());
                     }
                     entry.remove();
+                    self.settled -= 1;
                 }
             }
         }
@@ -80,6 +92,7 @@ impl AckTracker {
                     false
                 }
             });
+            self.settled = 0;
         }
         acks
     }
@@ -118,9 +131,11 @@ mod tests {
         );
         t.settle(5, true);
         assert_eq!(t.take(t0, STUCK), Acks::default(), "4 is pending, briefly");
+        assert!(t.holds_settled(), "5 waits behind 4");
         t.settle(4, false);
         assert_eq!(t.take(t0, STUCK).multiple, Some(5));
         assert!(t.pending.is_empty());
+        assert!(!t.holds_settled());
     }
 
     #[test]
@@ -151,9 +166,16 @@ mod tests {
                 single: vec![2, 4]
             }
         );
+        assert!(
+            !t.holds_settled(),
+            "tag 1 is pending, nothing settled waits"
+        );
         // Tag 1 is still outstanding and is acked alone (by multiple) later.
         t.settle(1, true);
+        t.settle(1, true);
+        assert!(t.holds_settled(), "settling a tag twice counts it once");
         assert_eq!(t.take(t0 + STUCK, STUCK).multiple, Some(1));
         assert!(t.pending.is_empty());
+        assert!(!t.holds_settled());
     }
 }

@@ -22,10 +22,12 @@
 //! `maxInFlightBytes / largest message seen` (at most the configured
 //! prefetch). Before any message is seen (and without
 //! `expectedMessageBytes`) the first session takes one message to learn its
-//! size, and the next session starts with the prefetch that fits; a larger
-//! message than the prefetch allows ends the session the same way, and the
-//! next one starts with a lower prefetch (RabbitMQ applies a new prefetch
-//! only to consumers started after it).
+//! size, then consumes again on the same channel with the prefetch that fits
+//! (RabbitMQ applies a new prefetch only to consumers started after it); the
+//! message taken goes on meanwhile, so a slow first message holds up nothing.
+//! A larger message than the prefetch allows ends the session, and the next
+//! one starts with a lower prefetch: messages the broker already pushed to the
+//! channel must go back to the queue, which only closing the channel does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,6 +98,20 @@ pub fn parse_url(url: &str) -> Result<AMQPUri, String> {
 }
 
 impl Source {
+    /// Starts consuming the queue on `channel`; returns the consumer's tag.
+    async fn consume(&self, channel: &Channel) -> Result<(String, lapin::Consumer), lapin::Error> {
+        let tag = format!("idemq-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                self.rabbit.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((tag, consumer))
+    }
+
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut sessions = Sessions::new("RabbitMQ", &self.common);
@@ -118,7 +134,7 @@ impl Source {
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, SourceError> {
         let rabbit = &self.rabbit;
-        let prefetch = self.prefetch();
+        let mut prefetch = self.prefetch();
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("idemq-sidecar {}", self.common.config.consumer),
         ));
@@ -139,15 +155,7 @@ impl Source {
                     "the dead-letter exchange does not exist; declare it (the operator does)"
                 )
             })?;
-        let tag = format!("idemq-{}", uuid::Uuid::new_v4().simple());
-        let mut consumer = consuming
-            .basic_consume(
-                rabbit.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (mut tag, mut consumer) = self.consume(&consuming).await?;
         tracing::info!(
             queue = %rabbit.queue,
             prefetch,
@@ -169,12 +177,14 @@ impl Source {
         });
         let mut tasks = JoinSet::new();
         // Wakes the loop to ack messages stuck behind a slow one even when
-        // nothing else settles.
+        // nothing else settles; only while settled messages wait, so that an
+        // idle sidecar is not woken 50 times a second. (A message that comes
+        // to wait is settled, which wakes the loop and enables the tick.)
         let mut stuck_check = tokio::time::interval(STUCK_AFTER);
         stuck_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             tokio::select! {
-                _ = stuck_check.tick() => {
+                _ = stuck_check.tick(), if settle.lock().holds_settled() => {
                     if let Err(e) = settle.flush().await {
                         break Err(e.into());
                     }
@@ -196,11 +206,28 @@ impl Source {
                         let permit = self.common.flow.take(delivery.data.len());
                         self.largest_message.fetch_max(size, Ordering::Relaxed);
                         tasks.spawn(Box::pin(handle(delivery, permit, self.common.engine.clone(), settle.clone(), shutdown.clone())));
-                        // Also when it may grow: the first session of a sidecar
-                        // runs at prefetch 1 until it has seen a message.
-                        if self.prefetch() != prefetch {
-                            tracing::info!(size, prefetch, next_prefetch = self.prefetch(), "the largest message seen changes the prefetch that fits maxInFlightBytes: starting again with the new prefetch");
+                        let fits = self.prefetch();
+                        if fits < prefetch {
+                            tracing::info!(size, prefetch, next_prefetch = fits, "the largest message seen lowers the prefetch that fits maxInFlightBytes: starting again with the new prefetch");
                             break Ok(SessionEnd::Restart);
+                        }
+                        if fits > prefetch {
+                            // The first message of the session, taken at
+                            // prefetch 1: nothing else was pushed to this
+                            // consumer, and the message goes on while the
+                            // channel consumes again with the prefetch that fits.
+                            tracing::info!(size, prefetch, next_prefetch = fits, "the first message's size sets the prefetch that fits maxInFlightBytes: consuming again with it");
+                            if let Err(e) = consuming.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                                break Err(e.into());
+                            }
+                            if let Err(e) = consuming.basic_qos(fits, BasicQosOptions::default()).await {
+                                break Err(e.into());
+                            }
+                            match self.consume(&consuming).await {
+                                Ok(again) => (tag, consumer) = again,
+                                Err(e) => break Err(e.into()),
+                            }
+                            prefetch = fits;
                         }
                     }
                     Some(Err(e)) => break Err(e.into()),
