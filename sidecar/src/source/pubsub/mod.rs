@@ -60,6 +60,7 @@ use futures::StreamExt;
 use gcloud_gax::grpc::Status;
 use gcloud_googleapis::pubsub::v1::PubsubMessage;
 use gcloud_pubsub::client::{google_cloud_auth, Client};
+use gcloud_pubsub::publisher::PublisherConfig;
 use gcloud_pubsub::subscriber::ReceivedMessage;
 use gcloud_pubsub::subscription::{Subscription, SubscriptionConfig};
 use tokio::sync::oneshot;
@@ -200,7 +201,11 @@ impl Source {
             (Some(policy), _) => DeadLetters::Policy {
                 max_attempts: policy.max_delivery_attempts,
             },
-            (None, Some(topic)) => DeadLetters::Topic(conn.client.topic(topic).new_publisher(None)),
+            (None, Some(topic)) => DeadLetters::Topic(
+                conn.client
+                    .topic(topic)
+                    .new_publisher(Some(dead_letter_publishing())),
+            ),
             (None, None) => {
                 return Err(SourceError::NoDeadLetterRoute {
                     subscription: self.pubsub.subscription.clone(),
@@ -421,6 +426,17 @@ fn envelope(message: &mut PubsubMessage, delivery_attempt: Option<usize>) -> Env
         body: Bytes::from(std::mem::take(&mut message.data)),
         redelivered: delivery_attempt.is_some_and(|a| a > 1),
         ..Envelope::default()
+    }
+}
+
+/// The dead-letter publisher sends each dead letter at once (the client's
+/// default bundles 3 and waits up to 100 ms for them), and its workers,
+/// which wake at every flush interval even when idle, wake every 10 s.
+fn dead_letter_publishing() -> PublisherConfig {
+    PublisherConfig {
+        bundle_size: 1,
+        flush_interval: Duration::from_secs(10),
+        ..PublisherConfig::default()
     }
 }
 
