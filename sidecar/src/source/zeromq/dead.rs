@@ -31,6 +31,9 @@ use crate::source::publish::{self, Confirming, KafkaDeadLetters};
 
 /// How long closing the dead-letter socket waits for letters still queued.
 const ENDPOINT_LINGER_MS: i32 = 10_000;
+/// While the dead-letter endpoint is away, libzmq tries again every 100 ms by
+/// default; this lets the interval double up to 5 s, as for RabbitMQ.
+const ENDPOINT_RECONNECT_MAX_MS: i32 = 5_000;
 /// Opening the RabbitMQ connection, and waiting for one confirm.
 const RABBIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A Kafka dead letter not acknowledged by then is not sent (and tried again).
@@ -151,6 +154,9 @@ impl Endpoint {
         let socket = ctx.socket(zmq::PUSH).map_err(error)?;
         socket.set_immediate(true).map_err(error)?;
         socket.set_linger(ENDPOINT_LINGER_MS).map_err(error)?;
+        socket
+            .set_reconnect_ivl_max(ENDPOINT_RECONNECT_MAX_MS)
+            .map_err(error)?;
         socket.connect(endpoint).map_err(error)?;
         Ok(Self {
             endpoint: endpoint.to_string(),
