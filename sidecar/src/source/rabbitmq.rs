@@ -112,6 +112,24 @@ impl Source {
         Ok((tag, consumer))
     }
 
+    /// Cancels the consumer `tag` on `channel` and consumes again with
+    /// `prefetch`: RabbitMQ applies a new prefetch only to consumers started
+    /// after it. What the old consumer took stays unacked on the channel.
+    async fn consume_again(
+        &self,
+        channel: &Channel,
+        tag: &str,
+        prefetch: u16,
+    ) -> Result<(String, lapin::Consumer), lapin::Error> {
+        channel
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        self.consume(channel).await
+    }
+
     /// Consumes until `shutdown` fires, reconnecting as needed.
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut sessions = Sessions::new("RabbitMQ", &self.common);
@@ -217,13 +235,7 @@ impl Source {
                             // consumer, and the message goes on while the
                             // channel consumes again with the prefetch that fits.
                             tracing::info!(size, prefetch, next_prefetch = fits, "the first message's size sets the prefetch that fits maxInFlightBytes: consuming again with it");
-                            if let Err(e) = consuming.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
-                                break Err(e.into());
-                            }
-                            if let Err(e) = consuming.basic_qos(fits, BasicQosOptions::default()).await {
-                                break Err(e.into());
-                            }
-                            match self.consume(&consuming).await {
+                            match self.consume_again(&consuming, &tag, fits).await {
                                 Ok(again) => (tag, consumer) = again,
                                 Err(e) => break Err(e.into()),
                             }
